@@ -1,0 +1,313 @@
+"""Configuration: YAML files plus ``--set a.b=c`` overrides, loaded into frozen dataclasses.
+
+Owns the schema of every section (INTERFACES.md, "Configs"). Unknown keys and bad values raise
+``ConfigError`` naming the dotted key. The ``sglang`` section is passed verbatim to SGLang's server
+arguments and is only checked here for being a mapping; ``integration/`` checks its keys against
+SGLang's own parser. Must not import sglang, torch or any other package module but ``errors``.
+
+A config file may name a base file with ``base: other.yaml`` (relative to itself); the file's
+sections are deep-merged over the base's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+from alchemist_sgl.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class RecordConfig:
+    is_enabled: bool = True
+    # An int budget, or "full" to record all four projections per layer.
+    budget_bytes_per_token: int | str = 40_000
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    host_bytes: int = 2 * 1024**3
+    device_bytes: int = 0
+    page_tokens: int = 16
+    ttl_s: float = 3600.0
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    is_enabled: bool = True
+    replay: bool = True
+    gradient_mode: Literal["exact", "response_only"] = "exact"
+    max_version_lag: int = 0
+    slice_budget_ms: float = 200.0
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    objective_negative: Literal["unlikelihood", "kto"] = "unlikelihood"
+    learning_rate: float = 1e-4
+    batch_samples: int = 4
+    min_pending_samples: int = 4
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    is_enabled: bool = False
+    heldout_path: str | None = None
+    max_regression: float = 0.0
+
+
+@dataclass(frozen=True)
+class PublishConfig:
+    mode: Literal["merge", "adapter"] = "merge"
+    every_steps: int = 8
+    every_s: float = 300.0
+    gate: GateConfig = field(default_factory=GateConfig)
+
+
+@dataclass(frozen=True)
+class FeedbackConfig:
+    db_path: str = "var/feedback.sqlite"
+    max_body_bytes: int = 1024 * 1024
+    api_key: str | None = None
+    max_pending: int = 10_000
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    is_enabled: bool = True
+    waiting_requests_high: int = 4
+    kv_usage_high: float = 0.85
+    train_budget_bytes: int = 512 * 1024**2
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    # A prepared model name (see ``alchemist-sgl prepare``) or a path to a HF model folder.
+    model: str = "smollm2-135m-instruct"
+    served_model_name: str = "smollm2"
+    host: str = "127.0.0.1"
+    port: int = 30000
+    cache_dir: str = "var/models"
+
+
+@dataclass(frozen=True)
+class Config:
+    sglang: Mapping[str, Any] = field(default_factory=dict)
+    record: RecordConfig = field(default_factory=RecordConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+
+# YAML spells booleans as in INTERFACES.md (``record.enabled``); the dataclasses say ``is_enabled``.
+_ALIASES = {"enabled": "is_enabled"}
+_REVERSE_ALIASES = {v: k for k, v in _ALIASES.items()}
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Loads ``path`` (or the defaults when None), applies ``a.b=c`` overrides, validates.
+
+    Raises ConfigError naming the dotted key for unknown keys and bad values.
+    """
+    raw: dict[str, Any] = _read_yaml(Path(path)) if path is not None else {}
+    for item in overrides:
+        _apply_override(raw, item)
+    return _build(Config, raw, "")
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    """The resolved config as plain data with YAML spellings (for logs and experiment records)."""
+
+    def convert(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {_REVERSE_ALIASES.get(f.name, f.name): convert(getattr(value, f.name))
+                    for f in dataclasses.fields(value)}
+        if isinstance(value, Mapping):
+            return {k: convert(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [convert(v) for v in value]
+        return value
+
+    return convert(config)
+
+
+def config_to_json(config: Config) -> str:
+    return json.dumps(config_to_dict(config), sort_keys=True)
+
+
+def config_from_json(text: str) -> Config:
+    return _build(Config, json.loads(text), "")
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError("<file>", f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError("base", f"config files include each other: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError("<file>", f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError("<file>", f"{path} must hold a mapping of sections")
+    base_name = data.pop("base", None)
+    if base_name is None:
+        return data
+    base = _read_yaml(path.parent / str(base_name), seen + (path.resolve(),))
+    return _deep_merge(base, data)
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(item, "an override must read a.b=value")
+    dotted, text = item.split("=", 1)
+    parts = [p for p in dotted.strip().split(".") if p]
+    if len(parts) < 2:
+        raise ConfigError(dotted, "an override names a section and a key, e.g. train.replay=false")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(dotted, f"'{part}' is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(text) if text != "" else ""
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(prefix or "<root>", f"expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = _ALIASES.get(str(key), str(key))
+        dotted = f"{prefix}{key}"
+        if name not in fields:
+            known = ", ".join(sorted(_REVERSE_ALIASES.get(n, n) for n in fields))
+            raise ConfigError(dotted, f"unknown key (known here: {known})")
+        kwargs[name] = _coerce(hints[name], value, dotted)
+    try:
+        obj = cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(prefix.rstrip(".") or "<root>", str(exc)) from exc
+    _validate(obj, prefix)
+    return obj
+
+
+def _coerce(hint: Any, value: Any, dotted: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value if value is not None else {}, dotted + ".")
+    if hint is Any:
+        return value
+    if origin is Mapping or hint is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise ConfigError(dotted, "expected a mapping")
+        return types.MappingProxyType(dict(value))
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(dotted, f"must be one of {list(args)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in args:
+            if option is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(option, value, dotted)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(dotted, f"{value!r} fits none of {hint}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(dotted, "expected a list")
+        return tuple(_coerce(args[0], v, f"{dotted}[{i}]") for i, v in enumerate(value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(dotted, f"expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(dotted, f"expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(dotted, f"expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(dotted, f"expected a string, got {value!r}")
+        return value
+    raise ConfigError(dotted, f"unsupported type {hint}")
+
+
+def _validate(obj: Any, prefix: str) -> None:
+    """Range checks that types alone do not express."""
+
+    def need(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            raise ConfigError(prefix + key, message)
+
+    if isinstance(obj, RecordConfig):
+        budget = obj.budget_bytes_per_token
+        need(budget == "full" or (isinstance(budget, int) and budget >= 0),
+             "budget_bytes_per_token", f"must be a byte count >= 0 or 'full', got {budget!r}")
+    elif isinstance(obj, StoreConfig):
+        need(1 <= obj.page_tokens <= 16, "page_tokens", "must be between 1 and 16")
+        need(obj.host_bytes >= 0, "host_bytes", "must be >= 0")
+        need(obj.device_bytes >= 0, "device_bytes", "must be >= 0")
+        need(obj.ttl_s > 0, "ttl_s", "must be > 0")
+    elif isinstance(obj, LoraConfig):
+        need(obj.rank >= 1, "rank", "must be >= 1")
+        need(0.0 <= obj.dropout < 1.0, "dropout", "must be in [0, 1)")
+        allowed = {"q", "k", "v", "o", "gate", "up", "down"}
+        bad = [t for t in obj.targets if t not in allowed]
+        need(not bad, "targets", f"unknown targets {bad}; allowed: {sorted(allowed)}")
+    elif isinstance(obj, TrainConfig):
+        need(obj.max_version_lag >= 0, "max_version_lag", "must be >= 0")
+        need(obj.slice_budget_ms > 0, "slice_budget_ms", "must be > 0")
+        need(obj.learning_rate > 0, "learning_rate", "must be > 0")
+        need(obj.batch_samples >= 1, "batch_samples", "must be >= 1")
+        need(obj.min_pending_samples >= 1, "min_pending_samples", "must be >= 1")
+    elif isinstance(obj, PublishConfig):
+        need(obj.every_steps >= 1, "every_steps", "must be >= 1")
+        need(obj.every_s > 0, "every_s", "must be > 0")
+    elif isinstance(obj, FeedbackConfig):
+        need(obj.max_body_bytes >= 1024, "max_body_bytes", "must be >= 1024")
+        need(obj.max_pending >= 1, "max_pending", "must be >= 1")
+    elif isinstance(obj, MemoryConfig):
+        need(0.0 < obj.kv_usage_high <= 1.0, "kv_usage_high", "must be in (0, 1]")
+        need(obj.waiting_requests_high >= 1, "waiting_requests_high", "must be >= 1")
+    elif isinstance(obj, ServerConfig):
+        need(1 <= obj.port <= 65535, "port", "must be a TCP port")
+        need(bool(obj.model), "model", "must name a prepared model or a folder")
