@@ -11,6 +11,7 @@ sections are deep-merged over the base's.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import json
 import types
@@ -226,7 +227,7 @@ def _coerce(hint: Any, value: Any, dotted: str) -> Any:
         return _build(hint, value if value is not None else {}, dotted + ".")
     if hint is Any:
         return value
-    if origin is Mapping or hint is dict:
+    if origin in (Mapping, collections.abc.Mapping) or hint is dict:
         if value is None:
             return {}
         if not isinstance(value, Mapping):

@@ -1,0 +1,74 @@
+"""Process environment for a run: CPU stand-ins, SGLang switches, and the config hand-off.
+
+Owns the environment variables that must be set BEFORE sglang is imported, in the launching
+process and (by inheritance) in SGLang's spawned scheduler and detokenizer processes. Imports no
+sglang itself, so it can run first.
+
+Note [config hand-off]: the resolved config travels to the scheduler process as JSON in
+``ALCHEMIST_SGL_CONFIG``. The plugin entry point loads in every SGLang process of the environment;
+without that variable it does nothing, so a plain ``sglang serve`` in the same venv is unaffected.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from alchemist_sgl.config import Config, config_to_json
+from alchemist_sgl.errors import ManifestError
+
+CONFIG_ENV = "ALCHEMIST_SGL_CONFIG"
+MODEL_PATH_ENV = "ALCHEMIST_SGL_MODEL_PATH"
+CPU_STAND_INS = Path(__file__).resolve().parents[2] / "patches" / "cpu"
+
+
+def device_of(config: Config) -> str:
+    """The device SGLang will run on: ``sglang.device`` or, when absent, cuda if available else cpu."""
+    device = config.sglang.get("device")
+    if device:
+        return str(device)
+    try:
+        import torch  # noqa: PLC0415
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
+
+
+def is_cpu_run(config: Config) -> bool:
+    return device_of(config) == "cpu"
+
+
+def activate_cpu_stand_ins() -> None:
+    """Puts patches/cpu first on sys.path and PYTHONPATH (inherited by spawned processes)."""
+    if not (CPU_STAND_INS / "sgl_kernel" / "__init__.py").is_file():
+        raise ManifestError(f"CPU stand-ins not found at {CPU_STAND_INS}; run from a checkout of the repository")
+    path = str(CPU_STAND_INS)
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if path not in parts:
+        os.environ["PYTHONPATH"] = os.pathsep.join([path, *parts])
+
+
+def prepare_environment(config: Config, model_path: Path) -> None:
+    """Sets every variable the run needs; call before importing sglang."""
+    if is_cpu_run(config):
+        os.environ["SGLANG_USE_CPU_ENGINE"] = "1"
+        # Spin-waiting OpenMP threads collapse when another process shares the cores (PLATFORM.md).
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        activate_cpu_stand_ins()
+    os.environ[CONFIG_ENV] = config_to_json(config)
+    os.environ[MODEL_PATH_ENV] = str(model_path)
+
+
+def check_environment_switches(config: Config) -> None:
+    """The switches the design relies on; raises ManifestError naming the one that is wrong."""
+    value = os.environ.get("SGLANG_ENABLE_TORCH_INFERENCE_MODE", "").strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        raise ManifestError(
+            "SGLANG_ENABLE_TORCH_INFERENCE_MODE is on: recorded activations would be inference "
+            "tensors that autograd cannot use; unset it")
+    if is_cpu_run(config) and os.environ.get("SGLANG_USE_CPU_ENGINE") != "1":
+        raise ManifestError("SGLANG_USE_CPU_ENGINE must be 1 for a CPU run (without it is_cpu() is false)")

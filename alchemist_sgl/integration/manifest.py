@@ -1,0 +1,89 @@
+"""The hook-point manifest: every SGLang name this project touches, checked at startup.
+
+An upgrade of SGLang that moves or renames one of these fails loudly, naming the entry and the
+pinned version, instead of silently doing nothing (a HookRegistry target that does not resolve is
+only logged by SGLang). Add an entry here whenever code touches a new SGLang name.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+
+from alchemist_sgl.errors import ManifestError
+
+PINNED_SGLANG_VERSION = "0.5.23"
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    name: str  # dotted path resolvable by pkgutil.resolve_name
+    used_for: str
+    cpu_only: bool = False
+
+
+MANIFEST: tuple[HookPoint, ...] = (
+    HookPoint("sglang.srt.server_args.ServerArgs", "server arguments record"),
+    HookPoint("sglang.srt.server_args.ServerArgs.add_cli_args", "validating and building sglang.* config keys"),
+    HookPoint("sglang.srt.server_args.prepare_server_args", "building ServerArgs from the sglang section"),
+    HookPoint("sglang.srt.entrypoints.http_server.launch_server", "launch seam"),
+    HookPoint("sglang.srt.entrypoints.http_server.app", "extra HTTP routes declared before launch"),
+    HookPoint("sglang.srt.entrypoints.http_server._global_state", "reaching the TokenizerManager from routes"),
+    HookPoint("sglang.srt.managers.tokenizer_control_mixin.TokenizerControlMixin.get_internal_state",
+              "control channel to the scheduler (status)"),
+    HookPoint("sglang.srt.plugins.hook_registry.HookRegistry.register", "plugin hooks"),
+    HookPoint("sglang.srt.plugins.hook_registry.HookType", "plugin hook kinds"),
+    HookPoint("sglang.srt.managers.scheduler.Scheduler.__init__", "building the runtime in the scheduler process"),
+    HookPoint("sglang.srt.managers.scheduler.Scheduler.get_internal_state", "status payload from the scheduler"),
+    HookPoint("sglang.srt.managers.scheduler.Scheduler.get_next_batch_to_run", "counting scheduler iterations"),
+    HookPoint("sglang.srt.managers.scheduler.Scheduler.tp_worker", "reaching the model runner", cpu_only=False),
+    HookPoint("sglang.srt.mem_cache.allocation.assign_req_to_token_pool_func",
+              "calls the sgl_kernel CPU stand-in on every extend", cpu_only=True),
+    HookPoint("sglang.srt.lora.layers.torch", "LoRA pin_memory guard (patches/lora_pin_memory_guard.py)",
+              cpu_only=True),
+)
+
+# Names that exist only on instances (set in __init__), checked by attribute name on the class source.
+_INSTANCE_ATTRIBUTES = {"sglang.srt.managers.scheduler.Scheduler.tp_worker"}
+
+
+def check_manifest(*, is_cpu: bool, extra: tuple[HookPoint, ...] = ()) -> list[str]:
+    """Resolves every entry; raises ManifestError listing the missing ones. Returns the names checked."""
+    import sglang  # noqa: PLC0415
+
+    version = getattr(sglang, "__version__", "unknown")
+    if version != PINNED_SGLANG_VERSION:
+        raise ManifestError(
+            f"sglang {version} is installed, alchemist-sgl is pinned to sglang=={PINNED_SGLANG_VERSION}; "
+            f"run `make setup`")
+    missing: list[str] = []
+    checked: list[str] = []
+    for point in MANIFEST + extra:
+        if point.cpu_only and not is_cpu:
+            continue
+        checked.append(point.name)
+        if not _resolves(point.name):
+            missing.append(f"{point.name} ({point.used_for})")
+    if missing:
+        raise ManifestError(
+            f"SGLang names missing in sglang=={version} (alchemist-sgl is pinned to "
+            f"{PINNED_SGLANG_VERSION}): " + "; ".join(missing))
+    return checked
+
+
+def _resolves(name: str) -> bool:
+    if name in _INSTANCE_ATTRIBUTES:
+        owner, _, attr = name.rpartition(".")
+        try:
+            cls = pkgutil.resolve_name(owner)
+        except (ImportError, AttributeError, ValueError):
+            return False
+        import inspect  # noqa: PLC0415
+
+        return f"self.{attr} =" in inspect.getsource(importlib.import_module(cls.__module__))
+    try:
+        pkgutil.resolve_name(name)
+    except (ImportError, AttributeError, ValueError):
+        return False
+    return True

@@ -1,0 +1,92 @@
+"""Composition root living in SGLang's scheduler process.
+
+Owns the components that run beside serving (recording, store, trainer, arbiter as they arrive)
+and the status they report. Built once per scheduler process by ``integration/plugin.py`` from
+the resolved config and a read-only ``SchedulerInfo``; it never imports sglang: everything SGLang
+gives it arrives as plain values or views built in ``integration/``.
+
+Contract: every method is called on the scheduler's own thread, between scheduler steps, so no
+locking is needed; a method that fails must not raise into SGLang (the plugin catches, disables the
+feature and logs, see Note [fail loudly, keep serving] in integration/plugin.py).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from alchemist_sgl import __version__
+from alchemist_sgl.config import Config
+from alchemist_sgl.log import get_logger
+
+logger = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class SchedulerInfo:
+    """Facts about the scheduler process the runtime lives in."""
+
+    pid: int
+    device: str  # "cpu" | "cuda:N"
+    model_name: str  # the served model name (OpenAI `model`)
+    model_path: str
+
+
+@dataclass
+class RuntimeState:
+    """State that outlives an iteration (checkpointed once training lands)."""
+
+    iterations: int = 0
+    weight_version: str = "v0"
+    started_at: float = field(default_factory=time.time)
+    disabled_features: dict[str, str] = field(default_factory=dict)  # feature -> reason
+
+
+class Runtime:
+    """Holds the per-process components and answers status; one per scheduler process."""
+
+    def __init__(self, config: Config, info: SchedulerInfo, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.info = info
+        self.clock = clock
+        self.state = RuntimeState()
+        # Extra status sections, each produced by a component: name -> callable returning a dict.
+        self._status_sections: dict[str, Callable[[], dict[str, Any]]] = {}
+        logger.info("alchemist runtime up in scheduler pid %d on %s serving '%s'",
+                    info.pid, info.device, info.model_name)
+
+    def add_status_section(self, name: str, producer: Callable[[], dict[str, Any]]) -> None:
+        self._status_sections[name] = producer
+
+    def on_iteration(self) -> None:
+        """Called once per scheduler loop iteration."""
+        self.state.iterations += 1
+
+    def disable(self, feature: str, reason: str) -> None:
+        """Turns a feature off for the life of the process, loudly; serving goes on."""
+        if feature not in self.state.disabled_features:
+            logger.error("disabling %s: %s (serving continues)", feature, reason)
+        self.state.disabled_features[feature] = reason
+
+    def is_disabled(self, feature: str) -> bool:
+        return feature in self.state.disabled_features
+
+    def status(self) -> dict[str, Any]:
+        """The ``GET /alchemist/status`` payload (INTERFACES.md)."""
+        out: dict[str, Any] = {
+            "version": __version__,
+            "model": self.info.model_name,
+            "device": self.info.device,
+            "scheduler_pid": self.info.pid,
+            "iterations": self.state.iterations,
+            "weight_version": self.state.weight_version,
+            "disabled": dict(self.state.disabled_features),
+        }
+        for name, producer in self._status_sections.items():
+            try:
+                out[name] = producer()
+            except Exception as exc:  # a broken section must not break status
+                logger.exception("status section %s failed", name)
+                out[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        return out
