@@ -1,1 +1,8 @@
-"""store package."""
+"""Activation store: host (and device) page pools, dedup index by chained page keys, pins.
+
+Must not import sglang. ``ActivationStore`` is the one component; see its module's Notes.
+"""
+
+from alchemist_sgl.store.activation_store import ActivationStore, BatchWrite, Pin
+
+__all__ = ["ActivationStore", "BatchWrite", "Pin"]

@@ -1,0 +1,106 @@
+"""Chained page hashes of token ids, namespaced by base weight version and adapter (pure).
+
+Owns the key scheme of the activation store (INTERFACES.md "store"; MISSION.md "Prefix dedup").
+Must not import torch, sglang or any package module but ``errors``.
+
+A token sequence is cut into pages of ``page_tokens`` tokens (<= 16). The key of page k is
+
+    key_k = H("page", key_{k-1}, tokens[k*P : (k+1)*P])       key_{-1} = namespace root
+
+so a key names the page's tokens AND everything before them (like SGLang's radix tree and
+nano-vllm's block hashes): two requests share a key exactly when they share the whole prefix up to
+the end of that page. The root is ``H("root", base_version, adapter)``: recordings are outputs of
+the base projections, but every layer's input depends on the served weights of the layers below
+(base and adapter), so a page is only valid under the same base version and the same adapter.
+
+Note [Tail keys]: the last ``n < P`` tokens of a prompt form a partial tail page. Its key is
+``H("tail", parent_key, tail_tokens)`` where ``parent_key`` is the key of the full page before it
+(the root for a prompt shorter than one page). The domain tags "page"/"tail" keep a tail of P tokens
+from ever colliding with a full page; the tail tokens' byte length makes tails of different lengths
+distinct. A lookup that holds a longer sequence tries each tail length 1..P-1 under the parent key.
+
+H is BLAKE2b with a 16-byte digest over little-endian int64 token ids: collisions are out of reach
+(2^-64 birthday bound at 2^32 pages) and hashing a 16-token page costs ~1 us.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from array import array
+from dataclasses import dataclass
+from typing import Sequence
+
+PageKey = bytes  # 16 bytes
+MAX_PAGE_TOKENS = 16
+_DIGEST_BYTES = 16
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """What a recording depends on besides token ids: base weight version and served adapter.
+
+    ``adapter`` is None when serving the base (or merged) weights; otherwise a name that changes
+    whenever the adapter's weights change (e.g. "lora@v3").
+    """
+
+    base_version: str
+    adapter: str | None = None
+
+    @property
+    def root(self) -> PageKey:
+        """The parent key of page 0."""
+        adapter = "" if self.adapter is None else "a:" + self.adapter
+        return _digest(b"root", self.base_version.encode(), b"\x00", adapter.encode())
+
+
+def _digest(*parts: bytes) -> PageKey:
+    h = hashlib.blake2b(digest_size=_DIGEST_BYTES)
+    for part in parts:
+        h.update(struct.pack("<I", len(part)))
+        h.update(part)
+    return h.digest()
+
+
+def _token_bytes(tokens: Sequence[int]) -> bytes:
+    return array("q", tokens).tobytes()
+
+
+def page_key(parent: PageKey, page_tokens: Sequence[int]) -> PageKey:
+    """Key of a FULL page whose tokens are ``page_tokens`` after the prefix keyed by ``parent``."""
+    return _digest(b"page", parent, _token_bytes(page_tokens))
+
+
+def tail_key(parent: PageKey, tail_tokens: Sequence[int]) -> PageKey:
+    """Key of a partial tail page (1 <= len < page size) after ``parent``. See Note [Tail keys]."""
+    if not tail_tokens:
+        raise ValueError("a tail page holds at least one token")
+    return _digest(b"tail", parent, _token_bytes(tail_tokens))
+
+
+def _check_page_tokens(page_tokens: int) -> None:
+    if not 1 <= page_tokens <= MAX_PAGE_TOKENS:
+        raise ValueError(f"page_tokens must be in [1, {MAX_PAGE_TOKENS}], got {page_tokens}")
+
+
+def chain_keys(tokens: Sequence[int], page_tokens: int, namespace: Namespace,
+               num_pages: int | None = None) -> list[PageKey]:
+    """Keys of the full pages of ``tokens`` (len(tokens) // page_tokens of them), in order.
+
+    ``num_pages`` limits the count (the chain is a prefix, so fewer pages cost less).
+    """
+    _check_page_tokens(page_tokens)
+    full = len(tokens) // page_tokens
+    if num_pages is not None:
+        full = min(full, num_pages)
+    keys: list[PageKey] = []
+    parent = namespace.root
+    for k in range(full):
+        parent = page_key(parent, tokens[k * page_tokens:(k + 1) * page_tokens])
+        keys.append(parent)
+    return keys
+
+
+def parent_of_page(keys: Sequence[PageKey], page_index: int, namespace: Namespace) -> PageKey:
+    """The parent key of page ``page_index`` given the chain ``keys`` of the earlier full pages."""
+    return namespace.root if page_index == 0 else keys[page_index - 1]

@@ -1,0 +1,360 @@
+"""ActivationStore: recorded projection outputs, deduplicated by chained page keys.
+
+Owns recorded activations between the prefill that produced them and the training step that
+replays them. Must not import sglang; imports torch, ``prefix``, ``records``, ``record.plan``.
+
+Note [Page alignment]: a page is ``page_tokens`` (<= 16) consecutive prompt positions starting at
+a multiple of ``page_tokens``. The server runs SGLang with ``--page-size`` equal to
+``store.page_tokens`` (works on CPU with torch_native, PLATFORM.md "Radix granularity"), so a radix
+hit ends on a page boundary and every extend, chunked or not, starts on one: each extend writes
+whole pages, except the prompt's last partial page, stored as a tail (prefix.py Note [Tail keys]) so
+that no computed token is lost. A chunk that ends mid-page (possible only when SGLang's page size is
+smaller than the store's) leaves the page open in the request's writer and the next chunk of the
+same request completes it. An extend that starts mid-page without such an open page (a radix hit
+not on a store page boundary) cannot complete a keyed page: those rows up to the next boundary are
+skipped and counted in ``unaligned_tokens_skipped``; they are recomputed by the trainer.
+
+Note [Stitching]: the radix cache never recomputes a cached prefix, so a request's recording is
+made of pages written by earlier requests plus its own. Keys are content addresses of the whole
+prefix, so ``coverage(tokens, namespace)`` finds both kinds alike; positions with no page (decoded
+tokens of an earlier turn, evicted pages, skipped rows) are holes, reported in ``missing``.
+
+Note [References]: only a ``Pin`` (a sample queued for or in training) keeps pages from eviction.
+A completion awaiting feedback holds a weak reference: its (token ids, namespace) pair, upgraded
+with ``pin`` when the sample is queued; what was evicted by then is recomputed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from alchemist_sgl.prefix import Namespace, PageKey, chain_keys, page_key, tail_key
+from alchemist_sgl.record.plan import RecordPlan
+from alchemist_sgl.records import Coverage, RequestExtend, complement, merge_ranges
+from alchemist_sgl.store.index import PageIndex
+from alchemist_sgl.store.pool import SlotPool
+
+
+@dataclass(frozen=True)
+class Pin:
+    """A strong reference to the covered pages of one sequence; release with ``unpin``."""
+
+    coverage: Coverage
+    namespace: Namespace
+    serial: int
+
+
+@dataclass
+class _OpenPage:
+    index: int            # page number in the sequence
+    key: PageKey
+    tail_parent: PageKey | None
+    target: tuple[SlotPool, int] | None  # None: rows are not written (duplicate or dropped)
+    rows: int = 0         # rows filled so far
+    is_duplicate: bool = False
+
+
+@dataclass
+class _Writer:
+    """Per-request recording state across the extends of one prompt (chunked prefill)."""
+
+    rid: str
+    namespace: Namespace
+    tokens: Sequence[int]
+    keys: list[PageKey] = field(default_factory=list)  # chain keys of full pages, grown lazily
+    open: _OpenPage | None = None
+    last_seen_s: float = 0.0
+
+
+@dataclass
+class BatchWrite:
+    """The row routing of one extend forward, from ``open_batch`` to ``close_batch``.
+
+    Per tier: ``src`` rows of the batch's flattened outputs go to (``slot``, ``row``) of the tier.
+    """
+
+    routes: list[tuple[SlotPool, torch.Tensor, torch.Tensor, torch.Tensor, slice | None]]
+    completed: list[tuple[_Writer, _OpenPage]]
+    finished: list[_Writer]
+    elapsed_s: float = 0.0
+
+
+class ActivationStore:
+    """Recorded per-layer projection outputs of prefilled prompt tokens, keyed by page.
+
+    Write path (scheduler thread, during an extend forward): ``open_batch(extends)`` once before the
+    forward, ``write(batch, name, layer, output)`` for each planned tensor and layer with the
+    batch's flattened output ``[rows, width]`` (copied at once; the caller may reuse ``output``),
+    ``close_batch(batch)`` after the forward publishes completed pages. ``abort(rid)`` forgets a
+    request whose prefill will not continue. Read path: ``coverage``, ``pin``/``unpin``,
+    ``gather``. Not thread-safe; every call comes from the scheduler thread.
+    """
+
+    def __init__(self, plan: RecordPlan, host_bytes: int, device_bytes: int = 0, *,
+                 dtype: torch.dtype, device: torch.device | str = "cpu",
+                 clock: Callable[[], float] = time.monotonic,
+                 timer: Callable[[], float] = time.perf_counter, ttl_s: float = math.inf,
+                 writer_idle_s: float = 600.0) -> None:
+        self.plan = plan
+        self.page_tokens = plan.page_tokens
+        self._device_pool = SlotPool(plan, device_bytes, dtype, device, "device")
+        self._host_pool = SlotPool(plan, host_bytes, dtype, "cpu", "host")
+        self._index = PageIndex([self._device_pool, self._host_pool], clock, ttl_s)
+        self._clock, self._timer = clock, timer
+        self._writer_idle_s = writer_idle_s
+        self._writers: dict[str, _Writer] = {}
+        self._scratch: dict[str, torch.Tensor] = {}
+        self._pin_serial = 0
+        self._pinned: set[int] = set()
+        self.hits = self.misses = 0
+        self.bytes_deduplicated = 0
+        self.dropped_tokens = 0
+        self.unaligned_tokens_skipped = 0
+        self._record_s_total = 0.0
+        self._record_batches = 0
+
+    # ---------------------------------------------------------------- write path
+    def open_batch(self, extends: Sequence[RequestExtend]) -> BatchWrite:
+        """Routes each recording request's rows to slots; allocates (and may evict) slots."""
+        start_s = self._timer()
+        self._forget_idle_writers()
+        per_pool: dict[int, tuple[SlotPool, list[int], list[int], list[int]]] = {}
+        batch = BatchWrite([], [], [])
+        for ext in extends:
+            lo, hi = ext.recorded_range
+            if not ext.is_recording or hi <= lo:
+                continue
+            writer = self._writer_for(ext)
+            self._route(writer, ext, lo, hi, per_pool, batch)
+            if hi >= len(ext.prompt_tokens):
+                batch.finished.append(writer)
+        for pool, src, slots, rows in per_pool.values():
+            src_t = torch.tensor(src, dtype=torch.long)
+            contiguous = slice(src[0], src[-1] + 1) if src[-1] - src[0] + 1 == len(src) and \
+                all(b == a + 1 for a, b in zip(src, src[1:])) else None
+            batch.routes.append((pool, src_t, torch.tensor(slots, dtype=torch.long),
+                                 torch.tensor(rows, dtype=torch.long), contiguous))
+        batch.elapsed_s += self._timer() - start_s
+        return batch
+
+    def write(self, batch: BatchWrite, name: str, layer: int, output: torch.Tensor) -> None:
+        """Copies the routed rows of ``output`` [rows, width] (one tensor, one layer) into slots."""
+        start_s = self._timer()
+        for pool, src, slots, rows, contiguous in batch.routes:
+            if contiguous is not None:
+                values = output[contiguous]
+            else:
+                values = self._scratch_rows(name, output, src)
+            pool.tensor_views[name][:, layer].index_put_((slots, rows), values)
+        batch.elapsed_s += self._timer() - start_s
+
+    def close_batch(self, batch: BatchWrite) -> None:
+        """Publishes pages completed by this forward; ends finished requests' writers."""
+        start_s = self._timer()
+        bpt = self.plan.bytes_per_token
+        for writer, page in batch.completed:
+            if page.target is None:
+                continue
+            pool, slot = page.target
+            if page.key in self._index:  # the same new page written twice in one batch
+                self._index.release_slot(pool, slot)
+                self.bytes_deduplicated += page.rows * bpt
+            else:
+                self._index.insert(page.key, pool, slot, page.rows, page.tail_parent)
+        for writer in batch.finished:
+            self._close_writer(writer)
+        batch.elapsed_s += self._timer() - start_s
+        self._record_s_total += batch.elapsed_s
+        self._record_batches += 1
+
+    def abort(self, rid: str) -> None:
+        """Forgets ``rid``'s open page, if any (its prefill stopped before the prompt's end)."""
+        writer = self._writers.get(rid)
+        if writer is not None:
+            self._close_writer(writer)
+
+    def _writer_for(self, ext: RequestExtend) -> _Writer:
+        writer = self._writers.get(ext.rid)
+        if writer is None or writer.namespace != ext.namespace:
+            if writer is not None:
+                self._close_writer(writer)
+            writer = _Writer(ext.rid, ext.namespace, ext.prompt_tokens)
+            self._writers[ext.rid] = writer
+            if ext.prefix_len > 0:  # Note [Stitching]: prefix pages reused, not stored again
+                reused = self.coverage(ext.prompt_tokens[:ext.prefix_len], ext.namespace,
+                                       count_hits=False)
+                self.bytes_deduplicated += reused.covered_tokens * self.plan.bytes_per_token
+        writer.last_seen_s = self._clock()
+        return writer
+
+    def _route(self, writer: _Writer, ext: RequestExtend, lo: int, hi: int,
+               per_pool: dict, batch: BatchWrite) -> None:
+        size, n_prompt = self.page_tokens, len(writer.tokens)
+        pos = lo
+        while pos < hi:
+            index = pos // size
+            page_lo, page_hi = index * size, min(index * size + size, n_prompt)
+            n = min(hi, page_hi) - pos
+            page = writer.open
+            if page is None or page.index != index or page.rows != pos - page_lo:
+                self._drop_open(writer)
+                if pos != page_lo:  # Note [Page alignment]
+                    self.unaligned_tokens_skipped += n
+                    pos += n
+                    continue
+                page = writer.open = self._new_page(writer, index, page_lo, page_hi)
+            if page.target is not None:
+                pool, slot = page.target
+                entry = per_pool.setdefault(id(pool), (pool, [], [], []))
+                first = ext.row_offset + pos - ext.prefix_len
+                entry[1].extend(range(first, first + n))
+                entry[2].extend([slot] * n)
+                entry[3].extend(range(pos - page_lo, pos - page_lo + n))
+            elif page.is_duplicate:
+                self.bytes_deduplicated += n * self.plan.bytes_per_token
+            else:
+                self.dropped_tokens += n
+            page.rows += n
+            if page.rows == page_hi - page_lo:
+                batch.completed.append((writer, page))
+                writer.open = None
+            pos += n
+
+    def _new_page(self, writer: _Writer, index: int, page_lo: int, page_hi: int) -> _OpenPage:
+        size = self.page_tokens
+        while len(writer.keys) < index:  # chain keys of the full pages before this one
+            parent = writer.keys[-1] if writer.keys else writer.namespace.root
+            k = len(writer.keys)
+            writer.keys.append(page_key(parent, writer.tokens[k * size:(k + 1) * size]))
+        parent = writer.keys[index - 1] if index > 0 else writer.namespace.root
+        if page_hi - page_lo == size:
+            key, tail_parent = page_key(parent, writer.tokens[page_lo:page_hi]), None
+        else:
+            key, tail_parent = tail_key(parent, writer.tokens[page_lo:page_hi]), parent
+        if self._index.get(key) is not None:
+            return _OpenPage(index, key, tail_parent, None, is_duplicate=True)
+        return _OpenPage(index, key, tail_parent, self._index.allocate())
+
+    def _drop_open(self, writer: _Writer) -> None:
+        page = writer.open
+        writer.open = None
+        if page is not None and page.target is not None:
+            self._index.release_slot(*page.target)
+
+    def _close_writer(self, writer: _Writer) -> None:
+        self._drop_open(writer)
+        self._writers.pop(writer.rid, None)
+
+    def _forget_idle_writers(self) -> None:
+        deadline = self._clock() - self._writer_idle_s
+        for writer in [w for w in self._writers.values() if w.last_seen_s < deadline]:
+            self._close_writer(writer)
+
+    def _scratch_rows(self, name: str, output: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        scratch = self._scratch.get(name)
+        if scratch is None or scratch.shape[0] < src.numel() or scratch.dtype != output.dtype \
+                or scratch.shape[1:] != output.shape[1:] or scratch.device != output.device:
+            scratch = torch.empty((max(src.numel(), 256), *output.shape[1:]), dtype=output.dtype,
+                                  device=output.device)
+            self._scratch[name] = scratch
+        out = scratch[:src.numel()]
+        torch.index_select(output, 0, src.to(output.device), out=out)
+        return out
+
+    # ---------------------------------------------------------------- read path
+    def coverage(self, tokens: Sequence[int], namespace: Namespace, count_hits: bool = True
+                 ) -> Coverage:
+        """Which positions of ``tokens`` have recorded pages under ``namespace`` (Note [Stitching])."""
+        size, n = self.page_tokens, len(tokens)
+        keys = chain_keys(tokens, size, namespace)
+        pieces: list[tuple[PageKey, int, int]] = []
+        for index in range(-(-n // size)):
+            lo, hi = index * size, min(index * size + size, n)
+            parent = keys[index - 1] if index > 0 else namespace.root
+            if hi - lo == size and self._index.get(keys[index]) is not None:
+                pieces.append((keys[index], lo, size))
+                continue
+            for length in self._index.tail_lengths(parent):
+                if length <= hi - lo and length < size:
+                    key = tail_key(parent, tokens[lo:lo + length])
+                    if self._index.get(key) is not None:
+                        pieces.append((key, lo, length))
+                        break
+        if count_hits:
+            self.hits += len(pieces)
+            self.misses += -(-n // size) - len(pieces)
+        covered = merge_ranges([(lo, lo + length) for _, lo, length in pieces])
+        return Coverage(n, covered, complement(covered, n), tuple(pieces))
+
+    def pin(self, tokens: Sequence[int], namespace: Namespace) -> Pin:
+        """Strong reference on the pages covering ``tokens`` now (Note [References])."""
+        coverage = self.coverage(tokens, namespace)
+        for key, _, _ in coverage.pages:
+            self._index.get(key, touch=False).pins += 1
+        self._pin_serial += 1
+        self._pinned.add(self._pin_serial)
+        return Pin(coverage, namespace, self._pin_serial)
+
+    def unpin(self, pin: Pin) -> None:
+        if pin.serial not in self._pinned:
+            raise ValueError(f"pin {pin.serial} was already released")
+        self._pinned.discard(pin.serial)
+        for key, _, _ in pin.coverage.pages:
+            self._index.get(key, touch=False).pins -= 1
+
+    def gather(self, pin: Pin) -> dict[str, torch.Tensor]:
+        """Copies of the pinned pages: per planned tensor [layers, covered_tokens, width].
+
+        Covered positions appear in increasing order (``pin.coverage.covered`` says which).
+        """
+        cov = pin.coverage
+        out: dict[str, torch.Tensor] = {}
+        for name, width in self.plan.widths.items():
+            dst = torch.empty((self.plan.shape.layers, cov.covered_tokens, width),
+                              dtype=self._host_pool.buffer.dtype)
+            pos = 0
+            for key, _, length in cov.pages:
+                page = self._index.get(key, touch=False)
+                dst[:, pos:pos + length].copy_(page.pool.tensor_views[name][page.slot, :, :length])
+                pos += length
+            out[name] = dst
+        return out
+
+    def drop_unpinned(self) -> int:
+        """Frees every unpinned page (A/B runs flush between arms); returns the count."""
+        return self._index.drop_unpinned()
+
+    # ---------------------------------------------------------------- metrics
+    def status(self) -> dict[str, float | int]:
+        """The ``store`` entry of ``/alchemist/status`` (INTERFACES.md) plus a few extras.
+
+        bytes_stored: recorded tokens held now x bytes_per_token. device_bytes/host_bytes: slot
+        memory held per tier (a tail page occupies a whole slot). bytes_deduplicated: bytes NOT
+        stored again because their page already existed (cumulative). hits: pages found by
+        coverage/pin lookups. evictions: pages dropped for space. record_ms_mean: mean recording
+        time per extend forward with recording.
+        """
+        pages = list(self._index.pages())
+        return {
+            "bytes_stored": sum(p.tokens for p in pages) * self.plan.bytes_per_token,
+            "bytes_deduplicated": self.bytes_deduplicated,
+            "pages": len(pages),
+            "hits": self.hits,
+            "evictions": self._index.evictions,
+            "record_ms_mean": (1000.0 * self._record_s_total / self._record_batches
+                               if self._record_batches else 0.0),
+            "device_bytes": self._device_pool.used_bytes,
+            "host_bytes": self._host_pool.used_bytes,
+            "misses": self.misses,
+            "expirations": self._index.expirations,
+            "demotions": self._index.demotions,
+            "dropped_tokens": self.dropped_tokens,
+            "unaligned_tokens_skipped": self.unaligned_tokens_skipped,
+            "host_capacity_bytes": self._host_pool.num_slots * self._host_pool.slot_bytes,
+            "open_writers": len(self._writers),
+        }

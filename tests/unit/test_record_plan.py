@@ -1,0 +1,74 @@
+"""record/plan.py: greedy choice by FLOPs per byte, bytes per token, FLOPs avoided."""
+
+from __future__ import annotations
+
+import pytest
+
+from alchemist_sgl.errors import ConfigError
+from alchemist_sgl.record.plan import ModelShape, choose_plan, forward_flops_per_token
+
+SMOLLM2_HF = {"hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3,
+              "intermediate_size": 1536, "num_hidden_layers": 30}
+
+
+def smollm2(dtype_bytes: int = 2) -> ModelShape:
+    return ModelShape.from_hf_config(SMOLLM2_HF, dtype_bytes)
+
+
+def test_shape_from_hf_config() -> None:
+    shape = smollm2()
+    assert (shape.hidden, shape.heads, shape.kv_heads, shape.head_dim) == (576, 9, 3, 64)
+    assert (shape.intermediate, shape.layers) == (1536, 30)
+
+
+def test_default_budget_picks_down_proj_only() -> None:
+    plan = choose_plan(smollm2(), 40_000)
+    assert plan.tensors == ("down",)
+    assert plan.bytes_per_token == 30 * 576 * 2 == 34_560  # ~34.6 KB/token in bf16
+    assert plan.widths == {"down": 576}
+
+
+def test_full_plan_bytes_smollm2_bf16() -> None:
+    plan = choose_plan(smollm2(), "full")
+    assert plan.tensors == ("qkv", "o", "gate_up", "down")
+    assert plan.widths == {"qkv": 960, "o": 576, "gate_up": 3072, "down": 576}
+    assert plan.bytes_per_token == 311_040  # ~311 KB/token
+    assert plan.slot_bytes == 16 * 311_040
+
+
+def test_greedy_order_and_skip_when_not_fitting() -> None:
+    shape = smollm2()
+    assert choose_plan(shape, 0).tensors == ()
+    assert choose_plan(shape, 34_559).tensors == ()
+    # After down, the ties (2 x 576 FLOPs/element) go fewest bytes first: o (34,560) before
+    # qkv (57,600) before gate_up (184,320); gate_up is skipped when it does not fit.
+    assert choose_plan(shape, 2 * 34_560).tensors == ("o", "down")
+    assert choose_plan(shape, 2 * 34_560 + 57_600).tensors == ("qkv", "o", "down")
+    assert choose_plan(shape, 311_040).tensors == ("qkv", "o", "gate_up", "down")
+
+
+def test_bad_budget_is_a_config_error() -> None:
+    with pytest.raises(ConfigError) as info:
+        choose_plan(smollm2(), "most")  # type: ignore[arg-type]
+    assert info.value.key == "record.budget_bytes_per_token"
+    with pytest.raises(ConfigError):
+        choose_plan(smollm2(), -1)
+
+
+def test_flops_avoided_fraction() -> None:
+    shape = smollm2()
+    down = choose_plan(shape, 40_000)
+    full = choose_plan(shape, "full")
+    # down_proj is 25% of projection FLOPs; the forward also has attention and elementwise ops.
+    proj = 2 * 30 * (576 * 960 + 576 * 576 + 576 * 3072 + 1536 * 576)
+    assert 0.20 < down.prompt_forward_flops_avoided(16) < 0.25
+    assert full.prompt_forward_flops_avoided(16) < 1.0
+    # Attention grows with context: the fraction avoided shrinks.
+    assert full.prompt_forward_flops_avoided(4096) < full.prompt_forward_flops_avoided(410)
+    assert full.prompt_forward_flops_avoided(410) == pytest.approx(
+        proj / forward_flops_per_token(shape, 410))
+    assert choose_plan(shape, 0).prompt_forward_flops_avoided() == 0.0
+    status = full.as_status()
+    assert status["tensors"] == ["qkv", "o", "gate_up", "down"]
+    assert status["bytes_per_token"] == 311_040
+    assert 0.8 < status["prompt_forward_flops_avoided"] < 1.0
