@@ -1,0 +1,127 @@
+"""The trained LoRA adapter: separate A/B per target in PEFT's layout, over SGLang's fused base.
+
+Owns ``LoraAdapter`` (an ``nn.Module`` whose parameters are the only trained tensors) and
+``merge_adapter_into_base`` (W += scale * B @ A into the fused tensors at the right row offsets).
+
+Note [PEFT layout over a fused base]: SGLang fuses q|k|v and gate|up, PEFT keeps one LoRA pair per
+HF module. We keep PEFT's pairs (names ``base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight``,
+A [r, d_in], B [d_out, r]) so an adapter saved from here loads in PEFT and in SGLang's LoRA manager,
+and compute the pairs that share a fused input together: one ``x @ cat(A_q, A_k, A_v).T`` matmul,
+then one small ``@ B_t.T`` per target, each added to its column block of the fused output (the
+forward splits q/k/v and gate/up anyway, so this adds no copies). ``scale = alpha / rank``
+(PEFT's default, no rsLoRA) is applied to the rank-r activation, not the wide output.
+Imports only torch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from alchemist_sgl.train.spec import ALL_TARGETS, TARGET_TO_PROJECTION, LlamaSpec, layer_key
+from alchemist_sgl.train.weights import BaseWeights
+
+_PEFT_MODULE = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+                "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
+                "down": "mlp.down_proj"}
+
+
+def peft_name(layer: int, target: str, which: str) -> str:
+    """PEFT state-dict name (as saved in ``adapter_model.safetensors``); ``which``: "A" or "B"."""
+    return f"base_model.model.model.layers.{layer}.{_PEFT_MODULE[target]}.lora_{which}.weight"
+
+
+class LoraAdapter(nn.Module):
+    """LoRA pairs for every (layer, target). Parameters live in ``self.a[key]`` / ``self.b[key]``
+    with ``key = f"{layer}_{target}"``; A [r, d_in], B [d_out, r], in ``dtype`` on ``device``.
+
+    Initialisation follows PEFT: A kaiming-uniform (a = sqrt(5)), B zeros, so a fresh adapter is
+    the identity (see Note [Staleness] in samples.py for why that matters to replay).
+    """
+
+    def __init__(self, spec: LlamaSpec, rank: int = 16, alpha: float = 32.0, dropout: float = 0.0,
+                 targets: Iterable[str] = ALL_TARGETS, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu", seed: int = 0) -> None:
+        super().__init__()
+        targets = tuple(targets)
+        bad = [t for t in targets if t not in ALL_TARGETS]
+        if bad or rank < 1:
+            raise ValueError(f"bad LoRA targets {bad} or rank {rank}")
+        self.spec, self.rank, self.alpha, self.dropout = spec, rank, float(alpha), float(dropout)
+        self.targets = tuple(t for t in ALL_TARGETS if t in targets)  # canonical order
+        self.scale = self.alpha / rank
+        self.a = nn.ParameterDict()
+        self.b = nn.ParameterDict()
+        gen = torch.Generator().manual_seed(seed)
+        for layer in range(spec.layers):
+            for t in self.targets:
+                d_in, d_out = spec.target_dims(t)
+                bound = 1.0 / math.sqrt(d_in)  # kaiming_uniform_(a=sqrt(5)) on [r, d_in]
+                a = (torch.rand(rank, d_in, generator=gen) * 2 - 1) * bound
+                self.a[f"{layer}_{t}"] = nn.Parameter(a.to(device=device, dtype=dtype))
+                self.b[f"{layer}_{t}"] = nn.Parameter(torch.zeros(d_out, rank, device=device, dtype=dtype))
+
+    def pairs(self, layer: int, projection: str) -> list[tuple[str, nn.Parameter, nn.Parameter]]:
+        """The (target, A, B) pairs that live in one fused projection, in column order."""
+        return [(t, self.a[f"{layer}_{t}"], self.b[f"{layer}_{t}"])
+                for t in self.targets if TARGET_TO_PROJECTION[t] == projection]
+
+    def peft_state_dict(self) -> dict[str, torch.Tensor]:
+        """Detached tensors under PEFT's saved names (no adapter name in the key)."""
+        out = {}
+        for layer in range(self.spec.layers):
+            for t in self.targets:
+                out[peft_name(layer, t, "A")] = self.a[f"{layer}_{t}"].detach()
+                out[peft_name(layer, t, "B")] = self.b[f"{layer}_{t}"].detach()
+        return out
+
+    @torch.no_grad()
+    def load_peft_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copies PEFT-named tensors in (``.default`` adapter segments in names are accepted)."""
+        state = {k.replace(".default.weight", ".weight"): v for k, v in state.items()}
+        for layer in range(self.spec.layers):
+            for t in self.targets:
+                self.a[f"{layer}_{t}"].copy_(state[peft_name(layer, t, "A")])
+                self.b[f"{layer}_{t}"].copy_(state[peft_name(layer, t, "B")])
+
+    def peft_config_dict(self) -> dict:
+        """The ``adapter_config.json`` fields PEFT and SGLang need."""
+        return {"peft_type": "LORA", "r": self.rank, "lora_alpha": self.alpha,
+                "lora_dropout": self.dropout, "bias": "none", "task_type": "CAUSAL_LM",
+                "target_modules": [_PEFT_MODULE[t].split(".")[1] for t in self.targets]}
+
+    @torch.no_grad()
+    def reset(self, seed: int = 0) -> None:
+        """A fresh adapter (PEFT init) in place; parameters keep their identity."""
+        fresh = LoraAdapter(self.spec, self.rank, self.alpha, self.dropout, self.targets,
+                            seed=seed)
+        for k in self.a:
+            self.a[k].copy_(fresh.a[k])
+            self.b[k].zero_()
+
+
+@torch.no_grad()
+def merge_adapter_into_base(weights: BaseWeights, adapter: LoraAdapter) -> None:
+    """W[rows of target] += scale * B @ A for every pair, in fp32, cast back to W's dtype, in place.
+
+    Side effect: mutates the base tensors (the serving model's own storage when ``weights`` wraps
+    SGLang's parameters): call only while no forward reads them. Recordings made before become
+    stale (bump the version; Note [Staleness] in samples.py). Does not reset the adapter.
+    """
+    spec = weights.spec
+    for layer, lw in enumerate(weights.layers):
+        for t in adapter.targets:
+            w = lw.projection(TARGET_TO_PROJECTION[t])
+            start, end = spec.target_rows(t)
+            a = adapter.a[f"{layer}_{t}"].float()
+            b = adapter.b[f"{layer}_{t}"].float()
+            rows = w[start:end]
+            rows.copy_((rows.float() + adapter.scale * (b @ a)).to(w.dtype))
+
+
+def base_tensor_name(layer: int, target: str) -> str:
+    """SGLang name of the fused base tensor a target merges into."""
+    return layer_key(layer, TARGET_TO_PROJECTION[target])

@@ -1,0 +1,175 @@
+"""What the runtime hands the trainer: samples made of prompt segments, with recordings.
+
+Owns the value types ``Recording``, ``PromptSegment``, ``Sample`` and the planner ``plan_sample``
+that decides, per segment and per projection, replay vs recompute (staleness, coverage, replay off),
+merges adjacent recomputed ranges, and counts tokens. Imports only torch.
+
+Data format the runtime must produce (one ``Sample`` per trained completion):
+  * ``prompt_ids`` / ``response_ids``: int token ids (sequences or 1-D int64 tensors). The response
+    is what the loss is on; the model input is prompt + response.
+  * ``segments``: ``PromptSegment(start, end, recording)`` tiling [0, len(prompt)) in order;
+    ``recording=None`` marks an uncovered range (hole, evicted page, never prefilled). Empty
+    ``segments`` means the whole prompt is uncovered.
+  * ``Recording(version, tensors)``: ``tensors[name]`` for any subset of ``qkv``, ``o``,
+    ``gate_up``, ``down`` holds the BASE projection outputs [layers, end - start, out_dim] in the
+    training dtype, on any device (moved to the trainer's device per layer slice when used);
+    ``qkv`` is [q | k | v] pre-RoPE, ``gate_up`` is [gate | up] (SGLang's fused layouts).
+  * ``kind``: ``"positive"`` (thumbs-up, correction: SFT) or ``"negative"`` (thumbs-down: the
+    ``train.objective_negative`` objective); ``weight`` > 0 scales the sample's loss (e.g. |score|);
+    ``ref_logprobs``: optional [len(response)] reference log-probs for the KTO objective
+    (objectives.py, Note [Reference log-probs]).
+
+Note [Staleness]: a recording is exact only if the weights that produced it equal the trainer's
+weights now, adapter included: a non-zero adapter changes every layer's input after the first, so
+"base outputs" depend on the adapter too. ``version`` therefore counts TRAINING STATES: the trainer's
+version advances by one per optimizer step, and the runtime labels a recording with the trainer
+version whose weights were serving (merge publish: the version merged last; adapter publish: the
+version of the served adapter). lag = trainer version - recording version. lag 0 is exact; a
+recording with lag <= ``train.max_version_lag`` is reused (approximate: prompt rows see old weights,
+response rows new ones) and counted in ``reuse_by_lag``; beyond that its tokens are recomputed and
+counted in ``stale_recomputes`` (segments) and ``recomputed_tokens``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Mapping, Sequence
+
+import torch
+
+from alchemist_sgl.train.spec import PROJECTIONS, LlamaSpec
+
+
+@dataclass(frozen=True)
+class Recording:
+    """Recorded base projection outputs of one prompt range (see module docstring)."""
+
+    version: int
+    tensors: Mapping[str, torch.Tensor]  # name -> [layers, tokens, out_dim]
+
+
+@dataclass(frozen=True)
+class PromptSegment:
+    start: int
+    end: int
+    recording: Recording | None = None
+
+
+@dataclass(frozen=True)
+class Sample:
+    prompt_ids: Sequence[int] | torch.Tensor
+    response_ids: Sequence[int] | torch.Tensor
+    segments: tuple[PromptSegment, ...] = ()
+    kind: Literal["positive", "negative"] = "positive"
+    weight: float = 1.0
+    ref_logprobs: torch.Tensor | None = None  # [len(response_ids)] fp32, KTO only
+
+
+@dataclass(frozen=True)
+class PlannedSegment:
+    """A contiguous range of the model input [start, end) computed one way: ``replay`` maps
+    projection name -> recording [layers, end - start, out_dim] (empty: computed normally)."""
+
+    start: int
+    end: int
+    replay: Mapping[str, torch.Tensor]
+    lag: int = 0
+
+
+@dataclass
+class PlanCounts:
+    replayed_tokens: int = 0       # prompt tokens with at least one replayed projection
+    recomputed_tokens: int = 0     # prompt tokens computed normally (uncovered, stale, replay off)
+    stale_recomputes: int = 0      # recorded segments refused as too stale
+    reuse_by_lag: dict[int, int] = field(default_factory=dict)  # lag -> replayed tokens
+
+    def add(self, other: "PlanCounts") -> None:
+        self.replayed_tokens += other.replayed_tokens
+        self.recomputed_tokens += other.recomputed_tokens
+        self.stale_recomputes += other.stale_recomputes
+        for lag, n in other.reuse_by_lag.items():
+            self.reuse_by_lag[lag] = self.reuse_by_lag.get(lag, 0) + n
+
+
+@dataclass(frozen=True)
+class PlannedSample:
+    input_ids: torch.Tensor            # [P + R] int64
+    prompt_len: int
+    segments: tuple[PlannedSegment, ...]
+    sample: Sample
+    counts: PlanCounts
+
+
+def _ids(x: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(x, dtype=torch.long).reshape(-1)
+
+
+def plan_sample(sample: Sample, spec: LlamaSpec, *, version: int, max_version_lag: int,
+                is_replay_enabled: bool, dtype: torch.dtype,
+                is_response_separate: bool = False) -> PlannedSample:
+    """Validates the sample and chooses replay or recompute per segment.
+
+    Adjacent recomputed ranges are merged (the response included) unless ``is_response_separate``
+    (response-only gradients need the response in a segment of its own).
+
+    Raises ValueError for a malformed sample (segments not tiling the prompt, empty response,
+    a recording of the wrong shape or dtype, an unknown projection name): those are runtime bugs.
+    A recording from the future (negative lag) is also refused with ValueError.
+    """
+    prompt, response = _ids(sample.prompt_ids), _ids(sample.response_ids)
+    p, r = prompt.numel(), response.numel()
+    if p < 1 or r < 1:
+        raise ValueError(f"a sample needs a prompt and a response (got {p} and {r} tokens)")
+    if sample.kind not in ("positive", "negative") or not sample.weight > 0:
+        raise ValueError(f"bad sample kind {sample.kind!r} or weight {sample.weight!r}")
+    segments = sample.segments or (PromptSegment(0, p, None),)
+    counts = PlanCounts()
+    planned: list[PlannedSegment] = []
+    pos = 0
+    for seg in segments:
+        if seg.start != pos or seg.end <= seg.start or seg.end > p:
+            raise ValueError(f"segments must tile [0, {p}) in order; got [{seg.start}, {seg.end}) at {pos}")
+        pos = seg.end
+        n = seg.end - seg.start
+        replay: dict[str, torch.Tensor] = {}
+        lag = 0
+        if seg.recording is not None:
+            _check_recording(seg.recording, spec, n, dtype)
+            lag = version - seg.recording.version
+            if lag < 0:
+                raise ValueError(f"recording version {seg.recording.version} is newer than the trainer's {version}")
+            if lag > max_version_lag:
+                counts.stale_recomputes += 1
+            elif is_replay_enabled:
+                replay = dict(seg.recording.tensors)
+        if replay:
+            counts.replayed_tokens += n
+            counts.reuse_by_lag[lag] = counts.reuse_by_lag.get(lag, 0) + n
+            planned.append(PlannedSegment(seg.start, seg.end, replay, lag))
+        else:
+            counts.recomputed_tokens += n
+            _append_computed(planned, seg.start, seg.end)
+    if pos != p:
+        raise ValueError(f"segments cover [0, {pos}) but the prompt has {p} tokens")
+    if is_response_separate:
+        planned.append(PlannedSegment(p, p + r, {}, 0))
+    else:
+        _append_computed(planned, p, p + r)
+    return PlannedSample(torch.cat([prompt, response]), p, tuple(planned), sample, counts)
+
+
+def _append_computed(planned: list[PlannedSegment], start: int, end: int) -> None:
+    """Adjacent computed ranges become one segment: recompute pays no per-segment overhead."""
+    if planned and not planned[-1].replay and planned[-1].end == start:
+        planned[-1] = PlannedSegment(planned[-1].start, end, {}, 0)
+    else:
+        planned.append(PlannedSegment(start, end, {}, 0))
+
+
+def _check_recording(rec: Recording, spec: LlamaSpec, n: int, dtype: torch.dtype) -> None:
+    for name, t in rec.tensors.items():
+        if name not in PROJECTIONS:
+            raise ValueError(f"unknown recorded projection '{name}' (known: {PROJECTIONS})")
+        want = (spec.layers, n, spec.out_dim(name))
+        if tuple(t.shape) != want or t.dtype != dtype:
+            raise ValueError(f"recording '{name}' is {tuple(t.shape)} {t.dtype}, expected {want} {dtype}")

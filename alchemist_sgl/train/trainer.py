@@ -1,0 +1,167 @@
+"""The trainer the runtime calls: one AdamW step over the LoRA adapter from a batch of samples.
+
+Owns ``ReplayTrainer`` (adapter, optimizer, RoPE cache, version counter, cumulative counters),
+``StepStats`` and ``TrainCounters`` (the ``train`` block of ``/alchemist/status``). Imports only
+torch; the config is duck-typed (``alchemist_sgl.config.TrainConfig`` or anything with the same
+attributes), so this package runs where only torch is installed.
+
+Contract: ``step`` must run with no concurrent writer of the base tensors (it reads them); it enables
+grad itself (SGLang's loop runs under no_grad) and must not run under ``torch.inference_mode``.
+Each sample's graph is built, back-propagated and freed before the next (gradient accumulation),
+so peak memory is one sample's. The loss is the mean over samples of ``weight * loss_s`` divided by
+the mean weight (objectives.py). ``version`` advances by one per optimizer step
+(samples.py, Note [Staleness]); ``merge_into_base`` folds the adapter into the base tensors and
+restarts a fresh adapter and optimizer state.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from alchemist_sgl.train.forward import forward_logprobs
+from alchemist_sgl.train.lora import LoraAdapter, merge_adapter_into_base
+from alchemist_sgl.train.objectives import sample_loss
+from alchemist_sgl.train.ops import RopeCache
+from alchemist_sgl.train.samples import PlanCounts, PlannedSample, Sample, plan_sample
+from alchemist_sgl.train.weights import BaseWeights
+
+
+@dataclass
+class StepStats:
+    loss: float
+    samples: int
+    tokens: int                # prompt + response tokens trained
+    replayed_tokens: int
+    recomputed_tokens: int
+    stale_recomputes: int
+    reuse_by_lag: dict[int, int]
+    step_ms: float
+    version: int               # the trainer version after this step
+
+
+@dataclass
+class TrainCounters:
+    """Cumulative numbers for the ``train`` status block (INTERFACES.md)."""
+
+    steps: int = 0
+    samples_trained: int = 0
+    tokens_trained: int = 0
+    replayed_tokens: int = 0
+    recomputed_tokens: int = 0
+    stale_recomputes: int = 0
+    loss_ema: float | None = None
+    reuse_by_lag: dict[int, int] = field(default_factory=dict)
+
+    def add(self, s: StepStats) -> None:
+        self.steps += 1
+        self.samples_trained += s.samples
+        self.tokens_trained += s.tokens
+        self.replayed_tokens += s.replayed_tokens
+        self.recomputed_tokens += s.recomputed_tokens
+        self.stale_recomputes += s.stale_recomputes
+        self.loss_ema = s.loss if self.loss_ema is None else 0.9 * self.loss_ema + 0.1 * s.loss
+        for lag, n in s.reuse_by_lag.items():
+            self.reuse_by_lag[lag] = self.reuse_by_lag.get(lag, 0) + n
+
+
+class ReplayTrainer:
+    """LoRA training over frozen ``BaseWeights`` with replay of recorded base projections.
+
+    ``config``: a ``TrainConfig`` (replay, gradient_mode, max_version_lag, lora.{rank, alpha,
+    dropout, targets}, objective_negative, learning_rate). ``version``: the trainer version the
+    serving weights correspond to at construction (normally 0).
+    """
+
+    def __init__(self, weights: BaseWeights, config: Any, *, version: int = 0, seed: int = 0) -> None:
+        self.weights, self.config, self.version = weights, config, version
+        lc = config.lora
+        self.adapter = LoraAdapter(weights.spec, lc.rank, lc.alpha, lc.dropout, lc.targets,
+                                   dtype=weights.dtype, device=weights.device, seed=seed)
+        self.optimizer = torch.optim.AdamW(self.adapter.parameters(), lr=config.learning_rate,
+                                           weight_decay=0.0)
+        self.rope = RopeCache(weights.spec.head_dim, weights.spec.rope_theta, weights.dtype,
+                              weights.device)
+        self.counters = TrainCounters()
+        self._kl_ema = 0.0
+
+    def plan(self, sample: Sample) -> PlannedSample:
+        return plan_sample(sample, self.weights.spec, version=self.version,
+                           max_version_lag=self.config.max_version_lag,
+                           is_replay_enabled=self.config.replay, dtype=self.weights.dtype,
+                           is_response_separate=self.config.gradient_mode == "response_only")
+
+    def logprobs(self, planned: PlannedSample, *, is_adapter_enabled: bool = True) -> torch.Tensor:
+        """Response log-probs [R]; with grad when grad is enabled and the adapter is on."""
+        return forward_logprobs(self.weights, self.adapter if is_adapter_enabled else None,
+                                self.rope, planned, gradient_mode=self.config.gradient_mode,
+                                is_training=self.adapter.training)
+
+    def accumulate(self, samples: Sequence[Sample]) -> tuple[float, PlanCounts, int]:
+        """Forward + backward of every sample, adding into the adapter's ``.grad``; no optimizer
+        step. Returns (loss, counts, tokens). Used by ``step`` and by equivalence tests."""
+        if not samples:
+            raise ValueError("a step needs at least one sample")
+        plans = [self.plan(s) for s in samples]
+        counts, tokens, total_loss = PlanCounts(), 0, 0.0
+        mean_weight = sum(s.weight for s in samples) / len(samples)
+        ratios = []
+        with torch.enable_grad():
+            for planned in plans:
+                s = planned.sample
+                ref = None
+                if s.kind == "negative" and self.config.objective_negative == "kto":
+                    ref = s.ref_logprobs
+                    if ref is None:  # objectives.py, Note [Reference log-probs], option (2)
+                        with torch.no_grad():
+                            ref = self.logprobs(planned, is_adapter_enabled=False)
+                logp = self.logprobs(planned)
+                loss = sample_loss(s.kind, self.config.objective_negative, logp, ref, self._kl_ema)
+                if ref is not None:
+                    ratios.append(float((logp.detach() - ref.to(logp)).sum()))  # host sync: stats
+                loss = loss * (s.weight / mean_weight / len(plans))
+                loss.backward()
+                total_loss += float(loss.detach())  # host sync: per sample, once, for stats
+                counts.add(planned.counts)
+                tokens += planned.input_ids.numel()
+        if ratios:
+            self._kl_ema = 0.9 * self._kl_ema + 0.1 * max(0.0, sum(ratios) / len(ratios))
+        return total_loss, counts, tokens
+
+    def step(self, samples: Sequence[Sample]) -> StepStats:
+        """One AdamW step over the adapter from ``samples``; advances ``version``; returns stats."""
+        t0 = time.perf_counter()
+        self.adapter.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, counts, tokens = self.accumulate(samples)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.version += 1
+        stats = StepStats(loss=loss, samples=len(samples), tokens=tokens,
+                          replayed_tokens=counts.replayed_tokens,
+                          recomputed_tokens=counts.recomputed_tokens,
+                          stale_recomputes=counts.stale_recomputes,
+                          reuse_by_lag=dict(counts.reuse_by_lag),
+                          step_ms=(time.perf_counter() - t0) * 1000.0, version=self.version)
+        self.counters.add(stats)
+        return stats
+
+    def merge_into_base(self, seed: int = 0) -> None:
+        """Folds the adapter into the base tensors (in place; quiescence required: no forward may
+        read them meanwhile), then restarts a fresh adapter and clears AdamW's state. The version
+        does not change: base + fresh adapter computes what base + adapter computed."""
+        merge_adapter_into_base(self.weights, self.adapter)
+        self.adapter.reset(seed=seed)
+        self.optimizer.state.clear()
+
+    def status(self) -> dict[str, Any]:
+        """The trainer's part of the ``train`` status block (INTERFACES.md)."""
+        c = self.counters
+        return {"steps": c.steps, "samples_trained": c.samples_trained,
+                "tokens_trained": c.tokens_trained, "replayed_tokens": c.replayed_tokens,
+                "recomputed_tokens": c.recomputed_tokens, "stale_recomputes": c.stale_recomputes,
+                "loss_ema": c.loss_ema, "reuse_by_lag": dict(c.reuse_by_lag),
+                "version": self.version}
