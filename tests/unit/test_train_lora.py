@@ -1,0 +1,136 @@
+"""LoRA layout (PEFT-compatible names and shapes over the fused base), merge, and the trainer API."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alchemist_sgl.config import LoraConfig, TrainConfig
+from alchemist_sgl.train import (BaseWeights, LoraAdapter, ReplayTrainer, Sample, load_fused_weights,
+                                 merge_adapter_into_base)
+from alchemist_sgl.train.spec import layer_key
+from tests.unit.test_train_hfref import (build_hf_peft, hf_logprobs, model_dir, random_adapter)
+
+
+@pytest.fixture(scope="module")
+def weights():
+    return load_fused_weights(model_dir("tiny"))
+
+
+def test_adapter_names_and_shapes_match_peft(weights):
+    from peft import get_peft_model_state_dict
+    adapter = random_adapter(weights.spec, rank=4)
+    peft_model = build_hf_peft(model_dir("tiny"), torch.float32, adapter)
+    theirs = get_peft_model_state_dict(peft_model)
+    ours = adapter.peft_state_dict()
+    assert set(ours) == set(theirs)
+    for k, v in theirs.items():
+        assert ours[k].shape == v.shape, k
+        torch.testing.assert_close(ours[k], v)
+    cfg = adapter.peft_config_dict()
+    assert cfg["r"] == 4 and sorted(cfg["target_modules"]) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+def test_fresh_adapter_is_identity_and_targets_are_configurable(weights):
+    spec = weights.spec
+    adapter = LoraAdapter(spec, rank=8, targets=("down", "q"))
+    assert adapter.targets == ("q", "down")  # canonical order
+    assert all(float(b.detach().abs().sum()) == 0.0 for b in adapter.b.values())
+    assert adapter.a["0_q"].shape == (8, spec.hidden) and adapter.b["0_q"].shape == (spec.q_size, 8)
+    assert adapter.a["0_down"].shape == (8, spec.intermediate)
+    with pytest.raises(ValueError):
+        LoraAdapter(spec, targets=("qkv",))
+
+
+def test_merge_writes_rows_at_fused_offsets_and_matches_peft(weights):
+    spec = weights.spec
+    adapter = random_adapter(spec, rank=4)
+    peft_model = build_hf_peft(model_dir("tiny"), torch.float32, adapter)
+    merged_hf = peft_model.merge_and_unload().state_dict()
+    copy = BaseWeights.from_tensors(spec, {
+        layer_key(i, p): getattr(lw, p).clone() for i, lw in enumerate(weights.layers)
+        for p in ("qkv", "o", "gate_up", "down", "input_layernorm", "post_attention_layernorm")}
+        | {"model.embed_tokens.weight": weights.embed, "model.norm.weight": weights.final_norm})
+    merge_adapter_into_base(copy, adapter)
+    for i, lw in enumerate(copy.layers):
+        pre = f"model.layers.{i}."
+        want_qkv = torch.cat([merged_hf[pre + f"self_attn.{n}_proj.weight"] for n in "qkv"])
+        want_gu = torch.cat([merged_hf[pre + f"mlp.{n}_proj.weight"] for n in ("gate", "up")])
+        torch.testing.assert_close(lw.qkv, want_qkv, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(lw.gate_up, want_gu, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(lw.o, merged_hf[pre + "self_attn.o_proj.weight"], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(lw.down, merged_hf[pre + "mlp.down_proj.weight"], rtol=1e-6, atol=1e-6)
+    # The original weights are untouched (the copy was merged).
+    assert not torch.equal(copy.layers[0].qkv, weights.layers[0].qkv)
+
+
+def _sample(seed: int, p: int = 20, r: int = 6, **kw) -> Sample:
+    g = torch.Generator().manual_seed(seed)
+    return Sample(torch.randint(10, 40000, (p,), generator=g),
+                  torch.randint(10, 40000, (r,), generator=g), **kw)
+
+
+def test_trainer_step_learns_counts_and_merges():
+    weights = load_fused_weights(model_dir("tiny"))  # own copy: merge writes into it
+    cfg = TrainConfig(lora=LoraConfig(rank=4, alpha=8.0), learning_rate=5e-3)
+    trainer = ReplayTrainer(weights, cfg)
+    sample = _sample(1)
+    first = trainer.step([sample])
+    for _ in range(5):
+        last = trainer.step([sample])
+    assert last.loss < first.loss
+    assert trainer.version == 6 and last.version == 6
+    assert trainer.counters.steps == 6 and trainer.counters.tokens_trained == 6 * 26
+    assert trainer.counters.recomputed_tokens == 6 * 20 and trainer.counters.replayed_tokens == 0
+    status = trainer.status()
+    assert status["samples_trained"] == 6 and status["loss_ema"] is not None
+    planned = trainer.plan(sample)
+    with torch.no_grad():
+        before = trainer.logprobs(planned)
+        trainer.merge_into_base()
+        assert all(float(b.detach().abs().sum()) == 0.0 for b in trainer.adapter.b.values())
+        after = trainer.logprobs(planned)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+    assert trainer.version == 6
+
+
+@pytest.mark.parametrize("objective", ["unlikelihood", "kto"])
+def test_negative_objectives_lower_the_response_likelihood(objective):
+    weights = load_fused_weights(model_dir("tiny"))
+    cfg = TrainConfig(lora=LoraConfig(rank=4, alpha=8.0), learning_rate=5e-3,
+                      objective_negative=objective)
+    trainer = ReplayTrainer(weights, cfg)
+    neg = _sample(2, kind="negative")
+    planned = trainer.plan(neg)
+    with torch.no_grad():
+        start = float(trainer.logprobs(planned).sum())
+    for _ in range(4):
+        stats = trainer.step([neg, _sample(3)])
+    with torch.no_grad():
+        end = float(trainer.logprobs(planned).sum())
+    assert end < start, (start, end)
+    assert stats.samples == 2
+
+
+def test_kto_uses_given_reference_logprobs():
+    from alchemist_sgl.train.objectives import kto_negative_loss, sample_loss
+    logp = torch.tensor([-1.0, -2.0])
+    ref = torch.tensor([-1.5, -2.5])  # the policy is 1 nat above the reference: loss > 0.5
+    assert float(kto_negative_loss(logp, ref, 0.0)) > 0.5
+    assert float(kto_negative_loss(logp, logp, 0.0)) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="reference"):
+        sample_loss("negative", "kto", logp, None)
+
+
+def test_adapter_on_base_weights_by_reference_no_copy():
+    weights = load_fused_weights(model_dir("tiny"))
+    tensors = {layer_key(i, p): getattr(lw, p) for i, lw in enumerate(weights.layers)
+               for p in ("qkv", "o", "gate_up", "down", "input_layernorm", "post_attention_layernorm")}
+    tensors |= {"model.embed_tokens.weight": torch.nn.Parameter(weights.embed, requires_grad=False),
+                "model.norm.weight": weights.final_norm}
+    wrapped = BaseWeights.from_tensors(weights.spec, tensors)
+    assert wrapped.layers[3].down.data_ptr() == weights.layers[3].down.data_ptr()
+    assert wrapped.embed.data_ptr() == weights.embed.data_ptr() and wrapped.lm_head is wrapped.embed
+    with pytest.raises(KeyError, match="norm"):
+        BaseWeights.from_tensors(weights.spec, {k: v for k, v in tensors.items() if k != "model.norm.weight"})
