@@ -1,0 +1,99 @@
+"""``RunContext``: what the harness hands to an experiment's ``run(ctx)`` (contract in
+``eval/experiments/__init__.py``).
+
+Owns the per-run facts (name, config, dataset, url, out_dir, quick, seed), the ``server`` context
+manager that starts/stops managed servers (or yields ``--url``), workload loading, load sessions
+with monitoring, and the record of every server used (resolved config, port, readiness, CPU)
+that ends up in the result's ``meta``. Must not import the server runtime or sglang; the pure
+``alchemist_sgl.config`` is used only to record resolved configs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from eval.loadgen.feedback import FeedbackPolicy
+from eval.loadgen.runner import LoadResult, LoadSpec, run_load_sync
+from eval.loadgen.stats import latency_samples
+from eval.loadgen.workloads import Conversation, default_workload, load_workload
+from eval.monitor import Monitor, merge_timelines, throughput_timeline
+from eval.server import ManagedServer, describe_overrides
+
+
+def resolve_config(config_path: Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The fully resolved config as a dict (``alchemist_sgl.config``), or why it could not be."""
+    try:
+        from alchemist_sgl.config import config_to_dict, load_config  # pure module, no runtime
+    except ImportError as exc:
+        return {"unresolved": f"alchemist_sgl.config unavailable: {exc}", "path": str(config_path)}
+    try:
+        return config_to_dict(load_config(config_path, list(overrides)))
+    except Exception as exc:  # noqa: BLE001 - a config error is recorded; starting the server reports it loudly
+        return {"unresolved": "".join(traceback.format_exception_only(exc)).strip(), "path": str(config_path)}
+
+
+@dataclass
+class RunContext:
+    name: str
+    config_path: Path
+    dataset_path: Path | None
+    url: str | None
+    out_dir: Path
+    quick: bool
+    seed: int = 0
+    progress: bool = True
+    servers: list[dict[str, Any]] = field(default_factory=list)
+    last_timeline: list[dict[str, float]] = field(default_factory=list, repr=False)
+    _pids: dict[str, int] = field(default_factory=dict, repr=False)
+
+    @contextlib.contextmanager
+    def server(self, config_path: str | Path | None = None, overrides: Sequence[str] = ()) -> Iterator[str]:
+        """Yields a base URL (``http://127.0.0.1:PORT``, no ``/v1``). With ``--url`` it yields that URL
+        and ignores ``config_path``/``overrides`` (recorded as ignored). Otherwise starts
+        ``alchemist-sgl serve --config (config_path or ctx.config_path) --port N --set ...``, waits
+        for health, and stops the process group on exit."""
+        cfg = Path(config_path) if config_path is not None else self.config_path
+        overrides = describe_overrides(overrides)
+        if self.url is not None:
+            self.servers.append({"url": self.url, "external": True, "ignored_config_path": str(cfg),
+                                 "ignored_overrides": list(overrides)})
+            yield self.url
+            return
+        srv = ManagedServer(cfg, overrides, log_dir=self.out_dir / "logs")
+        entry: dict[str, Any] = {"resolved_config": resolve_config(cfg, overrides)}
+        self.servers.append(entry)
+        try:
+            url = srv.start()
+            self._pids[url] = srv.proc.pid if srv.proc else -1
+            yield url
+        finally:
+            self._pids.pop(srv.base_url, None)
+            srv.stop()
+            entry.update(srv.describe())
+
+    def workload(self, min_turns: int = 2) -> list[Conversation]:
+        """``--dataset-path`` (ShareGPT, chitchat or MT-Bench file) or the packaged default."""
+        if self.dataset_path is not None:
+            return load_workload(self.dataset_path)
+        return default_workload(min_turns=min_turns, seed=self.seed)
+
+    def load(
+        self, base_url: str, workload: Sequence[Conversation], spec: LoadSpec,
+        feedback: FeedbackPolicy | None = None,
+    ) -> LoadResult:
+        """One monitored load session; ``self.last_timeline`` then holds its throughput and the
+        server's memory over time (memory only for servers this context started)."""
+        with Monitor(self._pids.get(base_url)) as mon:
+            result = run_load_sync(base_url, workload, spec, feedback=feedback, progress=self.progress)
+        bin_s = max(1.0, result.wall_s / 30.0)  # ~30 points, whatever the session length
+        self.last_timeline = merge_timelines(throughput_timeline(result.records, bin_s), mon.samples)
+        return result
+
+
+def samples_of(result: LoadResult) -> dict[str, list[float]]:
+    """``latency_samples`` entry for the report's CDF plots."""
+    return latency_samples(result.records)
