@@ -105,7 +105,7 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class Config:
-    sglang: Mapping[str, Any] = field(default_factory=dict)
+    sglang: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}))
     record: RecordConfig = field(default_factory=RecordConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Creates or updates .venv with everything alchemist-sgl needs, from the package registries only.
+# CPU route (no CUDA): CPU torch, sglang without its CUDA-only dependencies (requirements/sglang-cpu*.txt,
+# generated from the wheel's metadata by scripts/gen_sglang_cpu_requirements.py), triton, data packages.
+# CUDA route: the stock `pip install sglang==0.5.23`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3.11}"
+VENV=.venv
+PIP="$VENV/bin/pip"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv "$VENV"
+  "$PIP" install --quiet --upgrade pip wheel setuptools
+fi
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  echo "setup: CUDA found, stock route"
+  "$PIP" install "sglang==0.5.23"
+  "$PIP" install -r requirements/dev.txt
+else
+  echo "setup: no CUDA, CPU route"
+  "$PIP" install -c requirements/cpu-constraints.txt "torch==2.13.0"
+  "$PIP" install --no-deps "sglang==0.5.23"
+  # The checked-in list must match what the wheel's metadata says today.
+  tmp="$(mktemp -d)"
+  "$VENV/bin/python" scripts/gen_sglang_cpu_requirements.py --out-dir "$tmp" >/dev/null
+  if ! diff -q "$tmp/sglang-cpu.txt" requirements/sglang-cpu.txt >/dev/null; then
+    echo "setup: requirements/sglang-cpu.txt is stale; regenerate with scripts/gen_sglang_cpu_requirements.py" >&2
+    exit 1
+  fi
+  rm -rf "$tmp"
+  "$PIP" install -r requirements/sglang-cpu.txt -c requirements/cpu-constraints.txt "triton==3.7.1"
+  "$PIP" install --no-deps -r requirements/sglang-cpu-nodeps.txt -r requirements/nodeps.txt
+  "$PIP" install -r requirements/dev.txt -c requirements/cpu-constraints.txt
+  # CPU venv only: the stand-ins in patches/cpu (sgl_kernel, torchvision) are importable by every
+  # python of this venv, so `python -m sglang.benchmark.serving` and SGLang's own tools run as is.
+  site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  echo "$(pwd)/patches/cpu" > "$site/alchemist_cpu_stand_ins.pth"
+fi
+"$PIP" install --quiet --no-deps -e .
+"$VENV/bin/python" -c "import torch; print('setup: torch', torch.__version__)"
