@@ -115,6 +115,7 @@ class ActivationStore:
         self.bytes_deduplicated = 0
         self.dropped_tokens = 0
         self.unaligned_tokens_skipped = 0
+        self.bytes_recorded_total = 0
         self._record_s_total = 0.0
         self._record_batches = 0
 
@@ -166,6 +167,7 @@ class ActivationStore:
                 self.bytes_deduplicated += page.rows * bpt
             else:
                 self._index.insert(page.key, pool, slot, page.rows, page.tail_parent)
+                self.bytes_recorded_total += page.rows * bpt
         for writer in batch.finished:
             self._close_writer(writer)
         batch.elapsed_s += self._timer() - start_s
@@ -333,7 +335,8 @@ class ActivationStore:
     def status(self) -> dict[str, float | int]:
         """The ``store`` entry of ``/alchemist/status`` (INTERFACES.md) plus a few extras.
 
-        bytes_stored: recorded tokens held now x bytes_per_token. device_bytes/host_bytes: slot
+        bytes_stored: recorded tokens held now x bytes_per_token (``bytes_recorded_total``: ever
+        published, evicted pages included). device_bytes/host_bytes: slot
         memory held per tier (a tail page occupies a whole slot). bytes_deduplicated: bytes NOT
         stored again because their page already existed (cumulative). hits: pages found by
         coverage/pin lookups. evictions: pages dropped for space. record_ms_mean: mean recording
@@ -351,6 +354,7 @@ class ActivationStore:
             "device_bytes": self._device_pool.used_bytes,
             "host_bytes": self._host_pool.used_bytes,
             "misses": self.misses,
+            "bytes_recorded_total": self.bytes_recorded_total,
             "expirations": self._index.expirations,
             "demotions": self._index.demotions,
             "dropped_tokens": self.dropped_tokens,

@@ -1,0 +1,217 @@
+"""The sglang side of recording: module forward hooks on the base projections of SGLang's Llama.
+
+Owns turning SGLang's objects (``ScheduleBatch``, ``ForwardBatch``, projection modules) into the
+pure ``Capture`` protocol (record/capture.py). ``install(scheduler, runtime)`` is called once in
+the scheduler process after ``Scheduler.__init__`` (by integration/plugin.py).
+
+What it touches (each name is listed for the hook-point manifest in ``SGLANG_NAMES``):
+  * ``Scheduler.run_batch`` is wrapped ON THE INSTANCE (not the class) to see the ``ScheduleBatch``
+    whose forward is about to run: ``batch.reqs[i].rid``, ``.origin_input_ids``, ``.lora_id``,
+    ``.sampling_params.custom_params``.
+  * A forward pre-hook / hook on ``LlamaForCausalLM.model`` (``LlamaModel``, called through
+    ``nn.Module.__call__``; the runner calls ``LlamaForCausalLM.forward`` directly, so hooks on the
+    top module would never fire) reads the ``ForwardBatch``: ``forward_mode.is_extend()`` (true for
+    MIXED too), ``rids``, ``extend_prefix_lens_cpu``, ``extend_seq_lens_cpu``. A request's rows are
+    consecutive in batch order (the CPU-side equivalent of ``extend_start_loc``).
+  * Forward hooks on ``model.layers[i].self_attn.qkv_proj``, ``.self_attn.o_proj``,
+    ``.mlp.gate_up_proj``, ``.mlp.down_proj``: output ``(tensor [rows, width], bias)``.
+
+Note [Which rows are recorded]: only extend forwards; within one, each request's rows for positions
+``[prefix_len, prefix_len + extend_len)`` clipped to its prompt (decode rows of a MIXED batch sit at
+or past the prompt's end and are dropped); only requests with ``custom_params.alchemist.record``
+and ``.store`` not false. Chunked prefill joins up in the store (its Note [Page alignment]).
+
+Note [LoRA-wrapped projections]: with ``--enable-lora`` SGLang wraps each projection; the wrapper
+computes the base output inside and adds the adapter's delta, and never calls the base module
+through ``__call__``. We then hook the wrapper and record only requests served without an adapter,
+whose rows carry the pure base output; adapter requests are not recorded (a known gap).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import torch
+
+from alchemist_sgl.log import get_logger
+from alchemist_sgl.prefix import Namespace
+from alchemist_sgl.record.capture import Capture
+from alchemist_sgl.record.plan import ModelShape, RecordPlan, choose_plan
+from alchemist_sgl.records import RequestExtend
+from alchemist_sgl.store import ActivationStore
+
+logger = get_logger(__name__)
+
+# Tests only (Capture's ``fault_after_forwards`` and ``dump_dir``).
+FAULT_ENV = "ALCHEMIST_SGL_INJECT_RECORD_FAULT_AFTER"
+DUMP_ENV = "ALCHEMIST_SGL_RECORD_DUMP_DIR"
+
+SGLANG_NAMES = (
+    "sglang.srt.managers.scheduler.Scheduler.run_batch",
+    "sglang.srt.managers.scheduler.Scheduler.tp_worker",
+    "sglang.srt.managers.scheduler.Scheduler.page_size",
+    "sglang.srt.managers.tp_worker.TpModelWorker.model_runner",
+    "sglang.srt.models.llama.LlamaForCausalLM",
+    "sglang.srt.models.llama.LlamaModel.forward",
+    "sglang.srt.models.llama.LlamaAttention.forward_prepare_native",
+    "sglang.srt.models.llama.LlamaMLP.forward",
+    "sglang.srt.model_executor.forward_batch_info.ForwardBatch",
+    "sglang.srt.managers.schedule_batch.Req",
+)
+_PROJECTIONS = {"qkv": ("self_attn", "qkv_proj"), "o": ("self_attn", "o_proj"),
+                "gate_up": ("mlp", "gate_up_proj"), "down": ("mlp", "down_proj")}
+_INSTALLED_ATTR = "_alchemist_recording"  # install() is idempotent per scheduler
+_DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+
+
+class RecordingHooks:
+    """The installed hooks and the components they feed; ``remove()`` takes them all out."""
+
+    def __init__(self, capture: Capture, store: ActivationStore, plan: RecordPlan,
+                 handles: list[Any], restore: Callable[[], None]) -> None:
+        self.capture, self.store, self.plan = capture, store, plan
+        self._handles, self._restore = handles, restore
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._restore()
+
+
+def install(scheduler: Any, runtime: Any) -> RecordingHooks | None:
+    """Builds plan, store and capture for ``scheduler``'s model and hooks them in (once).
+
+    ``runtime`` needs ``config`` (``record``, ``store``), ``state.weight_version``,
+    ``disable(feature, reason)`` and ``add_status_section(name, producer)``. Returns None (and
+    says why in the log and status) when recording is off or the model is not supported.
+    """
+    existing = scheduler.__dict__.get(_INSTALLED_ATTR)
+    if existing is not None:
+        return existing
+    config = runtime.config
+    if not config.record.is_enabled:
+        logger.info("recording is off (record.enabled=false)")
+        return None
+    model = scheduler.tp_worker.model_runner.model
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if inner is None or layers is None or type(model).__name__ not in {"LlamaForCausalLM"}:
+        runtime.disable("record", f"recording supports LlamaForCausalLM, not {type(model).__name__}")
+        return None
+    weight = next(model.parameters())
+    if weight.dtype not in _DTYPE_BYTES:
+        runtime.disable("record", f"unsupported model dtype {weight.dtype}")
+        return None
+    shape = ModelShape.from_hf_config(model.config, _DTYPE_BYTES[weight.dtype])
+    plan = choose_plan(shape, config.record.budget_bytes_per_token, config.store.page_tokens)
+    sglang_page = int(getattr(scheduler, "page_size", 1) or 1)
+    if sglang_page % plan.page_tokens != 0:
+        logger.warning("SGLang page size %d is not a multiple of store.page_tokens %d: radix hits "
+                       "can end mid-page and those rows are skipped (Note [Page alignment])",
+                       sglang_page, plan.page_tokens)
+    store = ActivationStore(plan, host_bytes=config.store.host_bytes,
+                            device_bytes=config.store.device_bytes, dtype=weight.dtype,
+                            device=weight.device, ttl_s=config.store.ttl_s)
+    fault = os.environ.get(FAULT_ENV)
+    capture = Capture(store, plan, on_failure=lambda reason: runtime.disable("record", reason),
+                      fault_after_forwards=int(fault) if fault else None,
+                      dump_dir=os.environ.get(DUMP_ENV) or None)
+    wrapped_lora = any(hasattr(_projection(layers[0], name), "base_layer") for name in plan.tensors)
+    view = _BatchViewBuilder(capture, lambda: str(runtime.state.weight_version), wrapped_lora)
+
+    handles = [inner.register_forward_pre_hook(view.pre_forward, with_kwargs=True),
+               inner.register_forward_hook(view.post_forward)]
+    for layer_index, layer in enumerate(layers):
+        for name in plan.tensors:
+            handles.append(_projection(layer, name).register_forward_hook(
+                _output_hook(capture, name, layer_index)))
+
+    original_run_batch = scheduler.run_batch
+
+    def run_batch(batch: Any, *args: Any, **kwargs: Any) -> Any:
+        view.set_schedule_batch(batch)
+        try:
+            return original_run_batch(batch, *args, **kwargs)
+        finally:
+            view.set_schedule_batch(None)
+
+    scheduler.run_batch = run_batch  # instance attribute: shadows Scheduler.run_batch
+    runtime.add_status_section("record_plan", plan.as_status)
+    runtime.add_status_section("store", store.status)
+    runtime.add_status_section("record", capture.status)
+    logger.info("recording %s per layer of %d layers: %d bytes/token, host pool %d pages",
+                list(plan.tensors), shape.layers, plan.bytes_per_token,
+                store.status()["host_capacity_bytes"] // max(plan.slot_bytes, 1))
+    hooks = RecordingHooks(capture, store, plan, handles, lambda: (
+        scheduler.__dict__.pop("run_batch", None), scheduler.__dict__.pop(_INSTALLED_ATTR, None)))
+    setattr(scheduler, _INSTALLED_ATTR, hooks)
+    return hooks
+
+
+def _projection(layer: torch.nn.Module, name: str) -> torch.nn.Module:
+    block, attr = _PROJECTIONS[name]
+    return getattr(getattr(layer, block), attr)
+
+
+def _output_hook(capture: Capture, name: str, layer: int) -> Callable[..., None]:
+    def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+        if not capture.is_recording:
+            return
+        capture.on_output(name, layer, output[0] if isinstance(output, tuple) else output)
+
+    return hook
+
+
+class _BatchViewBuilder:
+    """Turns (ScheduleBatch, ForwardBatch) into RequestExtend views and drives Capture."""
+
+    def __init__(self, capture: Capture, base_version: Callable[[], str],
+                 is_lora_wrapped: bool) -> None:
+        self._capture = capture
+        self._base_version = base_version
+        self._is_lora_wrapped = is_lora_wrapped
+        self._reqs: dict[str, Any] = {}
+
+    def set_schedule_batch(self, batch: Any) -> None:
+        self._reqs = {req.rid: req for req in batch.reqs} if batch is not None else {}
+
+    def pre_forward(self, module: Any, args: tuple, kwargs: dict) -> None:
+        try:
+            forward_batch = kwargs.get("forward_batch", args[2] if len(args) > 2 else None)
+            if forward_batch is None or not forward_batch.forward_mode.is_extend():
+                return None
+            extends = self._extends(forward_batch)
+        except Exception as exc:  # Note [Never raise into serving] in record/capture.py
+            self._capture._fail("reading the batch", exc)
+            return None
+        if extends:
+            self._capture.begin(extends)
+        return None
+
+    def post_forward(self, module: Any, args: Any, output: Any) -> None:
+        self._capture.end()
+
+    def _extends(self, forward_batch: Any) -> list[RequestExtend]:
+        rids = forward_batch.rids
+        prefix_lens = forward_batch.extend_prefix_lens_cpu
+        seq_lens = forward_batch.extend_seq_lens_cpu
+        if rids is None or prefix_lens is None or seq_lens is None:
+            return []
+        base = self._base_version()
+        extends, row = [], 0
+        for rid, prefix_len, extend_len in zip(rids, prefix_lens, seq_lens):
+            req = self._reqs.get(rid)
+            if req is not None:
+                lora_id = getattr(req, "lora_id", None)
+                params = getattr(req.sampling_params, "custom_params", None) or {}
+                ours = params.get("alchemist") if isinstance(params, dict) else None
+                ours = ours if isinstance(ours, dict) else {}
+                is_recording = (ours.get("record", True) is not False
+                                and ours.get("store", True) is not False
+                                and not (self._is_lora_wrapped and lora_id is not None))
+                extends.append(RequestExtend(
+                    rid, Namespace(base, lora_id), req.origin_input_ids, int(prefix_len),
+                    int(extend_len), row, is_recording))
+            row += int(extend_len)
+        return extends
