@@ -1,0 +1,263 @@
+"""Recordings captured by a live SGLang server equal an independent HF transformers forward.
+
+Real SGLang on CPU (configs/cpu-tiny.yaml, fp32). The scheduler dumps each request's stitched
+recording after its last prefill forward (``ALCHEMIST_SGL_RECORD_DUMP_DIR``, tests only; see
+``Capture._dump``); the reference is HF transformers on the same weights with forward hooks on its
+q/k/v/o/gate/up/down projections (fused the way SGLang fuses them). Covered positions must match
+the reference; positions never prefilled (decoded tokens of an earlier turn) are holes.
+
+Until integration/plugin.py calls ``capture_hooks.install``, a test-only plugin generated below
+(an entry point on PYTHONPATH) installs the hooks on the first scheduler iteration; ``install`` is
+idempotent, so the helper stays harmless once the plugin does it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+
+from tests.support.servers import REPO, RunningServer, ServerPool, dedicated_server
+
+CONFIG = "configs/cpu-tiny.yaml"
+HOST_PAGES = 96  # the store's host pool, in pages, for the eviction test
+STORY = " ".join(f"On day {i} the travellers counted {i + 7} boats near bridge {i * 3}."
+                 for i in range(1, 16))
+
+_PLUGIN = '''
+import os
+def load():
+    if not os.environ.get("ALCHEMIST_SGL_CONFIG"):
+        return
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+    HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.get_next_batch_to_run",
+                          _before, HookType.BEFORE)
+def _before(scheduler, *args, **kwargs):
+    if scheduler.__dict__.get("_alchemist_recording_tried"):
+        return None
+    scheduler._alchemist_recording_tried = True
+    from alchemist_sgl.integration.capture_hooks import install
+    from alchemist_sgl.integration.plugin import runtime_of
+    runtime = runtime_of(scheduler)
+    if runtime is not None:
+        install(scheduler, runtime)
+    return None
+'''
+
+
+def _plugin_dir(root: Path) -> Path:
+    info = root / "alchemist_record_testplugin-0.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (root / "alchemist_record_testplugin.py").write_text(_PLUGIN)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: alchemist-record-testplugin\n"
+                                   "Version: 0\n")
+    (info / "entry_points.txt").write_text(
+        "[sglang.srt.plugins]\nalchemist_record_test = alchemist_record_testplugin:load\n")
+    return root
+
+
+def _env(tmp: Path, dump: Path, **extra: str) -> dict[str, str]:
+    import os
+
+    path = os.pathsep.join([str(_plugin_dir(tmp / "plugin")),
+                            *filter(None, [os.environ.get("PYTHONPATH")])])
+    return {"PYTHONPATH": path, "ALCHEMIST_SGL_RECORD_DUMP_DIR": str(dump), **extra}
+
+
+def _overrides(*more: str) -> tuple[str, ...]:
+    slot = 16 * 10240  # page_tokens x bytes_per_token of the tiny model's full plan in fp32
+    return (f"store.host_bytes={HOST_PAGES * slot}", *more)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(1)
+    return AutoModelForCausalLM.from_pretrained(REPO / "var/models/tiny",
+                                                dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def recorder(tmp_path_factory) -> Iterator[tuple[RunningServer, Path]]:
+    tmp = tmp_path_factory.mktemp("record")
+    dump = tmp / "dump"
+    with dedicated_server(CONFIG, _overrides(), extra_env=_env(tmp, dump)) as server:
+        yield server, dump
+
+
+def _post(server: RunningServer, path: str, body: dict | None = None) -> dict:
+    data = json.dumps(body).encode() if body is not None else b""
+    req = urllib.request.Request(f"{server.base_url}{path}", data=data, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        text = resp.read()
+    return json.loads(text) if text.strip().startswith(b"{") else {}
+
+
+def _status(server: RunningServer) -> dict:
+    with urllib.request.urlopen(f"{server.base_url}/alchemist/status", timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def _chat(server: RunningServer, messages: list[dict], max_tokens: int = 8, **extra) -> dict:
+    return _post(server, "/v1/chat/completions", {
+        "model": server.model, "messages": messages, "max_tokens": max_tokens,
+        "temperature": 0, "logprobs": True, "top_logprobs": 1, **extra})
+
+
+def _chat_with_dump(server: RunningServer, dump: Path, messages: list[dict], **extra
+                    ) -> tuple[dict, dict]:
+    before = set(dump.glob("*.pt")) if dump.exists() else set()
+    reply = _chat(server, messages, **extra)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        new = sorted(set(dump.glob("*.pt")) - before)
+        if new:
+            return reply, torch.load(new[-1])
+        time.sleep(0.2)
+    raise AssertionError("no recording was dumped for the request")
+
+
+def _reference_outputs(model, tokens: list[int]) -> dict[str, torch.Tensor]:
+    """Per planned tensor [layers, tokens, width], fused as SGLang fuses (qkv, gate_up)."""
+    outs: dict[tuple[str, int], torch.Tensor] = {}
+    handles = []
+    for i, layer in enumerate(model.model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        for name, module in (("q", attn.q_proj), ("k", attn.k_proj), ("v", attn.v_proj),
+                             ("o", attn.o_proj), ("gate", mlp.gate_proj), ("up", mlp.up_proj),
+                             ("down", mlp.down_proj)):
+            handles.append(module.register_forward_hook(
+                lambda m, a, o, key=(name, i): outs.__setitem__(key, o[0].detach())))
+    try:
+        with torch.no_grad():
+            model(torch.tensor([tokens]))
+    finally:
+        for handle in handles:
+            handle.remove()
+    layers = range(len(model.model.layers))
+    return {
+        "qkv": torch.stack([torch.cat([outs["q", i], outs["k", i], outs["v", i]], -1)
+                            for i in layers]),
+        "o": torch.stack([outs["o", i] for i in layers]),
+        "gate_up": torch.stack([torch.cat([outs["gate", i], outs["up", i]], -1) for i in layers]),
+        "down": torch.stack([outs["down", i] for i in layers]),
+    }
+
+
+def _assert_matches_reference(model, record: dict) -> None:
+    ref = _reference_outputs(model, record["tokens"])
+    positions = torch.cat([torch.arange(a, b) for a, b in record["covered"]])
+    assert set(record["tensors"]) == {"qkv", "o", "gate_up", "down"}
+    for name, got in record["tensors"].items():
+        torch.testing.assert_close(got, ref[name][:, positions], rtol=1e-4, atol=1e-5,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_cold_prompt_recording_equals_reference(recorder, reference) -> None:
+    server, dump = recorder
+    reply, record = _chat_with_dump(server, dump, [{"role": "user", "content": STORY}])
+    n = reply["usage"]["prompt_tokens"]
+    assert len(record["tokens"]) == n and n > 100
+    assert record["covered"] == [(0, n)]
+    _assert_matches_reference(reference, record)
+
+
+def test_radix_hit_is_stitched_with_unaligned_tail(recorder, reference) -> None:
+    server, dump = recorder
+    first_msgs = [{"role": "user", "content": "Second story. " + STORY}]
+    first, first_rec = _chat_with_dump(server, dump, first_msgs)
+    n1 = first["usage"]["prompt_tokens"]
+    assert n1 % 16 != 0, "the first prompt must end in a partial page"
+    # Same prompt again: the radix cache serves whole pages, the partial tail is recomputed.
+    again, again_rec = _chat_with_dump(server, dump, first_msgs)
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == n1 // 16 * 16
+    assert again_rec["covered"] == [(0, n1)]
+    _assert_matches_reference(reference, again_rec)
+    # Next turn: the prefix (first prompt and maybe part of its answer) comes from the cache.
+    answer = first["choices"][0]["message"]["content"]
+    turn2 = first_msgs + [{"role": "assistant", "content": answer},
+                          {"role": "user", "content": "And what happened on day 3?"}]
+    reply, record = _chat_with_dump(server, dump, turn2)
+    cached = reply["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached >= n1 // 16 * 16
+    n2 = reply["usage"]["prompt_tokens"]
+    covered = sum(b - a for a, b in record["covered"])
+    # Everything but decoded tokens that the cache held and nobody prefilled is covered,
+    # including the first prompt's unaligned tail (recorded by the first request).
+    assert record["covered"][0][0] == 0 and record["covered"][0][1] >= n1
+    assert covered >= n2 - max(0, cached - n1)
+    _assert_matches_reference(reference, record)
+
+
+def test_opt_out_records_nothing(recorder) -> None:
+    server, dump = recorder
+    before = _status(server)["record"]["tokens_recorded"]
+    _chat(server, [{"role": "user", "content": "Do not record this one, please. " + STORY}],
+          custom_params={"alchemist": {"record": False}})
+    assert _status(server)["record"]["tokens_recorded"] == before
+
+
+def test_full_store_evicts_and_serving_continues(recorder, reference) -> None:
+    server, dump = recorder
+    for i in range(12):  # ~12 pages each: more than the pool holds
+        reply, record = _chat_with_dump(
+            server, dump, [{"role": "user", "content": f"Variant {i}: {STORY}"}])
+    status = _status(server)
+    assert status["store"]["evictions"] > 0
+    assert status["store"]["pages"] <= HOST_PAGES
+    assert "record" not in status["disabled"]
+    assert record["covered"] == [(0, reply["usage"]["prompt_tokens"])]
+    _assert_matches_reference(reference, record)
+
+
+def test_chunked_prefill_joins_up_and_fault_disables_recording_only(
+        tmp_path_factory, reference, server_pool: ServerPool) -> None:
+    tmp = tmp_path_factory.mktemp("chunked")
+    dump = tmp / "dump"
+    env = _env(tmp, dump, ALCHEMIST_SGL_INJECT_RECORD_FAULT_AFTER="25")
+    off = server_pool.get(CONFIG, ("record.enabled=false",))
+    with dedicated_server(CONFIG, _overrides("sglang.chunked-prefill-size=32"),
+                          extra_env=env) as server:
+        msgs = [{"role": "user", "content": "Chunked. " + STORY}]
+        reply, record = _chat_with_dump(server, dump, msgs)
+        n = reply["usage"]["prompt_tokens"]
+        assert n > 3 * 32, "the prompt must span several chunks"
+        assert record["covered"] == [(0, n)]
+        _assert_matches_reference(reference, record)
+
+        # Keep sending prompts until the injected fault fires inside a recording forward.
+        replies = []
+        for i in range(10):
+            replies.append(_chat(server, [{"role": "user", "content": f"Fault {i}. {STORY}"}]))
+            if "record" in _status(server)["disabled"]:
+                break
+        status = _status(server)
+        assert "InjectedRecordFault" in status["disabled"]["record"]
+        assert status["record"]["enabled"] is False
+        # Serving continues, with the same greedy outputs as a server that never records.
+        after = _chat(server, msgs)
+        baseline = _chat(off, msgs)
+        assert after["choices"][0]["message"]["content"] == \
+            baseline["choices"][0]["message"]["content"]
+        assert server.is_alive()
+
+
+def test_greedy_outputs_identical_with_recording_on_and_off(recorder, server_pool) -> None:
+    server, _ = recorder
+    off = server_pool.get(CONFIG, ("record.enabled=false",))
+    assert "record_plan" not in _status(off)
+    for prompt in ("Tell me about boats.", STORY, "Short one."):
+        on_reply = _chat(server, [{"role": "user", "content": prompt}], max_tokens=12)
+        off_reply = _chat(off, [{"role": "user", "content": prompt}], max_tokens=12)
+        on_lp = on_reply["choices"][0]["logprobs"]["content"]
+        off_lp = off_reply["choices"][0]["logprobs"]["content"]
+        assert [c["token"] for c in on_lp] == [c["token"] for c in off_lp]
+        assert [c["logprob"] for c in on_lp] == pytest.approx(
+            [c["logprob"] for c in off_lp], abs=1e-5)
