@@ -101,6 +101,8 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 30000
     cache_dir: str = "var/models"
+    # Registers test/debug control commands (e.g. reading recordings back); off in production.
+    enable_debug_commands: bool = False
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from alchemist_sgl import __version__
 from alchemist_sgl.config import Config
+from alchemist_sgl.control import ControlQueue
 from alchemist_sgl.log import get_logger
 
 logger = get_logger(__name__)
@@ -46,18 +47,47 @@ class RuntimeState:
 class Runtime:
     """Holds the per-process components and answers status; one per scheduler process."""
 
-    def __init__(self, config: Config, info: SchedulerInfo, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: Config, info: SchedulerInfo, control: ControlQueue | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.info = info
+        self.control = control
         self.clock = clock
         self.state = RuntimeState()
         # Extra status sections, each produced by a component: name -> callable returning a dict.
         self._status_sections: dict[str, Callable[[], dict[str, Any]]] = {}
+        # Control commands: kind -> handler(payload) -> JSON value (see alchemist_sgl/control.py).
+        self._commands: dict[str, Callable[[dict[str, Any]], Any]] = {}
+        if config.server.enable_debug_commands:
+            self.register_command("debug.ping", lambda payload: {"pid": self.info.pid, "echo": payload})
         logger.info("alchemist runtime up in scheduler pid %d on %s serving '%s'",
                     info.pid, info.device, info.model_name)
 
     def add_status_section(self, name: str, producer: Callable[[], dict[str, Any]]) -> None:
         self._status_sections[name] = producer
+
+    def register_command(self, kind: str, handler: Callable[[dict[str, Any]], Any]) -> None:
+        self._commands[kind] = handler
+
+    def process_commands(self) -> int:
+        """Runs every pending control command; returns how many ran. A failing handler answers
+        with its error; it never raises into SGLang."""
+        if self.control is None:
+            return 0
+        ran = 0
+        for command in self.control.pending():
+            handler = self._commands.get(command.kind)
+            if handler is None:
+                self.control.complete(command.id, False,
+                                      {"error": f"unknown command '{command.kind}'", "is_unknown": True})
+                continue
+            try:
+                self.control.complete(command.id, True, handler(command.payload))
+            except Exception as exc:
+                logger.exception("control command %s failed", command.kind)
+                self.control.complete(command.id, False, {"error": f"{type(exc).__name__}: {exc}"})
+            ran += 1
+        return ran
 
     def on_iteration(self) -> None:
         """Called once per scheduler loop iteration."""

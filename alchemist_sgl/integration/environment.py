@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from alchemist_sgl.config import Config, config_to_json
@@ -20,6 +21,7 @@ from alchemist_sgl.errors import ManifestError
 
 CONFIG_ENV = "ALCHEMIST_SGL_CONFIG"
 MODEL_PATH_ENV = "ALCHEMIST_SGL_MODEL_PATH"
+CONTROL_DB_ENV = "ALCHEMIST_SGL_CONTROL_DB"
 CPU_STAND_INS = Path(__file__).resolve().parents[2] / "patches" / "cpu"
 
 
@@ -61,6 +63,9 @@ def prepare_environment(config: Config, model_path: Path) -> None:
         activate_cpu_stand_ins()
     os.environ[CONFIG_ENV] = config_to_json(config)
     os.environ[MODEL_PATH_ENV] = str(model_path)
+    # One control table per server process tree (alchemist_sgl/control.py).
+    run_dir = Path(tempfile.mkdtemp(prefix="alchemist-run-"))
+    os.environ[CONTROL_DB_ENV] = str(run_dir / "control.sqlite")
 
 
 def check_environment_switches(config: Config) -> None:

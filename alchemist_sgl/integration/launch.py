@@ -9,14 +9,17 @@ FastAPI ``app`` before launch, and calling ``launch_server``. The caller must ha
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable
 
 from alchemist_sgl.api import build_router
 from alchemist_sgl.config import Config
+from alchemist_sgl.control import CommandResult, ControlQueue
 from alchemist_sgl.errors import ConfigError
-from alchemist_sgl.integration.environment import check_environment_switches, is_cpu_run
+from alchemist_sgl.integration.environment import CONTROL_DB_ENV, check_environment_switches, is_cpu_run
 from alchemist_sgl.integration.manifest import check_manifest
 from alchemist_sgl.integration.plugin import STATUS_KEY
 from alchemist_sgl.log import get_logger
@@ -73,7 +76,7 @@ def serve(config: Config, model_path: Path, port: int | None = None,
     from sglang.srt.plugins import load_plugins  # noqa: PLC0415
 
     load_plugins()
-    http_server.app.include_router(build_router(_fetch_status))
+    http_server.app.include_router(build_router(_fetch_status, _run_command))
     base_url = f"http://{config.server.host}:{port if port is not None else config.server.port}"
     callback = (lambda: on_ready(base_url)) if on_ready is not None else None
     http_server.launch_server(server_args, launch_callback=callback)
@@ -87,6 +90,15 @@ async def _fetch_status() -> dict[str, Any] | None:
     if not states:
         return None
     return states[0].get(STATUS_KEY)
+
+
+async def _run_command(kind: str, payload: dict[str, Any]) -> CommandResult:
+    """Writes the command to the shared table, rings the scheduler through get_internal_state
+    (whose hook runs pending commands), and reads the result (Note [control doorbell])."""
+    queue = ControlQueue(os.environ[CONTROL_DB_ENV])
+    command_id = await asyncio.to_thread(queue.submit, kind, payload)
+    await _fetch_status()
+    return await asyncio.to_thread(queue.result, command_id)
 
 
 def _render(flag: str, value: Any, action: argparse.Action, dotted: str) -> list[str]:

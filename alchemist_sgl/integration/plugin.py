@@ -16,7 +16,8 @@ import os
 from typing import Any
 
 from alchemist_sgl.config import Config, config_from_json
-from alchemist_sgl.integration.environment import CONFIG_ENV, MODEL_PATH_ENV, is_cpu_run
+from alchemist_sgl.control import ControlQueue
+from alchemist_sgl.integration.environment import CONFIG_ENV, CONTROL_DB_ENV, MODEL_PATH_ENV, is_cpu_run
 from alchemist_sgl.log import get_logger
 from alchemist_sgl.runtime import Runtime, SchedulerInfo
 
@@ -51,7 +52,9 @@ def runtime_of(scheduler: Any) -> Runtime | None:
 def _after_scheduler_init(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
     try:
         config = config_from_json(os.environ[CONFIG_ENV])
-        runtime = Runtime(config, _scheduler_info(scheduler, config))
+        control_path = os.environ.get(CONTROL_DB_ENV)
+        control = ControlQueue(control_path) if control_path else None
+        runtime = Runtime(config, _scheduler_info(scheduler, config), control)
         setattr(scheduler, RUNTIME_ATTR, runtime)
     except Exception:
         logger.exception("alchemist runtime could not be built; serving continues without it")
@@ -75,6 +78,7 @@ def _after_get_internal_state(result: Any, scheduler: Any, *args: Any, **kwargs:
     if runtime is None:
         return None
     try:
+        runtime.process_commands()  # Note [control doorbell] in alchemist_sgl/control.py
         result.internal_state[STATUS_KEY] = runtime.status()
     except Exception as exc:
         logger.exception("alchemist status hook failed")

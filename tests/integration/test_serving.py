@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 
 import psutil
@@ -96,3 +97,17 @@ def test_sglang_benchmark_serving_runs_clean(tiny_server: RunningServer, tmp_pat
     assert record["completed"] == 6, "failed requests = num_prompts - completed"
     assert not any(record["errors"]), record["errors"]
     assert all(n > 0 for n in record["output_lens"])
+
+
+def test_control_command_round_trip_reaches_the_scheduler(tiny_server: RunningServer) -> None:
+    req = urllib.request.Request(f"{tiny_server.base_url}/alchemist/commands/debug.ping",
+                                 data=json.dumps({"hello": "scheduler"}).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        body = json.loads(resp.read())
+    status = _get_json(f"{tiny_server.base_url}/alchemist/status")
+    assert body["result"] == {"pid": status["scheduler_pid"], "echo": {"hello": "scheduler"}}
+    bad = urllib.request.Request(f"{tiny_server.base_url}/alchemist/commands/no.such", data=b"{}", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(bad, timeout=60)
+    assert err.value.code == 404
