@@ -4,7 +4,8 @@ Owns turning SGLang's objects (``ScheduleBatch``, ``ForwardBatch``, projection m
 pure ``Capture`` protocol (record/capture.py). ``install(scheduler, runtime)`` is called once in
 the scheduler process after ``Scheduler.__init__`` (by integration/plugin.py).
 
-What it touches (each name is listed for the hook-point manifest in ``SGLANG_NAMES``):
+What it touches (listed for the hook-point manifest in ``SGLANG_NAMES`` and
+``SGLANG_INSTANCE_ATTRIBUTES``):
   * ``Scheduler.run_batch`` is wrapped ON THE INSTANCE (not the class) to see the ``ScheduleBatch``
     whose forward is about to run: ``batch.reqs[i].rid``, ``.origin_input_ids``, ``.lora_id``,
     ``.sampling_params.custom_params``.
@@ -47,17 +48,31 @@ logger = get_logger(__name__)
 FAULT_ENV = "ALCHEMIST_SGL_INJECT_RECORD_FAULT_AFTER"
 DUMP_ENV = "ALCHEMIST_SGL_RECORD_DUMP_DIR"
 
+# For the hook-point manifest. Resolvable with pkgutil.resolve_name:
 SGLANG_NAMES = (
     "sglang.srt.managers.scheduler.Scheduler.run_batch",
-    "sglang.srt.managers.scheduler.Scheduler.tp_worker",
-    "sglang.srt.managers.scheduler.Scheduler.page_size",
     "sglang.srt.managers.tp_worker.TpModelWorker.model_runner",
     "sglang.srt.models.llama.LlamaForCausalLM",
     "sglang.srt.models.llama.LlamaModel.forward",
     "sglang.srt.models.llama.LlamaAttention.forward_prepare_native",
     "sglang.srt.models.llama.LlamaMLP.forward",
-    "sglang.srt.model_executor.forward_batch_info.ForwardBatch",
-    "sglang.srt.managers.schedule_batch.Req",
+    "sglang.srt.model_executor.forward_batch_info.ForwardBatch.rids",
+    "sglang.srt.model_executor.forward_batch_info.ForwardBatch.extend_prefix_lens_cpu",
+    "sglang.srt.model_executor.forward_batch_info.ForwardBatch.extend_seq_lens_cpu",
+    "sglang.srt.model_executor.forward_batch_info.ForwardMode.is_extend",
+    "sglang.srt.sampling.sampling_params.SamplingParams.custom_params",
+)
+# Set on instances (``self.x = ...`` in __init__) or dataclass fields without a default:
+SGLANG_INSTANCE_ATTRIBUTES = (
+    "sglang.srt.managers.scheduler.Scheduler.tp_worker",
+    "sglang.srt.managers.scheduler.Scheduler.page_size",
+    "sglang.srt.model_executor.model_runner.ModelRunner.model",
+    "sglang.srt.model_executor.forward_batch_info.ForwardBatch.forward_mode",
+    "sglang.srt.managers.schedule_batch.ScheduleBatch.reqs",
+    "sglang.srt.managers.schedule_batch.Req.rid",
+    "sglang.srt.managers.schedule_batch.Req.origin_input_ids",
+    "sglang.srt.managers.schedule_batch.Req.lora_id",
+    "sglang.srt.managers.schedule_batch.Req.sampling_params",
 )
 _PROJECTIONS = {"qkv": ("self_attn", "qkv_proj"), "o": ("self_attn", "o_proj"),
                 "gate_up": ("mlp", "gate_up_proj"), "down": ("mlp", "down_proj")}

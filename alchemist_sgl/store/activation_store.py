@@ -151,6 +151,10 @@ class ActivationStore:
                 values = output[contiguous]
             else:
                 values = self._scratch_rows(name, output, src)
+            if values.device != pool.buffer.device:
+                # Device output into the host tier: a synchronous copy (host sync) with a
+                # temporary; a pinned staging ring with its own stream is future work.
+                values = values.to(pool.buffer.device)
             pool.tensor_views[name][:, layer].index_put_((slots, rows), values)
         batch.elapsed_s += self._timer() - start_s
 
