@@ -331,6 +331,25 @@ class ActivationStore:
             out[name] = dst
         return out
 
+    def segments(self, pin: Pin) -> list[tuple[int, int, dict[str, torch.Tensor] | None]]:
+        """``gather`` split by range: (start, end, tensors or None) tiling [0, length) in order.
+
+        Covered ranges carry per planned tensor a view [layers, end - start, width] into one
+        gathered copy; missing ranges (to recompute) carry None. This is the shape of the
+        trainer's ``PromptSegment`` list (train/samples.py).
+        """
+        gathered = self.gather(pin)
+        out: list[tuple[int, int, dict[str, torch.Tensor] | None]] = []
+        pos = 0
+        for start, end in sorted(pin.coverage.covered + pin.coverage.missing):
+            if (start, end) in pin.coverage.covered:
+                out.append((start, end, {name: t[:, pos:pos + end - start]
+                                         for name, t in gathered.items()}))
+                pos += end - start
+            else:
+                out.append((start, end, None))
+        return out
+
     def drop_unpinned(self) -> int:
         """Frees every unpinned page (A/B runs flush between arms); returns the count."""
         return self._index.drop_unpinned()

@@ -157,6 +157,14 @@ def test_coverage_with_holes_from_decoded_tokens() -> None:
     # A sequence with response tokens appended finds the prompt's tail page too.
     cov = store.coverage(a + [11, 12, 13], NS)
     assert cov.covered == ((0, 42),) and cov.missing == ((42, 45),)
+    # Segments tile the sequence in order, the way the trainer takes them.
+    pin = store.pin(b, NS)
+    segments = store.segments(pin)
+    assert [(s, e, t is None) for s, e, t in segments] == [(0, 42, False), (42, 48, True),
+                                                           (48, 68, False)]
+    want = expected(store, b, [(48, 68)])
+    assert all(torch.equal(segments[2][2][n], want[n]) for n in want)
+    store.unpin(pin)
 
 
 def test_chunked_prefill_joins_pages_across_extends() -> None:
