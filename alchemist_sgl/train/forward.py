@@ -70,20 +70,27 @@ class _LayerLora:
 
 
 def _base(x: torch.Tensor, weight: torch.Tensor, seg: PlannedSegment, name: str,
-          layer: int) -> torch.Tensor:
+          layer: int, capture: dict[str, list[torch.Tensor]] | None = None) -> torch.Tensor:
     rec = seg.replay.get(name)
     if rec is None:
-        return F.linear(x, weight)
-    return replayed_linear(x, rec[layer].to(x.device, non_blocking=True), weight)
+        y = F.linear(x, weight)
+    else:
+        y = replayed_linear(x, rec[layer].to(x.device, non_blocking=True), weight)
+    if capture is not None:
+        capture.setdefault(name, []).append(y.detach())
+    return y
 
 
 def forward_logprobs(weights: BaseWeights, adapter: LoraAdapter | None, rope: RopeCache,
                      planned: PlannedSample, *,
                      gradient_mode: Literal["exact", "response_only"] = "exact",
-                     is_training: bool = True) -> torch.Tensor:
+                     is_training: bool = True,
+                     capture: dict[str, list[torch.Tensor]] | None = None) -> torch.Tensor:
     """Log-probs [R] (fp32) of the response tokens given the prompt; differentiable w.r.t. the
     adapter when grad is enabled. ``adapter=None`` gives the base model. See Notes [Segments] and
-    [Response-only gradients]. Pure: no state is kept between calls."""
+    [Response-only gradients]. ``capture`` (single-segment plans only): receives, per projection
+    name, one base output [T, out_dim] per layer, e.g. to make recordings where no server exists
+    (``eval/gpu_check.py``; tests record from HF instead). Pure otherwise: no state is kept."""
     spec, device = weights.spec, weights.device
     eps, heads, kvh, hd = spec.rms_norm_eps, spec.heads, spec.kv_heads, spec.head_dim
     splits = [spec.q_size, spec.kv_size, spec.kv_size]
@@ -94,6 +101,8 @@ def forward_logprobs(weights: BaseWeights, adapter: LoraAdapter | None, rope: Ro
     is_response_only = gradient_mode == "response_only"
     if gradient_mode not in ("exact", "response_only"):
         raise ValueError(f"unknown gradient_mode {gradient_mode!r}")
+    if capture is not None and len(segs) != 1:
+        raise ValueError("capture needs a single-segment plan")
 
     def grad_ctx(seg: PlannedSegment):
         if is_response_only and seg.end <= p_len:
@@ -116,7 +125,8 @@ def forward_logprobs(weights: BaseWeights, adapter: LoraAdapter | None, rope: Ro
                     x = rmsnorm(h, lw.input_layernorm, eps)
                 else:
                     x, residual[i] = add_rmsnorm(hidden[i], residual[i], lw.input_layernorm, eps)
-                q, k, v = lora.add("qkv", x, list(_base(x, lw.qkv, seg, "qkv", layer).split(splits, -1)))
+                qkv = _base(x, lw.qkv, seg, "qkv", layer, capture)
+                q, k, v = lora.add("qkv", x, list(qkv.split(splits, -1)))
                 cos, sin = ropes[i]
                 qs.append(apply_rope(q.view(n_tok, heads, hd), cos, sin))
                 ks.append(apply_rope(k.view(n_tok, kvh, hd), cos, sin))
@@ -124,11 +134,12 @@ def forward_logprobs(weights: BaseWeights, adapter: LoraAdapter | None, rope: Ro
         attn = _attention(qs, ks, vs, segs, scale, p_len if is_response_only else None)
         for i, seg in enumerate(segs):
             with grad_ctx(seg):
-                (o,) = lora.add("o", attn[i], [_base(attn[i], lw.o, seg, "o", layer)])
+                (o,) = lora.add("o", attn[i], [_base(attn[i], lw.o, seg, "o", layer, capture)])
                 x, residual[i] = add_rmsnorm(o, residual[i], lw.post_attention_layernorm, eps)
-                g, u = lora.add("gate_up", x, list(_base(x, lw.gate_up, seg, "gate_up", layer).split([f, f], -1)))
+                gate_up = _base(x, lw.gate_up, seg, "gate_up", layer, capture)
+                g, u = lora.add("gate_up", x, list(gate_up.split([f, f], -1)))
                 m = F.silu(g) * u
-                (hidden[i],) = lora.add("down", m, [_base(m, lw.down, seg, "down", layer)])
+                (hidden[i],) = lora.add("down", m, [_base(m, lw.down, seg, "down", layer, capture)])
     # Rows whose next token is a response token: absolute positions [P - 1, P + R - 1).
     h_rows, r_rows = [], []
     for i, seg in enumerate(segs):

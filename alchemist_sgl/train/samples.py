@@ -137,7 +137,8 @@ def plan_sample(sample: Sample, spec: LlamaSpec, *, version: int, max_version_la
             _check_recording(seg.recording, spec, n, dtype)
             lag = version - seg.recording.version
             if lag < 0:
-                raise ValueError(f"recording version {seg.recording.version} is newer than the trainer's {version}")
+                raise ValueError(f"recording version {seg.recording.version} is newer than "
+                                 f"the trainer's {version}")
             if lag > max_version_lag:
                 counts.stale_recomputes += 1
             elif is_replay_enabled:
