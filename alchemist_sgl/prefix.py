@@ -17,10 +17,12 @@ Note [Tail keys]: the last ``n < P`` tokens of a prompt form a partial tail page
 ``H("tail", parent_key, tail_tokens)`` where ``parent_key`` is the key of the full page before it
 (the root for a prompt shorter than one page). The domain tags "page"/"tail" keep a tail of P tokens
 from ever colliding with a full page; the tail tokens' byte length makes tails of different lengths
-distinct. A lookup that holds a longer sequence tries each tail length 1..P-1 under the parent key.
+distinct. A lookup that holds a longer sequence tries the tail lengths stored under the parent key
+(the store indexes them), longest first.
 
 H is BLAKE2b with a 16-byte digest over little-endian int64 token ids: collisions are out of reach
-(2^-64 birthday bound at 2^32 pages) and hashing a 16-token page costs ~1 us.
+(2^-64 birthday bound at 2^32 pages); hashing a 16-token page costs a few microseconds
+in Python (~8 us measured on a loaded 2-core box), ~2 ms for a 4k-token prompt.
 """
 
 from __future__ import annotations
