@@ -12,6 +12,7 @@ import pkgutil
 from dataclasses import dataclass
 
 from alchemist_sgl.errors import ManifestError
+from alchemist_sgl.integration import capture_hooks
 
 PINNED_SGLANG_VERSION = "0.5.23"
 
@@ -44,8 +45,15 @@ MANIFEST: tuple[HookPoint, ...] = (
               cpu_only=True),
 )
 
+# Recording (integration/capture_hooks.py keeps its list beside the code that uses it).
+MANIFEST += tuple(HookPoint(name, "recording prefill activations") for name in capture_hooks.SGLANG_NAMES
+                  if name not in {p.name for p in MANIFEST})
+
 # Names that exist only on instances (set in __init__), checked by attribute name on the class source.
-_INSTANCE_ATTRIBUTES = {"sglang.srt.managers.scheduler.Scheduler.tp_worker"}
+_INSTANCE_ATTRIBUTES = {
+    "sglang.srt.managers.scheduler.Scheduler.tp_worker",
+    "sglang.srt.managers.scheduler.Scheduler.page_size",
+}
 
 
 def check_manifest(*, is_cpu: bool, extra: tuple[HookPoint, ...] = ()) -> list[str]:

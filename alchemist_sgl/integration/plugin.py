@@ -17,6 +17,7 @@ from typing import Any
 
 from alchemist_sgl.config import Config, config_from_json
 from alchemist_sgl.control import ControlQueue
+from alchemist_sgl.integration import capture_hooks
 from alchemist_sgl.integration.environment import CONFIG_ENV, CONTROL_DB_ENV, MODEL_PATH_ENV, is_cpu_run
 from alchemist_sgl.log import get_logger
 from alchemist_sgl.runtime import Runtime, SchedulerInfo
@@ -58,7 +59,18 @@ def _after_scheduler_init(result: Any, scheduler: Any, *args: Any, **kwargs: Any
         setattr(scheduler, RUNTIME_ATTR, runtime)
     except Exception:
         logger.exception("alchemist runtime could not be built; serving continues without it")
+        return None
+    _attach(runtime, "record", lambda: capture_hooks.install(scheduler, runtime))
     return None
+
+
+def _attach(runtime: Runtime, feature: str, install: Any) -> None:
+    """Installs one feature's hooks; a failure disables that feature only (Note [fail loudly...])."""
+    try:
+        install()
+    except Exception as exc:
+        logger.exception("installing %s failed", feature)
+        runtime.disable(feature, f"install failed: {exc!r}")
 
 
 def _after_get_next_batch(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
