@@ -44,7 +44,9 @@ class LoadSpec:
     max_tokens: int = 64
     temperature: float = 0.0
     history: Literal["model", "reference"] = "model"
-    max_concurrency: int | None = None
+    max_concurrency: int | None = None  # requests in flight at once (extra arrivals queue client-side)
+    max_sessions: int | None = None  # conversations open at once: "N users"; an arrival finding all N busy
+    #                                  waits for one to become ready (recorded as lateness, start_s - scheduled_s)
     request_timeout_s: float = 600.0
     seed: int = 0
     conversation_offset: int = 0
@@ -76,6 +78,7 @@ class LoadResult:
 @dataclass
 class _Session:
     conv: Conversation
+    session_id: int  # sequential per run; a conversation replayed again (workload wrapped) is a new session
     next_turn: int = 0
     replies: list[str] = field(default_factory=list)
 
@@ -167,10 +170,12 @@ async def run_load(
                 rec, text = await _one_request(client, model, spec, msgs, t0)
         else:
             rec, text = await _one_request(client, model, spec, msgs, t0)
-        rec.update(index=index, label=spec.label, conv_id=session.conv.conv_id, turn=turn, scheduled_s=scheduled_s)
+        rec.update(index=index, label=spec.label, conv_id=session.conv.conv_id, session=session.session_id,
+                   turn=turn, scheduled_s=scheduled_s)
         records.append(rec)
         bar.update(1)
         if rec["error"] is not None:
+            close_session()
             return
         replies[index] = text
         if feedback is not None and tally is not None:
@@ -182,7 +187,17 @@ async def run_load(
         session.next_turn += 1
         if session.next_turn < min(spec.max_turns, len(session.conv.human_turns)):
             ready.append(session)
+            changed.set()
+        else:
+            close_session()
 
+    def close_session() -> None:
+        nonlocal open_sessions
+        open_sessions -= 1
+        changed.set()
+
+    open_sessions = 0
+    changed = asyncio.Event()  # a session became ready or closed
     tasks: list[asyncio.Task] = []
     t0 = time.perf_counter()
     try:
@@ -190,13 +205,21 @@ async def run_load(
             delay = t0 + at - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
+            while spec.max_sessions and not ready and open_sessions >= spec.max_sessions:
+                changed.clear()
+                left_s = spec.duration_s - (time.perf_counter() - t0)
+                try:
+                    await asyncio.wait_for(changed.wait(), timeout=None if math.isinf(left_s) else max(left_s, 0.0))
+                except asyncio.TimeoutError:
+                    break
             if time.perf_counter() - t0 >= spec.duration_s:
                 break
             if ready:
                 session = ready.popleft()
             else:
-                session = _Session(workload[next_conv % len(workload)])
+                session = _Session(workload[next_conv % len(workload)], next_conv - spec.conversation_offset)
                 next_conv += 1
+                open_sessions += 1
             tasks.append(asyncio.create_task(issue(index, session, at)))
         if tasks:
             done, pending = await asyncio.wait(tasks, timeout=spec.drain_s)
