@@ -16,6 +16,7 @@ restarts a fresh adapter and optimizer state.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -39,7 +40,8 @@ class StepStats:
     recomputed_tokens: int
     stale_recomputes: int
     reuse_by_lag: dict[int, int]
-    step_ms: float
+    step_ms: float             # busy time: forward/backward slices + optimizer, not the gaps
+    max_slice_ms: float        # the longest single-sample slice (compare train.slice_budget_ms)
     version: int               # the trainer version after this step
 
 
@@ -100,54 +102,64 @@ class ReplayTrainer:
                                 self.rope, planned, gradient_mode=self.config.gradient_mode,
                                 is_training=self.adapter.training)
 
-    def accumulate(self, samples: Sequence[Sample]) -> tuple[float, PlanCounts, int]:
-        """Forward + backward of every sample, adding into the adapter's ``.grad``; no optimizer
-        step. Returns (loss, counts, tokens). Used by ``step`` and by equivalence tests."""
+    def begin_step(self, samples: Sequence[Sample]) -> "StepInProgress":
+        """Plans ``samples`` (raises ValueError on a malformed one, before any work) and returns a
+        step the caller advances one sample at a time (``run_next``), e.g. one per scheduler
+        iteration under ``train.slice_budget_ms``, then ``finish``es. Gradients accumulate in the
+        adapter between calls: no other step may run meanwhile, and the base must not change."""
         if not samples:
             raise ValueError("a step needs at least one sample")
-        plans = [self.plan(s) for s in samples]
-        counts, tokens, total_loss = PlanCounts(), 0, 0.0
-        mean_weight = sum(s.weight for s in samples) / len(samples)
-        ratios = []
-        with torch.enable_grad():
-            for planned in plans:
-                s = planned.sample
-                ref = None
-                if s.kind == "negative" and self.config.objective_negative == "kto":
-                    ref = s.ref_logprobs
-                    if ref is None:  # objectives.py, Note [Reference log-probs], option (2)
-                        with torch.no_grad():
-                            ref = self.logprobs(planned, is_adapter_enabled=False)
-                logp = self.logprobs(planned)
-                loss = sample_loss(s.kind, self.config.objective_negative, logp, ref, self._kl_ema)
-                if ref is not None:
-                    ratios.append(float((logp.detach() - ref.to(logp)).sum()))  # host sync: stats
-                loss = loss * (s.weight / mean_weight / len(plans))
-                loss.backward()
-                total_loss += float(loss.detach())  # host sync: per sample, once, for stats
-                counts.add(planned.counts)
-                tokens += planned.input_ids.numel()
-        if ratios:
-            self._kl_ema = 0.9 * self._kl_ema + 0.1 * max(0.0, sum(ratios) / len(ratios))
-        return total_loss, counts, tokens
+        self.adapter.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepInProgress(self, [self.plan(s) for s in samples])
+
+    def accumulate(self, samples: Sequence[Sample]) -> tuple[float, PlanCounts, int]:
+        """Forward + backward of every sample into the adapter's ``.grad`` (not zeroed first); no
+        optimizer step. Returns (loss, counts, tokens). For equivalence tests and benchmarks."""
+        if not samples:
+            raise ValueError("a step needs at least one sample")
+        sip = StepInProgress(self, [self.plan(s) for s in samples])
+        while not sip.is_done:
+            sip.run_next()
+        sip.update_kl_estimate()
+        return sip.loss, sip.counts, sip.tokens
 
     def step(self, samples: Sequence[Sample]) -> StepStats:
         """One AdamW step over the adapter from ``samples``; advances ``version``; returns stats."""
-        t0 = time.perf_counter()
-        self.adapter.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss, counts, tokens = self.accumulate(samples)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.version += 1
-        stats = StepStats(loss=loss, samples=len(samples), tokens=tokens,
-                          replayed_tokens=counts.replayed_tokens,
-                          recomputed_tokens=counts.recomputed_tokens,
-                          stale_recomputes=counts.stale_recomputes,
-                          reuse_by_lag=dict(counts.reuse_by_lag),
-                          step_ms=(time.perf_counter() - t0) * 1000.0, version=self.version)
-        self.counters.add(stats)
-        return stats
+        sip = self.begin_step(samples)
+        while not sip.is_done:
+            sip.run_next()
+        return sip.finish()
+
+    def _sample_loss(self, planned: PlannedSample) -> tuple[torch.Tensor, float | None]:
+        """(loss of one sample, its summed log-ratio to the reference or None)."""
+        s = planned.sample
+        ref = None
+        if s.kind == "negative" and self.config.objective_negative == "kto":
+            ref = s.ref_logprobs
+            if ref is None:  # objectives.py, Note [Reference log-probs], option (2)
+                with torch.no_grad():
+                    ref = self.logprobs(planned, is_adapter_enabled=False)
+        logp = self.logprobs(planned)
+        loss = sample_loss(s.kind, self.config.objective_negative, logp, ref, self._kl_ema)
+        ratio = None if ref is None else float((logp.detach() - ref.to(logp)).sum())  # host sync
+        return loss, ratio
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that outlives a step (adapter, AdamW state, version, counters, KL estimate),
+        for checkpoints. Tensors are references: copy them before mutating the trainer."""
+        return {"adapter": self.adapter.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "version": self.version, "counters": dataclasses.asdict(self.counters),
+                "kl_ema": self._kl_ema}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.adapter.load_state_dict(state["adapter"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.version = int(state["version"])
+        counters = dict(state["counters"])
+        counters["reuse_by_lag"] = {int(k): v for k, v in counters["reuse_by_lag"].items()}
+        self.counters = TrainCounters(**counters)
+        self._kl_ema = float(state["kl_ema"])
 
     def merge_into_base(self, seed: int = 0) -> None:
         """Folds the adapter into the base tensors (in place; quiescence required: no forward may
@@ -165,3 +177,65 @@ class ReplayTrainer:
                 "recomputed_tokens": c.recomputed_tokens, "stale_recomputes": c.stale_recomputes,
                 "loss_ema": c.loss_ema, "reuse_by_lag": dict(c.reuse_by_lag),
                 "version": self.version}
+
+
+class StepInProgress:
+    """One optimizer step being built sample by sample (``ReplayTrainer.begin_step``).
+
+    Each ``run_next`` builds, back-propagates and frees one sample's graph; the loss of sample s
+    is scaled by weight_s / mean weight / number of samples, so the finished gradient is the
+    gradient of the weighted mean loss whatever the slicing.
+    """
+
+    def __init__(self, trainer: ReplayTrainer, plans: list[PlannedSample]) -> None:
+        self.trainer, self.plans = trainer, plans
+        self.mean_weight = sum(p.sample.weight for p in plans) / len(plans)
+        self.next_index, self.loss, self.tokens = 0, 0.0, 0
+        self.counts = PlanCounts()
+        self.ratios: list[float] = []
+        self.busy_s, self.max_slice_s = 0.0, 0.0  # time inside run_next/finish, not between
+
+    @property
+    def is_done(self) -> bool:
+        return self.next_index >= len(self.plans)
+
+    def run_next(self) -> None:
+        """Forward + backward of the next sample (adds into the adapter's ``.grad``)."""
+        t0 = time.perf_counter()
+        planned = self.plans[self.next_index]
+        self.next_index += 1
+        with torch.enable_grad():
+            loss, ratio = self.trainer._sample_loss(planned)
+            loss = loss * (planned.sample.weight / self.mean_weight / len(self.plans))
+            loss.backward()
+        self.loss += float(loss.detach())  # host sync: once per sample, for stats
+        if ratio is not None:
+            self.ratios.append(ratio)
+        self.counts.add(planned.counts)
+        self.tokens += planned.input_ids.numel()
+        dt = time.perf_counter() - t0
+        self.busy_s += dt
+        self.max_slice_s = max(self.max_slice_s, dt)
+
+    def update_kl_estimate(self) -> None:
+        if self.ratios:
+            t = self.trainer
+            t._kl_ema = 0.9 * t._kl_ema + 0.1 * max(0.0, sum(self.ratios) / len(self.ratios))
+
+    def finish(self) -> StepStats:
+        """AdamW step, version + 1, counters updated. All samples must have run."""
+        if not self.is_done:
+            raise RuntimeError(f"{len(self.plans) - self.next_index} samples of this step have not run")
+        t, t0 = self.trainer, time.perf_counter()
+        self.update_kl_estimate()
+        t.optimizer.step()
+        t.optimizer.zero_grad(set_to_none=True)
+        t.version += 1
+        c = self.counts
+        stats = StepStats(loss=self.loss, samples=len(self.plans), tokens=self.tokens,
+                          replayed_tokens=c.replayed_tokens, recomputed_tokens=c.recomputed_tokens,
+                          stale_recomputes=c.stale_recomputes, reuse_by_lag=dict(c.reuse_by_lag),
+                          step_ms=(self.busy_s + time.perf_counter() - t0) * 1000.0,
+                          max_slice_ms=self.max_slice_s * 1000.0, version=t.version)
+        t.counters.add(stats)
+        return stats
