@@ -83,11 +83,12 @@ class RunContext:
 
     def load(
         self, base_url: str, workload: Sequence[Conversation], spec: LoadSpec,
-        feedback: FeedbackPolicy | None = None,
+        feedback: FeedbackPolicy | None = None, poll_status: bool = False,
     ) -> LoadResult:
         """One monitored load session; ``self.last_timeline`` then holds its throughput and the
-        server's memory over time (memory only for servers this context started)."""
-        with Monitor(self._pids.get(base_url)) as mon:
+        server's memory over time (memory only for servers this context started; with
+        ``poll_status`` also store bytes and train steps from ``/alchemist/status``)."""
+        with Monitor(self._pids.get(base_url), status_url=base_url if poll_status else None) as mon:
             result = run_load_sync(base_url, workload, spec, feedback=feedback, progress=self.progress)
         bin_s = max(1.0, result.wall_s / 30.0)  # ~30 points, whatever the session length
         self.last_timeline = merge_timelines(throughput_timeline(result.records, bin_s), mon.samples)

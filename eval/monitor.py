@@ -1,7 +1,8 @@
 """Sampling the machine and the server over time, and describing the environment of a run.
 
 Owns ``Monitor`` (a background thread sampling, every ``interval_s``: the server process tree's
-resident memory and CPU seconds, and the 1-minute load average), ``throughput_timeline`` (per-bin
+resident memory and CPU seconds, the 1-minute load average, and optionally a few numbers of
+``GET /alchemist/status``: store bytes, train steps and pending samples), ``throughput_timeline`` (per-bin
 request and output-token throughput from request records) and ``environment`` / ``machine_load``
 (package versions, git commit, CPU count, load averages, CPU/wall times) recorded next to every
 result. Must not import the server runtime or sglang (versions come from package metadata).
@@ -18,6 +19,8 @@ import threading
 import time
 from typing import Any, Sequence
 
+import httpx
+
 from eval.server import tree_cpu_s, tree_rss_bytes
 
 PACKAGES = ("alchemist-sgl", "sglang", "torch", "transformers", "openai", "numpy", "httpx")
@@ -25,10 +28,14 @@ PACKAGES = ("alchemist-sgl", "sglang", "torch", "transformers", "openai", "numpy
 
 class Monitor:
     """``with Monitor(pid) as m: ...`` then ``m.samples``: ``[{t_s, rss_bytes, cpu_s, load1}]``.
-    ``pid`` None samples only the load average (e.g. a server given by ``--url``)."""
+    ``pid`` None samples only the load average (e.g. a server given by ``--url``). With
+    ``status_url`` (a base URL) rows also get ``store_bytes``, ``train_steps``,
+    ``train_samples_pending`` from ``/alchemist/status`` when it answers (off by default: each
+    poll is a round trip through the scheduler)."""
 
-    def __init__(self, pid: int | None, interval_s: float = 1.0) -> None:
+    def __init__(self, pid: int | None, interval_s: float = 1.0, status_url: str | None = None) -> None:
         self.pid = pid
+        self.status_url = status_url
         self.interval_s = interval_s
         self.samples: list[dict[str, float]] = []
         self._stop = threading.Event()
@@ -40,6 +47,8 @@ class Monitor:
         if self.pid is not None:
             row["rss_bytes"] = float(tree_rss_bytes(self.pid))
             row["cpu_s"] = tree_cpu_s(self.pid)
+        if self.status_url is not None:
+            row.update(_status_numbers(self.status_url))
         self.samples.append(row)
 
     def _loop(self) -> None:
@@ -56,6 +65,21 @@ class Monitor:
         self._stop.set()
         self._thread.join()
         self._sample()
+
+
+def _status_numbers(base_url: str) -> dict[str, float]:
+    try:
+        resp = httpx.get(f"{base_url}/alchemist/status", timeout=2.0)
+        status = resp.json() if resp.status_code == 200 else {}
+    except (httpx.HTTPError, ValueError):
+        return {}
+    out: dict[str, float] = {}
+    for key, (section, field) in {"store_bytes": ("store", "bytes_stored"), "train_steps": ("train", "steps"),
+                                  "train_samples_pending": ("train", "samples_pending")}.items():
+        value = (status.get(section) or {}).get(field) if isinstance(status, dict) else None
+        if isinstance(value, (int, float)):
+            out[key] = float(value)
+    return out
 
 
 def throughput_timeline(records: Sequence[dict[str, Any]], bin_s: float = 1.0) -> list[dict[str, float]]:

@@ -54,14 +54,15 @@ def plot_latency_cdfs(name: str, samples: dict[str, dict[str, list[float]]], out
 
 def plot_timeline(name: str, timeline: dict[str, list[dict[str, float]]], out: Path) -> Path | None:
     panels = [("output_tps", "output tokens/s"), ("request_rps", "completed requests/s"),
-              ("rss_bytes", "server RSS (MiB)"), ("load1", "load average (1 min)")]
+              ("rss_bytes", "server RSS (MiB)"), ("store_bytes", "activation store (MiB)"),
+              ("train_steps", "train steps"), ("load1", "load average (1 min)")]
     panels = [(k, t) for k, t in panels if any(k in row for rows in timeline.values() for row in rows)]
     if not panels:
         return None
     fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.4 * len(panels)), squeeze=False, sharex=True)
     for ax, (key, title) in zip(axes[:, 0], panels):
         for label, rows in timeline.items():
-            pts = [(r["t_s"], r[key] / 2**20 if key == "rss_bytes" else r[key]) for r in rows if key in r]
+            pts = [(r["t_s"], r[key] / 2**20 if key.endswith("_bytes") else r[key]) for r in rows if key in r]
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=label)
         ax.set_ylabel(title)

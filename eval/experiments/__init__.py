@@ -26,9 +26,11 @@ Methods:
       ``--url`` it yields that URL (config/overrides are recorded as ignored): an experiment that
       needs two differently configured servers should say so in its result when ``ctx.url`` is set.
   ``ctx.workload(min_turns=2)`` -> list[Conversation]: ``--dataset-path`` or the packaged default.
-  ``ctx.load(base_url, workload, spec, feedback=None)`` -> ``LoadResult``: one monitored
-      load-generator session (``eval.loadgen.runner.LoadSpec``); afterwards ``ctx.last_timeline``
-      holds throughput and (for servers ctx started) server memory over time.
+  ``ctx.load(base_url, workload, spec, feedback=None, poll_status=False)`` -> ``LoadResult``: one
+      monitored load-generator session (``eval.loadgen.runner.LoadSpec``); afterwards
+      ``ctx.last_timeline`` holds throughput, load average and (for servers ctx started) server
+      memory over time; ``poll_status=True`` adds ``store_bytes``/``train_steps``/
+      ``train_samples_pending`` from ``/alchemist/status`` each second.
 Helpers to build on: ``eval.loadgen.ab.run_ab`` (A/B with alternated blocks and cache flushes;
 pass ``run_block=ctx.load``), ``eval.server.flush_cache``, ``eval.loadgen.workloads``
 (ShareGPT/chitchat/MT-Bench/shared-system-prompt), ``eval.loadgen.feedback.FeedbackPolicy``.
@@ -41,7 +43,8 @@ scalar fields. If ``run`` raises, the JSON holds ``meta`` and ``error`` and the 
 Conventions the report (``python -m eval report DIR``) understands, all optional:
   ``latency_samples``: ``{label: {"ttft_s": [...], "tpot_s": [...], "e2e_s": [...], "itl_s": [...]}}``
       -> latency CDF plots (seconds; one line per label).
-  ``timeline``: ``{label: [{"t_s": .., "request_rps": .., "output_tps": .., "rss_bytes": .., ...}]}``
+  ``timeline``: ``{label: [{"t_s": .., "request_rps": .., "output_tps": .., "rss_bytes": ..,
+      "store_bytes": .., "train_steps": .., "load1": ..}]}`` (each row any subset)
       -> throughput and memory over time (``ctx.last_timeline`` has exactly this row shape).
   any nested ``{"series": [[x, y], ...]}`` (e.g. the ``learning`` experiment's per-mode entries)
       -> a learning-curve plot; add ``"x_label"``/``"y_label"`` keys beside ``series`` to name axes.
