@@ -70,8 +70,8 @@ class Capture:
         if not self.is_enabled or self.failure is not None or not self._planned:
             return
         try:
-            if self._batch is not None:  # a forward that never reached end(): start over
-                self.store.close_batch(self._batch)
+            if self._batch is not None:  # a forward that never reached end(): drop it
+                self.store.discard_batch(self._batch)
                 self._batch = None
             todo = [e for e in extends if e.is_recording
                     and e.recorded_range[1] > e.recorded_range[0]]
@@ -123,7 +123,12 @@ class Capture:
                 "tokens_recorded": self.tokens_recorded}
 
     def _fail(self, where: str, exc: BaseException) -> None:
-        self._batch = None
+        batch, self._batch = self._batch, None
+        if batch is not None:
+            try:
+                self.store.discard_batch(batch)
+            except Exception:  # already failing; the store is not used again
+                logger.exception("discarding the failed forward's pages failed")
         self._finished = []
         self.failure = f"recording failed in {where}: {type(exc).__name__}: {exc}"
         logger.error("disabling recording, serving continues: %s", self.failure, exc_info=exc)

@@ -82,6 +82,7 @@ class BatchWrite:
     completed: list[tuple[_Writer, _OpenPage]]
     finished: list[_Writer]
     elapsed_s: float = 0.0
+    writers: list[_Writer] = field(default_factory=list)
 
 
 class ActivationStore:
@@ -90,7 +91,8 @@ class ActivationStore:
     Write path (scheduler thread, during an extend forward): ``open_batch(extends)`` once before the
     forward, ``write(batch, name, layer, output)`` for each planned tensor and layer with the
     batch's flattened output ``[rows, width]`` (copied at once; the caller may reuse ``output``),
-    ``close_batch(batch)`` after the forward publishes completed pages. ``abort(rid)`` forgets a
+    ``close_batch(batch)`` after the forward publishes completed pages (``discard_batch(batch)``
+    instead when the forward did not complete). ``abort(rid)`` forgets a
     request whose prefill will not continue. Read path: ``coverage``, ``pin``/``unpin``,
     ``gather``. Not thread-safe; every call comes from the scheduler thread.
     """
@@ -131,6 +133,7 @@ class ActivationStore:
             if not ext.is_recording or hi <= lo:
                 continue
             writer = self._writer_for(ext)
+            batch.writers.append(writer)
             self._route(writer, ext, lo, hi, per_pool, batch)
             if hi >= len(ext.prompt_tokens):
                 batch.finished.append(writer)
@@ -177,6 +180,20 @@ class ActivationStore:
         batch.elapsed_s += self._timer() - start_s
         self._record_s_total += batch.elapsed_s
         self._record_batches += 1
+
+    def discard_batch(self, batch: BatchWrite) -> None:
+        """Drops a forward whose writes may be incomplete: nothing it touched is published.
+
+        Slots of its completed pages go back to the pool and the writers of its requests are
+        closed (their open pages too); later extends of those requests start new writers.
+        """
+        for _, page in batch.completed:
+            if page.target is not None:
+                self._index.release_slot(*page.target)
+        for writer in batch.writers:
+            self._close_writer(writer)
+        batch.completed.clear()
+        batch.finished.clear()
 
     def abort(self, rid: str) -> None:
         """Forgets ``rid``'s open page, if any (its prefill stopped before the prompt's end)."""

@@ -91,3 +91,12 @@ def test_dump_writes_the_stitched_recording(tmp_path) -> None:
     down = payload["tensors"]["down"]
     assert down.shape == (2, 15, 8)
     assert torch.all(down[0, :12] == 1.0) and torch.all(down[0, 12:] == 7.0)
+
+
+def test_forward_that_never_ended_is_discarded_not_published() -> None:
+    capture, store = make()
+    capture.begin([RequestExtend("a", NS, list(range(8)), 0, 8, 0)])
+    capture.on_output("down", 0, torch.ones(8, 8))  # no end(): the forward was cut short
+    run_forward(capture, [RequestExtend("b", NS, list(range(20, 28)), 0, 8, 0)])
+    assert store.coverage(list(range(8)), NS).covered == ()
+    assert store.coverage(list(range(20, 28)), NS).covered == ((0, 8),)

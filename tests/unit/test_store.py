@@ -283,3 +283,14 @@ def test_default_plan_records_only_down_rows() -> None:
     forward(store, [("a", prompt, 0, 9)])
     assert set(assert_gather_exact(store, prompt).covered) == {(0, 9)}
     assert store.status()["record_ms_mean"] >= 0.0
+
+
+def test_discarded_forward_publishes_nothing_and_frees_its_slots() -> None:
+    store = make_store(slots=8)
+    prompt = list(range(10))
+    batch = store.open_batch([RequestExtend("a", NS, prompt, 0, 10, 0)])
+    store.write(batch, "down", 0, torch.zeros(10, 8))  # then the forward dies mid-way
+    store.discard_batch(batch)
+    assert store.status()["pages"] == 0 and store.status()["open_writers"] == 0
+    forward(store, [("b", list(range(100, 132)), 0, 32)])  # all 8 slots are free again
+    assert store.status()["pages"] == 8 and store.status()["evictions"] == 0
