@@ -88,12 +88,18 @@ def run_experiment(args: argparse.Namespace) -> int:
     meta.update(finished_at=datetime.now(timezone.utc).isoformat(), wall_s=time.perf_counter() - t0,
                 harness_cpu_s=time.process_time() - cpu0, load_end=machine_load(), servers=ctx.servers)
     meta["server_cpu_s"] = sum(s.get("cpu_s") or 0.0 for s in ctx.servers)
+    cpus = os.cpu_count() or 1
+    busiest = max(meta["load_start"]["loadavg"][0], meta["load_end"]["loadavg"][0])
+    meta["is_machine_busy"] = busiest > cpus  # other processes competed for the CPUs: timings are suspect
     result["meta"] = meta
     path = out_dir / f"{args.name}.json"
     write_result(path, result)
     print(render_text({k: v for k, v in result.items() if k != "error"}))
     print(f"\nwall {meta['wall_s']:.1f} s, harness CPU {meta['harness_cpu_s']:.1f} s, "
           f"server CPU {meta['server_cpu_s']:.1f} s, load average {meta['load_end']['loadavg'][0]:.2f}")
+    if meta["is_machine_busy"]:
+        print(f"WARNING: load average reached {busiest:.1f} on {cpus} CPUs during this run: other processes "
+              "competed for the CPUs, so latency/throughput numbers are not comparable with a quiet run")
     print(f"wrote {path}")
     if failed:
         print(result["error"], file=sys.stderr)

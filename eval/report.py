@@ -114,6 +114,8 @@ def _meta_lines(meta: dict[str, Any]) -> list[str]:
     return [
         f"- started {meta.get('started_at')}, wall {meta.get('wall_s', 0):.1f} s, quick={meta.get('quick')}, "
         f"seed={meta.get('seed')}",
+        *(["- **machine was busy (load average above the CPU count): timings are suspect**"]
+          if meta.get("is_machine_busy") else []),
         f"- CPU: harness {meta.get('harness_cpu_s', 0):.1f} s, servers {meta.get('server_cpu_s', 0):.1f} s; "
         f"load average start {start.get('loadavg')}, end {end.get('loadavg')}; {env.get('cpu_count')} CPUs",
         f"- config `{meta.get('config_path')}`, url {meta.get('url')}, dataset {meta.get('dataset_path') or 'default'}",
