@@ -166,13 +166,12 @@ def _attention(qs: list[torch.Tensor], ks: list[torch.Tensor], vs: list[torch.Te
     if response_only_prompt_len is None:
         out = causal_attention(cat(qs), cat(ks), cat(vs), scale)
         return [out] if len(segs) == 1 else list(out.split(sizes))
-    # Response-only: the last segment is the response (plus any merged uncovered prompt rows).
+    if len(segs) == 1:  # nothing before the response: response-only is exact here
+        return [causal_attention(qs[0], ks[0], vs[0], scale)]
+    # Response-only: the last segment is the response; the prompt's K/V are constants.
     with torch.no_grad():
         kp, vp = cat(ks[:-1]), cat(vs[:-1])
-        prompt_out = (list(causal_attention(cat(qs[:-1]), kp, vp, scale).split(sizes[:-1]))
-                      if len(segs) > 1 else [])
-    if len(segs) == 1:
-        return [causal_attention(qs[0], ks[0], vs[0], scale)]
+        prompt_out = list(causal_attention(cat(qs[:-1]), kp, vp, scale).split(sizes[:-1]))
     last = causal_attention(qs[-1], torch.cat([kp, ks[-1]]), torch.cat([vp, vs[-1]]), scale,
                             key_offset=segs[-1].start)
     return prompt_out + [last]

@@ -26,6 +26,7 @@ What it measures, on SmolLM2-135M-Instruct on this machine's CPU (no server need
     weights and adapter excluded), plus, for replay, the bytes of the recordings it reads.
 Top-level fields are for fp32; the ``bf16`` key repeats them in bfloat16 (skipped with --quick).
 Threads: ``ALCHEMIST_BENCH_THREADS`` (default 1) to stay stable when other processes share the CPUs.
+``ALCHEMIST_REPLAY_MODEL=tiny`` runs the same code on the tiny model (a fast smoke run).
 """
 
 from __future__ import annotations
@@ -52,15 +53,17 @@ def run(ctx: Any) -> dict[str, Any]:
 
     torch.set_num_threads(int(os.environ.get("ALCHEMIST_BENCH_THREADS", "1")))
     p = QUICK if ctx.quick else FULL
-    folder = resolve_model("smollm2-135m-instruct")
+    model = os.environ.get("ALCHEMIST_REPLAY_MODEL", "smollm2-135m-instruct")
+    folder = resolve_model(model)
     texts = build_chat_samples(folder, ctx.workload(min_turns=2), p["samples"], ctx.seed)
     results = {}
     for dtype in p["dtypes"]:
         results[dtype] = measure(folder, texts, dtype, p["repetitions"], ctx.seed)
+        _trim()
     out = dict(results[torch.float32])
     if torch.bfloat16 in results:
         out["bf16"] = results[torch.bfloat16]
-    out.update({"recordings_source": "hf-forward", "model": "smollm2-135m-instruct",
+    out.update({"recordings_source": "hf-forward", "model": model,
                 "threads": torch.get_num_threads(), "lora_rank": LORA_RANK,
                 "samples_per_step": p["samples"], "load_avg_1m": os.getloadavg()[0]})
     return out
@@ -110,6 +113,19 @@ def build_chat_samples(folder, conversations, n: int, seed: int) -> list[tuple[l
     return samples
 
 
+def _trim() -> None:
+    """Return freed memory to the OS between arms (glibc keeps large freed blocks otherwise):
+    the benchmark shares a 24 GiB machine with servers."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
 def _hf_model(folder, dtype, adapter):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
@@ -126,24 +142,38 @@ def _hf_model(folder, dtype, adapter):
 
 
 def _hf_record(peft_model, ids: list[int]) -> dict[str, torch.Tensor]:
-    """Base projection outputs of a prefill of ``ids`` via hooks on PEFT's frozen base layers."""
+    """Base projection outputs of a forward of ``ids`` via hooks on PEFT's frozen base layers,
+    written straight into fused [layers, T, out_dim] tensors (q|k|v, gate|up column blocks)."""
     layers = peft_model.base_model.model.model.layers
-    got: dict[tuple[int, str], torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
     handles = []
     for i, layer in enumerate(layers):
-        for t, mod_name in _HF_MODULE.items():
-            parent = layer.self_attn if t in ("q", "k", "v", "o") else layer.mlp
-            mod = getattr(parent, mod_name).base_layer
-            handles.append(mod.register_forward_hook(
-                lambda _m, _i, out, key=(i, t): got.__setitem__(key, out.detach()[0].clone())))
+        for name, parts in _FUSED.items():
+            col = 0
+            for t in parts:
+                parent = layer.self_attn if t in ("q", "k", "v", "o") else layer.mlp
+                mod = getattr(parent, _HF_MODULE[t]).base_layer
+                width = mod.out_features
+
+                def hook(_m, _i, y, name=name, i=i, col=col, width=width, total=len(parts)):
+                    if name not in out:
+                        out[name] = y.new_empty(len(layers), y.shape[1], y.shape[2] * total
+                                                if name != "qkv" else _qkv_width(peft_model))
+                    out[name][i, :, col:col + width] = y.detach()[0]
+                handles.append(mod.register_forward_hook(hook))
+                col += width
     try:
         with torch.no_grad():
             peft_model(input_ids=torch.tensor([ids]), use_cache=False)
     finally:
         for h in handles:
             h.remove()
-    return {name: torch.stack([torch.cat([got[(i, t)] for t in parts], -1) for i in range(len(layers))])
-            for name, parts in _FUSED.items()}
+    return out
+
+
+def _qkv_width(peft_model) -> int:
+    attn = peft_model.base_model.model.model.layers[0].self_attn
+    return sum(getattr(attn, f"{t}_proj").base_layer.out_features for t in ("q", "k", "v"))
 
 
 def _hf_step(peft_model, optimizer, texts) -> float:
@@ -212,13 +242,13 @@ def measure(folder, texts, dtype: torch.dtype, repetitions: int, seed: int) -> d
     hf = _hf_model(folder, dtype, arms["replay"].adapter)
     hf_params = [p for n, p in hf.named_parameters() if "lora_" in n]
     hf_opt = torch.optim.AdamW(hf_params, lr=cfg.learning_rate, weight_decay=0.0)
-    samples = []
-    for prompt, response in texts:
-        rec = _hf_record(hf, prompt)
-        samples.append(Sample(prompt, response, (PromptSegment(0, len(prompt), Recording(0, rec)),)))
+    # One capture per sample over prompt + response (causal: its prompt rows equal a prefill of
+    # the prompt alone). Replay reads the prompt rows as views; the ceiling reads every row.
+    full = [_hf_record(hf, prompt + response) for prompt, response in texts]
+    samples = [Sample(prompt, response, (PromptSegment(0, len(prompt), Recording(
+        0, {k: v[:, :len(prompt)] for k, v in rec.items()})),)) for (prompt, response), rec in zip(texts, full)]
     plans = {name: [t.plan(s) for s in samples] for name, t in arms.items()}
     # Ceiling: one segment whose every projection row (prompt and response) is precomputed.
-    full = [_hf_record(hf, prompt + response) for prompt, response in texts]
     ceiling_plans = [PlannedSample(pl.input_ids, pl.prompt_len, (PlannedSegment(0, pl.input_ids.numel(), rec),),
                                    pl.sample, PlanCounts()) for pl, rec in zip(plans["recompute"], full)]
     snapshot = {n: {k: v.detach().clone() for k, v in t.adapter.state_dict().items()} for n, t in arms.items()}
@@ -281,6 +311,7 @@ def measure(folder, texts, dtype: torch.dtype, repetitions: int, seed: int) -> d
                 if arm == "recompute":
                     fwd_share.append(fwd_s / step_s)
             restore()
+            _trim()
     tokens = sum(len(a) + len(b) for a, b in texts)
     replayed = sum(len(a) for a, _ in texts)
     f = replayed / tokens
