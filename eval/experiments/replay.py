@@ -57,13 +57,16 @@ def run(ctx: Any) -> dict[str, Any]:
     folder = resolve_model(model)
     texts = build_chat_samples(folder, ctx.workload(min_turns=2), p["samples"], ctx.seed)
     results = {}
-    for dtype in p["dtypes"]:
-        results[dtype] = measure(folder, texts, dtype, p["repetitions"], ctx.seed)
+    ref_grads = None
+    for dtype in p["dtypes"]:  # fp32 first: its HF gradients are the reference for bf16 too
+        results[dtype], ref_grads = measure(folder, texts, dtype, p["repetitions"], ctx.seed, ref_grads)
         _trim()
     out = dict(results[torch.float32])
     if torch.bfloat16 in results:
         out["bf16"] = results[torch.bfloat16]
-    out.update({"recordings_source": "hf-forward", "model": model,
+    import resource
+    out.update({"process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                "recordings_source": "hf-forward", "model": model,
                 "threads": torch.get_num_threads(), "lora_rank": LORA_RANK,
                 "samples_per_step": p["samples"], "load_avg_1m": os.getloadavg()[0]})
     return out
@@ -171,6 +174,30 @@ def _hf_record(peft_model, ids: list[int]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _share_base(peft_model, weights) -> None:
+    """Points the HF model's frozen tensors at row views of our fused ones (same values: both were
+    loaded from the same file in the same dtype), so the base is held once, not twice."""
+    from alchemist_sgl.train.spec import TARGET_TO_PROJECTION
+
+    inner = peft_model.base_model.model.model
+    spec = weights.spec
+    with torch.no_grad():
+        for layer, lw in zip(inner.layers, weights.layers):
+            for t, name in _HF_MODULE.items():
+                parent = layer.self_attn if t in ("q", "k", "v", "o") else layer.mlp
+                mod = getattr(parent, name).base_layer
+                start, end = spec.target_rows(t)
+                view = lw.projection(TARGET_TO_PROJECTION[t])[start:end]
+                assert torch.equal(mod.weight, view)
+                mod.weight.data = view
+            layer.input_layernorm.weight.data = lw.input_layernorm
+            layer.post_attention_layernorm.weight.data = lw.post_attention_layernorm
+        assert torch.equal(inner.embed_tokens.weight, weights.embed)
+        inner.embed_tokens.weight.data = weights.embed
+        inner.norm.weight.data = weights.final_norm
+        peft_model.base_model.model.lm_head.weight = inner.embed_tokens.weight
+
+
 def _qkv_width(peft_model) -> int:
     attn = peft_model.base_model.model.model.layers[0].self_attn
     return sum(getattr(attn, f"{t}_proj").base_layer.out_features for t in ("q", "k", "v"))
@@ -224,7 +251,10 @@ def _saved_bytes(trainer, plans, exclude: set[int]) -> int:
     return peak
 
 
-def measure(folder, texts, dtype: torch.dtype, repetitions: int, seed: int) -> dict[str, Any]:
+def measure(folder, texts, dtype: torch.dtype, repetitions: int, seed: int,
+            ref_grads: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """One dtype's numbers; ``ref_grads``: the fp32 HF + PEFT LoRA gradients (computed here when
+    None, which requires dtype fp32) -- returned for the next dtype's error figures."""
     from alchemist_sgl.config import LoraConfig, TrainConfig
     from alchemist_sgl.train import PromptSegment, Recording, ReplayTrainer, Sample, load_fused_weights
     from alchemist_sgl.train.lora import peft_name
@@ -240,6 +270,7 @@ def measure(folder, texts, dtype: torch.dtype, repetitions: int, seed: int) -> d
             b.copy_(torch.randn(b.shape, generator=gen) * 0.01)
     arms["recompute"].adapter.load_state_dict(arms["replay"].adapter.state_dict())
     hf = _hf_model(folder, dtype, arms["replay"].adapter)
+    _share_base(hf, weights)
     hf_params = [p for n, p in hf.named_parameters() if "lora_" in n]
     hf_opt = torch.optim.AdamW(hf_params, lr=cfg.learning_rate, weight_decay=0.0)
     # One capture per sample over prompt + response (causal: its prompt rows equal a prefill of
@@ -262,14 +293,18 @@ def measure(folder, texts, dtype: torch.dtype, repetitions: int, seed: int) -> d
                 p.copy_(s)
 
     # Gradients (before any step), against the fp32 HF reference.
-    ref = hf if dtype == torch.float32 else _hf_model(folder, torch.float32, arms["replay"].adapter)
-    ref.zero_grad(set_to_none=True)
-    for prompt, response in texts:
-        ids = torch.tensor([prompt + response])
-        logits = ref(input_ids=ids, use_cache=False).logits[0].float()
-        (torch.nn.functional.cross_entropy(logits[len(prompt) - 1:-1], ids[0, len(prompt):]) / len(texts)).backward()
-    ref_grads = {k.replace(".default.weight", ".weight"): p.grad.double() for k, p in ref.named_parameters()
-                 if p.grad is not None}
+    if ref_grads is None:
+        if dtype != torch.float32:
+            raise ValueError("the fp32 reference gradients come from an fp32 run")
+        hf.zero_grad(set_to_none=True)
+        for prompt, response in texts:
+            ids = torch.tensor([prompt + response])
+            logits = hf(input_ids=ids, use_cache=False).logits[0].float()
+            loss = torch.nn.functional.cross_entropy(logits[len(prompt) - 1:-1], ids[0, len(prompt):])
+            (loss / len(texts)).backward()
+            del logits, loss
+        ref_grads = {k.replace(".default.weight", ".weight"): p.grad.double()
+                     for k, p in hf.named_parameters() if p.grad is not None}
     errs = {}
     for name, trainer in arms.items():
         trainer.optimizer.zero_grad(set_to_none=True)
@@ -282,9 +317,8 @@ def measure(folder, texts, dtype: torch.dtype, repetitions: int, seed: int) -> d
                     worst = max(worst, float((g - r).norm() / r.norm().clamp_min(1e-30)))
         errs[name] = worst
         trainer.optimizer.zero_grad(set_to_none=True)
-    if ref is not hf:
-        del ref
     hf.zero_grad(set_to_none=True)
+    _trim()
 
     exclude = {t.untyped_storage().data_ptr() for lw in weights.layers
                for t in (lw.qkv, lw.o, lw.gate_up, lw.down, lw.input_layernorm, lw.post_attention_layernorm)}
@@ -338,4 +372,4 @@ def measure(folder, texts, dtype: torch.dtype, repetitions: int, seed: int) -> d
         "peak_mem_measurement": "logical-cpu",
         "tokens_per_step": tokens,
         "step_s_median": {k: v for k, v in med.items()},
-    }
+    }, ref_grads
