@@ -5,10 +5,6 @@ recording after its last prefill forward (``ALCHEMIST_SGL_RECORD_DUMP_DIR``, tes
 ``Capture._dump``); the reference is HF transformers on the same weights with forward hooks on its
 q/k/v/o/gate/up/down projections (fused the way SGLang fuses them). Covered positions must match
 the reference; positions never prefilled (decoded tokens of an earlier turn) are holes.
-
-Until integration/plugin.py calls ``capture_hooks.install``, a test-only plugin generated below
-(an entry point on PYTHONPATH) installs the hooks on the first scheduler iteration; ``install`` is
-idempotent, so the helper stays harmless once the plugin does it.
 """
 
 from __future__ import annotations
@@ -29,44 +25,8 @@ HOST_PAGES = 96  # the store's host pool, in pages, for the eviction test
 STORY = " ".join(f"On day {i} the travellers counted {i + 7} boats near bridge {i * 3}."
                  for i in range(1, 16))
 
-_PLUGIN = '''
-import os
-def load():
-    if not os.environ.get("ALCHEMIST_SGL_CONFIG"):
-        return
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-    HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.get_next_batch_to_run",
-                          _before, HookType.BEFORE)
-def _before(scheduler, *args, **kwargs):
-    if scheduler.__dict__.get("_alchemist_recording_tried"):
-        return None
-    scheduler._alchemist_recording_tried = True
-    from alchemist_sgl.integration.capture_hooks import install
-    from alchemist_sgl.integration.plugin import runtime_of
-    runtime = runtime_of(scheduler)
-    if runtime is not None:
-        install(scheduler, runtime)
-    return None
-'''
-
-
-def _plugin_dir(root: Path) -> Path:
-    info = root / "alchemist_record_testplugin-0.dist-info"
-    info.mkdir(parents=True, exist_ok=True)
-    (root / "alchemist_record_testplugin.py").write_text(_PLUGIN)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: alchemist-record-testplugin\n"
-                                   "Version: 0\n")
-    (info / "entry_points.txt").write_text(
-        "[sglang.srt.plugins]\nalchemist_record_test = alchemist_record_testplugin:load\n")
-    return root
-
-
-def _env(tmp: Path, dump: Path, **extra: str) -> dict[str, str]:
-    import os
-
-    path = os.pathsep.join([str(_plugin_dir(tmp / "plugin")),
-                            *filter(None, [os.environ.get("PYTHONPATH")])])
-    return {"PYTHONPATH": path, "ALCHEMIST_SGL_RECORD_DUMP_DIR": str(dump), **extra}
+def _env(dump: Path, **extra: str) -> dict[str, str]:
+    return {"ALCHEMIST_SGL_RECORD_DUMP_DIR": str(dump), **extra}
 
 
 def _overrides(*more: str) -> tuple[str, ...]:
@@ -87,7 +47,7 @@ def reference():
 def recorder(tmp_path_factory) -> Iterator[tuple[RunningServer, Path]]:
     tmp = tmp_path_factory.mktemp("record")
     dump = tmp / "dump"
-    with dedicated_server(CONFIG, _overrides(), extra_env=_env(tmp, dump)) as server:
+    with dedicated_server(CONFIG, _overrides(), extra_env=_env(dump)) as server:
         yield server, dump
 
 
@@ -167,6 +127,13 @@ def test_cold_prompt_recording_equals_reference(recorder, reference) -> None:
     assert len(record["tokens"]) == n and n > 100
     assert record["covered"] == [(0, n)]
     _assert_matches_reference(reference, record)
+    status = _status(server)
+    assert status["record_plan"]["tensors"] == ["qkv", "o", "gate_up", "down"]
+    assert status["record_plan"]["bytes_per_token"] == 10240  # 4 layers x 640 x 4 bytes
+    assert 0 < status["record_plan"]["prompt_forward_flops_avoided"] < 1
+    assert {"bytes_stored", "bytes_deduplicated", "pages", "hits", "evictions", "record_ms_mean",
+            "device_bytes", "host_bytes"} <= set(status["store"])
+    assert status["store"]["bytes_stored"] >= n * 10240
 
 
 def test_radix_hit_is_stitched_with_unaligned_tail(recorder, reference) -> None:
@@ -221,7 +188,7 @@ def test_chunked_prefill_joins_up_and_fault_disables_recording_only(
         tmp_path_factory, reference, server_pool: ServerPool) -> None:
     tmp = tmp_path_factory.mktemp("chunked")
     dump = tmp / "dump"
-    env = _env(tmp, dump, ALCHEMIST_SGL_INJECT_RECORD_FAULT_AFTER="25")
+    env = _env(dump, ALCHEMIST_SGL_INJECT_RECORD_FAULT_AFTER="25")
     off = server_pool.get(CONFIG, ("record.enabled=false",))
     with dedicated_server(CONFIG, _overrides("sglang.chunked-prefill-size=32"),
                           extra_env=env) as server:
