@@ -39,7 +39,11 @@ def plot_latency_cdfs(name: str, samples: dict[str, dict[str, list[float]]], out
             if s.get(key):
                 _cdf(ax, s[key], label)
         ax.set_title(f"{title} CDF")
-        ax.set_xlabel("ms")
+        values = [v for s in samples.values() for v in (s.get(key) or []) if v > 0]
+        wide = bool(values) and max(values) / min(values) > 100  # heavy tail: log scale keeps the body visible
+        if wide:
+            ax.set_xscale("log")
+        ax.set_xlabel("ms (log scale)" if wide else "ms")
         ax.set_ylabel("fraction of requests")
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
