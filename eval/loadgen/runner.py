@@ -7,6 +7,14 @@ else starts the next conversation of the workload; a turn's prompt is the whole 
 (the model's own replies, or the dataset's with ``history="reference"``). Every planned request
 ends up in ``records``: completed, failed (``error`` set) or cancelled at the drain deadline.
 Simulated users (``FeedbackPolicy``) rate responses through ``POST /v1/feedback``.
+
+A record (dict, JSON-ready) has: ``index`` (arrival order), ``label``, ``conv_id``, ``session``
+(sequential per run), ``turn``, ``scheduled_s`` / ``start_s`` (seconds from the session start;
+``start_s - scheduled_s`` is client-side lateness), ``ttft_s``, ``tpot_s`` ((e2e - ttft) /
+(output_tokens - 1)), ``itl_s`` (gaps between content chunks), ``e2e_s``, ``prompt_tokens``,
+``output_tokens``, ``cached_tokens`` (from ``usage``; radix hits when the server reports them),
+``completion_id`` (the OpenAI ``id``), ``finish_reason``, ``error`` (None when it succeeded), and
+with a feedback policy ``reward`` and ``feedback`` (None: no feedback given; else the outcome).
 Must not import the server runtime or sglang (it talks HTTP only).
 """
 
