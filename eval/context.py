@@ -21,7 +21,7 @@ from eval.loadgen.runner import LoadResult, LoadSpec, run_load_sync
 from eval.loadgen.stats import latency_samples
 from eval.loadgen.workloads import Conversation, default_workload, load_workload
 from eval.monitor import Monitor, merge_timelines, throughput_timeline
-from eval.server import ManagedServer, describe_overrides
+from eval.server import ManagedServer, validate_overrides
 
 
 def resolve_config(config_path: Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
@@ -57,7 +57,7 @@ class RunContext:
         ``alchemist-sgl serve --config (config_path or ctx.config_path) --port N --set ...``, waits
         for health, and stops the process group on exit."""
         cfg = Path(config_path) if config_path is not None else self.config_path
-        overrides = describe_overrides(overrides)
+        overrides = validate_overrides(overrides)
         if self.url is not None:
             self.servers.append({"url": self.url, "external": True, "ignored_config_path": str(cfg),
                                  "ignored_overrides": list(overrides)})

@@ -188,7 +188,7 @@ class ManagedServer:
                 "ready_s": self.ready_s, "cpu_s": self.cpu_s_at_stop, "log": str(self.log_path)}
 
 
-def describe_overrides(overrides: Sequence[str]) -> tuple[str, ...]:
+def validate_overrides(overrides: Sequence[str]) -> tuple[str, ...]:
     """Validates ``a.b=c`` items (typed error naming the bad one)."""
     for item in overrides:
         if "=" not in item or not item.split("=", 1)[0].strip():
