@@ -58,6 +58,9 @@ class Runtime:
         self._status_sections: dict[str, Callable[[], dict[str, Any]]] = {}
         # Control commands: kind -> handler(payload) -> JSON value (see alchemist_sgl/control.py).
         self._commands: dict[str, Callable[[dict[str, Any]], Any]] = {}
+        # The installed recording (store + plan + capture), set by the integration layer; None
+        # while recording is off or failed to install. The trainer reads the store through it.
+        self.recording: Any = None
         if config.server.enable_debug_commands:
             self.register_command("debug.ping", lambda payload: {"pid": self.info.pid, "echo": payload})
         logger.info("alchemist runtime up in scheduler pid %d on %s serving '%s'",

@@ -45,15 +45,16 @@ MANIFEST: tuple[HookPoint, ...] = (
               cpu_only=True),
 )
 
-# Recording (integration/capture_hooks.py keeps its list beside the code that uses it).
-MANIFEST += tuple(HookPoint(name, "recording prefill activations") for name in capture_hooks.SGLANG_NAMES
-                  if name not in {p.name for p in MANIFEST})
+# Recording (integration/capture_hooks.py keeps its lists beside the code that uses them).
+_known = {p.name for p in MANIFEST}
+MANIFEST += tuple(HookPoint(name, "recording prefill activations")
+                  for name in (*capture_hooks.SGLANG_NAMES, *capture_hooks.SGLANG_INSTANCE_ATTRIBUTES)
+                  if name not in _known)
 
-# Names that exist only on instances (set in __init__), checked by attribute name on the class source.
-_INSTANCE_ATTRIBUTES = {
-    "sglang.srt.managers.scheduler.Scheduler.tp_worker",
-    "sglang.srt.managers.scheduler.Scheduler.page_size",
-}
+# Names that exist only on instances: set as ``self.x = ...`` in the class's module, or dataclass
+# fields without a default (neither resolves as a class attribute).
+_INSTANCE_ATTRIBUTES = {"sglang.srt.managers.scheduler.Scheduler.tp_worker",
+                        *capture_hooks.SGLANG_INSTANCE_ATTRIBUTES}
 
 
 def check_manifest(*, is_cpu: bool, extra: tuple[HookPoint, ...] = ()) -> list[str]:
@@ -87,9 +88,15 @@ def _resolves(name: str) -> bool:
             cls = pkgutil.resolve_name(owner)
         except (ImportError, AttributeError, ValueError):
             return False
+        import dataclasses  # noqa: PLC0415
         import inspect  # noqa: PLC0415
 
-        return f"self.{attr} =" in inspect.getsource(importlib.import_module(cls.__module__))
+        if dataclasses.is_dataclass(cls) and attr in {f.name for f in dataclasses.fields(cls)}:
+            return True
+        if attr in getattr(cls, "__annotations__", {}) or attr in getattr(cls, "__struct_fields__", ()):
+            return True
+        source = inspect.getsource(importlib.import_module(cls.__module__))
+        return f"self.{attr} =" in source or f"self.{attr}: " in source
     try:
         pkgutil.resolve_name(name)
     except (ImportError, AttributeError, ValueError):

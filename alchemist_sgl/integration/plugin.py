@@ -60,7 +60,10 @@ def _after_scheduler_init(result: Any, scheduler: Any, *args: Any, **kwargs: Any
     except Exception:
         logger.exception("alchemist runtime could not be built; serving continues without it")
         return None
-    _attach(runtime, "record", lambda: capture_hooks.install(scheduler, runtime))
+    def install_recording() -> None:
+        runtime.recording = capture_hooks.install(scheduler, runtime)
+
+    _attach(runtime, "record", install_recording)
     return None
 
 
