@@ -20,6 +20,8 @@ from alchemist_sgl.control import ControlQueue
 from alchemist_sgl.integration import capture_hooks
 from alchemist_sgl.integration.environment import CONFIG_ENV, CONTROL_DB_ENV, MODEL_PATH_ENV, is_cpu_run
 from alchemist_sgl.log import get_logger
+from alchemist_sgl.prefix import Namespace
+from alchemist_sgl.record.export import export_recording
 from alchemist_sgl.runtime import Runtime, SchedulerInfo
 
 logger = get_logger(__name__)
@@ -62,6 +64,11 @@ def _after_scheduler_init(result: Any, scheduler: Any, *args: Any, **kwargs: Any
         return None
     def install_recording() -> None:
         runtime.recording = capture_hooks.install(scheduler, runtime)
+        if runtime.recording is not None and config.server.enable_debug_commands:
+            runtime.register_command("debug.recording", lambda payload: export_recording(
+                runtime.recording.store, payload.get("tokens") or [],
+                Namespace(str(runtime.state.weight_version), payload.get("adapter")),
+                str(payload.get("path") or "")))
 
     _attach(runtime, "record", install_recording)
     return None

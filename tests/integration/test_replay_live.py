@@ -89,6 +89,17 @@ def _sample(record: dict, response: torch.Tensor, weight: float) -> Sample:
     return Sample(tokens, response, tuple(segments), weight=weight)
 
 
+def _check_debug_export(server: RunningServer, record: dict, path: Path) -> None:
+    """The ``debug.recording`` control command reads the same recording back from the store."""
+    answer = _post(server, "/alchemist/commands/debug.recording", {"tokens": record["tokens"], "path": str(path)})
+    assert answer["result"]["covered"] == [list(r) for r in record["covered"]]
+    exported = torch.load(path)
+    rows = {name: torch.cat([t[name] for _, _, t in exported["segments"] if t is not None], dim=1)
+            for name in record["tensors"]}
+    for name, tensor in record["tensors"].items():
+        assert torch.equal(rows[name], tensor), name
+
+
 @pytest.mark.parametrize("case", ["tiny", pytest.param("smollm2", marks=pytest.mark.slow)])
 def test_replay_on_live_recordings_matches_hf_peft(case: str, tmp_path: Path) -> None:
     config, model_name, overrides = CASES[case]
@@ -96,6 +107,8 @@ def test_replay_on_live_recordings_matches_hf_peft(case: str, tmp_path: Path) ->
     with dedicated_server(config, ("store.host_bytes=268435456", *overrides),
                           extra_env={"ALCHEMIST_SGL_RECORD_DUMP_DIR": str(dump)}) as server:
         records = _served_recordings(server, dump)
+        if case == "tiny":
+            _check_debug_export(server, records[2], tmp_path / "export.pt")
 
     from transformers import AutoTokenizer
 

@@ -1,0 +1,43 @@
+"""Reading a prompt's recording back out of the store, for tests and benchmarks (debug command).
+
+Owns the ``debug.recording`` control command's work: pin the pages covering a token sequence under
+the serving namespace, copy them to a file, unpin. The file holds ``{"tokens", "namespace",
+"covered", "segments"}`` where ``segments`` is ``[(start, end, {name: [layers, end-start, width]}
+| None)]`` tiling the prompt, the shape of the trainer's ``PromptSegment`` list. Runs on the
+scheduler thread between steps (control commands do), so the store is quiescent. Imports torch
+and package value types only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from alchemist_sgl.prefix import Namespace
+from alchemist_sgl.store import ActivationStore
+
+
+def export_recording(store: ActivationStore, tokens: Sequence[int], namespace: Namespace,
+                     path: str | Path) -> dict[str, Any]:
+    """Writes the recording of ``tokens`` to ``path`` (atomically); returns a summary."""
+    if not tokens or not all(isinstance(t, int) and t >= 0 for t in tokens):
+        raise ValueError("tokens must be a non-empty list of token ids")
+    if not str(path):
+        raise ValueError("path must name the file to write")
+    target = Path(path)
+    pin = store.pin(list(tokens), namespace)
+    try:
+        segments = [(start, end, {k: v.clone() for k, v in tensors.items()} if tensors is not None else None)
+                    for start, end, tensors in store.segments(pin)]
+        covered = [list(r) for r in pin.coverage.covered]
+    finally:
+        store.unpin(pin)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    torch.save({"tokens": list(tokens), "namespace": [namespace.base_version, namespace.adapter],
+                "covered": covered, "segments": segments}, tmp)
+    tmp.rename(target)
+    return {"path": str(target), "covered": covered, "tokens": len(tokens),
+            "covered_tokens": sum(b - a for a, b in covered)}
