@@ -134,3 +134,42 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale,
                                              enable_gqa=kh.shape[1] != heads)
     return out.squeeze(0).transpose(0, 1).reshape(n, heads * d)
+
+
+class _RowReplayed(torch.autograd.Function):
+    """Note [Row-replayed linear]: y = x @ W.T over a joint [T, d_in] input where some row ranges
+    were recorded. Forward writes each range into one output buffer: recorded rows are copied,
+    the others computed with a matmul straight into their rows (no autograd slice/cat nodes).
+    Backward is ONE matmul over all rows, dL/dx = dL/dy @ W, which is the exact gradient for
+    recorded and computed rows alike (W is frozen)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, ranges) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return _row_replayed_nograd(x, weight, ranges)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        return grad.matmul(weight), None, None
+
+
+def row_replayed_linear(x: torch.Tensor, weight: torch.Tensor,
+                        ranges: list[tuple[int, int, torch.Tensor | None]]) -> torch.Tensor:
+    """x [T, d_in] -> [T, d_out]; ``ranges`` tile [0, T): (start, end, recording [end - start,
+    d_out] in x's dtype, or None to compute). See Note [Row-replayed linear]."""
+    if all(rec is None for _, _, rec in ranges):
+        return F.linear(x, weight)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _RowReplayed.apply(x, weight, ranges)
+    return _row_replayed_nograd(x, weight, ranges)
+
+
+def _row_replayed_nograd(x: torch.Tensor, weight: torch.Tensor, ranges) -> torch.Tensor:
+    out = x.new_empty(x.shape[0], weight.shape[0])
+    for start, end, rec in ranges:
+        if rec is None:
+            torch.matmul(x[start:end], weight.t(), out=out[start:end])
+        else:
+            out[start:end].copy_(rec)
+    return out

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import torch
 
 from alchemist_sgl.train.forward import forward_logprobs
+from alchemist_sgl.train.joint import joint_forward_logprobs
 from alchemist_sgl.train.lora import LoraAdapter, merge_adapter_into_base
 from alchemist_sgl.train.objectives import sample_loss
 from alchemist_sgl.train.ops import RopeCache
@@ -75,11 +76,16 @@ class ReplayTrainer:
 
     ``config``: a ``TrainConfig`` (replay, gradient_mode, max_version_lag, lora.{rank, alpha,
     dropout, targets}, objective_negative, learning_rate). ``version``: the trainer version the
-    serving weights correspond to at construction (normally 0).
+    serving weights correspond to at construction (normally 0). ``layout``: ``"segments"``
+    (default; forward.py, Note [Segments]) or ``"joint"`` (joint.py, Note [Joint layout]); same
+    gradients, different speed trade-offs.
     """
 
-    def __init__(self, weights: BaseWeights, config: Any, *, version: int = 0, seed: int = 0) -> None:
-        self.weights, self.config, self.version = weights, config, version
+    def __init__(self, weights: BaseWeights, config: Any, *, version: int = 0, seed: int = 0,
+                 layout: str = "segments") -> None:
+        if layout not in ("segments", "joint"):
+            raise ValueError(f"unknown layout {layout!r} (segments | joint)")
+        self.weights, self.config, self.version, self.layout = weights, config, version, layout
         lc = config.lora
         self.adapter = LoraAdapter(weights.spec, lc.rank, lc.alpha, lc.dropout, lc.targets,
                                    dtype=weights.dtype, device=weights.device, seed=seed)
@@ -97,7 +103,12 @@ class ReplayTrainer:
                            is_response_separate=self.config.gradient_mode == "response_only")
 
     def logprobs(self, planned: PlannedSample, *, is_adapter_enabled: bool = True) -> torch.Tensor:
-        """Response log-probs [R]; with grad when grad is enabled and the adapter is on."""
+        """Response log-probs [R]; with grad when grad is enabled and the adapter is on.
+        ``layout="joint"`` (exact mode only) uses joint.py, Note [Joint layout]."""
+        adapter = self.adapter if is_adapter_enabled else None
+        if self.layout == "joint" and self.config.gradient_mode == "exact":
+            return joint_forward_logprobs(self.weights, adapter, self.rope, planned,
+                                          is_training=self.adapter.training)
         return forward_logprobs(self.weights, self.adapter if is_adapter_enabled else None,
                                 self.rope, planned, gradient_mode=self.config.gradient_mode,
                                 is_training=self.adapter.training)

@@ -63,12 +63,15 @@ class BaseWeights:
     @classmethod
     def from_tensors(cls, spec: LlamaSpec, tensors: Mapping[str, torch.Tensor]) -> "BaseWeights":
         """Wraps SGLang-named tensors by reference. Raises KeyError naming a missing tensor and
-        ValueError on a shape that does not match ``spec``."""
+        ValueError on a shape that does not match ``spec`` or an inference tensor."""
 
         def get(key: str, shape: tuple[int, ...]) -> torch.Tensor:
             if key not in tensors:
                 raise KeyError(f"base weight '{key}' is missing")
             t = tensors[key].detach()
+            if t.is_inference():
+                raise ValueError(f"base weight '{key}' is an inference tensor (created under "
+                                 f"torch.inference_mode); autograd cannot save it for backward")
             if tuple(t.shape) != shape:
                 raise ValueError(f"base weight '{key}' has shape {tuple(t.shape)}, expected {shape}")
             return t

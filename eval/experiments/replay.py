@@ -21,6 +21,8 @@ What it measures, on SmolLM2-135M-Instruct on this machine's CPU (no server need
   * ``max_grad_rel_err``: max over LoRA tensors of ||g_replay - g_ref|| / ||g_ref||, g_ref the HF
     + PEFT gradients in fp32 (for bf16 too: the error against the fp32 reference);
     ``max_grad_rel_err_recompute`` is the recompute arm's own error, for comparison.
+  * ``joint_layout``: the same replay with ``layout="joint"`` (alchemist_sgl/train/joint.py), a
+    fifth interleaved arm: its ratio against the same recompute steps, speed, error and memory.
   * ``peak_mem_*_bytes`` (``"peak_mem_measurement": "logical-cpu"``): max over samples of the
     bytes of unique storages autograd saved for backward during one sample's forward (base
     weights and adapter excluded), plus, for replay, the bytes of the recordings it reads.
@@ -263,12 +265,14 @@ def measure(folder, texts, dtype: torch.dtype, repetitions: int, seed: int,
     weights = load_fused_weights(folder, dtype=dtype)
     cfg = TrainConfig(lora=LoraConfig(rank=LORA_RANK, alpha=LORA_ALPHA))
     arms = {"replay": ReplayTrainer(weights, cfg, seed=seed),
-            "recompute": ReplayTrainer(weights, TrainConfig(lora=cfg.lora, replay=False), seed=seed)}
+            "recompute": ReplayTrainer(weights, TrainConfig(lora=cfg.lora, replay=False), seed=seed),
+            "replay_joint": ReplayTrainer(weights, cfg, seed=seed, layout="joint")}
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # a non-zero B so every LoRA tensor has a gradient
         for b in arms["replay"].adapter.b.values():
             b.copy_(torch.randn(b.shape, generator=gen) * 0.01)
     arms["recompute"].adapter.load_state_dict(arms["replay"].adapter.state_dict())
+    arms["replay_joint"].adapter.load_state_dict(arms["replay"].adapter.state_dict())
     hf = _hf_model(folder, dtype, arms["replay"].adapter)
     _share_base(hf, weights)
     hf_params = [p for n, p in hf.named_parameters() if "lora_" in n]
@@ -329,12 +333,14 @@ def measure(folder, texts, dtype: torch.dtype, repetitions: int, seed: int,
     # Warm-up (untimed), then interleaved repetitions with a rotating arm order.
     _our_step(arms["replay"], plans["replay"]), _our_step(arms["recompute"], plans["recompute"])
     _our_step(arms["recompute"], ceiling_plans), _hf_step(hf, hf_opt, texts)
+    _our_step(arms["replay_joint"], plans["replay_joint"])
     restore()
-    times: dict[str, list[float]] = {"replay": [], "recompute": [], "hf": [], "ceiling": []}
+    times: dict[str, list[float]] = {"replay": [], "recompute": [], "hf": [], "ceiling": [],
+                                     "replay_joint": []}
     fwd_share = []
-    order = ["replay", "recompute", "hf", "ceiling"]
+    order = ["replay", "recompute", "hf", "ceiling", "replay_joint"]
     for rep in range(repetitions):
-        for arm in order[rep % 4:] + order[:rep % 4]:
+        for arm in order[rep % 5:] + order[:rep % 5]:
             if arm == "hf":
                 times[arm].append(_hf_step(hf, hf_opt, texts))
             elif arm == "ceiling":
@@ -350,6 +356,7 @@ def measure(folder, texts, dtype: torch.dtype, repetitions: int, seed: int,
     replayed = sum(len(a) for a, _ in texts)
     f = replayed / tokens
     ratios = [c / r for c, r in zip(times["recompute"], times["replay"])]
+    ratios_joint = [c / r for c, r in zip(times["recompute"], times["replay_joint"])]
     ceilings = [c / (c - (c - s) * f) for c, s in zip(times["recompute"], times["ceiling"])]
     share = statistics.median(fwd_share)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -374,4 +381,9 @@ def measure(folder, texts, dtype: torch.dtype, repetitions: int, seed: int,
         "step_s_median": {k: v for k, v in med.items()},
         "step_s_all": {k: [round(x, 4) for x in v] for k, v in times.items()},
         "ratio_of_medians": med["recompute"] / med["replay"],
+        "joint_layout": {"ratio": statistics.median(ratios_joint),
+                         "ratio_spread": max(ratios_joint) - min(ratios_joint),
+                         "tokens_per_s": tokens / med["replay_joint"],
+                         "max_grad_rel_err": errs["replay_joint"],
+                         "peak_mem_bytes": peak["replay_joint"]},
     }, ref_grads

@@ -155,3 +155,14 @@ def test_sliced_step_equals_whole_step_and_state_round_trips():
     restored.load_state_dict(whole.state_dict())
     assert restored.version == 1 and restored.counters.steps == 1
     assert whole.step(batch).loss == pytest.approx(restored.step(batch).loss, rel=1e-6)
+
+
+def test_inference_tensors_are_refused_with_their_name():
+    weights = load_fused_weights(model_dir("tiny"))
+    tensors = {layer_key(i, p): getattr(lw, p) for i, lw in enumerate(weights.layers)
+               for p in ("qkv", "o", "gate_up", "down", "input_layernorm", "post_attention_layernorm")}
+    tensors |= {"model.embed_tokens.weight": weights.embed, "model.norm.weight": weights.final_norm}
+    with torch.inference_mode():
+        tensors[layer_key(2, "down")] = weights.layers[2].down.clone()
+    with pytest.raises(ValueError, match="model.layers.2.mlp.down_proj.weight"):
+        BaseWeights.from_tensors(weights.spec, tensors)

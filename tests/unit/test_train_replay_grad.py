@@ -21,9 +21,9 @@ from tests.unit.test_train_hfref import (adapter_grads, build_hf_peft, covered_s
 TOL_FP32 = 1e-4
 
 
-def _trainer(weights, adapter, **train_kw) -> ReplayTrainer:
+def _trainer(weights, adapter, layout="segments", **train_kw) -> ReplayTrainer:
     cfg = TrainConfig(lora=LoraConfig(rank=adapter.rank, alpha=adapter.alpha), **train_kw)
-    trainer = ReplayTrainer(weights, cfg)
+    trainer = ReplayTrainer(weights, cfg, layout=layout)
     trainer.adapter = adapter
     return trainer
 
@@ -70,13 +70,14 @@ def _build(case, peft_model, seed0=0, version=0):
     return samples, ref
 
 
+@pytest.mark.parametrize("layout", ["segments", "joint"])
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_replay_matches_hf_peft_fp32(tiny, name):
+def test_replay_matches_hf_peft_fp32(tiny, name, layout):
     weights, adapter, peft_model = tiny
     samples, ref = _build(CASES[name], peft_model)
     ref_loss, ref_grads = hf_grads(peft_model, ref)
     for replay in (True, False):
-        loss, grads, counts = _ours(_trainer(weights, adapter, replay=replay), samples)
+        loss, grads, counts = _ours(_trainer(weights, adapter, layout, replay=replay), samples)
         assert abs(loss - ref_loss) <= TOL_FP32 * abs(ref_loss), (replay, loss, ref_loss)
         assert max_rel_err(grads, ref_grads) <= TOL_FP32, replay
         covered = sum(e - s for (_, _, ranges, _) in CASES[name] for s, e, c in ranges if c)
@@ -159,11 +160,13 @@ def test_bf16_replay_error_within_twice_recompute_error():
     case = CASES["hole_in_middle"] + CASES["full_varied_lengths"][:2]
     samples16, ref = _build(case, hf16)
     _, ref_grads = hf_grads(ref_model, ref)
-    _, g_replay, _ = _ours(_trainer(w16, a16), samples16)
     _, g_recompute, _ = _ours(_trainer(w16, a16, replay=False), samples16)
-    err_replay, err_recompute = max_rel_err(g_replay, ref_grads), max_rel_err(g_recompute, ref_grads)
+    err_recompute = max_rel_err(g_recompute, ref_grads)
     assert err_recompute < 0.2  # sanity: bf16 is close to fp32 at all
-    assert err_replay <= 2.0 * err_recompute, (err_replay, err_recompute)
+    for layout in ("segments", "joint"):
+        _, g_replay, _ = _ours(_trainer(w16, a16, layout), samples16)
+        err_replay = max_rel_err(g_replay, ref_grads)
+        assert err_replay <= 2.0 * err_recompute, (layout, err_replay, err_recompute)
 
 
 @pytest.mark.slow
@@ -177,5 +180,8 @@ def test_replay_matches_hf_peft_smollm2_fp32():
     ref_loss, ref_grads = hf_grads(peft_model, ref)
     loss, grads, counts = _ours(_trainer(weights, adapter), samples)
     assert counts.replayed_tokens == 55
+    assert abs(loss - ref_loss) <= TOL_FP32 * abs(ref_loss)
+    assert max_rel_err(grads, ref_grads) <= TOL_FP32
+    loss, grads, counts = _ours(_trainer(weights, adapter, "joint"), samples)
     assert abs(loss - ref_loss) <= TOL_FP32 * abs(ref_loss)
     assert max_rel_err(grads, ref_grads) <= TOL_FP32
