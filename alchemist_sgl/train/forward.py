@@ -41,7 +41,8 @@ _PART_INDEX = {"q": 0, "k": 1, "v": 2, "o": 0, "gate": 0, "up": 1, "down": 0}
 class _LayerLora:
     """One layer's LoRA pairs grouped by fused projection: A's concatenated once per forward."""
 
-    def __init__(self, adapter: LoraAdapter | None, layer: int, is_training: bool) -> None:
+    def __init__(self, adapter: LoraAdapter | None, layer: int, is_training: bool,
+                 dtype: torch.dtype) -> None:
         self.groups: dict[str, tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]] = {}
         if adapter is None:
             return
@@ -51,7 +52,8 @@ class _LayerLora:
             pairs = adapter.pairs(layer, proj)
             if pairs:
                 a = pairs[0][1] if len(pairs) == 1 else torch.cat([p[1] for p in pairs], dim=0)
-                self.groups[proj] = (a, [(_PART_INDEX[t], b) for t, _, b in pairs])
+                # fp32 master parameters, computed in the activation dtype (a no-op in fp32).
+                self.groups[proj] = (a.to(dtype), [(_PART_INDEX[t], b.to(dtype)) for t, _, b in pairs])
 
     def add(self, proj: str, x: torch.Tensor, parts: list[torch.Tensor]) -> list[torch.Tensor]:
         """parts[i] += B_i @ A_i @ dropout(x) * scale for each pair of ``proj``; returns parts."""
@@ -114,7 +116,7 @@ def forward_logprobs(weights: BaseWeights, adapter: LoraAdapter | None, rope: Ro
     ropes = [rope.get(s.start, s.end) for s in segs]
     scale = hd ** -0.5
     for layer, lw in enumerate(weights.layers):
-        lora = _LayerLora(adapter, layer, is_training)
+        lora = _LayerLora(adapter, layer, is_training, weights.dtype)
         qs, ks, vs = [], [], []
         for i, seg in enumerate(segs):
             n_tok = seg.end - seg.start

@@ -57,7 +57,7 @@ def joint_forward_logprobs(weights: BaseWeights, adapter: LoraAdapter | None, ro
     residual, hidden = h, None
     for layer, lw in enumerate(weights.layers):
         rows = {name: _ranges(planned, name, layer, device) for name in PROJECTIONS}
-        lora = _LayerLora(adapter, layer, is_training)
+        lora = _LayerLora(adapter, layer, is_training, weights.dtype)
         if layer == 0:
             x = rmsnorm(h, lw.input_layernorm, eps)
         else:

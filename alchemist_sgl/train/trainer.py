@@ -78,17 +78,20 @@ class ReplayTrainer:
     dropout, targets}, objective_negative, learning_rate). ``version``: the trainer version the
     serving weights correspond to at construction (normally 0). ``layout``: ``"segments"``
     (default; forward.py, Note [Segments]) or ``"joint"`` (joint.py, Note [Joint layout]); same
-    gradients, different speed trade-offs.
+    gradients, different speed trade-offs. ``adapter_dtype``: the LoRA parameters' (and AdamW
+    state's) dtype, fp32 by default whatever the base dtype: bf16 parameters would round away
+    most AdamW updates (|A| ~ 0.04 has a bf16 spacing of ~1.6e-4 > lr). The forward casts them
+    to the activation dtype.
     """
 
     def __init__(self, weights: BaseWeights, config: Any, *, version: int = 0, seed: int = 0,
-                 layout: str = "segments") -> None:
+                 layout: str = "segments", adapter_dtype: torch.dtype = torch.float32) -> None:
         if layout not in ("segments", "joint"):
             raise ValueError(f"unknown layout {layout!r} (segments | joint)")
         self.weights, self.config, self.version, self.layout = weights, config, version, layout
         lc = config.lora
         self.adapter = LoraAdapter(weights.spec, lc.rank, lc.alpha, lc.dropout, lc.targets,
-                                   dtype=weights.dtype, device=weights.device, seed=seed)
+                                   dtype=adapter_dtype, device=weights.device, seed=seed)
         self.optimizer = torch.optim.AdamW(self.adapter.parameters(), lr=config.learning_rate,
                                            weight_decay=0.0)
         self.rope = RopeCache(weights.spec.head_dim, weights.spec.rope_theta, weights.dtype,
