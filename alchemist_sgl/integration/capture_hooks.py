@@ -66,6 +66,7 @@ SGLANG_NAMES = (
 SGLANG_INSTANCE_ATTRIBUTES = (
     "sglang.srt.managers.scheduler.Scheduler.tp_worker",
     "sglang.srt.managers.scheduler.Scheduler.page_size",
+    "sglang.srt.managers.scheduler.Scheduler.max_total_num_tokens",
     "sglang.srt.model_executor.model_runner.ModelRunner.model",
     "sglang.srt.model_executor.forward_batch_info.ForwardBatch.forward_mode",
     "sglang.srt.managers.schedule_batch.ScheduleBatch.reqs",
@@ -155,6 +156,7 @@ def install(scheduler: Any, runtime: Any) -> RecordingHooks | None:
     runtime.add_status_section("record_plan", plan.as_status)
     runtime.add_status_section("store", store.status)
     runtime.add_status_section("record", capture.status)
+    _check_lifetime_against_radix(scheduler, store, plan)
     logger.info("recording %s per layer of %d layers: %d bytes/token, host pool %d pages",
                 list(plan.tensors), shape.layers, plan.bytes_per_token,
                 store.status()["host_capacity_bytes"] // max(plan.slot_bytes, 1))
@@ -162,6 +164,21 @@ def install(scheduler: Any, runtime: Any) -> RecordingHooks | None:
         scheduler.__dict__.pop("run_batch", None), scheduler.__dict__.pop(_INSTALLED_ATTR, None)))
     setattr(scheduler, _INSTALLED_ATTR, hooks)
     return hooks
+
+
+def _check_lifetime_against_radix(scheduler: Any, store: ActivationStore, plan: RecordPlan) -> None:
+    """Note [Store outlives the radix cache]: a prefix cached by SGLang is never prefilled again,
+    so if its pages were evicted first they stay holes for as long as the radix cache keeps it.
+    The store does not follow the radix cache's evictions; it avoids the holes by capacity: when
+    the host pool holds at least as many tokens as SGLang's KV pool, every token the radix cache
+    can hold fits. When it cannot, say so at startup (and recomputation covers the holes)."""
+    kv_tokens = int(getattr(scheduler, "max_total_num_tokens", 0) or 0)
+    store_tokens = store.status()["host_capacity_bytes"] // max(plan.bytes_per_token, 1)
+    if kv_tokens and store_tokens < kv_tokens:
+        logger.warning("the activation store holds %d tokens, fewer than SGLang's KV pool (%d): "
+                       "prefixes the radix cache keeps may lose their recordings first and be "
+                       "recomputed in training; raise store.host_bytes to at least %d",
+                       store_tokens, kv_tokens, kv_tokens * plan.bytes_per_token)
 
 
 def _projection(layer: torch.nn.Module, name: str) -> torch.nn.Module:

@@ -8,6 +8,7 @@ only logged by SGLang). Add an entry here whenever code touches a new SGLang nam
 from __future__ import annotations
 
 import importlib
+import re
 import pkgutil
 from dataclasses import dataclass
 
@@ -96,7 +97,8 @@ def _resolves(name: str) -> bool:
         if attr in getattr(cls, "__annotations__", {}) or attr in getattr(cls, "__struct_fields__", ()):
             return True
         source = inspect.getsource(importlib.import_module(cls.__module__))
-        return f"self.{attr} =" in source or f"self.{attr}: " in source
+        # `self.x = ...`, `self.x: T = ...`, or a line of a tuple unpacking `(self.x,\n ...) = ...`
+        return re.search(rf"self\.{re.escape(attr)}\s*(=[^=]|:|,\s*\n)", source) is not None
     try:
         pkgutil.resolve_name(name)
     except (ImportError, AttributeError, ValueError):
