@@ -29,6 +29,14 @@ def _cdf(ax: Any, values: list[float], label: str) -> None:
     ax.step(xs, ys, where="post", label=f"{label} (n={len(xs)})")
 
 
+def _save(fig: Any, path: Path) -> Path:
+    """Lays out, writes (110 dpi) and closes ``fig``; returns ``path``."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_latency_cdfs(name: str, samples: dict[str, dict[str, list[float]]], out: Path) -> Path | None:
     metrics = [(k, t) for k, t in CDF_METRICS if any(s.get(k) for s in samples.values())]
     if not metrics:
@@ -49,11 +57,7 @@ def plot_latency_cdfs(name: str, samples: dict[str, dict[str, list[float]]], out
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"{name}: latency")
-    fig.tight_layout()
-    path = out / f"{name}-latency-cdf.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / f"{name}-latency-cdf.png")
 
 
 def plot_timeline(name: str, timeline: dict[str, list[dict[str, float]]], out: Path) -> Path | None:
@@ -74,11 +78,7 @@ def plot_timeline(name: str, timeline: dict[str, list[dict[str, float]]], out: P
         ax.legend(fontsize=7)
     axes[-1, 0].set_xlabel("seconds since session start")
     fig.suptitle(f"{name}: throughput and memory over time")
-    fig.tight_layout()
-    path = out / f"{name}-timeline.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / f"{name}-timeline.png")
 
 
 def find_series(obj: Any, path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
@@ -104,11 +104,7 @@ def plot_learning(name: str, result: dict[str, Any], out: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title(f"{name}: learning curve")
-    fig.tight_layout()
-    path = out / f"{name}-learning.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / f"{name}-learning.png")
 
 
 def _meta_lines(meta: dict[str, Any]) -> list[str]:

@@ -80,15 +80,19 @@ def flush_cache(base_url: str, timeout_s: float = 120.0, interval_s: float = 0.2
         time.sleep(interval_s)
 
 
+def _tree(pid: int) -> list[psutil.Process]:
+    """``pid`` and its live descendants ([] when gone)."""
+    try:
+        root = psutil.Process(pid)
+        return [root] + root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
 def tree_cpu_s(pid: int) -> float:
     """User+system CPU seconds of ``pid`` and its live descendants (0 when gone)."""
     total = 0.0
-    try:
-        root = psutil.Process(pid)
-        procs = [root] + root.children(recursive=True)
-    except psutil.NoSuchProcess:
-        return 0.0
-    for p in procs:
+    for p in _tree(pid):
         try:
             t = p.cpu_times()
             total += t.user + t.system
@@ -100,12 +104,7 @@ def tree_cpu_s(pid: int) -> float:
 def tree_rss_bytes(pid: int) -> int:
     """Resident memory of ``pid`` and its live descendants, in bytes."""
     total = 0
-    try:
-        root = psutil.Process(pid)
-        procs = [root] + root.children(recursive=True)
-    except psutil.NoSuchProcess:
-        return 0
-    for p in procs:
+    for p in _tree(pid):
         try:
             total += p.memory_info().rss
         except psutil.NoSuchProcess:
@@ -125,6 +124,7 @@ class ManagedServer:
     proc: subprocess.Popen | None = None
     ready_s: float | None = None
     cpu_s_at_stop: float | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)  # added to the server's environment
 
     @property
     def base_url(self) -> str:
@@ -142,7 +142,7 @@ class ManagedServer:
 
     def start(self) -> str:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+        env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", **self.extra_env)
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
                                          stdin=subprocess.DEVNULL, start_new_session=True)

@@ -1,96 +1,66 @@
-"""Starting and stopping real `alchemist-sgl serve` processes for tests.
+"""Real `alchemist-sgl serve` processes for tests, on top of the eval harness's ``ManagedServer``.
 
 One server per (config, overrides) per test session (``ServerPool``); tests that must restart or
-break a server own a dedicated one (``dedicated_server``). Servers bind 127.0.0.1 on a free port
-and are stopped with their whole process group.
+break a server own a dedicated one (``dedicated_server``). ``ManagedServer`` (eval/server.py) binds
+127.0.0.1 on a free port, waits for /health, and stops the whole process group.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
+
+from eval.server import ManagedServer, ServerStartError
 
 REPO = Path(__file__).resolve().parents[2]
 SERVE = [str(REPO / ".venv" / "bin" / "alchemist-sgl"), "serve"]
 READY_TIMEOUT_S = float(os.environ.get("ALCHEMIST_TEST_READY_TIMEOUT_S", "300"))
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass
 class RunningServer:
-    config: str
-    overrides: tuple[str, ...]
-    port: int
-    proc: subprocess.Popen
-    log_path: Path
-    model: str
-    extra_env: dict[str, str] = field(default_factory=dict)
+    """A started server and the OpenAI model name it serves."""
+
+    def __init__(self, managed: ManagedServer, model: str) -> None:
+        self.managed = managed
+        self.model = model
+        self.config = str(managed.config_path)
+        self.overrides = managed.overrides
+        self.proc: subprocess.Popen = managed.proc  # kept after stop() so tests can read the pid
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return self.managed.base_url
 
-    def log_tail(self, lines: int = 60) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "<no log>"
+    @property
+    def port(self) -> int:
+        return self.managed.port
+
+    def log_tail(self) -> str:
+        return self.managed.log_tail()
 
     def is_alive(self) -> bool:
         return self.proc.poll() is None
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                pass
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)  # children (scheduler, detokenizer) too
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=10)
+        self.managed.stop()
 
 
 def start_server(config: str, overrides: tuple[str, ...] = (), extra_env: dict[str, str] | None = None,
                  served_model_name: str | None = None) -> RunningServer:
-    """Starts `alchemist-sgl serve` and waits until /health answers; raises with the log tail if not."""
-    port = free_port()
-    log = Path(tempfile.mkstemp(prefix="alchemist-server-", suffix=".log")[1])
-    args = [*SERVE, "--config", str(REPO / config), "--port", str(port)]
-    for item in overrides:
-        args += ["--set", item]
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", **(extra_env or {})}
-    with log.open("w") as handle:
-        proc = subprocess.Popen(args, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-    model = served_model_name or _served_name(config, overrides)
-    server = RunningServer(config, tuple(overrides), port, proc, log, model, dict(extra_env or {}))
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if not server.is_alive():
-            raise RuntimeError(f"server {config} {overrides} exited with {proc.returncode}:\n{server.log_tail()}")
-        if _healthy(server.base_url):
-            return server
-        time.sleep(1.0)
-    server.stop()
-    raise RuntimeError(f"server {config} {overrides} not ready in {READY_TIMEOUT_S}s:\n{server.log_tail()}")
+    """Starts `alchemist-sgl serve` and waits until it is healthy; raises with the log tail if not."""
+    managed = ManagedServer(REPO / config, tuple(overrides),
+                            log_dir=Path(tempfile.mkdtemp(prefix="alchemist-server-")),
+                            ready_timeout_s=READY_TIMEOUT_S, extra_env=dict(extra_env or {}))
+    try:
+        managed.start()
+    except ServerStartError as exc:
+        raise RuntimeError(f"server {config} {overrides} did not start: {exc}") from None
+    return RunningServer(managed, served_model_name or _served_name(config, overrides))
 
 
 @contextlib.contextmanager
@@ -122,14 +92,6 @@ class ServerPool:
         for server in self._servers.values():
             server.stop()
         self._servers.clear()
-
-
-def _healthy(base_url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{base_url}/health", timeout=5) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
 
 
 def _served_name(config: str, overrides: tuple[str, ...]) -> str:
