@@ -205,14 +205,20 @@ def _qkv_width(peft_model) -> int:
     return sum(getattr(attn, f"{t}_proj").base_layer.out_features for t in ("q", "k", "v"))
 
 
-def _hf_step(peft_model, optimizer, texts) -> float:
-    t0 = time.perf_counter()
-    optimizer.zero_grad(set_to_none=True)
+def _hf_backward(peft_model, texts) -> None:
+    """SFT loss (mean response NLL, averaged over samples) backward into the LoRA grads."""
     for prompt, response in texts:
         ids = torch.tensor([prompt + response])
         logits = peft_model(input_ids=ids, use_cache=False).logits[0].float()
         nll = torch.nn.functional.cross_entropy(logits[len(prompt) - 1:-1], ids[0, len(prompt):])
         (nll / len(texts)).backward()
+        del logits, nll
+
+
+def _hf_step(peft_model, optimizer, texts) -> float:
+    t0 = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    _hf_backward(peft_model, texts)
     optimizer.step()
     return time.perf_counter() - t0
 
@@ -301,12 +307,7 @@ def measure(folder, texts, dtype: torch.dtype, repetitions: int, seed: int,
         if dtype != torch.float32:
             raise ValueError("the fp32 reference gradients come from an fp32 run")
         hf.zero_grad(set_to_none=True)
-        for prompt, response in texts:
-            ids = torch.tensor([prompt + response])
-            logits = hf(input_ids=ids, use_cache=False).logits[0].float()
-            loss = torch.nn.functional.cross_entropy(logits[len(prompt) - 1:-1], ids[0, len(prompt):])
-            (loss / len(texts)).backward()
-            del logits, loss
+        _hf_backward(hf, texts)
         ref_grads = {k.replace(".default.weight", ".weight"): p.grad.double()
                      for k, p in hf.named_parameters() if p.grad is not None}
     errs = {}
