@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Callable
 
-from alchemist_sgl.config import load_config
+from alchemist_sgl.config import Config, load_config
 from alchemist_sgl.errors import AlchemistError
 from alchemist_sgl.prepare import MODEL_NAMES, default_cache_dir, prepare, resolve_model
 
@@ -50,12 +51,18 @@ def main(argv: list[str] | None = None) -> int:
     return 1
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _prepared(args: argparse.Namespace) -> tuple[Config, Path]:
+    """Loads the config, builds the model folder if missing, sets the process environment."""
     from alchemist_sgl.integration.environment import prepare_environment  # noqa: PLC0415
 
     config = load_config(args.config, args.set)
     model_path = resolve_model(config.server.model, _cache_dir(config))
     prepare_environment(config, model_path)
+    return config, model_path
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config, model_path = _prepared(args)
     from alchemist_sgl.integration.launch import serve  # noqa: PLC0415  (imports sglang)
 
     serve(config, model_path, args.port, on_ready=_print_ready(config))
@@ -63,11 +70,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from alchemist_sgl.integration.environment import prepare_environment  # noqa: PLC0415
-
-    config = load_config(args.config, args.set)
-    model_path = resolve_model(config.server.model, _cache_dir(config))
-    prepare_environment(config, model_path)
+    config, model_path = _prepared(args)
     from alchemist_sgl.integration.environment import check_environment_switches, is_cpu_run  # noqa: PLC0415
     from alchemist_sgl.integration.launch import sglang_argv  # noqa: PLC0415
     from alchemist_sgl.integration.manifest import check_manifest  # noqa: PLC0415
@@ -80,20 +83,15 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cache_dir(config: object) -> Path:
-    from alchemist_sgl.config import Config  # noqa: PLC0415
-
-    assert isinstance(config, Config)
+def _cache_dir(config: Config) -> Path:
+    """``server.cache_dir``; a relative one is under the repository."""
     path = Path(config.server.cache_dir)
     if not path.is_absolute():
         path = Path(__file__).resolve().parent.parent / path
     return path
 
 
-def _print_ready(config: object):
-    from alchemist_sgl.config import Config  # noqa: PLC0415
-
-    assert isinstance(config, Config)
+def _print_ready(config: Config) -> Callable[[str], None]:
     name = config.server.served_model_name
 
     def on_ready(base_url: str) -> None:

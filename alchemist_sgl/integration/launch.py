@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 from pathlib import Path
@@ -76,7 +77,8 @@ def serve(config: Config, model_path: Path, port: int | None = None,
     from sglang.srt.plugins import load_plugins  # noqa: PLC0415
 
     load_plugins()
-    http_server.app.include_router(build_router(_fetch_status, _run_command))
+    queue = ControlQueue(os.environ[CONTROL_DB_ENV])
+    http_server.app.include_router(build_router(_fetch_status, functools.partial(_run_command, queue)))
     base_url = f"http://{config.server.host}:{port if port is not None else config.server.port}"
     callback = (lambda: on_ready(base_url)) if on_ready is not None else None
     http_server.launch_server(server_args, launch_callback=callback)
@@ -92,10 +94,9 @@ async def _fetch_status() -> dict[str, Any] | None:
     return states[0].get(STATUS_KEY)
 
 
-async def _run_command(kind: str, payload: dict[str, Any]) -> CommandResult:
+async def _run_command(queue: ControlQueue, kind: str, payload: dict[str, Any]) -> CommandResult:
     """Writes the command to the shared table, rings the scheduler through get_internal_state
     (whose hook runs pending commands), and reads the result (Note [control doorbell])."""
-    queue = ControlQueue(os.environ[CONTROL_DB_ENV])
     command_id = await asyncio.to_thread(queue.submit, kind, payload)
     await _fetch_status()
     return await asyncio.to_thread(queue.result, command_id)

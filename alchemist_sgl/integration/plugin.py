@@ -12,6 +12,7 @@ in ``/alchemist/status.disabled``) and returns SGLang's own result untouched.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -43,7 +44,8 @@ def load() -> None:
         from patches import lora_pin_memory_guard  # noqa: PLC0415
 
         lora_pin_memory_guard.apply()
-    HookRegistry.register(f"{_SCHEDULER}.__init__", _after_scheduler_init, HookType.AFTER)
+    HookRegistry.register(f"{_SCHEDULER}.__init__", functools.partial(_after_scheduler_init, config),
+                          HookType.AFTER)
     HookRegistry.register(f"{_SCHEDULER}.get_next_batch_to_run", _after_get_next_batch, HookType.AFTER)
     HookRegistry.register(f"{_SCHEDULER}.get_internal_state", _after_get_internal_state, HookType.AFTER)
 
@@ -52,9 +54,8 @@ def runtime_of(scheduler: Any) -> Runtime | None:
     return getattr(scheduler, RUNTIME_ATTR, None)
 
 
-def _after_scheduler_init(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
+def _after_scheduler_init(config: Config, result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
     try:
-        config = config_from_json(os.environ[CONFIG_ENV])
         control_path = os.environ.get(CONTROL_DB_ENV)
         control = ControlQueue(control_path) if control_path else None
         runtime = Runtime(config, _scheduler_info(scheduler, config), control)
