@@ -38,6 +38,8 @@ class StoreConfig:
     device_bytes: int = 0
     page_tokens: int = 16
     ttl_s: float = 3600.0
+    # Prefix dedup of recordings (pages shared across requests); off only for the dedup experiment.
+    dedup: bool = True
 
 
 @dataclass(frozen=True)
@@ -54,27 +56,41 @@ class TrainConfig:
     replay: bool = True
     gradient_mode: Literal["exact", "response_only"] = "exact"
     max_version_lag: int = 0
-    slice_budget_ms: float = 200.0
+    # Work-unit time per scheduler iteration while requests wait or run (adds to their TPOT).
+    slice_budget_ms: float = 30.0
+    # Work-unit time per scheduler iteration while nothing is waiting or running.
+    idle_slice_ms: float = 500.0
     lora: LoraConfig = field(default_factory=LoraConfig)
     objective_negative: Literal["unlikelihood", "kto"] = "unlikelihood"
     learning_rate: float = 1e-4
-    batch_samples: int = 4
-    min_pending_samples: int = 4
+    batch_samples: int = 4          # at most this many samples per optimizer step
+    min_pending_samples: int = 4    # a step starts once this many are pending ...
+    max_wait_s: float = 30.0        # ... or once the oldest pending one has waited this long
+    max_pending_samples: int = 1024  # queue bound: POST /alchemist/train/samples answers 429 beyond
+    loss_chunk_rows: int = 256      # LM head + loss run in chunks of at most this many rows
+    checkpoint_dir: str = "var/checkpoints"
+    checkpoint_every_steps: int = 10
+    seed: int = 0
 
 
 @dataclass(frozen=True)
 class GateConfig:
     is_enabled: bool = False
+    # JSONL of {"prompt": str, "response": str}; None = the packaged held-out set.
     heldout_path: str | None = None
-    max_regression: float = 0.0
+    max_regression: float = 0.05        # nats/token worse than the last accepted version
+    max_regression_total: float = 0.2   # nats/token worse than v0
+    every: int = 1                      # score every N-th publish
 
 
 @dataclass(frozen=True)
 class PublishConfig:
     mode: Literal["merge", "adapter"] = "merge"
-    every_steps: int = 8
-    every_s: float = 300.0
+    every_steps: int = 1    # publish after this many optimizer steps ...
+    every_s: float = 300.0  # ... or once this long has passed since the last publish with a step pending
     gate: GateConfig = field(default_factory=GateConfig)
+    keep_adapters_last: int = 5   # adapter folders kept: the last N ...
+    keep_adapters_every: int = 10  # ... plus every k-th version
 
 
 @dataclass(frozen=True)
@@ -83,6 +99,7 @@ class FeedbackConfig:
     max_body_bytes: int = 1024 * 1024
     api_key: str | None = None
     max_pending: int = 10_000
+    completion_ttl_s: float = 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -302,15 +319,36 @@ def _validate(obj: Any, prefix: str) -> None:
         need(obj.learning_rate > 0, "learning_rate", "must be > 0")
         need(obj.batch_samples >= 1, "batch_samples", "must be >= 1")
         need(obj.min_pending_samples >= 1, "min_pending_samples", "must be >= 1")
+        need(obj.idle_slice_ms > 0, "idle_slice_ms", "must be > 0")
+        need(obj.max_wait_s >= 0, "max_wait_s", "must be >= 0")
+        need(obj.max_pending_samples >= 1, "max_pending_samples", "must be >= 1")
+        need(obj.loss_chunk_rows >= 1, "loss_chunk_rows", "must be >= 1")
+        need(obj.checkpoint_every_steps >= 1, "checkpoint_every_steps", "must be >= 1")
+        need(bool(obj.checkpoint_dir), "checkpoint_dir", "must name a folder")
     elif isinstance(obj, PublishConfig):
         need(obj.every_steps >= 1, "every_steps", "must be >= 1")
         need(obj.every_s > 0, "every_s", "must be > 0")
+        need(obj.mode == "merge", "mode", "only 'merge' is built: the served weights are rebuilt "
+             "from the master copy after each step ('adapter' is not available yet)")
+        need(obj.keep_adapters_last >= 1, "keep_adapters_last", "must be >= 1")
+        need(obj.keep_adapters_every >= 1, "keep_adapters_every", "must be >= 1")
+    elif isinstance(obj, GateConfig):
+        need(obj.max_regression >= 0, "max_regression", "must be >= 0")
+        need(obj.max_regression_total >= 0, "max_regression_total", "must be >= 0")
+        need(obj.every >= 1, "every", "must be >= 1")
     elif isinstance(obj, FeedbackConfig):
         need(obj.max_body_bytes >= 1024, "max_body_bytes", "must be >= 1024")
         need(obj.max_pending >= 1, "max_pending", "must be >= 1")
+        need(obj.completion_ttl_s > 0, "completion_ttl_s", "must be > 0")
     elif isinstance(obj, MemoryConfig):
         need(0.0 < obj.kv_usage_high <= 1.0, "kv_usage_high", "must be in (0, 1]")
         need(obj.waiting_requests_high >= 1, "waiting_requests_high", "must be >= 1")
+    elif isinstance(obj, Config):
+        # Note [merge needs no dropout]: the trainer's forward W_pub x + s*B(Ax) - s*B_pub(A_pub x)
+        # is exact only if both LoRA branches see the same x; dropout on one of them breaks it.
+        need(not (obj.train.is_enabled and obj.publish.mode == "merge" and obj.train.lora.dropout > 0),
+             "train.lora.dropout", "must be 0 with publish.mode 'merge' (the published and trained "
+             "LoRA branches must see the same input)")
     elif isinstance(obj, ServerConfig):
         need(1 <= obj.port <= 65535, "port", "must be a TCP port")
         need(bool(obj.model), "model", "must name a prepared model or a folder")
