@@ -1,27 +1,71 @@
-"""HTTP routes of alchemist-sgl (run in SGLang's HTTP process) and their schemas.
+"""HTTP routes of alchemist-sgl (run in SGLang's HTTP process).
 
-Owns the ``/alchemist/*`` routes. Data owned by the scheduler process is reached through injected
-async callables (built in ``integration/`` over SGLang's existing control channel and the SQLite
-command table of ``control.py``), so this module imports no sglang and is testable with fakes.
+Owns the ``/alchemist/*`` routes: status, the admin routes of INTERFACES.md ("Admin routes") and the
+generic command route. Data owned by the scheduler process is reached through injected async
+callables (built in ``integration/`` over SGLang's existing control channel and the SQLite command
+table of ``control.py``), so this module imports no sglang and is testable with fakes. Input
+schemas live in ``api_schemas``; middlewares for SGLang's own routes in ``api_guards``.
+
+Note [admin auth]: with ``admin_api_key`` set, every admin route and the command route require
+``Authorization: Bearer <key>`` (401 otherwise). SGLang's own key middleware, when present, runs
+first and treats unmarked routes as NORMAL (it demands ``--api-key`` for them), so with both keys set
+no single header could pass both checks; ``mark_admin_endpoint`` (SGLang's
+``auth_level(AuthLevel.ADMIN_OPTIONAL)``, injected by ``integration/``) makes SGLang's middleware ask
+for the admin key on these routes too.
+
+Note [command errors]: a failed command answers with the error dict's int ``http_status`` when it
+has one (404 unknown version, 409, 422 naming a ``field``, 429 queue full), else 404 for an unknown
+command kind and 422 for any other failure; a command the scheduler never answered is a 504.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 from typing import Any, Awaitable, Callable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from alchemist_sgl.api_schemas import FieldError, bounded_int, check_keys, normalize_samples, version_name
 from alchemist_sgl.control import CommandResult
 
 FetchSchedulerState = Callable[[], Awaitable[dict[str, Any] | None]]
 RunCommand = Callable[[str, dict[str, Any]], Awaitable[CommandResult]]
+EndpointMarker = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB, as feedback.max_body_bytes' default
+VERSIONS_DEFAULT_LIMIT = 50
+VERSIONS_MAX_LIMIT = 500
 
 
-def build_router(fetch_status: FetchSchedulerState, run_command: RunCommand) -> APIRouter:
-    """Routes: ``GET /alchemist/status``, ``POST /alchemist/commands/{kind}``."""
+class _Refusal(Exception):
+    """An answer decided before the command runs (401, 413, 422 without a field)."""
+
+    def __init__(self, status_code: int, content: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+        super().__init__(content.get("error"))
+        self.response = JSONResponse(status_code=status_code, content=content, headers=headers)
+
+
+def build_router(fetch_status: FetchSchedulerState, run_command: RunCommand, *,
+                 admin_api_key: str | None = None,
+                 mark_admin_endpoint: EndpointMarker | None = None,
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> APIRouter:
+    """Routes: ``GET /alchemist/status`` (open), and behind the admin key (Note [admin auth])
+    ``GET /alchemist/versions``, ``POST /alchemist/rollback``, ``POST /alchemist/train/pause``,
+    ``POST /alchemist/train/resume``, ``POST /alchemist/train/samples`` and
+    ``POST /alchemist/commands/{kind}``. Bodies over ``max_body_bytes`` answer 413."""
     router = APIRouter()
+    admin = mark_admin_endpoint if mark_admin_endpoint is not None else (lambda endpoint: endpoint)
+
+    def check_admin(request: Request) -> None:
+        if admin_api_key and not _has_bearer(request.headers.get("authorization"), admin_api_key):
+            raise _Refusal(401, {"error": "missing or invalid admin key: send "
+                                          "'Authorization: Bearer <the server's --admin-api-key>'"},
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    async def command(kind: str, payload: dict[str, Any], *, is_wrapped: bool = False) -> JSONResponse:
+        return command_response(await run_command(kind, payload), is_wrapped=is_wrapped)
 
     @router.get("/alchemist/status")
     async def alchemist_status() -> JSONResponse:
@@ -33,22 +77,123 @@ def build_router(fetch_status: FetchSchedulerState, run_command: RunCommand) -> 
                                   "see the server log for the reason"})
         return JSONResponse(content=status)
 
-    @router.post("/alchemist/commands/{kind}")
-    async def alchemist_command(kind: str, request: Request) -> JSONResponse:
-        raw = await request.body()
+    @router.get("/alchemist/versions")
+    @admin
+    async def alchemist_versions(request: Request) -> JSONResponse:
         try:
-            payload = json.loads(raw) if raw.strip() else {}
-        except json.JSONDecodeError as exc:
-            return JSONResponse(status_code=422, content={"error": f"body is not JSON: {exc.msg}"})
-        if not isinstance(payload, dict):
-            return JSONResponse(status_code=422, content={"error": "body must be a JSON object"})
-        outcome = await run_command(kind, payload)
-        if not outcome.is_done:
-            return JSONResponse(status_code=504, content={"error": "the scheduler did not answer the command"})
-        if outcome.is_ok:
-            return JSONResponse(content={"result": outcome.result})
-        error = outcome.result if isinstance(outcome.result, dict) else {"error": str(outcome.result)}
-        return JSONResponse(status_code=404 if error.get("is_unknown") else 422,
-                            content={"error": error.get("error", "command failed")})
+            check_admin(request)
+            query = request.query_params
+            limit = bounded_int(query.get("limit"), "limit", VERSIONS_DEFAULT_LIMIT, 1, VERSIONS_MAX_LIMIT)
+            payload = {"limit": limit, "offset": bounded_int(query.get("offset"), "offset", 0, 0)}
+        except (_Refusal, FieldError) as exc:
+            return _refused(exc)
+        return await command("versions.list", payload)
+
+    @router.post("/alchemist/rollback")
+    @admin
+    async def alchemist_rollback(request: Request) -> JSONResponse:
+        try:
+            check_admin(request)
+            body = await _json_object(request, max_body_bytes)
+            check_keys(body, ("to",), "")
+            payload = {"to": version_name(body.get("to"), "to")}
+        except (_Refusal, FieldError) as exc:
+            return _refused(exc)
+        return await command("versions.rollback", payload)
+
+    @router.post("/alchemist/train/pause")
+    @admin
+    async def alchemist_train_pause(request: Request) -> JSONResponse:
+        try:
+            check_admin(request)
+        except _Refusal as exc:
+            return _refused(exc)
+        return await command("train.pause", {})
+
+    @router.post("/alchemist/train/resume")
+    @admin
+    async def alchemist_train_resume(request: Request) -> JSONResponse:
+        try:
+            check_admin(request)
+        except _Refusal as exc:
+            return _refused(exc)
+        return await command("train.resume", {})
+
+    @router.post("/alchemist/train/samples")
+    @admin
+    async def alchemist_train_samples(request: Request) -> JSONResponse:
+        try:
+            check_admin(request)
+            samples = normalize_samples(await _json_object(request, max_body_bytes))
+        except (_Refusal, FieldError) as exc:
+            return _refused(exc)
+        return await command("train.samples", {"samples": samples})
+
+    @router.post("/alchemist/commands/{kind}")
+    @admin
+    async def alchemist_command(kind: str, request: Request) -> JSONResponse:
+        try:
+            check_admin(request)
+            payload = await _json_object(request, max_body_bytes, is_empty_ok=True)
+        except (_Refusal, FieldError) as exc:
+            return _refused(exc)
+        return await command(kind, payload, is_wrapped=True)
 
     return router
+
+
+def command_response(outcome: CommandResult, *, is_wrapped: bool = False) -> JSONResponse:
+    """The HTTP answer for a command's outcome (Note [command errors]). A success answers the
+    result as is, or ``{"result": ...}`` when ``is_wrapped`` (the generic command route)."""
+    if not outcome.is_done:
+        return JSONResponse(status_code=504, content={"error": "the scheduler did not answer the command"})
+    if outcome.is_ok:
+        return JSONResponse(content={"result": outcome.result} if is_wrapped else outcome.result)
+    error = outcome.result if isinstance(outcome.result, dict) else {"error": str(outcome.result)}
+    status = error.get("http_status")
+    if isinstance(status, bool) or not isinstance(status, int) or not 400 <= status <= 599:
+        status = 404 if error.get("is_unknown") else 422
+    content: dict[str, Any] = {"error": str(error.get("error", "command failed"))}
+    if error.get("field") is not None:
+        content["field"] = error["field"]
+    return JSONResponse(status_code=status, content=content)
+
+
+def _has_bearer(header: str | None, key: str) -> bool:
+    """Constant-time check of ``Authorization: Bearer <key>``."""
+    if not header:
+        return False
+    scheme, _, token = header.strip().partition(" ")
+    return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), key.encode())
+
+
+async def _json_object(request: Request, max_body_bytes: int, *, is_empty_ok: bool = False) -> dict[str, Any]:
+    """The request body as a JSON object; 413 beyond ``max_body_bytes`` (checked on the declared
+    Content-Length first, then while reading, so a chunked upload is cut off too); 422 otherwise."""
+    too_large = _Refusal(413, {"error": f"body is larger than {max_body_bytes} bytes"})
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_body_bytes:
+        raise too_large
+    chunks: list[bytes] = []
+    size_bytes = 0
+    async for chunk in request.stream():
+        size_bytes += len(chunk)
+        if size_bytes > max_body_bytes:
+            raise too_large
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if is_empty_ok and not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise FieldError("body", f"is not JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise FieldError("body", "must be a JSON object")
+    return body
+
+
+def _refused(exc: _Refusal | FieldError) -> JSONResponse:
+    if isinstance(exc, FieldError):
+        return JSONResponse(status_code=422, content=exc.body())
+    return exc.response

@@ -25,3 +25,48 @@ class ModelPrepareError(AlchemistError):
 
 class StandInNotImplemented(AlchemistError, NotImplementedError):
     """A CPU stand-in under patches/ was called for a function it does not provide."""
+
+
+class QueueFull(AlchemistError):
+    """The training queue cannot take a whole offer (offers are all-or-nothing); answer 429."""
+
+    def __init__(self, pending: int, offered: int, max_pending: int) -> None:
+        self.pending, self.offered, self.max_pending = pending, offered, max_pending
+        super().__init__(f"training queue full: {pending} pending + {offered} offered > "
+                         f"train.max_pending_samples {max_pending}; retry once a step has run")
+
+
+class VersionFileCorrupt(AlchemistError):
+    """The persisted version registry cannot be read; ``path`` names the file."""
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        super().__init__(f"version registry {path}: {message}")
+
+
+class CheckpointIncompatible(AlchemistError):
+    """A checkpoint was written for another model or adapter shape; ``fields`` names what differs."""
+
+    def __init__(self, path: str, fields: tuple[str, ...], message: str) -> None:
+        self.path, self.fields = path, fields
+        super().__init__(message)
+
+
+class CheckpointCorrupt(AlchemistError):
+    """A checkpoint file exists but cannot be loaded; ``path`` names it."""
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        super().__init__(f"checkpoint {path} cannot be loaded: {message}; move it away to start "
+                         "from the previous checkpoint")
+
+
+class HeldoutInvalid(AlchemistError):
+    """The gate's held-out JSONL is unusable; ``path`` and ``line`` (1-based; 0 = the whole file)
+    name where."""
+
+    def __init__(self, path: str, line: int, message: str) -> None:
+        self.path, self.line = path, line
+        where = f", line {line}" if line else ""
+        super().__init__(f"held-out set {path}{where}: {message} (publish.gate.heldout_path "
+                         "expects one {\"prompt\": str, \"response\": str} object per line)")

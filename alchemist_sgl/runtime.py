@@ -20,6 +20,7 @@ from alchemist_sgl import __version__
 from alchemist_sgl.config import Config
 from alchemist_sgl.control import ControlQueue
 from alchemist_sgl.log import get_logger
+from alchemist_sgl.online.completions import BoundedCompletionLog
 
 logger = get_logger(__name__)
 
@@ -61,6 +62,13 @@ class Runtime:
         # The installed recording (store + plan + capture), set by the integration layer; None
         # while recording is off or failed to install. The trainer reads the store through it.
         self.recording: Any = None
+        # The online loop and its sample admission (online/), set by integration/training.py;
+        # None while training is off or failed to install.
+        self.loop: Any = None
+        self.admission: Any = None
+        self.completions = BoundedCompletionLog(max_entries=config.feedback.max_pending,
+                                                ttl_s=config.feedback.completion_ttl_s,
+                                                clock=time.time)
         if config.server.enable_debug_commands:
             self.register_command("debug.ping", lambda payload: {"pid": self.info.pid, "echo": payload})
         logger.info("alchemist runtime up in scheduler pid %d on %s serving '%s'",
@@ -87,14 +95,39 @@ class Runtime:
             try:
                 self.control.complete(command.id, True, handler(command.payload))
             except Exception as exc:
-                logger.exception("control command %s failed", command.kind)
-                self.control.complete(command.id, False, {"error": f"{type(exc).__name__}: {exc}"})
+                status = getattr(exc, "http_status", None)
+                if status is None:
+                    logger.exception("control command %s failed", command.kind)
+                message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+                answer: dict[str, Any] = {"error": message if status else f"{type(exc).__name__}: {exc}"}
+                if status is not None:
+                    answer["http_status"] = int(status)
+                if getattr(exc, "field", None):
+                    answer["field"] = exc.field
+                self.control.complete(command.id, False, answer)
             ran += 1
         return ran
 
     def on_iteration(self) -> None:
         """Called once per scheduler loop iteration."""
         self.state.iterations += 1
+
+    # ------------------------------------------------------------------ training slot
+    def on_train_slot(self, is_busy: bool) -> None:
+        """One slice of work units after a batch or an idle pass (quiescent points)."""
+        if self.loop is None or self.loop.is_paused or self.is_disabled("train"):
+            return
+        tc = self.config.train
+        self.loop.run_slice(tc.slice_budget_ms if is_busy else tc.idle_slice_ms)
+
+    def has_training_work(self) -> bool:
+        return self.loop is not None and not self.is_disabled("train") and self.loop.has_work
+
+    def on_shutdown(self) -> None:
+        """Checkpoint at shutdown (SGLang kills the scheduler 15 s after asking it to exit)."""
+        if self.loop is not None and not self.is_disabled("train"):
+            self.loop.abandon_step()
+            self.loop.checkpoint()
 
     def disable(self, feature: str, reason: str) -> None:
         """Turns a feature off for the life of the process, loudly; serving goes on."""

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from alchemist_sgl.config import Config, config_to_json
-from alchemist_sgl.errors import ManifestError
+from alchemist_sgl.errors import ConfigError, ManifestError
 
 CONFIG_ENV = "ALCHEMIST_SGL_CONFIG"
 MODEL_PATH_ENV = "ALCHEMIST_SGL_MODEL_PATH"
@@ -77,3 +77,21 @@ def check_environment_switches(config: Config) -> None:
             "tensors that autograd cannot use; unset it")
     if is_cpu_run(config) and os.environ.get("SGLANG_USE_CPU_ENGINE") != "1":
         raise ManifestError("SGLANG_USE_CPU_ENGINE must be 1 for a CPU run (without it is_cpu() is false)")
+    check_training_flags(config)
+
+
+def check_training_flags(config: Config) -> None:
+    """Training runs in the scheduler between iterations: it needs SGLang's normal (non-overlap)
+    loop, where the point after ``process_batch_result`` is quiescent. Raises ConfigError naming
+    the flag."""
+    if not config.train.is_enabled:
+        return
+    sg = {str(k).replace("_", "-"): v for k, v in config.sglang.items()}
+    if sg.get("disable-overlap-schedule") is not True:
+        raise ConfigError("sglang.disable-overlap-schedule",
+                          "must be true while train.enabled is true: the overlap scheduler runs "
+                          "batch N+1 while N is processed, so no point between batches is quiescent "
+                          "for training (or set train.enabled=false)")
+    if sg.get("enable-lora"):
+        raise ConfigError("sglang.enable-lora", "serving SGLang LoRA adapters while training in "
+                          "merge mode is not supported (set train.enabled=false)")

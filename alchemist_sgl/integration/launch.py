@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from alchemist_sgl.api import build_router
+from alchemist_sgl.api_guards import pin_model_names, refuse_weight_routes
+from alchemist_sgl.online.versions import ServingVersionReader
 from alchemist_sgl.config import Config
 from alchemist_sgl.control import CommandResult, ControlQueue
 from alchemist_sgl.errors import ConfigError
@@ -78,10 +80,30 @@ def serve(config: Config, model_path: Path, port: int | None = None,
 
     load_plugins()
     queue = ControlQueue(os.environ[CONTROL_DB_ENV])
-    http_server.app.include_router(build_router(_fetch_status, functools.partial(_run_command, queue)))
+    app = http_server.app
+    from sglang.srt.utils.auth import AuthLevel, auth_level  # noqa: PLC0415
+
+    app.include_router(build_router(_fetch_status, functools.partial(_run_command, queue),
+                                    admin_api_key=getattr(server_args, "admin_api_key", None),
+                                    mark_admin_endpoint=auth_level(AuthLevel.ADMIN_OPTIONAL)))
+    versions = ServingVersionReader(Path(config.train.checkpoint_dir) / "versions.json")
+    refuse_weight_routes(app)
+    pin_model_names(app, config.server.served_model_name, functools.partial(_serving_version, versions))
     base_url = f"http://{config.server.host}:{port if port is not None else config.server.port}"
     callback = (lambda: on_ready(base_url)) if on_ready is not None else None
     http_server.launch_server(server_args, launch_callback=callback)
+
+
+def _serving_version(versions: ServingVersionReader) -> str:
+    """The serving version, read from the scheduler's versions file (a stat per call); also keeps
+    SGLang's tokenizer-side ``weight_version`` equal to it (the scheduler side is set at publish)."""
+    from sglang.srt.entrypoints import http_server  # noqa: PLC0415
+
+    current = versions.current()
+    manager = getattr(http_server._global_state, "tokenizer_manager", None)
+    if manager is not None and manager.config_value("weight_version") != current:
+        manager.record_config_updates("tokenizer.weight_version", weight_version=current)
+    return current
 
 
 async def _fetch_status() -> dict[str, Any] | None:
@@ -89,6 +111,11 @@ async def _fetch_status() -> dict[str, Any] | None:
     from sglang.srt.entrypoints import http_server  # noqa: PLC0415
 
     states = await http_server._global_state.tokenizer_manager.get_internal_state()
+    if states and isinstance(states[0].get(STATUS_KEY), dict):
+        version = states[0][STATUS_KEY].get("weight_version")
+        manager = http_server._global_state.tokenizer_manager
+        if version and manager.config_value("weight_version") != version:
+            manager.record_config_updates("tokenizer.weight_version", weight_version=version)
     if not states:
         return None
     return states[0].get(STATUS_KEY)

@@ -13,7 +13,7 @@ import pkgutil
 from dataclasses import dataclass
 
 from alchemist_sgl.errors import ManifestError
-from alchemist_sgl.integration import capture_hooks
+from alchemist_sgl.integration import capture_hooks, served_model, training
 
 PINNED_SGLANG_VERSION = "0.5.23"
 
@@ -35,6 +35,12 @@ MANIFEST: tuple[HookPoint, ...] = (
     HookPoint("sglang.srt.managers.tokenizer_control_mixin.TokenizerControlMixin.get_internal_state",
               "control channel to the scheduler (status)"),
     HookPoint("sglang.srt.plugins.hook_registry.HookRegistry.register", "plugin hooks"),
+    HookPoint("sglang.srt.utils.auth.auth_level", "admin routes follow --admin-api-key"),
+    HookPoint("sglang.srt.utils.auth.AuthLevel", "admin routes follow --admin-api-key"),
+    HookPoint("sglang.srt.managers.tokenizer_manager.TokenizerManager.record_config_updates",
+              "tokenizer-side weight_version follows the serving version"),
+    HookPoint("sglang.srt.managers.tokenizer_manager.TokenizerManager.config_value",
+              "reading the tokenizer-side weight_version"),
     HookPoint("sglang.srt.plugins.hook_registry.HookType", "plugin hook kinds"),
     HookPoint("sglang.srt.managers.scheduler.Scheduler.__init__", "building the runtime in the scheduler process"),
     HookPoint("sglang.srt.managers.scheduler.Scheduler.get_internal_state", "status payload from the scheduler"),
@@ -52,10 +58,17 @@ MANIFEST += tuple(HookPoint(name, "recording prefill activations")
                   for name in (*capture_hooks.SGLANG_NAMES, *capture_hooks.SGLANG_INSTANCE_ATTRIBUTES)
                   if name not in _known)
 
+# The online loop (integration/training.py, integration/served_model.py).
+_known = {p.name for p in MANIFEST}
+MANIFEST += tuple(HookPoint(name, "online loop: training slot, version stamp, completion log")
+                  for name in (*training.SGLANG_NAMES, *training.SGLANG_INSTANCE_ATTRIBUTES,
+                               *served_model.SGLANG_NAMES)
+                  if name not in _known)
+
 # Names that exist only on instances: set as ``self.x = ...`` in the class's module, or dataclass
 # fields without a default (neither resolves as a class attribute).
 _INSTANCE_ATTRIBUTES = {"sglang.srt.managers.scheduler.Scheduler.tp_worker",
-                        *capture_hooks.SGLANG_INSTANCE_ATTRIBUTES}
+                        *capture_hooks.SGLANG_INSTANCE_ATTRIBUTES, *training.SGLANG_INSTANCE_ATTRIBUTES}
 
 
 def check_manifest(*, is_cpu: bool, extra: tuple[HookPoint, ...] = ()) -> list[str]:
@@ -75,6 +88,11 @@ def check_manifest(*, is_cpu: bool, extra: tuple[HookPoint, ...] = ()) -> list[s
         checked.append(point.name)
         if not _resolves(point.name):
             missing.append(f"{point.name} ({point.used_for})")
+    if is_cpu and _has_weight_repacking_cpu_kernel():
+        raise ManifestError(
+            "a weight-repacking CPU kernel is installed (sgl_kernel with AMX support): SGLang would "
+            "keep packed copies of the weights, and the online loop's in-place publishes would not "
+            "reach them; use the project's CPU stand-in (make setup) or set train.enabled=false")
     if missing:
         raise ManifestError(
             f"SGLang names missing in sglang=={version} (alchemist-sgl is pinned to "
@@ -104,3 +122,10 @@ def _resolves(name: str) -> bool:
     except (ImportError, AttributeError, ValueError):
         return False
     return True
+
+
+def _has_weight_repacking_cpu_kernel() -> bool:
+    """SGLang repacks CPU weights only when ``cpu_has_amx_support()`` (a real sgl_kernel op)."""
+    from sglang.srt.utils.common import cpu_has_amx_support  # noqa: PLC0415
+
+    return bool(cpu_has_amx_support())

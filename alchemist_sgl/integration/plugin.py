@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import functools
 import os
+from pathlib import Path
 from typing import Any
 
 from alchemist_sgl.config import Config, config_from_json
 from alchemist_sgl.control import ControlQueue
-from alchemist_sgl.integration import capture_hooks
+from alchemist_sgl.integration import capture_hooks, training
 from alchemist_sgl.integration.environment import CONFIG_ENV, CONTROL_DB_ENV, MODEL_PATH_ENV, is_cpu_run
 from alchemist_sgl.log import get_logger
+from alchemist_sgl.online import commands
 from alchemist_sgl.prefix import Namespace
 from alchemist_sgl.record.export import export_recording
 from alchemist_sgl.runtime import Runtime, SchedulerInfo
@@ -44,8 +46,10 @@ def load() -> None:
         from patches import lora_pin_memory_guard  # noqa: PLC0415
 
         lora_pin_memory_guard.apply()
-    HookRegistry.register(f"{_SCHEDULER}.__init__", functools.partial(_after_scheduler_init, config),
-                          HookType.AFTER)
+    holder = training.ProcessHolder()
+    HookRegistry.register(f"{_SCHEDULER}.__init__",
+                          functools.partial(_after_scheduler_init, config, holder), HookType.AFTER)
+    training.register_hooks(holder)
     HookRegistry.register(f"{_SCHEDULER}.get_next_batch_to_run", _after_get_next_batch, HookType.AFTER)
     HookRegistry.register(f"{_SCHEDULER}.get_internal_state", _after_get_internal_state, HookType.AFTER)
 
@@ -54,7 +58,8 @@ def runtime_of(scheduler: Any) -> Runtime | None:
     return getattr(scheduler, RUNTIME_ATTR, None)
 
 
-def _after_scheduler_init(config: Config, result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
+def _after_scheduler_init(config: Config, holder: training.ProcessHolder, result: Any, scheduler: Any,
+                          *args: Any, **kwargs: Any) -> None:
     try:
         control_path = os.environ.get(CONTROL_DB_ENV)
         control = ControlQueue(control_path) if control_path else None
@@ -71,7 +76,20 @@ def _after_scheduler_init(config: Config, result: Any, scheduler: Any, *args: An
                 Namespace(str(runtime.state.weight_version), payload.get("adapter")),
                 str(payload.get("path") or "")))
 
+    def install_training() -> None:
+        built = training.install(scheduler, runtime)
+        if built is None:
+            return
+        runtime.loop, runtime.admission = built
+        commands.register(runtime, runtime.loop, runtime.admission,
+                          var_dir=Path(config.server.cache_dir).parent)
+        runtime.add_status_section("train", lambda: runtime.loop.status()["train"])
+        runtime.add_status_section("publish", lambda: runtime.loop.status()["publish"])
+        runtime.add_status_section("versions", lambda: runtime.loop.registry.status(cap=20))
+
     _attach(runtime, "record", install_recording)
+    _attach(runtime, "train", install_training)
+    holder.runtime = runtime
     return None
 
 

@@ -1,8 +1,10 @@
 """The trainable forward of a Llama-family decoder over planned segments, with replay.
 
-Owns ``forward_logprobs``: given frozen ``BaseWeights``, an optional ``LoraAdapter`` and a
-``PlannedSample`` (samples.py), returns the log-probability of every response token under
-base + adapter, with the autograd graph to the adapter's parameters. Imports only torch.
+Owns ``forward_logprobs``: given frozen ``BaseWeights``, an optional ``LoraAdapter``, the optional
+published ``FrozenLora`` and a ``PlannedSample`` (samples.py), returns the log-probability of every
+response token under W0 + adapter, with the autograd graph to the adapter's parameters. Its
+pieces, ``embed_segments`` / ``decoder_layer`` / ``head_logprobs``, are what the work units
+(units.py) run one at a time: there is one copy of the layer code. Imports only torch.
 
 Note [Segments]: the input [prompt | response] is split into planned segments; each keeps its own
 hidden/residual tensors through every layer (no per-linear slice/cat of a joint tensor). For every
@@ -19,6 +21,24 @@ bottom-right causal mask. It is an approximation: the gradient that flows from t
 back through the prompt's activations into the adapter is dropped (and the one label row that
 sits at the prompt's last position carries no gradient). The prompt is computed with the
 current adapter (replayed base outputs where covered), not taken from SGLang's KV pool.
+
+Note [Published adapter]: in merge mode the base tensors are the live served weights,
+W_pub = cast(W0 + s * B_pub @ A_pub), with (A_pub, B_pub) the published adapter (``published``, a
+``FrozenLora``; None means nothing is merged, W_pub = W0). Every target projection computes
+    y = W_pub x + s*B(A x) - s*B_pub(A_pub x)
+with (A_pub, B_pub) constants (no parameter grad) but the term still differentiable in x: value,
+dx = (W_pub + sBA - sB_pub A_pub)^T g, dA and dB equal those of W0 x + s*BAx at any lag (fp32, to
+rounding). The two LoRA terms are computed by identical ops, so when (A, B) == (A_pub, B_pub)
+bitwise their difference is exactly zero and y == W_pub x bitwise. In that case (the trainer's
+``is_published_current``: right after ``set_published(adapter.snapshot())``, until an optimizer
+step or a load) the cheaper lag-0 form is used:
+    y = W_pub x + (l(x_d) - l(x_d).detach()),   l(x) = s*B(A x),  x_d = x.detach()
+value W_pub x, dx = W_pub^T g (= (W0 + sBA)^T g, because W_pub already holds sBA), dA and dB as
+above. The input is detached inside l because W_pub's gradient already carries sBA; without the
+detach it would be counted twice. A replayed segment (recorded W_pub x from the server) plugs in
+the same way through ``replayed_linear``, so a lag-0 recording equals what the trainer computes.
+With ``adapter=None`` the forward is y = W_pub x: the served weights as they are. Dropout breaks
+the zero-value identity: the trainer refuses a published adapter when dropout > 0.
 """
 
 from __future__ import annotations
@@ -29,45 +49,73 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from alchemist_sgl.train.lora import LoraAdapter
+from alchemist_sgl.train.lora import FrozenLora, LoraAdapter
 from alchemist_sgl.train.ops import (RopeCache, add_rmsnorm, apply_rope, causal_attention,
                                      replayed_linear, rmsnorm)
 from alchemist_sgl.train.samples import PlannedSample, PlannedSegment
 from alchemist_sgl.train.weights import BaseWeights
 
 _PART_INDEX = {"q": 0, "k": 1, "v": 2, "o": 0, "gate": 0, "up": 1, "down": 0}
+_Group = tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]  # (cat A [pairs*r, d_in], [(part, B)])
+
+
+def _groups(adapter: LoraAdapter | FrozenLora, layer: int, dtype: torch.dtype) -> dict[str, _Group]:
+    out: dict[str, _Group] = {}
+    for proj in ("qkv", "o", "gate_up", "down"):
+        pairs = adapter.pairs(layer, proj)
+        if pairs:
+            a = pairs[0][1] if len(pairs) == 1 else torch.cat([p[1] for p in pairs], dim=0)
+            # fp32 master tensors, computed in the activation dtype (a no-op in fp32).
+            out[proj] = (a.to(dtype), [(_PART_INDEX[t], b.to(dtype)) for t, _, b in pairs])
+    return out
 
 
 class _LayerLora:
-    """One layer's LoRA pairs grouped by fused projection: A's concatenated once per forward."""
+    """One layer's LoRA correction per fused projection (Note [Published adapter]): the trained
+    pairs' A's concatenated once per forward, and the published pairs' when the full form runs."""
 
     def __init__(self, adapter: LoraAdapter | None, layer: int, is_training: bool,
-                 dtype: torch.dtype) -> None:
-        self.groups: dict[str, tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]] = {}
+                 dtype: torch.dtype, published: FrozenLora | None = None,
+                 is_published_current: bool = False) -> None:
+        self.groups: dict[str, _Group] = {}
+        self.published: dict[str, _Group] = {}
+        self.is_lag0 = adapter is not None and published is not None and is_published_current
         if adapter is None:
             return
         self.scale, self.rank = adapter.scale, adapter.rank
         self.dropout = adapter.dropout if is_training else 0.0
-        for proj in ("qkv", "o", "gate_up", "down"):
-            pairs = adapter.pairs(layer, proj)
-            if pairs:
-                a = pairs[0][1] if len(pairs) == 1 else torch.cat([p[1] for p in pairs], dim=0)
-                # fp32 master parameters, computed in the activation dtype (a no-op in fp32).
-                self.groups[proj] = (a.to(dtype), [(_PART_INDEX[t], b.to(dtype)) for t, _, b in pairs])
+        self.groups = _groups(adapter, layer, dtype)
+        if published is not None and not self.is_lag0:
+            if (published.rank, published.targets) != (adapter.rank, adapter.targets):
+                raise ValueError("the published adapter must have the trained adapter's rank and targets")
+            self.published = _groups(published, layer, dtype)
+
+    def _deltas(self, group: _Group, x: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        a, bs = group
+        xa = F.linear(x, a) * self.scale  # [n, pairs * r]
+        r = self.rank
+        return [(idx, F.linear(xa if len(bs) == 1 else xa[:, j * r:(j + 1) * r], b))
+                for j, (idx, b) in enumerate(bs)]
 
     def add(self, proj: str, x: torch.Tensor, parts: list[torch.Tensor]) -> list[torch.Tensor]:
-        """parts[i] += B_i @ A_i @ dropout(x) * scale for each pair of ``proj``; returns parts."""
+        """parts[i] += the correction of ``proj``'s pairs (x [n, d_in]); returns parts."""
         group = self.groups.get(proj)
         if group is None:
             return parts
-        a, bs = group
+        if self.is_lag0:  # value exactly 0; only the adapter's gradients
+            if not torch.is_grad_enabled():
+                return parts
+            x = x.detach()
         if self.dropout > 0.0:
             x = F.dropout(x, self.dropout, training=True)
-        xa = F.linear(x, a) * self.scale  # [n, pairs * r]
-        r = self.rank
-        for j, (idx, b) in enumerate(bs):
-            piece = xa if len(bs) == 1 else xa[:, j * r:(j + 1) * r]
-            parts[idx] = parts[idx] + F.linear(piece, b)
+        deltas = self._deltas(group, x)
+        pub = self.published.get(proj)
+        if pub is not None:  # full form: + s*B(Ax) - s*B_pub(A_pub x), one difference per part
+            for (idx, d), (_, dp) in zip(deltas, self._deltas(pub, x)):
+                parts[idx] = parts[idx] + (d - dp)
+            return parts
+        for idx, d in deltas:
+            parts[idx] = parts[idx] + ((d - d.detach()) if self.is_lag0 else d)
         return parts
 
 
@@ -83,77 +131,106 @@ def _base(x: torch.Tensor, weight: torch.Tensor, seg: PlannedSegment, name: str,
     return y
 
 
-def forward_logprobs(weights: BaseWeights, adapter: LoraAdapter | None, rope: RopeCache,
-                     planned: PlannedSample, *,
-                     gradient_mode: Literal["exact", "response_only"] = "exact",
-                     is_training: bool = True,
-                     capture: dict[str, list[torch.Tensor]] | None = None) -> torch.Tensor:
-    """Log-probs [R] (fp32) of the response tokens given the prompt; differentiable w.r.t. the
-    adapter when grad is enabled. ``adapter=None`` gives the base model. See Notes [Segments] and
-    [Response-only gradients]. ``capture`` (single-segment plans only): receives, per projection
-    name, one base output [T, out_dim] per layer, e.g. to make recordings where no server exists
-    (``eval/gpu_check.py``; tests record from HF instead). Pure otherwise: no state is kept."""
-    spec, device = weights.spec, weights.device
+Streams = list[torch.Tensor | None]  # one [n_i, H] tensor per planned segment
+
+
+def embed_segments(weights: BaseWeights, planned: PlannedSample) -> list[torch.Tensor]:
+    """Layer 0's input: the embedding [n_i, H] of each segment (no grad: the base is frozen)."""
+    ids = planned.input_ids.to(weights.device)
+    return [F.embedding(ids[s.start:s.end], weights.embed) for s in planned.segments]
+
+
+def decoder_layer(weights: BaseWeights, layer: int, lora: _LayerLora, planned: PlannedSample,
+                  rope: RopeCache, hidden: Streams, residual: Streams, *,
+                  is_response_only: bool = False,
+                  capture: dict[str, list[torch.Tensor]] | None = None) -> tuple[Streams, Streams]:
+    """One decoder layer over all segments (Note [Segments]), SGLang's two streams in and out:
+    ``hidden`` [n_i, H] per segment, ``residual`` [n_i, H] per segment or None at layer 0 (the
+    hidden input is then the embedding and becomes the residual). Returns new lists."""
+    spec, lw, segs = weights.spec, weights.layers[layer], planned.segments
     eps, heads, kvh, hd = spec.rms_norm_eps, spec.heads, spec.kv_heads, spec.head_dim
-    splits = [spec.q_size, spec.kv_size, spec.kv_size]
-    f = spec.intermediate
-    ids = planned.input_ids.to(device)
-    segs = planned.segments
-    p_len, total = planned.prompt_len, ids.numel()
-    is_response_only = gradient_mode == "response_only"
-    if gradient_mode not in ("exact", "response_only"):
-        raise ValueError(f"unknown gradient_mode {gradient_mode!r}")
-    if capture is not None and len(segs) != 1:
-        raise ValueError("capture needs a single-segment plan")
+    splits, f, p_len = [spec.q_size, spec.kv_size, spec.kv_size], spec.intermediate, planned.prompt_len
 
     def grad_ctx(seg: PlannedSegment):
         if is_response_only and seg.end <= p_len:
             return torch.no_grad()
         return contextlib.nullcontext()
 
-    hidden: list[torch.Tensor | None] = [None] * len(segs)
-    residual: list[torch.Tensor | None] = [None] * len(segs)
-    ropes = [rope.get(s.start, s.end) for s in segs]
-    scale = hd ** -0.5
-    for layer, lw in enumerate(weights.layers):
-        lora = _LayerLora(adapter, layer, is_training, weights.dtype)
-        qs, ks, vs = [], [], []
-        for i, seg in enumerate(segs):
-            n_tok = seg.end - seg.start
-            with grad_ctx(seg):
-                if layer == 0:
-                    h = F.embedding(ids[seg.start:seg.end], weights.embed)
-                    residual[i] = h
-                    x = rmsnorm(h, lw.input_layernorm, eps)
-                else:
-                    x, residual[i] = add_rmsnorm(hidden[i], residual[i], lw.input_layernorm, eps)
-                qkv = _base(x, lw.qkv, seg, "qkv", layer, capture)
-                q, k, v = lora.add("qkv", x, list(qkv.split(splits, -1)))
-                cos, sin = ropes[i]
-                qs.append(apply_rope(q.view(n_tok, heads, hd), cos, sin))
-                ks.append(apply_rope(k.view(n_tok, kvh, hd), cos, sin))
-                vs.append(v.reshape(n_tok, kvh, hd))
-        attn = _attention(qs, ks, vs, segs, scale, p_len if is_response_only else None)
-        for i, seg in enumerate(segs):
-            with grad_ctx(seg):
-                (o,) = lora.add("o", attn[i], [_base(attn[i], lw.o, seg, "o", layer, capture)])
-                x, residual[i] = add_rmsnorm(o, residual[i], lw.post_attention_layernorm, eps)
-                gate_up = _base(x, lw.gate_up, seg, "gate_up", layer, capture)
-                g, u = lora.add("gate_up", x, list(gate_up.split([f, f], -1)))
-                m = F.silu(g) * u
-                (hidden[i],) = lora.add("down", m, [_base(m, lw.down, seg, "down", layer, capture)])
-    # Rows whose next token is a response token: absolute positions [P - 1, P + R - 1).
-    h_rows, r_rows = [], []
+    hid, res = list(hidden), list(residual)
+    qs, ks, vs = [], [], []
     for i, seg in enumerate(segs):
-        lo, hi = max(seg.start, p_len - 1), min(seg.end, total - 1)
-        if lo < hi:
-            h_rows.append(hidden[i][lo - seg.start:hi - seg.start])
-            r_rows.append(residual[i][lo - seg.start:hi - seg.start])
-    h = h_rows[0] if len(h_rows) == 1 else torch.cat(h_rows)
-    r = r_rows[0] if len(r_rows) == 1 else torch.cat(r_rows)
-    x, _ = add_rmsnorm(h, r, weights.final_norm, eps)
+        n_tok = seg.end - seg.start
+        with grad_ctx(seg):
+            if res[i] is None:
+                res[i] = hid[i]
+                x = rmsnorm(hid[i], lw.input_layernorm, eps)
+            else:
+                x, res[i] = add_rmsnorm(hid[i], res[i], lw.input_layernorm, eps)
+            qkv = _base(x, lw.qkv, seg, "qkv", layer, capture)
+            q, k, v = lora.add("qkv", x, list(qkv.split(splits, -1)))
+            cos, sin = rope.get(seg.start, seg.end)
+            qs.append(apply_rope(q.view(n_tok, heads, hd), cos, sin))
+            ks.append(apply_rope(k.view(n_tok, kvh, hd), cos, sin))
+            vs.append(v.reshape(n_tok, kvh, hd))
+    attn = _attention(qs, ks, vs, segs, hd ** -0.5, p_len if is_response_only else None)
+    for i, seg in enumerate(segs):
+        with grad_ctx(seg):
+            (o,) = lora.add("o", attn[i], [_base(attn[i], lw.o, seg, "o", layer, capture)])
+            x, res[i] = add_rmsnorm(o, res[i], lw.post_attention_layernorm, eps)
+            gate_up = _base(x, lw.gate_up, seg, "gate_up", layer, capture)
+            g, u = lora.add("gate_up", x, list(gate_up.split([f, f], -1)))
+            m = F.silu(g) * u
+            (hid[i],) = lora.add("down", m, [_base(m, lw.down, seg, "down", layer, capture)])
+    return hid, res
+
+
+def gather_rows(planned: PlannedSample, tensors: Streams, lo: int, hi: int) -> torch.Tensor:
+    """Rows [lo, hi) of the model input (absolute positions) out of per-segment tensors."""
+    rows = []
+    for seg, t in zip(planned.segments, tensors):
+        a, b = max(seg.start, lo), min(seg.end, hi)
+        if a < b:
+            rows.append(t[a - seg.start:b - seg.start])
+    return rows[0] if len(rows) == 1 else torch.cat(rows)
+
+
+def head_logprobs(weights: BaseWeights, planned: PlannedSample, hidden: Streams, residual: Streams,
+                  lo: int, hi: int) -> torch.Tensor:
+    """Final add+RMSNorm, LM head and log-probs [hi - lo] (fp32) of the tokens at positions
+    [lo + 1, hi + 1) from the rows [lo, hi); the response is rows [P - 1, P + R - 1)."""
+    ids = planned.input_ids.to(weights.device)
+    x, _ = add_rmsnorm(gather_rows(planned, hidden, lo, hi), gather_rows(planned, residual, lo, hi),
+                       weights.final_norm, weights.spec.rms_norm_eps)
     logits = F.linear(x, weights.lm_head).float()
-    return -F.cross_entropy(logits, ids[p_len:], reduction="none")
+    return -F.cross_entropy(logits, ids[lo + 1:hi + 1], reduction="none")
+
+
+def forward_logprobs(weights: BaseWeights, adapter: LoraAdapter | None, rope: RopeCache,
+                     planned: PlannedSample, *,
+                     gradient_mode: Literal["exact", "response_only"] = "exact",
+                     is_training: bool = True,
+                     capture: dict[str, list[torch.Tensor]] | None = None,
+                     published: FrozenLora | None = None,
+                     is_published_current: bool = False) -> torch.Tensor:
+    """Log-probs [R] (fp32) of the response tokens given the prompt; differentiable w.r.t. the
+    adapter when grad is enabled. ``adapter=None`` gives the base tensors as they are (W_pub).
+    ``published``/``is_published_current``: Note [Published adapter]. See Notes [Segments] and
+    [Response-only gradients]. ``capture`` (single-segment plans only): receives, per projection
+    name, one base output [T, out_dim] per layer, e.g. to make recordings where no server exists
+    (``eval/gpu_check.py``; tests record from HF instead). Pure otherwise: no state is kept."""
+    if gradient_mode not in ("exact", "response_only"):
+        raise ValueError(f"unknown gradient_mode {gradient_mode!r}")
+    if capture is not None and len(planned.segments) != 1:
+        raise ValueError("capture needs a single-segment plan")
+    hidden: Streams = list(embed_segments(weights, planned))
+    residual: Streams = [None] * len(hidden)
+    for layer in range(weights.spec.layers):
+        lora = _LayerLora(adapter, layer, is_training, weights.dtype, published, is_published_current)
+        hidden, residual = decoder_layer(weights, layer, lora, planned, rope, hidden, residual,
+                                         is_response_only=gradient_mode == "response_only",
+                                         capture=capture)
+    p_len = planned.prompt_len
+    return head_logprobs(weights, planned, hidden, residual, p_len - 1, planned.input_ids.numel() - 1)
 
 
 def _attention(qs: list[torch.Tensor], ks: list[torch.Tensor], vs: list[torch.Tensor],

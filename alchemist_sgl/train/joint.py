@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from alchemist_sgl.train.forward import _LayerLora
-from alchemist_sgl.train.lora import LoraAdapter
+from alchemist_sgl.train.lora import FrozenLora, LoraAdapter
 from alchemist_sgl.train.ops import (RopeCache, add_rmsnorm, apply_rope, causal_attention,
                                      rmsnorm, row_replayed_linear)
 from alchemist_sgl.train.samples import PlannedSample
@@ -44,8 +44,11 @@ def _ranges(planned: PlannedSample, name: str, layer: int, device: torch.device)
 
 
 def joint_forward_logprobs(weights: BaseWeights, adapter: LoraAdapter | None, rope: RopeCache,
-                           planned: PlannedSample, *, is_training: bool = True) -> torch.Tensor:
-    """Log-probs [R] (fp32) of the response tokens; exact gradients. See Note [Joint layout]."""
+                           planned: PlannedSample, *, is_training: bool = True,
+                           published: FrozenLora | None = None,
+                           is_published_current: bool = False) -> torch.Tensor:
+    """Log-probs [R] (fp32) of the response tokens; exact gradients. See Note [Joint layout];
+    ``published`` as in forward.py, Note [Published adapter]."""
     spec, device = weights.spec, weights.device
     eps, heads, kvh, hd = spec.rms_norm_eps, spec.heads, spec.kv_heads, spec.head_dim
     splits, f = [spec.q_size, spec.kv_size, spec.kv_size], spec.intermediate
@@ -57,7 +60,8 @@ def joint_forward_logprobs(weights: BaseWeights, adapter: LoraAdapter | None, ro
     residual, hidden = h, None
     for layer, lw in enumerate(weights.layers):
         rows = {name: _ranges(planned, name, layer, device) for name in PROJECTIONS}
-        lora = _LayerLora(adapter, layer, is_training, weights.dtype)
+        lora = _LayerLora(adapter, layer, is_training, weights.dtype, published,
+                          is_published_current)
         if layer == 0:
             x = rmsnorm(h, lw.input_layernorm, eps)
         else:

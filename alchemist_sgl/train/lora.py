@@ -1,7 +1,9 @@
 """The trained LoRA adapter: separate A/B per target in PEFT's layout, over SGLang's fused base.
 
-Owns ``LoraAdapter`` (an ``nn.Module`` whose parameters are the only trained tensors) and
-``merge_adapter_into_base`` (W += scale * B @ A into the fused tensors at the right row offsets).
+Owns ``LoraAdapter`` (an ``nn.Module`` whose parameters are the only trained tensors),
+``FrozenLora`` (a detached fp32 snapshot of one: the published adapter, forward.py Note
+[Published adapter]) and ``merge_adapter_into_base`` (W += scale * B @ A into the fused tensors at
+the right row offsets).
 
 Note [PEFT layout over a fused base]: SGLang fuses q|k|v and gate|up, PEFT keeps one LoRA pair per
 HF module. We keep PEFT's pairs (names ``base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight``,
@@ -93,6 +95,12 @@ class LoraAdapter(nn.Module):
                 "lora_dropout": self.dropout, "bias": "none", "task_type": "CAUSAL_LM",
                 "target_modules": [_PEFT_MODULE[t].split(".")[1] for t in self.targets]}
 
+    def snapshot(self) -> "FrozenLora":
+        """A detached fp32 copy of every A/B (bitwise the adapter's values when it is fp32)."""
+        return FrozenLora(self.spec, self.rank, self.alpha, self.targets,
+                          {k: v.detach().float().clone() for k, v in self.a.items()},
+                          {k: v.detach().float().clone() for k, v in self.b.items()})
+
     @torch.no_grad()
     def reset(self, seed: int = 0) -> None:
         """A fresh adapter (PEFT init) in place; parameters keep their identity."""
@@ -103,9 +111,88 @@ class LoraAdapter(nn.Module):
             self.b[k].zero_()
 
 
+class FrozenLora:
+    """An immutable LoRA adapter: fp32 tensors without grad, ``a[key]`` [r, d_in], ``b[key]``
+    [d_out, r] with ``key = f"{layer}_{target}"``. Same ``pairs`` / ``scale`` / ``rank`` /
+    ``targets`` / ``peft_state_dict`` API as ``LoraAdapter``, so the forward and the merge read
+    either. The trainer keeps the published adapter as one (forward.py, Note [Published adapter]).
+    Never mutate its tensors: make a new snapshot instead.
+    """
+
+    def __init__(self, spec: LlamaSpec, rank: int, alpha: float, targets: Iterable[str],
+                 a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+        targets = tuple(targets)
+        self.spec, self.rank, self.alpha = spec, int(rank), float(alpha)
+        self.targets = tuple(t for t in ALL_TARGETS if t in targets)
+        self.scale = self.alpha / self.rank
+        want = {f"{layer}_{t}" for layer in range(spec.layers) for t in self.targets}
+        if set(a) != want or set(b) != want:
+            raise ValueError(f"a frozen adapter needs A and B for exactly {len(want)} (layer, target) keys")
+        for key in want:
+            t = key.split("_", 1)[1]
+            d_in, d_out = spec.target_dims(t)
+            if tuple(a[key].shape) != (self.rank, d_in) or tuple(b[key].shape) != (d_out, self.rank):
+                raise ValueError(f"LoRA pair {key}: A {tuple(a[key].shape)}, B {tuple(b[key].shape)}; "
+                                 f"expected ({self.rank}, {d_in}) and ({d_out}, {self.rank})")
+        self.a = {k: v.detach().float() for k, v in a.items()}
+        self.b = {k: v.detach().float() for k, v in b.items()}
+
+    @classmethod
+    def from_peft_state_dict(cls, spec: LlamaSpec, rank: int, alpha: float,
+                             targets: Iterable[str], state: dict[str, torch.Tensor]) -> "FrozenLora":
+        """From PEFT-named tensors (``.default`` segments accepted); raises KeyError naming a
+        missing tensor and ValueError on a wrong shape. Tensors are copied to fp32."""
+        state = {k.replace(".default.weight", ".weight"): v for k, v in state.items()}
+        targets = tuple(targets)
+        a, b = {}, {}
+        for layer in range(spec.layers):
+            for t in targets:
+                for which, out in (("A", a), ("B", b)):
+                    name = peft_name(layer, t, which)
+                    if name not in state:
+                        raise KeyError(f"PEFT tensor '{name}' is missing")
+                    out[f"{layer}_{t}"] = state[name].detach().float().clone()
+        return cls(spec, rank, alpha, targets, a, b)
+
+    def pairs(self, layer: int, projection: str) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """The (target, A, B) pairs that live in one fused projection, in column order."""
+        return [(t, self.a[f"{layer}_{t}"], self.b[f"{layer}_{t}"])
+                for t in self.targets if TARGET_TO_PROJECTION[t] == projection]
+
+    def peft_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors under PEFT's saved names (references: do not mutate)."""
+        return {peft_name(layer, t, w): (self.a if w == "A" else self.b)[f"{layer}_{t}"]
+                for layer in range(self.spec.layers) for t in self.targets for w in ("A", "B")}
+
+    def state(self) -> dict:
+        """A checkpointable dict (rank, alpha, targets, PEFT-named tensors); ``from_state`` inverts."""
+        return {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets),
+                "tensors": self.peft_state_dict()}
+
+    @classmethod
+    def from_state(cls, spec: LlamaSpec, state: dict) -> "FrozenLora":
+        return cls.from_peft_state_dict(spec, state["rank"], state["alpha"], state["targets"],
+                                        state["tensors"])
+
+    def to(self, device: str | torch.device) -> "FrozenLora":
+        """The same snapshot on ``device`` (fp32 kept)."""
+        return FrozenLora(self.spec, self.rank, self.alpha, self.targets,
+                          {k: v.to(device) for k, v in self.a.items()},
+                          {k: v.to(device) for k, v in self.b.items()})
+
+    def equals(self, adapter: "LoraAdapter | FrozenLora") -> bool:
+        """Bitwise equality of every A/B with ``adapter``'s (compared in fp32); a host sync."""
+        if (adapter.targets, adapter.rank, float(adapter.alpha)) != (self.targets, self.rank, self.alpha):
+            return False
+        return all(torch.equal(self.a[k], adapter.a[k].detach().float().to(self.a[k].device))
+                   and torch.equal(self.b[k], adapter.b[k].detach().float().to(self.b[k].device))
+                   for k in self.a)
+
+
 @torch.no_grad()
-def merge_adapter_into_base(weights: BaseWeights, adapter: LoraAdapter) -> None:
+def merge_adapter_into_base(weights: BaseWeights, adapter: "LoraAdapter | FrozenLora") -> None:
     """W[rows of target] += scale * B @ A for every pair, in fp32, cast back to W's dtype, in place.
+    Applied to a copy of the master W0 this gives the published W_pub = cast(W0 + s * B @ A).
 
     Side effect: mutates the base tensors (the serving model's own storage when ``weights`` wraps
     SGLang's parameters): call only while no forward reads them. Recordings made before become

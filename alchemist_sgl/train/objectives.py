@@ -17,9 +17,16 @@ which the runtime fills from the completion log: the log-probs SGLang returned a
 (``return_logprob`` with ``SGLANG_RETURN_ORIGINAL_LOGPROB=1``, otherwise they are of the
 temperature-scaled distribution and must not be used); they belong to the version that served the
 completion, a MOVING reference that trails the trainer by the publish lag; or (2) when absent, the
-trainer computes them itself with the adapter disabled: the current BASE (every merged publish
-included, the unmerged adapter excluded), an extra no-grad forward. Neither is the initial model;
-that would need a retained copy of the original weights.
+trainer computes them itself with the adapter disabled: the served weights W_pub as they are (the
+last published version; forward.py, Note [Published adapter]), an extra no-grad forward. Neither
+is the initial model; that would need a retained copy of the original weights.
+
+Note [Chunked loss]: the work units (units.py) run the LM head over chunks of response rows.
+SFT and unlikelihood are means of per-token terms, so the sample loss is the sum over chunks of
+``token_loss_sum(chunk) / R``. KTO is a function of the summed ratio r over all tokens; its
+gradient w.r.t. every log-prob is the same number dL/dr (``kto_loss_and_coefficient``), so once r
+is known (a no-grad pass over the chunks) the chunk loss ``dL/dr * sum(logp_chunk)`` has exactly
+KTO's gradients; the loss value is reported from r.
 """
 
 from __future__ import annotations
@@ -62,3 +69,20 @@ def sample_loss(kind: str, objective_negative: str, logprobs: torch.Tensor,
             raise ValueError("the kto objective needs reference log-probs")
         return kto_negative_loss(logprobs, ref_logprobs, kl_estimate)
     raise ValueError(f"unknown train.objective_negative {objective_negative!r}")
+
+
+def token_loss_sum(kind: str, objective_negative: str, logprobs: torch.Tensor) -> torch.Tensor:
+    """Sum over the given response tokens of the per-token loss of SFT or unlikelihood (Note
+    [Chunked loss]); divide by R for the sample loss. Raises ValueError for KTO (not per-token)."""
+    if kind == "positive":
+        return -logprobs.sum()
+    if kind == "negative" and objective_negative == "unlikelihood":
+        return -torch.log1p(-logprobs.exp().clamp(max=1.0 - 1e-6)).sum()
+    raise ValueError(f"no per-token loss for kind {kind!r} with objective {objective_negative!r}")
+
+
+def kto_loss_and_coefficient(ratio: torch.Tensor, kl_estimate: float,
+                             beta: float = KTO_BETA) -> tuple[torch.Tensor, torch.Tensor]:
+    """(KTO loss, dL/dr) for a summed log ratio ``ratio`` (0-d, no grad needed)."""
+    sig = torch.sigmoid(beta * (max(kl_estimate, 0.0) - ratio))
+    return 1.0 - sig, beta * sig * (1.0 - sig)

@@ -1,17 +1,20 @@
 """The trainer the runtime calls: one AdamW step over the LoRA adapter from a batch of samples.
 
-Owns ``ReplayTrainer`` (adapter, optimizer, RoPE cache, version counter, cumulative counters),
-``StepStats`` and ``TrainCounters`` (the ``train`` block of ``/alchemist/status``). Imports only
-torch; the config is duck-typed (``alchemist_sgl.config.TrainConfig`` or anything with the same
-attributes), so this package runs where only torch is installed.
+Owns ``ReplayTrainer`` (adapter, optimizer, the published snapshot, RoPE cache, version, cumulative
+counters), ``StepStats`` and ``TrainCounters`` (the ``train`` block of ``/alchemist/status``).
+Imports only torch; the config is duck-typed (``alchemist_sgl.config.TrainConfig`` or anything
+with the same attributes), so this package runs where only torch is installed.
 
-Contract: ``step`` must run with no concurrent writer of the base tensors (it reads them); it enables
-grad itself (SGLang's loop runs under no_grad) and must not run under ``torch.inference_mode``.
-Each sample's graph is built, back-propagated and freed before the next (gradient accumulation),
-so peak memory is one sample's. The loss is the mean over samples of ``weight * loss_s`` divided by
-the mean weight (objectives.py). ``version`` advances by one per optimizer step
-(samples.py, Note [Staleness]); ``merge_into_base`` folds the adapter into the base tensors and
-restarts a fresh adapter and optimizer state.
+Contract: a step must run with no concurrent writer of the base tensors (it reads them, and in
+merge mode they are the live served weights W_pub; forward.py, Note [Published adapter]); it
+enables grad itself (SGLang's loop runs under no_grad) and must not run under
+``torch.inference_mode``. ``begin_step`` runs a step as work units (units.py, Note [Work units]);
+each sample's graph is built, back-propagated and freed before the next, so peak memory is one
+sample's. The loss is the mean over samples of ``weight * loss_s`` divided by the mean weight
+(objectives.py). ``version`` is a plain attribute the caller (the online loop) sets before a step:
+recordings are planned with lag = version - recording.version (samples.py, Note [Staleness]).
+The adapter and its AdamW state carry on across publishes; ``set_published`` only swaps the
+snapshot the forward subtracts.
 """
 
 from __future__ import annotations
@@ -19,16 +22,17 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 
 from alchemist_sgl.train.forward import forward_logprobs
 from alchemist_sgl.train.joint import joint_forward_logprobs
-from alchemist_sgl.train.lora import LoraAdapter, merge_adapter_into_base
+from alchemist_sgl.train.lora import FrozenLora, LoraAdapter
 from alchemist_sgl.train.objectives import sample_loss
 from alchemist_sgl.train.ops import RopeCache
 from alchemist_sgl.train.samples import PlanCounts, PlannedSample, Sample, plan_sample
+from alchemist_sgl.train.units import ScoreRun, StepRun, check_unit_support, is_step_finite
 from alchemist_sgl.train.weights import BaseWeights
 
 
@@ -41,9 +45,11 @@ class StepStats:
     recomputed_tokens: int
     stale_recomputes: int
     reuse_by_lag: dict[int, int]
-    step_ms: float             # busy time: forward/backward slices + optimizer, not the gaps
-    max_slice_ms: float        # the longest single-sample slice (compare train.slice_budget_ms)
-    version: int               # the trainer version after this step
+    step_ms: float             # busy time: the units themselves, not the gaps between them
+    max_unit_ms: float         # the longest single unit (compare train.slice_budget_ms)
+    version: int               # the trainer version the step ran at (set by the caller)
+    units: int = 0             # work units run (a whole-sample step counts one per sample + 1)
+    is_nonfinite_skipped: bool = False  # non-finite loss or gradient: no optimizer step taken
 
 
 @dataclass
@@ -58,8 +64,13 @@ class TrainCounters:
     stale_recomputes: int = 0
     loss_ema: float | None = None
     reuse_by_lag: dict[int, int] = field(default_factory=dict)
+    nonfinite_skipped: int = 0
 
     def add(self, s: StepStats) -> None:
+        """Counts a finished step; a skipped one only in ``nonfinite_skipped``."""
+        if s.is_nonfinite_skipped:
+            self.nonfinite_skipped += 1
+            return
         self.steps += 1
         self.samples_trained += s.samples
         self.tokens_trained += s.tokens
@@ -74,14 +85,15 @@ class TrainCounters:
 class ReplayTrainer:
     """LoRA training over frozen ``BaseWeights`` with replay of recorded base projections.
 
-    ``config``: a ``TrainConfig`` (replay, gradient_mode, max_version_lag, lora.{rank, alpha,
-    dropout, targets}, objective_negative, learning_rate). ``version``: the trainer version the
-    serving weights correspond to at construction (normally 0). ``layout``: ``"segments"``
-    (default; forward.py, Note [Segments]) or ``"joint"`` (joint.py, Note [Joint layout]); same
-    gradients, different speed trade-offs. ``adapter_dtype``: the LoRA parameters' (and AdamW
-    state's) dtype, fp32 by default whatever the base dtype: bf16 parameters would round away
-    most AdamW updates (|A| ~ 0.04 has a bf16 spacing of ~1.6e-4 > lr). The forward casts them
-    to the activation dtype.
+    ``config``: a ``TrainConfig`` (replay, gradient_mode, max_version_lag, loss_chunk_rows,
+    lora.{rank, alpha, dropout, targets}, objective_negative, learning_rate). ``version``: the
+    version the base tensors serve (the caller updates it). ``published``: the adapter merged into
+    the base tensors (None: they are the plain W0); see ``set_published`` and forward.py, Note
+    [Published adapter]. ``layout``: ``"segments"`` (default; forward.py, Note [Segments]) or
+    ``"joint"`` (joint.py, Note [Joint layout], whole-sample only); same gradients, different
+    speed trade-offs. ``adapter_dtype``: the LoRA parameters' (and AdamW state's) dtype, fp32 by
+    default whatever the base dtype: bf16 parameters would round away most AdamW updates
+    (|A| ~ 0.04 has a bf16 spacing of ~1.6e-4 > lr). The forward casts them to the activation dtype.
     """
 
     def __init__(self, weights: BaseWeights, config: Any, *, version: int = 0, seed: int = 0,
@@ -89,6 +101,7 @@ class ReplayTrainer:
         if layout not in ("segments", "joint"):
             raise ValueError(f"unknown layout {layout!r} (segments | joint)")
         self.weights, self.config, self.version, self.layout = weights, config, version, layout
+        self.seed, self.loss_chunk_rows = seed, int(getattr(config, "loss_chunk_rows", 256))
         lc = config.lora
         self.adapter = LoraAdapter(weights.spec, lc.rank, lc.alpha, lc.dropout, lc.targets,
                                    dtype=adapter_dtype, device=weights.device, seed=seed)
@@ -97,53 +110,119 @@ class ReplayTrainer:
         self.rope = RopeCache(weights.spec.head_dim, weights.spec.rope_theta, weights.dtype,
                               weights.device)
         self.counters = TrainCounters()
+        self.published: FrozenLora | None = None
+        self._is_published_current = False
         self._kl_ema = 0.0
+        self._last_ratios: list[float] = []
 
-    def plan(self, sample: Sample) -> PlannedSample:
+    @property
+    def is_published_current(self) -> bool:
+        """True while the adapter equals ``published`` bitwise (the lag-0 form runs)."""
+        return self._is_published_current and self.published is not None
+
+    def set_published(self, frozen: FrozenLora | None, *, allow_lag0_form: bool = True) -> None:
+        """Declares that the base tensors now hold cast(W0 + s*B@A) of ``frozen`` (None: W0), at the
+        quiescent point where they change. Chooses the lag-0 form by comparing ``frozen`` with the
+        adapter (host sync; ``allow_lag0_form=False`` forces the full form, for tests). ValueError
+        with LoRA dropout > 0 or another rank/targets. The adapter and AdamW are untouched."""
+        if frozen is not None:
+            if self.adapter.dropout > 0.0 or (frozen.rank, frozen.targets) != (
+                    self.adapter.rank, self.adapter.targets):
+                raise ValueError("a published adapter needs train.lora.dropout: 0 and the trained "
+                                 "adapter's rank and targets (forward.py, Note [Published adapter])")
+            frozen = frozen.to(self.weights.device)
+        self.published = frozen
+        self._is_published_current = bool(frozen is not None and allow_lag0_form
+                                          and frozen.equals(self.adapter))
+
+    def plan(self, sample: Sample, *, is_replay_enabled: bool | None = None) -> PlannedSample:
+        replay = self.config.replay if is_replay_enabled is None else is_replay_enabled
         return plan_sample(sample, self.weights.spec, version=self.version,
                            max_version_lag=self.config.max_version_lag,
-                           is_replay_enabled=self.config.replay, dtype=self.weights.dtype,
+                           is_replay_enabled=replay, dtype=self.weights.dtype,
                            is_response_separate=self.config.gradient_mode == "response_only")
 
     def logprobs(self, planned: PlannedSample, *, is_adapter_enabled: bool = True) -> torch.Tensor:
-        """Response log-probs [R]; with grad when grad is enabled and the adapter is on.
+        """Response log-probs [R] of W0 + adapter (or, with the adapter disabled, of the base
+        tensors as they are); with grad when grad is enabled and the adapter is on. Whole sample;
         ``layout="joint"`` (exact mode only) uses joint.py, Note [Joint layout]."""
         adapter = self.adapter if is_adapter_enabled else None
+        kw = dict(is_training=self.adapter.training, published=self.published,
+                  is_published_current=self.is_published_current)
         if self.layout == "joint" and self.config.gradient_mode == "exact":
-            return joint_forward_logprobs(self.weights, adapter, self.rope, planned,
-                                          is_training=self.adapter.training)
-        return forward_logprobs(self.weights, self.adapter if is_adapter_enabled else None,
-                                self.rope, planned, gradient_mode=self.config.gradient_mode,
-                                is_training=self.adapter.training)
+            return joint_forward_logprobs(self.weights, adapter, self.rope, planned, **kw)
+        return forward_logprobs(self.weights, adapter, self.rope, planned,
+                                gradient_mode=self.config.gradient_mode, **kw)
 
-    def begin_step(self, samples: Sequence[Sample]) -> "StepInProgress":
-        """Plans ``samples`` (raises ValueError on a malformed one, before any work) and returns a
-        step the caller advances one sample at a time (``run_next``), e.g. one per scheduler
-        iteration under ``train.slice_budget_ms``, then ``finish``es. Gradients accumulate in the
-        adapter between calls: no other step may run meanwhile, and the base must not change."""
+    def begin_step(self, samples: Sequence[Sample]) -> StepRun:
+        """Plans ``samples`` (raises ValueError on a malformed one, before any work) and returns
+        the step as work units (units.py, Note [Work units]). Gradients accumulate in the adapter
+        between units: no other step may run meanwhile, and the base must not change. Raises
+        ValueError for ``layout="joint"`` or ``gradient_mode="response_only"`` (use ``step``)."""
+        check_unit_support(self.config, self.layout)
         if not samples:
             raise ValueError("a step needs at least one sample")
+        plans = [self.plan(s) for s in samples]
         self.adapter.train()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepInProgress(self, [self.plan(s) for s in samples])
+        return StepRun(self, plans)
+
+    def begin_scoring(self, pairs: Sequence[Sample],
+                      which: Literal["trained", "published"]) -> ScoreRun:
+        """No-grad scoring of ``pairs`` (prompt_ids, response_ids; recordings ignored) in units:
+        ``"published"`` the base tensors as they are, ``"trained"`` W0 + the current adapter.
+        ``ScoreRun.result()``: mean NLL per response token. The weights must not change meanwhile."""
+        if not pairs:
+            raise ValueError("scoring needs at least one pair")
+        return ScoreRun(self, [self.plan(p, is_replay_enabled=False) for p in pairs], which)
 
     def accumulate(self, samples: Sequence[Sample]) -> tuple[float, PlanCounts, int]:
-        """Forward + backward of every sample into the adapter's ``.grad`` (not zeroed first); no
-        optimizer step. Returns (loss, counts, tokens). For equivalence tests and benchmarks."""
+        """Whole-sample forward + backward of every sample into the adapter's ``.grad`` (not zeroed
+        first), any layout and mode; no optimizer step. Returns (loss, counts, tokens)."""
         if not samples:
             raise ValueError("a step needs at least one sample")
-        sip = StepInProgress(self, [self.plan(s) for s in samples])
-        while not sip.is_done:
-            sip.run_next()
-        sip.update_kl_estimate()
-        return sip.loss, sip.counts, sip.tokens
+        plans = [self.plan(s) for s in samples]
+        mean_weight = sum(p.sample.weight for p in plans) / len(plans)
+        loss_sum, counts, tokens, ratios = 0.0, PlanCounts(), 0, []
+        with torch.enable_grad():
+            for planned in plans:
+                loss, ratio = self._sample_loss(planned)
+                loss = loss * (planned.sample.weight / mean_weight / len(plans))
+                loss.backward()
+                loss_sum += float(loss.detach())  # host sync: once per sample, for stats
+                if ratio is not None:
+                    ratios.append(ratio)
+                counts.add(planned.counts)
+                tokens += planned.input_ids.numel()
+        self._last_ratios = ratios
+        return loss_sum, counts, tokens
 
     def step(self, samples: Sequence[Sample]) -> StepStats:
-        """One AdamW step over the adapter from ``samples``; advances ``version``; returns stats."""
-        sip = self.begin_step(samples)
-        while not sip.is_done:
-            sip.run_next()
-        return sip.finish()
+        """One AdamW step over the adapter from ``samples``: all work units at once (segments,
+        exact), else whole-sample forward + backward and the same finite check."""
+        try:
+            check_unit_support(self.config, self.layout)
+        except ValueError:
+            return self._whole_step(samples)
+        run = self.begin_step(samples)
+        while not run.is_done:
+            run.run_unit()
+        return run.finish()
+
+    def _whole_step(self, samples: Sequence[Sample]) -> StepStats:
+        t0 = time.perf_counter()
+        self.adapter.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, counts, tokens = self.accumulate(samples)
+        is_finite = is_step_finite(loss, [p for p in self.adapter.parameters() if p.grad is not None])
+        if is_finite:
+            self.optimizer.step()
+            self._is_published_current = False
+            self.update_kl(self._last_ratios)
+        self.optimizer.zero_grad(set_to_none=True)
+        ms = (time.perf_counter() - t0) * 1000.0
+        return self.record_step(loss, len(samples), tokens, counts, ms, ms, len(samples) + 1,
+                                not is_finite)
 
     def _sample_loss(self, planned: PlannedSample) -> tuple[torch.Tensor, float | None]:
         """(loss of one sample, its summed log-ratio to the reference or None)."""
@@ -159,14 +238,33 @@ class ReplayTrainer:
         ratio = None if ref is None else float((logp.detach() - ref.to(logp)).sum())  # host sync
         return loss, ratio
 
+    def update_kl(self, ratios: list[float]) -> None:
+        """The KTO KL estimate: an EMA of the batch mean summed log ratio, clamped at 0."""
+        if ratios:
+            self._kl_ema = 0.9 * self._kl_ema + 0.1 * max(0.0, sum(ratios) / len(ratios))
+
+    def record_step(self, loss: float, samples: int, tokens: int, c: PlanCounts, step_ms: float,
+                    max_unit_ms: float, units: int, is_skipped: bool) -> StepStats:
+        """Stats of a finished step (``StepRun.finish`` too); counters updated."""
+        stats = StepStats(loss=loss, samples=samples, tokens=tokens,
+                          replayed_tokens=c.replayed_tokens, recomputed_tokens=c.recomputed_tokens,
+                          stale_recomputes=c.stale_recomputes, reuse_by_lag=dict(c.reuse_by_lag),
+                          step_ms=step_ms, max_unit_ms=max_unit_ms, version=self.version,
+                          units=units, is_nonfinite_skipped=is_skipped)
+        self.counters.add(stats)
+        return stats
+
     def state_dict(self) -> dict[str, Any]:
-        """Everything that outlives a step (adapter, AdamW state, version, counters, KL estimate),
-        for checkpoints. Tensors are references: copy them before mutating the trainer."""
+        """Everything that outlives a step (adapter, AdamW state, published snapshot, version,
+        counters, KL estimate). Tensors are references: copy them before mutating the trainer."""
+        pub = None if self.published is None else self.published.state()
         return {"adapter": self.adapter.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "version": self.version, "counters": dataclasses.asdict(self.counters),
-                "kl_ema": self._kl_ema}
+                "kl_ema": self._kl_ema, "published": pub,
+                "is_published_current": self.is_published_current}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores ``state_dict()``'s contents in place (parameters keep their identity)."""
         self.adapter.load_state_dict(state["adapter"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.version = int(state["version"])
@@ -174,82 +272,29 @@ class ReplayTrainer:
         counters["reuse_by_lag"] = {int(k): v for k, v in counters["reuse_by_lag"].items()}
         self.counters = TrainCounters(**counters)
         self._kl_ema = float(state["kl_ema"])
+        pub = state.get("published")
+        self.published = None if pub is None else FrozenLora.from_state(
+            self.weights.spec, pub).to(self.weights.device)
+        # Recomputed, not trusted: the lag-0 form is only right if the tensors are equal.
+        self._is_published_current = (self.published is not None
+                                      and bool(state.get("is_published_current", True))
+                                      and self.published.equals(self.adapter))
 
-    def merge_into_base(self, seed: int = 0) -> None:
-        """Folds the adapter into the base tensors (in place; quiescence required: no forward may
-        read them meanwhile), then restarts a fresh adapter and clears AdamW's state. The version
-        does not change: base + fresh adapter computes what base + adapter computed."""
-        merge_adapter_into_base(self.weights, self.adapter)
-        self.adapter.reset(seed=seed)
+    def load_adapter_state(self, peft_state: dict[str, torch.Tensor],
+                           optimizer_state: dict[str, Any] | None) -> None:
+        """Adapter (PEFT names) and AdamW state of a saved version (rollback); then publish."""
+        self.adapter.load_peft_state_dict(peft_state)
         self.optimizer.state.clear()
+        if optimizer_state is not None:
+            self.optimizer.load_state_dict(optimizer_state)
+        self._is_published_current = False
+
+    def reset_to_fresh(self) -> None:
+        """Fresh adapter (construction seed), empty AdamW state (rollback to v0); then publish."""
+        self.adapter.reset(seed=self.seed)
+        self.optimizer.state.clear()
+        self._is_published_current = False
 
     def status(self) -> dict[str, Any]:
         """The trainer's part of the ``train`` status block (INTERFACES.md)."""
-        c = self.counters
-        return {"steps": c.steps, "samples_trained": c.samples_trained,
-                "tokens_trained": c.tokens_trained, "replayed_tokens": c.replayed_tokens,
-                "recomputed_tokens": c.recomputed_tokens, "stale_recomputes": c.stale_recomputes,
-                "loss_ema": c.loss_ema, "reuse_by_lag": dict(c.reuse_by_lag),
-                "version": self.version}
-
-
-class StepInProgress:
-    """One optimizer step being built sample by sample (``ReplayTrainer.begin_step``).
-
-    Each ``run_next`` builds, back-propagates and frees one sample's graph; the loss of sample s
-    is scaled by weight_s / mean weight / number of samples, so the finished gradient is the
-    gradient of the weighted mean loss whatever the slicing.
-    """
-
-    def __init__(self, trainer: ReplayTrainer, plans: list[PlannedSample]) -> None:
-        self.trainer, self.plans = trainer, plans
-        self.mean_weight = sum(p.sample.weight for p in plans) / len(plans)
-        self.next_index, self.loss, self.tokens = 0, 0.0, 0
-        self.counts = PlanCounts()
-        self.ratios: list[float] = []
-        self.busy_s, self.max_slice_s = 0.0, 0.0  # time inside run_next/finish, not between
-
-    @property
-    def is_done(self) -> bool:
-        return self.next_index >= len(self.plans)
-
-    def run_next(self) -> None:
-        """Forward + backward of the next sample (adds into the adapter's ``.grad``)."""
-        t0 = time.perf_counter()
-        planned = self.plans[self.next_index]
-        self.next_index += 1
-        with torch.enable_grad():
-            loss, ratio = self.trainer._sample_loss(planned)
-            loss = loss * (planned.sample.weight / self.mean_weight / len(self.plans))
-            loss.backward()
-        self.loss += float(loss.detach())  # host sync: once per sample, for stats
-        if ratio is not None:
-            self.ratios.append(ratio)
-        self.counts.add(planned.counts)
-        self.tokens += planned.input_ids.numel()
-        dt = time.perf_counter() - t0
-        self.busy_s += dt
-        self.max_slice_s = max(self.max_slice_s, dt)
-
-    def update_kl_estimate(self) -> None:
-        if self.ratios:
-            t = self.trainer
-            t._kl_ema = 0.9 * t._kl_ema + 0.1 * max(0.0, sum(self.ratios) / len(self.ratios))
-
-    def finish(self) -> StepStats:
-        """AdamW step, version + 1, counters updated. All samples must have run."""
-        if not self.is_done:
-            raise RuntimeError(f"{len(self.plans) - self.next_index} samples of this step have not run")
-        t, t0 = self.trainer, time.perf_counter()
-        self.update_kl_estimate()
-        t.optimizer.step()
-        t.optimizer.zero_grad(set_to_none=True)
-        t.version += 1
-        c = self.counts
-        stats = StepStats(loss=self.loss, samples=len(self.plans), tokens=self.tokens,
-                          replayed_tokens=c.replayed_tokens, recomputed_tokens=c.recomputed_tokens,
-                          stale_recomputes=c.stale_recomputes, reuse_by_lag=dict(c.reuse_by_lag),
-                          step_ms=(self.busy_s + time.perf_counter() - t0) * 1000.0,
-                          max_slice_ms=self.max_slice_s * 1000.0, version=t.version)
-        t.counters.add(stats)
-        return stats
+        return dataclasses.asdict(self.counters) | {"version": self.version}

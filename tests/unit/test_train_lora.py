@@ -71,28 +71,40 @@ def _sample(seed: int, p: int = 20, r: int = 6, **kw) -> Sample:
                   torch.randint(10, 40000, (r,), generator=g), **kw)
 
 
-def test_trainer_step_learns_counts_and_merges():
-    weights = load_fused_weights(model_dir("tiny"))  # own copy: merge writes into it
+def test_trainer_step_learns_counts_and_publishes_without_reset():
+    weights = load_fused_weights(model_dir("tiny"))  # own copy: the publish merges into it
     cfg = TrainConfig(lora=LoraConfig(rank=4, alpha=8.0), learning_rate=5e-3)
     trainer = ReplayTrainer(weights, cfg)
     sample = _sample(1)
+    trainer.version = 3  # the caller's version; the trainer never advances it
     first = trainer.step([sample])
     for _ in range(5):
         last = trainer.step([sample])
     assert last.loss < first.loss
-    assert trainer.version == 6 and last.version == 6
+    assert trainer.version == 3 and last.version == 3
     assert trainer.counters.steps == 6 and trainer.counters.tokens_trained == 6 * 26
     assert trainer.counters.recomputed_tokens == 6 * 20 and trainer.counters.replayed_tokens == 0
     status = trainer.status()
     assert status["samples_trained"] == 6 and status["loss_ema"] is not None
+    assert status["nonfinite_skipped"] == 0
     planned = trainer.plan(sample)
+    adam_steps = {k: float(v["step"]) for k, v in trainer.optimizer.state_dict()["state"].items()}
     with torch.no_grad():
         before = trainer.logprobs(planned)
-        trainer.merge_into_base()
-        assert all(float(b.detach().abs().sum()) == 0.0 for b in trainer.adapter.b.values())
+        frozen = trainer.adapter.snapshot()
+        merge_adapter_into_base(trainer.weights, frozen)  # the publish: W_pub = cast(W0 + s*B@A)
+        trainer.set_published(frozen)
+        assert trainer.is_published_current
         after = trainer.logprobs(planned)
+        served = trainer.logprobs(planned, is_adapter_enabled=False)
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
-    assert trainer.version == 6
+    torch.testing.assert_close(served, before, rtol=1e-4, atol=1e-4)
+    # The adapter and AdamW state carry on across the publish (MISSION.md "One version").
+    assert any(float(b.detach().abs().sum()) > 0 for b in trainer.adapter.b.values())
+    assert {k: float(v["step"]) for k, v in trainer.optimizer.state_dict()["state"].items()} == adam_steps
+    assert not hasattr(trainer, "merge_into_base")
+    trainer.step([sample])
+    assert not trainer.is_published_current and trainer.version == 3
 
 
 @pytest.mark.parametrize("objective", ["unlikelihood", "kto"])
@@ -136,25 +148,33 @@ def test_adapter_on_base_weights_by_reference_no_copy():
         BaseWeights.from_tensors(weights.spec, {k: v for k, v in tensors.items() if k != "model.norm.weight"})
 
 
-def test_sliced_step_equals_whole_step_and_state_round_trips():
+def test_unit_step_equals_whole_sample_step_and_state_round_trips():
     weights = load_fused_weights(model_dir("tiny"))
-    cfg = TrainConfig(lora=LoraConfig(rank=4, alpha=8.0), learning_rate=5e-3)
-    whole, sliced = ReplayTrainer(weights, cfg), ReplayTrainer(weights, cfg)
+    cfg = TrainConfig(lora=LoraConfig(rank=4, alpha=8.0), learning_rate=5e-3, loss_chunk_rows=2)
+    whole, sliced = ReplayTrainer(weights, cfg, layout="joint"), ReplayTrainer(weights, cfg)
     batch = [_sample(5, weight=0.5), _sample(6, p=11, r=3, weight=2.0)]
-    a = whole.step(batch)
-    sip = sliced.begin_step(batch)
+    a = whole.step(batch)  # the joint layout runs whole samples
+    run = sliced.begin_step(batch)
     with pytest.raises(RuntimeError, match="not run"):
-        sip.finish()
-    sip.run_next()
-    sip.run_next()
-    b = sip.finish()
-    assert a.loss == pytest.approx(b.loss, rel=1e-6) and b.max_slice_ms <= b.step_ms
+        run.finish()
+    while not run.is_done:
+        run.run_unit()
+    with pytest.raises(RuntimeError, match="all units"):
+        run.run_unit()
+    b = run.finish()
+    assert a.loss == pytest.approx(b.loss, rel=1e-6) and b.max_unit_ms <= b.step_ms
+    assert b.units == run.units_total == 2 * (2 * weights.spec.layers) + 3 + 2 + 1
     for k, v in whole.adapter.state_dict().items():
         torch.testing.assert_close(sliced.adapter.state_dict()[k], v, rtol=1e-6, atol=1e-7)
+    sliced.version = 4
+    sliced.set_published(sliced.adapter.snapshot())
     restored = ReplayTrainer(weights, cfg)
-    restored.load_state_dict(whole.state_dict())
-    assert restored.version == 1 and restored.counters.steps == 1
-    assert whole.step(batch).loss == pytest.approx(restored.step(batch).loss, rel=1e-6)
+    restored.load_state_dict(sliced.state_dict())
+    assert restored.version == 4 and restored.counters.steps == 1
+    assert restored.is_published_current and restored.published.equals(sliced.published)
+    assert sliced.step(batch).loss == pytest.approx(restored.step(batch).loss, rel=1e-6)
+    for k, v in sliced.adapter.state_dict().items():
+        torch.testing.assert_close(restored.adapter.state_dict()[k], v, rtol=0, atol=0)
 
 
 def test_inference_tensors_are_refused_with_their_name():

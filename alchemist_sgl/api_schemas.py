@@ -1,0 +1,176 @@
+"""Schemas of the admin routes' inputs: validation and normalization, HTTP-side.
+
+Owns the ``POST /alchemist/train/samples`` sample schema (INTERFACES.md "Admin routes") and the
+small field checks the other admin routes share (version ids, bounded integers). Every rejection
+is a ``FieldError`` naming the field by its path (``samples[2].score``), so the HTTP answer can say
+exactly what to fix. Pure: imports only the standard library and ``errors``; never sglang.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from alchemist_sgl.errors import AlchemistError
+
+MAX_SAMPLES_PER_REQUEST = 256
+ROLES = ("system", "user", "assistant")
+PROMPT_KEYS = ("prompt", "messages", "prompt_ids")
+RESPONSE_KEYS = ("response", "response_ids")
+LABEL_KEYS = ("rating", "score")
+SAMPLE_KEYS = ("prompt", "messages", "prompt_ids", "response", "response_ids", "rating", "score",
+               "completion_id")
+_VERSION_NAME = re.compile(r"v[0-9]+")
+_INTEGER = re.compile(r"[+-]?[0-9]{1,18}")
+
+
+class FieldError(AlchemistError):
+    """A request field is invalid; ``field`` is its path (``samples[2].score``, ``limit``)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        self.message = message
+        super().__init__(f"{field}: {message}")
+
+    def body(self) -> dict[str, str]:
+        """The 422 answer: ``{"error": "<field>: <message>", "field": "<field>"}``."""
+        return {"error": str(self), "field": self.field}
+
+
+def check_keys(obj: dict[str, Any], allowed: tuple[str, ...], path: str) -> None:
+    """Raises FieldError for the first key of ``obj`` that is not in ``allowed``."""
+    for key in obj:
+        if key not in allowed:
+            raise FieldError(_join(path, str(key)), f"unknown field (expected one of {', '.join(allowed)})")
+
+
+def bounded_int(raw: str | None, field: str, default: int, low: int, high: int | None = None) -> int:
+    """A query-string integer in [low, high] (no upper bound when high is None); default if absent."""
+    if raw is None:
+        return default
+    is_int = _INTEGER.fullmatch(raw) is not None
+    value = int(raw) if is_int else None
+    if value is None or value < low or (high is not None and value > high):
+        bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise FieldError(field, f"must be an integer {bounds}, not {_shown(raw)}")
+    return value
+
+
+def version_name(value: Any, field: str) -> str:
+    """A version id such as ``v3`` (``v`` then ASCII digits)."""
+    if not isinstance(value, str) or _VERSION_NAME.fullmatch(value) is None:
+        raise FieldError(field, f"must be a version id such as 'v3', not {_shown(value)}")
+    return value
+
+
+def normalize_samples(body: Any) -> list[dict[str, Any]]:
+    """Validates a ``{"samples": [...]}`` body; returns each sample with all of ``SAMPLE_KEYS``
+    (absent -> None, ``score`` as a float). Raises FieldError naming the first bad field."""
+    if not isinstance(body, dict):
+        raise FieldError("body", "must be a JSON object")
+    check_keys(body, ("samples",), "")
+    samples = body.get("samples")
+    if not isinstance(samples, list) or not samples:
+        raise FieldError("samples", "must be a non-empty list of sample objects")
+    if len(samples) > MAX_SAMPLES_PER_REQUEST:
+        raise FieldError("samples", f"at most {MAX_SAMPLES_PER_REQUEST} samples per request, got {len(samples)}")
+    return [normalize_sample(sample, f"samples[{i}]") for i, sample in enumerate(samples)]
+
+
+def normalize_sample(sample: Any, path: str) -> dict[str, Any]:
+    """One sample (see ``normalize_samples``). A null value counts as absent."""
+    if not isinstance(sample, dict):
+        raise FieldError(path, "must be an object")
+    check_keys(sample, SAMPLE_KEYS, path)
+    given = {key: value for key, value in sample.items() if value is not None}
+    out: dict[str, Any] = dict.fromkeys(SAMPLE_KEYS)
+
+    completion_id = given.get("completion_id")
+    if completion_id is not None and (not isinstance(completion_id, str) or not completion_id):
+        raise FieldError(f"{path}.completion_id", "must be a non-empty string")
+    out["completion_id"] = completion_id
+    has_completion = completion_id is not None
+
+    prompt_key = _one_of(given, PROMPT_KEYS, path, is_required=not has_completion,
+                         why_required="the prompt (or a completion_id whose prompt is used)")
+    if prompt_key == "prompt":
+        if not isinstance(given["prompt"], str):
+            raise FieldError(f"{path}.prompt", "must be a string")
+        out["prompt"] = given["prompt"]
+    elif prompt_key == "messages":
+        out["messages"] = _messages(given["messages"], f"{path}.messages")
+    elif prompt_key == "prompt_ids":
+        out["prompt_ids"] = _token_ids(given["prompt_ids"], f"{path}.prompt_ids")
+
+    response_key = _one_of(given, RESPONSE_KEYS, path, is_required=not has_completion,
+                           why_required="the response (or a completion_id whose output is used)")
+    if response_key == "response":
+        if not isinstance(given["response"], str) or not given["response"]:
+            raise FieldError(f"{path}.response", "must be a non-empty string")
+        out["response"] = given["response"]
+    elif response_key == "response_ids":
+        out["response_ids"] = _token_ids(given["response_ids"], f"{path}.response_ids")
+
+    label_key = _one_of(given, LABEL_KEYS, path, is_required=True, why_required="the label")
+    if label_key == "rating":
+        if given["rating"] not in ("up", "down"):
+            raise FieldError(f"{path}.rating", f"must be 'up' or 'down', not {_shown(given['rating'])}")
+        out["rating"] = given["rating"]
+    else:
+        out["score"] = _score(given["score"], f"{path}.score")
+    return out
+
+
+def _one_of(given: dict[str, Any], keys: tuple[str, ...], path: str, *, is_required: bool,
+            why_required: str) -> str | None:
+    present = [key for key in keys if key in given]
+    if len(present) > 1:
+        raise FieldError(f"{path}.{present[1]}", f"give only one of {', '.join(keys)} "
+                                                 f"({present[0]} is given too)")
+    if not present and is_required:
+        raise FieldError(f"{path}.{keys[0]}", f"one of {', '.join(keys)} is required: {why_required}")
+    return present[0] if present else None
+
+
+def _messages(value: Any, path: str) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise FieldError(path, "must be a non-empty list of {role, content} objects")
+    out = []
+    for i, message in enumerate(value):
+        where = f"{path}[{i}]"
+        if not isinstance(message, dict):
+            raise FieldError(where, "must be an object with role and content")
+        check_keys(message, ("role", "content"), where)
+        if message.get("role") not in ROLES:
+            raise FieldError(f"{where}.role", f"must be one of {', '.join(ROLES)}, not {_shown(message.get('role'))}")
+        if not isinstance(message.get("content"), str):
+            raise FieldError(f"{where}.content", "must be a string")
+        out.append({"role": message["role"], "content": message["content"]})
+    return out
+
+
+def _token_ids(value: Any, path: str) -> list[int]:
+    if not isinstance(value, list) or not value:
+        raise FieldError(path, "must be a non-empty list of token ids (integers >= 0)")
+    for i, token in enumerate(value):
+        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+            raise FieldError(f"{path}[{i}]", f"must be a token id (an integer >= 0), not {_shown(token)}")
+    return list(value)
+
+
+def _score(value: Any, path: str) -> float:
+    # NaN fails the comparison too; no float() before the range check (huge ints would overflow)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1 <= value <= 1:
+        raise FieldError(path, "must be a number in [-1, 1]")
+    if value == 0:
+        raise FieldError(path, "must not be 0: a 0 score carries no training signal")
+    return float(value)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -1,0 +1,205 @@
+"""The sglang side of the online loop: hooks that train between scheduler iterations.
+
+Owns the class-level hooks (registered once per process by ``plugin.load``) and ``install``,
+which builds the loop in the scheduler process over the served model's own parameters.
+
+Hooks (all in SGLang's scheduler process; Note [fail loudly, keep serving] in plugin.py):
+  * AFTER ``Scheduler.process_batch_result`` and AFTER ``Scheduler.on_idle``: one slice of work
+    units, ``train.slice_budget_ms`` while requests wait or run, ``train.idle_slice_ms`` otherwise.
+    With ``--disable-overlap-schedule`` (required, checked at startup) both points are quiescent.
+  * AROUND ``Scheduler.maybe_sleep_on_idle``: skips SGLang's idle sleep while training has work.
+  * BEFORE ``Req.init_next_round_input``: Note [Version stamp].
+  * BEFORE ``SchedulerOutputStreamer.stream_output``: finished completions go into the log.
+  * AFTER ``Scheduler.handle_shutdown``: a checkpoint within SGLang's 15 s exit window.
+
+Note [Version stamp]: the radix namespace of a request is its ``extra_key``. At admission
+(``init_next_round_input``, where the final prefix match happens), a request that holds no KV yet
+gets ``extra_key = "wv=<serving version>|" + its own key``; so do requests that waited in the
+queue (or the grammar queue) across a publish, since they are admitted later. Requests that hold
+KV (running, chunked) are never re-stamped. KV computed under another version is never matched;
+old namespaces age out of the radix cache by LRU. The stamped version is also the prefill version
+the completion log keeps, and the store namespace recordings go to.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from alchemist_sgl.log import get_logger
+
+logger = get_logger(__name__)
+
+_SCHED = "sglang.srt.managers.scheduler.Scheduler"
+_REQ = "sglang.srt.managers.schedule_batch.Req"
+_STREAMER = "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer"
+NONFINITE_ENV = "ALCHEMIST_SGL_INJECT_NONFINITE_STEPS"  # tests: comma-separated step numbers
+
+SGLANG_NAMES = (
+    f"{_SCHED}.process_batch_result", f"{_SCHED}.on_idle", f"{_SCHED}.maybe_sleep_on_idle",
+    f"{_SCHED}.handle_shutdown", f"{_SCHED}.record_weight_version_change",
+    f"{_REQ}.init_next_round_input", f"{_REQ}.output_ids_through_stop", f"{_REQ}.finished",
+    f"{_STREAMER}.stream_output",
+)
+SGLANG_INSTANCE_ATTRIBUTES = (
+    f"{_SCHED}.chunked_req", f"{_SCHED}.waiting_queue", f"{_SCHED}.running_batch",
+    f"{_SCHED}.tokenizer", f"{_REQ}.kv", f"{_REQ}.extra_key", f"{_REQ}.finished_reason",
+)
+_STAMP_ATTR, _BASE_KEY_ATTR = "_alchemist_prefill_version", "_alchemist_base_extra_key"
+
+
+class ProcessHolder:
+    """The runtime of this process, for class-level hooks (set once the scheduler is built)."""
+
+    runtime: Any = None
+
+
+def register_hooks(holder: ProcessHolder) -> None:
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType  # noqa: PLC0415
+
+    def guarded(feature: str, fn: Any) -> Any:
+        def run(*args: Any, **kwargs: Any) -> None:
+            rt = holder.runtime
+            if rt is None or rt.is_disabled(feature):
+                return None
+            try:
+                fn(rt, *args, **kwargs)
+            except Exception as exc:
+                logger.exception("%s hook failed", feature)
+                rt.disable(feature, f"{type(exc).__name__}: {exc}")
+            return None
+        return run
+
+    HookRegistry.register(f"{_SCHED}.process_batch_result",
+                          guarded("train", lambda rt, result, sched, *a, **k: rt.on_train_slot(
+                              is_busy=True)), HookType.AFTER)
+    HookRegistry.register(f"{_SCHED}.on_idle", guarded("train", lambda rt, result, sched, *a, **k:
+                          rt.on_train_slot(is_busy=len(sched.waiting_queue) > 0)), HookType.AFTER)
+    HookRegistry.register(f"{_SCHED}.handle_shutdown",
+                          guarded("train", lambda rt, result, sched, *a, **k: rt.on_shutdown()),
+                          HookType.AFTER)
+    HookRegistry.register(f"{_REQ}.init_next_round_input",
+                          guarded("versions", lambda rt, req, *a, **k: _stamp(rt, req)),
+                          HookType.BEFORE)
+    HookRegistry.register(f"{_STREAMER}.stream_output",
+                          guarded("completions", lambda rt, sched, reqs, *a, **k:
+                                  _log_finished(rt, reqs)), HookType.BEFORE)
+
+    def around_sleep(original: Any, sched: Any, *args: Any, **kwargs: Any) -> Any:
+        rt = holder.runtime
+        try:
+            if rt is not None and rt.has_training_work():
+                return None  # Note: the loop stays awake while the trainer has work
+        except Exception as exc:
+            logger.exception("idle-sleep hook failed")
+            rt.disable("train", f"{type(exc).__name__}: {exc}")
+        return original(sched, *args, **kwargs)
+
+    HookRegistry.register(f"{_SCHED}.maybe_sleep_on_idle", around_sleep, HookType.AROUND)
+
+
+def _stamp(rt: Any, req: Any) -> None:
+    """Note [Version stamp]."""
+    kv = req.kv
+    if kv.req_pool_idx is not None or kv.kv_allocated_len > 0:
+        return
+    if not hasattr(req, _BASE_KEY_ATTR):
+        setattr(req, _BASE_KEY_ATTR, req.extra_key)
+    version = rt.state.weight_version
+    req.extra_key = f"wv={version}|" + (getattr(req, _BASE_KEY_ATTR) or "")
+    setattr(req, _STAMP_ATTR, version)
+
+
+def _log_finished(rt: Any, reqs: Any) -> None:
+    log = rt.completions
+    if log is None:
+        return
+    from alchemist_sgl.online.completions import CompletionEntry  # noqa: PLC0415
+
+    now = time.time()
+    for req in reqs:
+        if not req.finished() or getattr(req, "_alchemist_logged", False):
+            continue
+        req._alchemist_logged = True
+        params = req.sampling_params
+        if int(getattr(params, "max_new_tokens", 1) or 0) == 0:
+            continue  # warm-up requests
+        custom = getattr(params, "custom_params", None) or {}
+        ours = custom.get("alchemist") if isinstance(custom, dict) else None
+        if isinstance(ours, dict) and ours.get("store") is False:
+            continue
+        reason = req.finished_reason.to_json() if req.finished_reason is not None else None
+        log.put(CompletionEntry(
+            rid=str(req.rid), choice_index=0, prompt_ids=tuple(req.origin_input_ids),
+            output_ids=tuple(req.output_ids_through_stop), prefill_version=getattr(req, _STAMP_ATTR, None),
+            weight_versions=(), finish_reason=(reason or {}).get("type") if isinstance(reason, dict) else None,
+            created_at=now, finished_at=now,
+            output_logprobs=None))
+
+
+class SchedulerHost:
+    """``ServingHost`` over the scheduler: publish only with no chunked prefill in flight;
+    announce a version on the scheduler side (``record_weight_version_change``) and to us."""
+
+    def __init__(self, scheduler: Any, runtime: Any) -> None:
+        self.scheduler, self.runtime = scheduler, runtime
+
+    def can_publish(self) -> bool:
+        return self.scheduler.chunked_req is None
+
+    def announce(self, version: str) -> None:
+        self.runtime.state.weight_version = version
+        self.scheduler.record_weight_version_change(version)
+
+
+class StoreRecordings:
+    """``RecordingSource`` over the activation store (namespace = the prefill version)."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    def pin(self, prompt_ids: list[int], version: str) -> Any:
+        from alchemist_sgl.prefix import Namespace  # noqa: PLC0415
+
+        pin = self.store.pin(list(prompt_ids), Namespace(version, None))
+        if not pin.coverage.covered:
+            self.store.unpin(pin)
+            return None
+        return pin
+
+    def segments(self, handle: Any) -> list:
+        return self.store.segments(handle)
+
+    def unpin(self, handle: Any) -> None:
+        self.store.unpin(handle)
+
+
+def install(scheduler: Any, runtime: Any) -> Any:
+    """Builds the online loop over ``scheduler``'s model; returns it (or None when training is off)."""
+    config = runtime.config
+    if not config.train.is_enabled:
+        logger.info("training is off (train.enabled=false)")
+        return None
+    from alchemist_sgl.integration.served_model import check_in_place_safe, served_weights  # noqa: PLC0415
+    from alchemist_sgl.online.factory import build_loop  # noqa: PLC0415
+
+    model = scheduler.tp_worker.model_runner.model
+    check_in_place_safe(model)
+    weights = served_weights(model)
+    recordings = StoreRecordings(runtime.recording.store) if runtime.recording is not None else None
+    tokenizer = scheduler.tokenizer
+    inject = {int(s) for s in os.environ.get(NONFINITE_ENV, "").split(",") if s.strip()}
+    loop, admission = build_loop(
+        config=config, weights=weights, host=SchedulerHost(scheduler, runtime),
+        recordings=recordings, completions=runtime.completions, model_name=runtime.info.model_path,
+        tokenize=lambda text: list(tokenizer.encode(text, add_special_tokens=False)),
+        chat=lambda messages: list(tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True)),
+        eos_id=getattr(tokenizer, "eos_token_id", None),
+        max_tokens=int(getattr(scheduler, "max_req_input_len", 0) or scheduler.model_config.context_len),
+        serving=lambda: runtime.state.weight_version)
+    loop.inject_nonfinite_steps = inject
+    Path(config.train.checkpoint_dir).mkdir(parents=True, exist_ok=True)
+    return loop, admission

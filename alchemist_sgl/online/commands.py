@@ -1,0 +1,96 @@
+"""Control commands of the online loop (run on the scheduler thread; see control.py).
+
+Owns the handlers behind the admin routes: ``versions.list``, ``versions.rollback``,
+``train.pause``, ``train.resume``, ``train.samples``, and with debug commands on,
+``debug.weights`` (writes the live target tensors and the master copy to a file under the server's
+``var/`` folder, for tests). A handler raises an error carrying ``http_status`` (and ``field``)
+for answers other than 200; the runtime passes them to the HTTP side. Imports package modules only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alchemist_sgl.errors import QueueFull
+
+
+class CommandError(Exception):
+    def __init__(self, message: str, http_status: int, field: str | None = None) -> None:
+        super().__init__(message)
+        self.http_status, self.field = http_status, field
+
+
+def register(runtime: Any, loop: Any, admission: Any, *, var_dir: Path) -> None:
+    def versions_list(payload: dict[str, Any]) -> dict[str, Any]:
+        limit, offset = int(payload.get("limit", 50)), int(payload.get("offset", 0))
+        reg = loop.registry
+        return {"versions": [v.as_status() for v in reg.page(limit, offset)],
+                "serving": reg.serving.name, "total": reg.total}
+
+    def rollback(payload: dict[str, Any]) -> dict[str, Any]:
+        to = str(payload.get("to", ""))
+        try:
+            return loop.rollback(to)
+        except KeyError as exc:
+            raise CommandError(f"unknown version '{to}' (serving {loop.registry.serving.name})",
+                               404, "to") from exc
+        except LookupError as exc:
+            raise CommandError(str(exc), 409, "to") from exc
+        except ValueError as exc:
+            raise CommandError(str(exc), 409, "to") from exc
+        except RuntimeError as exc:
+            raise CommandError(str(exc), 503) from exc
+
+    def pause(payload: dict[str, Any]) -> dict[str, Any]:
+        loop.is_paused = True
+        return {"paused": True}
+
+    def resume(payload: dict[str, Any]) -> dict[str, Any]:
+        loop.is_paused = False
+        return {"paused": False}
+
+    def samples(payload: dict[str, Any]) -> dict[str, Any]:
+        from alchemist_sgl.online.admission import AdmissionError  # noqa: PLC0415
+
+        entries = payload.get("samples")
+        if not isinstance(entries, list) or not entries:
+            raise CommandError("samples: must be a non-empty list", 422, "samples")
+        try:
+            pending = admission.admit(entries)
+        except AdmissionError as exc:
+            raise CommandError(str(exc), exc.http_status, exc.field) from exc
+        try:
+            accepted = loop.queue.offer(pending)
+        except QueueFull as exc:
+            admission.release(pending)
+            raise CommandError(f"the training queue is full ({len(loop.queue)} pending): {exc}",
+                               429) from exc
+        return {"accepted": accepted, "samples_pending": len(loop.queue)}
+
+    runtime.register_command("versions.list", versions_list)
+    runtime.register_command("versions.rollback", rollback)
+    runtime.register_command("train.pause", pause)
+    runtime.register_command("train.resume", resume)
+    runtime.register_command("train.samples", samples)
+    if runtime.config.server.enable_debug_commands:
+        runtime.register_command("debug.weights", lambda payload: _dump_weights(loop, payload, var_dir))
+        runtime.register_command("debug.checkpoint", lambda payload: (loop.checkpoint(), {"ok": True})[1])
+
+
+def _dump_weights(loop: Any, payload: dict[str, Any], var_dir: Path) -> dict[str, Any]:
+    """Writes {live: {layer.proj: tensor}, master: {...}, adapter: peft state, published: ...}."""
+    name = Path(str(payload.get("name") or "weights.pt")).name  # a file name, never a path
+    target = var_dir / "debug" / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    live = {f"{i}.{p}": lw.projection(p).detach().clone()
+            for i, lw in enumerate(loop.publisher.live.layers) for p in loop.master.projections}
+    master = {f"{i}.{p}": t.clone() for i, layer in enumerate(loop.master.tensors) for p, t in layer.items()}
+    trainer = loop.trainer
+    published = trainer.published.peft_state_dict() if trainer.published is not None else None
+    torch.save({"live": live, "master": master, "adapter": trainer.adapter.peft_state_dict(),
+                "published": published, "scale": trainer.adapter.scale,
+                "serving": loop.registry.serving.name}, target)
+    return {"path": str(target.resolve())}

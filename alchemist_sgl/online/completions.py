@@ -1,0 +1,91 @@
+"""The completion log: served completions that may still get feedback, keyed by (rid, choice).
+
+Owns ``CompletionEntry`` (token ids, the prefill version and SGLang's weight-version spans, the
+serving log-probs), the ``CompletionLog`` protocol, and ``BoundedCompletionLog`` (in memory,
+bounded by count and TTL on an injected clock). The durable log lives in feedback/; this one is
+what the scheduler process keeps. Imports only the standard library; never torch, sglang, or
+alchemist_sgl.feedback / train.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class CompletionEntry:
+    """One finished choice of a served request.
+
+    ``prefill_version`` names the version whose weights prefilled the prompt (the radix namespace
+    the request was admitted under); ``weight_versions`` are SGLang's spans over the output, as
+    dicts, in order. ``output_logprobs`` (one per output token) are the serving version's.
+    Times are seconds on the server's wall clock.
+    """
+
+    rid: str
+    choice_index: int
+    prompt_ids: tuple[int, ...]
+    output_ids: tuple[int, ...]
+    prefill_version: str | None
+    weight_versions: tuple[dict, ...]
+    finish_reason: str | None
+    created_at: float
+    finished_at: float
+    output_logprobs: tuple[float, ...] | None = None
+
+
+@runtime_checkable
+class CompletionLog(Protocol):
+    def put(self, entry: CompletionEntry) -> None:
+        """Stores ``entry``, replacing one with the same (rid, choice_index)."""
+
+    def get(self, rid: str, choice_index: int = 0) -> CompletionEntry | None:
+        """The entry, or None when unknown or expired."""
+
+    def __len__(self) -> int: ...
+
+
+class BoundedCompletionLog:
+    """``CompletionLog`` in memory: at most ``max_entries`` (the oldest put goes first) and none
+    older than ``ttl_s`` seconds since its put (``feedback.completion_ttl_s``), evicted on every
+    access. ``evictions`` counts both kinds."""
+
+    def __init__(self, max_entries: int = 10_000, ttl_s: float = 24 * 3600.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if max_entries < 1 or ttl_s <= 0:
+            raise ValueError(f"need max_entries >= 1 and ttl_s > 0, got {max_entries}, {ttl_s}")
+        self.max_entries, self.ttl_s = max_entries, ttl_s
+        self._clock = clock
+        self._entries: OrderedDict[tuple[str, int], tuple[float, CompletionEntry]] = OrderedDict()
+        self.evictions = 0
+
+    def put(self, entry: CompletionEntry) -> None:
+        now = self._clock()
+        key = (entry.rid, entry.choice_index)
+        self._entries.pop(key, None)
+        self._entries[key] = (now, entry)
+        self._expire(now)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+            self.evictions += 1
+
+    def get(self, rid: str, choice_index: int = 0) -> CompletionEntry | None:
+        self._expire(self._clock())
+        hit = self._entries.get((rid, choice_index))
+        return None if hit is None else hit[1]
+
+    def __len__(self) -> int:
+        self._expire(self._clock())
+        return len(self._entries)
+
+    def _expire(self, now: float) -> None:
+        # Entries are in put order, so the expired ones are a prefix.
+        while self._entries:
+            put_at, _ = next(iter(self._entries.values()))
+            if now - put_at < self.ttl_s:
+                break
+            self._entries.popitem(last=False)
+            self.evictions += 1

@@ -1,0 +1,121 @@
+"""Sample intake: the bounded queue of training samples waiting for the next optimizer step.
+
+Owns ``PendingSample`` (one token-level training example, the prefill version that served it) and
+``SampleQueue`` (all-or-nothing offers, readiness by count or age, oldest-first takes, requeue at
+the front for an abandoned step, checkpoint state). Pure: time comes from an injected clock.
+Imports only the standard library and ``alchemist_sgl.errors``; never torch, sglang, or
+alchemist_sgl.train / feedback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Literal
+
+from alchemist_sgl.errors import QueueFull
+
+SampleKind = Literal["positive", "negative"]
+
+
+@dataclass
+class PendingSample:
+    """One training example.
+
+    ``prefill_version`` is the version that served the completion (None when the sample was not a
+    served completion, e.g. ``POST /alchemist/train/samples`` without ``completion_id``): the
+    trainer replays its recording only within ``train.max_version_lag`` of it. ``ref_logprobs``
+    (one per response token) are the serving version's log-probs, for objectives that need a
+    reference. ``enqueued_at`` is on the queue's clock. ``handle`` is an opaque pin of the
+    sample's recording; it is never serialized (a restored sample recomputes its prompt).
+    """
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    kind: SampleKind
+    weight: float
+    prefill_version: str | None
+    completion_id: str | None
+    ref_logprobs: list[float] | None
+    enqueued_at: float
+    source: str = "samples"
+    handle: object | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("positive", "negative"):
+            raise ValueError(f"sample kind {self.kind!r} is not 'positive' or 'negative'")
+        if not (math.isfinite(self.weight) and self.weight > 0):
+            raise ValueError(f"sample weight {self.weight!r} must be a finite number > 0")
+        if not self.response_ids:
+            raise ValueError("a training sample needs at least one response token")
+        if self.ref_logprobs is not None and len(self.ref_logprobs) != len(self.response_ids):
+            raise ValueError(f"{len(self.ref_logprobs)} ref_logprobs for "
+                             f"{len(self.response_ids)} response tokens")
+
+    def as_state(self) -> dict:
+        """JSON-able, without ``handle``."""
+        d = dataclasses.asdict(dataclasses.replace(self, handle=None))
+        del d["handle"]
+        return d
+
+    @classmethod
+    def from_state(cls, d: dict) -> "PendingSample":
+        return cls(**{k: v for k, v in d.items() if k != "handle"})
+
+
+class SampleQueue:
+    """FIFO of ``PendingSample`` bounded by ``max_pending`` (``train.max_pending_samples``).
+
+    Contract: single-threaded (the scheduler process owns it). ``offer`` is all-or-nothing and
+    raises ``QueueFull`` rather than dropping; ``requeue_front`` may exceed the bound (those
+    samples were already accepted once and are never dropped).
+    """
+
+    def __init__(self, max_pending: int, clock: Callable[[], float] = time.monotonic) -> None:
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be >= 1, got {max_pending}")
+        self.max_pending = max_pending
+        self._clock = clock
+        self._items: deque[PendingSample] = deque()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def offer(self, items: Iterable[PendingSample]) -> int:
+        """Appends every item or none; returns how many were appended. Raises ``QueueFull``."""
+        new = list(items)
+        if len(self._items) + len(new) > self.max_pending:
+            raise QueueFull(len(self._items), len(new), self.max_pending)
+        self._items.extend(new)
+        return len(new)
+
+    def oldest_wait_s(self) -> float:
+        """Seconds the front sample has waited (0.0 when empty)."""
+        if not self._items:
+            return 0.0
+        return max(0.0, self._clock() - self._items[0].enqueued_at)
+
+    def is_ready(self, min_pending: int, max_wait_s: float) -> bool:
+        """True when ``min_pending`` samples wait, or at least one has waited ``max_wait_s``."""
+        n = len(self._items)
+        return n >= min_pending or (n >= 1 and self.oldest_wait_s() >= max_wait_s)
+
+    def take(self, batch_samples: int) -> list[PendingSample]:
+        """Removes and returns up to ``batch_samples`` samples, oldest first."""
+        n = min(max(batch_samples, 0), len(self._items))
+        return [self._items.popleft() for _ in range(n)]
+
+    def requeue_front(self, items: Iterable[PendingSample]) -> None:
+        """Puts samples of an abandoned or skipped step back at the front, in their order."""
+        self._items.extendleft(reversed(list(items)))
+
+    def state(self) -> list[dict]:
+        """The pending samples, oldest first, without handles (for the checkpoint)."""
+        return [s.as_state() for s in self._items]
+
+    def load_state(self, state: list[dict]) -> None:
+        """Replaces the contents with a checkpoint's samples (handles are None)."""
+        self._items = deque(PendingSample.from_state(d) for d in state)

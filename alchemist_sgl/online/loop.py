@@ -1,0 +1,426 @@
+"""The online loop: pending samples -> work-unit steps -> gate -> publish -> a new version id.
+
+Owns ``OnlineLoop``, which the runtime drives once per scheduler iteration with a time slice
+(``run_slice``). It composes the trainer (train/), the sample queue, the version registry, the
+publisher, the gate and checkpoints (online/), and reaches the server only through two small
+protocols built in ``integration/``: ``ServingHost`` (may a publish happen now; announce a version)
+and ``RecordingSource`` (pin, read and unpin a prompt's recording). Never imports sglang.
+
+Contract: every method runs on the scheduler thread between scheduler iterations (quiescent), so
+nothing here locks. A method that raises must be caught by the caller, which disables training
+loudly and keeps serving (Note [fail loudly, keep serving] in integration/plugin.py).
+
+Note [Work as a generator]: one step is a generator that performs exactly one work unit per
+``next()`` (a decoder layer's forward or backward for one sample, a loss chunk, the optimizer, one
+layer of the publish build, the copy, a checkpoint) and yields ``_UNIT``, or yields ``_WAIT`` when
+it cannot go on in this iteration (a chunked prefill is in flight and a publish must wait).
+``run_slice`` advances it until the slice budget is spent. Between two ``next()`` calls SGLang
+serves; in-flight requests are never touched.
+
+Note [Lag in training states]: a recording made at version p is exact for the trainer only while
+the trainer's weights are still p's. Lag = hops from p to the serving version along the lineage
+(None across a branch: infinite) + optimizer steps taken since the last publish. With the default
+``publish.every_steps: 1`` every step starts at lag 0 for what was served since the last publish.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Protocol
+
+import torch
+
+from alchemist_sgl.log import get_logger
+from alchemist_sgl.online.publish import MasterWeights, Publisher
+from alchemist_sgl.train.samples import PromptSegment, Recording, Sample
+
+logger = get_logger(__name__)
+
+_UNIT, _WAIT = "unit", "wait"
+_STALE = 10**9  # a lag no max_version_lag accepts (a recording across a branch)
+
+
+class ServingHost(Protocol):
+    def can_publish(self) -> bool:
+        """True when the live weights may change now (no chunked prefill in flight)."""
+
+    def announce(self, version: str) -> None:
+        """The served weights are now ``version``: stamp new admissions, SGLang's weight_version."""
+
+
+class RecordingSource(Protocol):
+    def pin(self, prompt_ids: list[int], version: str) -> Any: ...
+    def segments(self, handle: Any) -> list[tuple[int, int, dict[str, torch.Tensor] | None]]: ...
+    def unpin(self, handle: Any) -> None: ...
+
+
+@dataclass
+class LoopCounters:
+    """Cumulative numbers of the loop (checkpointed; ``train``/``publish`` status blocks)."""
+
+    steps: int = 0
+    train_state: int = 0          # optimizer steps ever taken on this lineage (Note [Lag ...])
+    steps_since_publish: int = 0
+    steps_since_checkpoint: int = 0
+    units_run: int = 0
+    slices: int = 0
+    units_over_budget: int = 0
+    max_unit_ms: float = 0.0
+    max_slice_ms: float = 0.0
+    nonfinite_skipped: int = 0
+    publishes: int = 0
+    rejected: int = 0
+    last_step_ms: float | None = None
+    last_publish_ms: float | None = None
+    last_stall_ms: float | None = None
+    last_publish_at: float = 0.0
+    recent_publishes: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SliceReport:
+    units: int
+    ms: float
+    units_over_budget: int
+
+
+class OnlineLoop:
+    """Trains on pending samples in work units and publishes each step as a new version."""
+
+    def __init__(self, *, config: Any, trainer: Any, queue: Any, registry: Any, checkpoints: Any,
+                 checkpoint_meta: Any, publisher: Publisher, master: MasterWeights,
+                 host: ServingHost, recordings: RecordingSource | None, adapters: Any,
+                 gate_pairs: list[Sample] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config, self.trainer, self.queue, self.registry = config, trainer, queue, registry
+        self.checkpoints, self.meta = checkpoints, checkpoint_meta
+        self.publisher, self.master, self.host, self.recordings = publisher, master, host, recordings
+        self.adapters = adapters  # online.adapters-like: save/load/prune (module or object)
+        self.gate_pairs = gate_pairs or []
+        self.clock = clock
+        self.counters = LoopCounters(last_publish_at=clock())
+        self.is_paused = False
+        self.inject_nonfinite_steps: set[int] = set()  # tests: 1-based step numbers to poison
+        self._work: Iterator[str] | None = None
+        self._inflight: list[Any] = []
+        self._state = "idle"
+        self._accepted = self._trainer_snapshot()
+
+    # ------------------------------------------------------------------ driving
+    @property
+    def has_work(self) -> bool:
+        """True while a step is under way or one could start now (the idle sleep is skipped)."""
+        if self._work is not None:
+            return True
+        tc = self.config.train
+        return not self.is_paused and self.queue.is_ready(tc.min_pending_samples, tc.max_wait_s)
+
+    def run_slice(self, budget_ms: float) -> SliceReport:
+        """Runs work units until ``budget_ms`` is spent (at least one unit when work is ready)."""
+        c = self.counters
+        t0 = time.perf_counter()
+        units = over = 0
+        while (time.perf_counter() - t0) * 1000.0 < budget_ms:
+            if self._work is None:
+                if not self.has_work:
+                    break
+                self._work = self._one_step()
+            u0 = time.perf_counter()
+            try:
+                kind = next(self._work)
+            except StopIteration:
+                self._work = None
+                continue
+            if kind == _WAIT:
+                break
+            unit_ms = (time.perf_counter() - u0) * 1000.0
+            units += 1
+            c.max_unit_ms = max(c.max_unit_ms, unit_ms)
+            if unit_ms > budget_ms:
+                over += 1
+        if units:
+            ms = (time.perf_counter() - t0) * 1000.0
+            c.slices += 1
+            c.units_run += units
+            c.units_over_budget += over
+            c.max_slice_ms = max(c.max_slice_ms, ms)
+            return SliceReport(units, ms, over)
+        return SliceReport(0, 0.0, 0)
+
+    def abandon_step(self) -> None:
+        """Drops the step under way (rollback, shutdown): its samples go back to the queue front."""
+        if self._work is not None:
+            self._work.close()
+            self._work = None
+        self.publisher.abandon()
+        if self._inflight:
+            self._release(self._inflight)
+            self.queue.requeue_front([_without_handle(p) for p in self._inflight])
+            self._inflight = []
+        self._state = "idle"
+
+    # ------------------------------------------------------------------ one step
+    def _one_step(self) -> Iterator[str]:
+        tc, c = self.config.train, self.counters
+        pending = self.queue.take(tc.batch_samples)
+        self._inflight = pending
+        self._state = "training"
+        t0 = time.perf_counter()
+        self.trainer.version = c.train_state
+        run = self.trainer.begin_step([self._to_sample(p) for p in pending])
+        if c.steps + 1 in self.inject_nonfinite_steps:
+            run.inject_nonfinite()
+        while not run.is_done:
+            run.run_unit()
+            yield _UNIT
+        stats = run.finish()
+        self._release(pending)
+        self._inflight = []
+        step_ms = (time.perf_counter() - t0) * 1000.0
+        if stats.is_nonfinite_skipped:
+            c.nonfinite_skipped += 1
+            logger.warning("step skipped: non-finite loss or gradients (%d samples dropped, "
+                           "nothing published)", len(pending))
+            self._state = "idle"
+            return
+        c.steps += 1
+        c.train_state += 1
+        c.steps_since_publish += 1
+        c.steps_since_checkpoint += 1
+        c.last_step_ms = step_ms
+        logger.info("train step %d: loss %.4f samples %d tokens %d replayed %d recomputed %d "
+                    "stale %d units %d ms %.0f", c.steps, stats.loss, stats.samples, stats.tokens,
+                    stats.replayed_tokens, stats.recomputed_tokens, stats.stale_recomputes,
+                    stats.units, step_ms)
+        from alchemist_sgl.online.cadence import should_checkpoint, should_publish  # noqa: PLC0415
+
+        pc = self.config.publish
+        if should_publish(c.steps_since_publish, self.clock() - c.last_publish_at,
+                          pc.every_steps, pc.every_s):
+            yield from self._publish()
+        if should_checkpoint(c.steps_since_checkpoint, tc.checkpoint_every_steps):
+            self.checkpoint()
+            yield _UNIT
+        self._state = "idle"
+
+    def _to_sample(self, p: Any) -> Sample:
+        """A trainer ``Sample`` with its recording's segments labelled by lag (Note [Lag ...])."""
+        segments: tuple[PromptSegment, ...] = ()
+        if p.handle is not None and self.recordings is not None:
+            hops = self.registry.lag(p.prefill_version, self.registry.serving.name)
+            lag = _STALE if hops is None else hops + self.counters.steps_since_publish
+            version = self.counters.train_state - lag
+            segments = tuple(
+                PromptSegment(s, e, None if t is None else Recording(version, t))
+                for s, e, t in self.recordings.segments(p.handle))
+        ref = None if p.ref_logprobs is None else torch.tensor(p.ref_logprobs, dtype=torch.float32)
+        return Sample(p.prompt_ids, p.response_ids, segments, p.kind, p.weight, ref)
+
+    def _release(self, pending: list[Any]) -> None:
+        for p in pending:
+            if p.handle is not None and self.recordings is not None:
+                self.recordings.unpin(p.handle)
+                p.handle = None
+
+    # ------------------------------------------------------------------ publish
+    def _publish(self) -> Iterator[str]:
+        c, gc = self.counters, self.config.publish.gate
+        self._state = "publishing"
+        t0 = time.perf_counter()
+        frozen = self.trainer.adapter.snapshot()
+        metric = None
+        if gc.is_enabled and self.gate_pairs and (c.publishes + c.rejected) % gc.every == 0:
+            self._state = "gating"
+            decision = yield from self._gate()
+            metric = decision.metric
+            if not decision.is_accepted:
+                self._reject(decision, metric)
+                return
+        self._state = "publishing"
+        self.publisher.begin(frozen)
+        while not self.publisher.is_built:
+            self.publisher.run_unit()
+            yield _UNIT
+        while not self.host.can_publish():
+            yield _WAIT
+        stall_ms = self.publisher.commit()
+        self.trainer.set_published(frozen)
+        version = self._mint_serving(step=c.steps, parent=self.registry.serving.name, metric=metric)
+        c.steps_since_publish = 0
+        c.publishes += 1
+        c.last_publish_at = self.clock()
+        publish_ms = (time.perf_counter() - t0) * 1000.0
+        c.last_publish_ms, c.last_stall_ms = publish_ms, stall_ms
+        c.recent_publishes = (c.recent_publishes + [
+            {"version": version.name, "publish_ms": publish_ms, "stall_ms": stall_ms}])[-64:]
+        logger.info("publish %s (step %d, parent %s): build+copy %.0f ms, stall %.1f ms",
+                    version.name, c.steps, version.parent, publish_ms, stall_ms)
+        if gc.is_enabled:
+            self._accepted = self._trainer_snapshot()
+        yield _UNIT
+
+    def _gate(self) -> Iterator[str]:
+        from alchemist_sgl.online.gate import decide  # noqa: PLC0415
+
+        gc = self.config.publish.gate
+        if self.registry.v0_metric() is None and self.registry.serving.name == "v0":
+            v0 = yield from self._score("published")
+            self.registry.set_metric("v0", v0)
+        last = self.registry.last_accepted_metric()
+        if last is None:
+            last = yield from self._score("published")
+            self.registry.set_metric(self.registry.serving.name, last)
+        candidate = yield from self._score("trained")
+        v0 = self.registry.v0_metric()
+        decision = decide(candidate, last, v0 if v0 is not None else last,
+                          gc.max_regression, gc.max_regression_total)
+        logger.info("gate: candidate NLL %.4f, last accepted %.4f, v0 %s: %s", candidate, last,
+                    "%.4f" % v0 if v0 is not None else "n/a", decision.reason)
+        return decision
+
+    def _score(self, which: str) -> Iterator[str]:
+        run = self.trainer.begin_scoring(self.gate_pairs, which)
+        while not run.is_done:
+            run.run_unit()
+            yield _UNIT
+        return run.result()
+
+    def _reject(self, decision: Any, metric: float) -> None:
+        c = self.counters
+        rejected = self.registry.mint(step=c.steps, parent=self.registry.serving.name,
+                                      metric=metric, is_rejected=True)
+        self._restore_trainer(self._accepted)
+        c.rejected += 1
+        c.train_state += 1  # the rejected steps' recordings are never replayed exactly again
+        c.steps_since_publish = 0
+        c.last_publish_at = self.clock()
+        logger.warning("gate rejected %s: %s; trainer back at %s", rejected.name, decision.reason,
+                       self.registry.serving.name)
+
+    def _mint_serving(self, *, step: int, parent: str, metric: float | None) -> Any:
+        version = self.registry.mint(step=step, parent=parent, metric=metric)
+        folder = self._adapter_folder(version.name)
+        self.adapters.save_adapter(folder, self.trainer.adapter.peft_state_dict(),
+                                   self.trainer.adapter.peft_config_dict(),
+                                   self.trainer.optimizer.state_dict(), self.meta.model)
+        self.registry.set_adapter_path(version.name, str(folder))
+        self.host.announce(version.name)
+        self._prune_adapters()
+        return version
+
+    def _adapter_folder(self, name: str) -> Any:
+        from pathlib import Path  # noqa: PLC0415
+
+        return Path(self.config.train.checkpoint_dir) / "adapters" / name
+
+    def _prune_adapters(self) -> None:
+        import shutil  # noqa: PLC0415
+
+        pc = self.config.publish
+        ids = [v.id for v in self.registry.page(10**9, 0) if v.adapter_path]
+        protected = {self.registry.serving.id}
+        for vid in self.adapters.prune_plan(ids, pc.keep_adapters_last, pc.keep_adapters_every,
+                                            protected):
+            name = f"v{vid}"
+            info = self.registry.get(name)
+            if info.adapter_path:
+                shutil.rmtree(info.adapter_path, ignore_errors=True)
+                self.registry.set_adapter_path(name, None)
+
+    # ------------------------------------------------------------------ rollback, checkpoints
+    def rollback(self, to: str) -> dict[str, Any]:
+        """Serves ``to``'s weights, adapter and AdamW state under a new id (one call).
+        Raises KeyError (unknown), LookupError (no adapter kept) or RuntimeError (retry later)."""
+        target = self.registry.get(to)
+        if target.state == "rejected":
+            raise ValueError(f"{to} was rejected by the gate and was never served")
+        if not self.host.can_publish():
+            raise RuntimeError("a chunked prefill is in flight; retry in a moment")
+        self.abandon_step()
+        if target.name == "v0" and not target.adapter_path:
+            self.trainer.reset_to_fresh()
+        else:
+            if not target.adapter_path:
+                raise LookupError(f"the adapter of {to} is no longer kept (publish.keep_adapters_*)")
+            peft_state, optimizer_state = self.adapters.load_adapter(target.adapter_path)
+            self.trainer.load_adapter_state(peft_state, optimizer_state)
+        frozen = self.trainer.adapter.snapshot()
+        self.publisher.build_all(frozen)
+        stall_ms = self.publisher.commit()
+        self.trainer.set_published(frozen)
+        c = self.counters
+        c.train_state += 1
+        c.steps_since_publish = 0
+        version = self._mint_serving(step=target.step, parent=target.name, metric=target.metric)
+        self._accepted = self._trainer_snapshot()
+        logger.info("rollback to %s: now serving %s (stall %.1f ms)", to, version.name, stall_ms)
+        return {"weight_version": version.name, "parent": target.name, "stall_ms": stall_ms}
+
+    def checkpoint(self) -> None:
+        c = self.counters
+        pending = [_without_handle(p) for p in self._inflight]
+        state = {"trainer": self.trainer.state_dict(), "versions": self.registry.state(),
+                 "pending": [p.as_state() for p in pending] + self.queue.state(),
+                 "rng": torch.get_rng_state(), "counters": copy.deepcopy(vars(c))}
+        self.checkpoints.save(c.steps, state, self.meta)
+        c.steps_since_checkpoint = 0
+        logger.info("checkpoint at step %d (%s serving)", c.steps, self.registry.serving.name)
+
+    def restore(self) -> bool:
+        """Loads the newest compatible checkpoint and rebuilds the served weights from the master
+        plus the serving version's adapter. Returns False when there was none."""
+        state = self.checkpoints.load_latest(self.meta)
+        if state is None:
+            if self.registry.serving.name != "v0":
+                # The registry outlived its checkpoints: the live weights are W0 again, which
+                # gets a fresh id (ids are never reused, Note [Rebuild from the master]).
+                self._mint_serving(step=0, parent="v0", metric=self.registry.v0_metric())
+            else:
+                self.host.announce("v0")
+            return False
+        self.trainer.load_state_dict(state["trainer"])
+        self.registry.restore(state["versions"])
+        self.queue.load_state(state["pending"])
+        torch.set_rng_state(state["rng"])
+        for key, value in state["counters"].items():
+            setattr(self.counters, key, value)
+        self.counters.last_publish_at = self.clock()
+        if self.trainer.published is not None:
+            self.publisher.build_all(self.trainer.published)
+            self.publisher.commit()
+        self.host.announce(self.registry.serving.name)
+        self._accepted = self._trainer_snapshot()
+        logger.info("restored checkpoint at step %d: serving %s, %d samples pending",
+                    self.counters.steps, self.registry.serving.name, len(self.queue))
+        return True
+
+    def _trainer_snapshot(self) -> dict[str, Any] | None:
+        if not self.config.publish.gate.is_enabled:
+            return None
+        return copy.deepcopy(self.trainer.state_dict())
+
+    def _restore_trainer(self, snapshot: dict[str, Any] | None) -> None:
+        if snapshot is not None:
+            self.trainer.load_state_dict(copy.deepcopy(snapshot))
+
+    # ------------------------------------------------------------------ status
+    def status(self) -> dict[str, dict[str, Any]]:
+        c, t = self.counters, self.trainer.status()
+        train = {**t, "steps": c.steps, "samples_pending": len(self.queue),
+                 "paused": self.is_paused, "state": "paused" if self.is_paused else self._state,
+                 "units_run": c.units_run, "slices": c.slices,
+                 "units_over_budget": c.units_over_budget, "max_unit_ms": c.max_unit_ms,
+                 "max_slice_ms": c.max_slice_ms, "nonfinite_skipped": c.nonfinite_skipped,
+                 "last_step_ms": c.last_step_ms}
+        publish = {"publishes": c.publishes, "rejected": c.rejected,
+                   "last_publish_ms": c.last_publish_ms, "last_stall_ms": c.last_stall_ms,
+                   "master_bytes": self.master.bytes, "recent": list(c.recent_publishes)}
+        return {"train": train, "publish": publish}
+
+
+def _without_handle(p: Any) -> Any:
+    q = copy.copy(p)
+    q.handle = None
+    return q
