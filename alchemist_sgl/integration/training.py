@@ -139,6 +139,14 @@ def _log_finished(rt: Any, reqs: Any) -> None:
             output_logprobs=None))
 
 
+def _chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """The chat template's prompt ids with the generation prompt (transformers 5 returns a
+    BatchEncoding by default; ask for the plain list)."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                        return_dict=False)
+    return [int(t) for t in ids]
+
+
 class SchedulerHost:
     """``ServingHost`` over the scheduler: publish only with no chunked prefill in flight;
     announce a version on the scheduler side (``record_weight_version_change``) and to us."""
@@ -195,8 +203,7 @@ def install(scheduler: Any, runtime: Any) -> Any:
         config=config, weights=weights, host=SchedulerHost(scheduler, runtime),
         recordings=recordings, completions=runtime.completions, model_name=runtime.info.model_path,
         tokenize=lambda text: list(tokenizer.encode(text, add_special_tokens=False)),
-        chat=lambda messages: list(tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True)),
+        chat=lambda messages: _chat_ids(tokenizer, messages),
         eos_id=getattr(tokenizer, "eos_token_id", None),
         max_tokens=int(getattr(scheduler, "max_req_input_len", 0) or scheduler.model_config.context_len),
         serving=lambda: runtime.state.weight_version)

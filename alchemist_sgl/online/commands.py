@@ -78,6 +78,8 @@ def register(runtime: Any, loop: Any, admission: Any, *, var_dir: Path) -> None:
     if runtime.config.server.enable_debug_commands:
         runtime.register_command("debug.weights", lambda payload: _dump_weights(loop, payload, var_dir))
         runtime.register_command("debug.checkpoint", lambda payload: (loop.checkpoint(), {"ok": True})[1])
+        runtime.register_command("debug.grads",
+                                 lambda payload: _dump_grads(loop, admission, payload, var_dir))
 
 
 def _dump_weights(loop: Any, payload: dict[str, Any], var_dir: Path) -> dict[str, Any]:
@@ -94,3 +96,47 @@ def _dump_weights(loop: Any, payload: dict[str, Any], var_dir: Path) -> dict[str
                 "published": published, "scale": trainer.adapter.scale,
                 "serving": loop.registry.serving.name}, target)
     return {"path": str(target.resolve())}
+
+
+def _dump_grads(loop: Any, admission: Any, payload: dict[str, Any], var_dir: Path) -> dict[str, Any]:
+    """Loss and LoRA gradients of one sample through the loop's own path (admission, pins, lag,
+    work units over the live weights), without the optimizer unit; for equivalence tests.
+    Training must be idle (pause it first)."""
+    from alchemist_sgl.train.lora import peft_name  # noqa: PLC0415
+
+    if loop.has_step_in_progress:
+        raise CommandError("a training step is under way; pause training and retry", 503)
+    name = Path(str(payload.get("name") or "grads.pt")).name
+    pending = admission.admit([payload["sample"]])
+    trainer = loop.trainer
+    try:
+        trainer.version = loop.counters.train_state
+        sample = loop._to_sample(pending[0])
+        run = trainer.begin_step([sample])
+        while run.units < run.units_total - 1:  # everything but the optimizer unit
+            run.run_unit()
+        adapter = trainer.adapter
+        grads = {}
+        for layer in range(adapter.spec.layers):
+            for t in adapter.targets:
+                for which, params in (("A", adapter.a), ("B", adapter.b)):
+                    g = params[f"{layer}_{t}"].grad
+                    grads[peft_name(layer, t, which)] = None if g is None else g.detach().clone()
+        counts = run.plans[0].counts
+        loss = float(torch.stack(run._losses).sum()) if getattr(run, "_losses", None) else run.loss
+        result = {"loss": loss, "grads": grads, "adapter": adapter.peft_state_dict(),
+                  "rank": adapter.rank, "alpha": adapter.alpha,
+                  "prompt_ids": list(sample.prompt_ids), "response_ids": list(sample.response_ids),
+                  "replayed_tokens": counts.replayed_tokens,
+                  "recomputed_tokens": counts.recomputed_tokens,
+                  "stale_recomputes": counts.stale_recomputes,
+                  "reuse_by_lag": dict(counts.reuse_by_lag), "serving": loop.registry.serving.name}
+        trainer.optimizer.zero_grad(set_to_none=True)
+    finally:
+        admission.release(pending)
+    target = var_dir / "debug" / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(result, target)
+    return {"path": str(target.resolve()), "replayed_tokens": result["replayed_tokens"],
+            "recomputed_tokens": result["recomputed_tokens"],
+            "stale_recomputes": result["stale_recomputes"], "loss": result["loss"]}

@@ -12,7 +12,7 @@ loudly and keeps serving (Note [fail loudly, keep serving] in integration/plugin
 
 Note [Work as a generator]: one step is a generator that performs exactly one work unit per
 ``next()`` (a decoder layer's forward or backward for one sample, a loss chunk, the optimizer, one
-layer of the publish build, the copy, a checkpoint) and yields ``_UNIT``, or yields ``_WAIT`` when
+layer of the publish build, the copy, a checkpoint) and yields its kind (``"train"``, ``"gate"``, ``"publish.build"``, ...), or yields ``_WAIT`` when
 it cannot go on in this iteration (a chunked prefill is in flight and a publish must wait).
 ``run_slice`` advances it until the slice budget is spent. Between two ``next()`` calls SGLang
 serves; in-flight requests are never touched.
@@ -38,7 +38,7 @@ from alchemist_sgl.train.samples import PromptSegment, Recording, Sample
 
 logger = get_logger(__name__)
 
-_UNIT, _WAIT = "unit", "wait"
+_WAIT = "wait"
 _STALE = 10**9  # a lag no max_version_lag accepts (a recording across a branch)
 
 
@@ -68,11 +68,13 @@ class LoopCounters:
     slices: int = 0
     units_over_budget: int = 0
     max_unit_ms: float = 0.0
+    max_unit_ms_by_kind: dict[str, float] = field(default_factory=dict)
     max_slice_ms: float = 0.0
     nonfinite_skipped: int = 0
     publishes: int = 0
     rejected: int = 0
     last_step_ms: float | None = None
+    last_loss: float | None = None
     last_publish_ms: float | None = None
     last_stall_ms: float | None = None
     last_publish_at: float = 0.0
@@ -111,11 +113,18 @@ class OnlineLoop:
     # ------------------------------------------------------------------ driving
     @property
     def has_work(self) -> bool:
-        """True while a step is under way or one could start now (the idle sleep is skipped)."""
+        """True while not paused and a step is under way or could start now (then SGLang's idle
+        sleep is skipped)."""
+        if self.is_paused:
+            return False
         if self._work is not None:
             return True
         tc = self.config.train
-        return not self.is_paused and self.queue.is_ready(tc.min_pending_samples, tc.max_wait_s)
+        return self.queue.is_ready(tc.min_pending_samples, tc.max_wait_s)
+
+    @property
+    def has_step_in_progress(self) -> bool:
+        return self._work is not None
 
     def run_slice(self, budget_ms: float) -> SliceReport:
         """Runs work units until ``budget_ms`` is spent (at least one unit when work is ready)."""
@@ -138,6 +147,7 @@ class OnlineLoop:
             unit_ms = (time.perf_counter() - u0) * 1000.0
             units += 1
             c.max_unit_ms = max(c.max_unit_ms, unit_ms)
+            c.max_unit_ms_by_kind[kind] = max(c.max_unit_ms_by_kind.get(kind, 0.0), unit_ms)
             if unit_ms > budget_ms:
                 over += 1
         if units:
@@ -174,7 +184,7 @@ class OnlineLoop:
             run.inject_nonfinite()
         while not run.is_done:
             run.run_unit()
-            yield _UNIT
+            yield "train"
         stats = run.finish()
         self._release(pending)
         self._inflight = []
@@ -190,6 +200,7 @@ class OnlineLoop:
         c.steps_since_publish += 1
         c.steps_since_checkpoint += 1
         c.last_step_ms = step_ms
+        c.last_loss = stats.loss
         logger.info("train step %d: loss %.4f samples %d tokens %d replayed %d recomputed %d "
                     "stale %d units %d ms %.0f", c.steps, stats.loss, stats.samples, stats.tokens,
                     stats.replayed_tokens, stats.recomputed_tokens, stats.stale_recomputes,
@@ -202,7 +213,7 @@ class OnlineLoop:
             yield from self._publish()
         if should_checkpoint(c.steps_since_checkpoint, tc.checkpoint_every_steps):
             self.checkpoint()
-            yield _UNIT
+            yield "checkpoint"
         self._state = "idle"
 
     def _to_sample(self, p: Any) -> Sample:
@@ -242,12 +253,15 @@ class OnlineLoop:
         self.publisher.begin(frozen)
         while not self.publisher.is_built:
             self.publisher.run_unit()
-            yield _UNIT
+            yield "publish.build"
         while not self.host.can_publish():
             yield _WAIT
         stall_ms = self.publisher.commit()
         self.trainer.set_published(frozen)
-        version = self._mint_serving(step=c.steps, parent=self.registry.serving.name, metric=metric)
+        version = self.registry.mint(step=c.steps, parent=self.registry.serving.name, metric=metric)
+        self.host.announce(version.name)
+        yield "publish.commit"
+        self._save_adapter(version.name)
         c.steps_since_publish = 0
         c.publishes += 1
         c.last_publish_at = self.clock()
@@ -259,7 +273,7 @@ class OnlineLoop:
                     version.name, c.steps, version.parent, publish_ms, stall_ms)
         if gc.is_enabled:
             self._accepted = self._trainer_snapshot()
-        yield _UNIT
+        yield "publish.save"
 
     def _gate(self) -> Iterator[str]:
         from alchemist_sgl.online.gate import decide  # noqa: PLC0415
@@ -284,7 +298,7 @@ class OnlineLoop:
         run = self.trainer.begin_scoring(self.gate_pairs, which)
         while not run.is_done:
             run.run_unit()
-            yield _UNIT
+            yield "gate"
         return run.result()
 
     def _reject(self, decision: Any, metric: float) -> None:
@@ -301,14 +315,18 @@ class OnlineLoop:
 
     def _mint_serving(self, *, step: int, parent: str, metric: float | None) -> Any:
         version = self.registry.mint(step=step, parent=parent, metric=metric)
-        folder = self._adapter_folder(version.name)
+        self.host.announce(version.name)
+        self._save_adapter(version.name)
+        return version
+
+    def _save_adapter(self, name: str) -> None:
+        """The version's adapter (PEFT folder) and AdamW state, for rollback; then retention."""
+        folder = self._adapter_folder(name)
         self.adapters.save_adapter(folder, self.trainer.adapter.peft_state_dict(),
                                    self.trainer.adapter.peft_config_dict(),
                                    self.trainer.optimizer.state_dict(), self.meta.model)
-        self.registry.set_adapter_path(version.name, str(folder))
-        self.host.announce(version.name)
+        self.registry.set_adapter_path(name, str(folder))
         self._prune_adapters()
-        return version
 
     def _adapter_folder(self, name: str) -> Any:
         from pathlib import Path  # noqa: PLC0415
@@ -412,8 +430,9 @@ class OnlineLoop:
                  "paused": self.is_paused, "state": "paused" if self.is_paused else self._state,
                  "units_run": c.units_run, "slices": c.slices,
                  "units_over_budget": c.units_over_budget, "max_unit_ms": c.max_unit_ms,
+                 "max_unit_ms_by_kind": dict(c.max_unit_ms_by_kind),
                  "max_slice_ms": c.max_slice_ms, "nonfinite_skipped": c.nonfinite_skipped,
-                 "last_step_ms": c.last_step_ms}
+                 "last_step_ms": c.last_step_ms, "last_loss": c.last_loss}
         publish = {"publishes": c.publishes, "rejected": c.rejected,
                    "last_publish_ms": c.last_publish_ms, "last_stall_ms": c.last_stall_ms,
                    "master_bytes": self.master.bytes, "recent": list(c.recent_publishes)}

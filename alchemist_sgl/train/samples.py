@@ -19,15 +19,16 @@ Data format the runtime must produce (one ``Sample`` per trained completion):
     ``ref_logprobs``: optional [len(response)] reference log-probs for the KTO objective
     (objectives.py, Note [Reference log-probs]).
 
-Note [Staleness]: a recording is exact only if the weights that produced it equal the trainer's
-weights now, adapter included: a non-zero adapter changes every layer's input after the first, so
-"base outputs" depend on the adapter too. ``version`` therefore counts TRAINING STATES: the trainer's
-version advances by one per optimizer step, and the runtime labels a recording with the trainer
-version whose weights were serving (merge publish: the version merged last; adapter publish: the
-version of the served adapter). lag = trainer version - recording version. lag 0 is exact; a
-recording with lag <= ``train.max_version_lag`` is reused (approximate: prompt rows see old weights,
-response rows new ones) and counted in ``reuse_by_lag``; beyond that its tokens are recomputed and
-counted in ``stale_recomputes`` (segments) and ``recomputed_tokens``.
+Note [Staleness]: a recording is exact only if the weights that produced it equal the weights the
+trainer computes now, adapter included: a non-zero adapter change moves every layer's input after
+the first, so "base outputs" depend on the adapter too. ``version`` names PUBLISHED weight states
+(MISSION.md "One version"): the runtime labels a recording with the version that served it, and
+the online loop sets the trainer's ``version`` before each step (the trainer never advances it).
+lag = trainer version - recording version. lag 0 is exact while the trained adapter still equals
+the published one (forward.py, Note [Published adapter]; with a publish after every step this
+holds for every step); a recording with lag <= ``train.max_version_lag`` is reused (approximate:
+prompt rows see old weights, response rows new ones) and counted in ``reuse_by_lag``; beyond that
+its tokens are recomputed and counted in ``stale_recomputes`` (segments) and ``recomputed_tokens``.
 """
 
 from __future__ import annotations

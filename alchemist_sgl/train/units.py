@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Iterator, Literal
 
 import torch
 
@@ -111,9 +111,10 @@ class StepRun(_Run):
     def __init__(self, trainer: "ReplayTrainer", plans: list[PlannedSample]) -> None:
         self.trainer, self.plans = trainer, plans
         self.mean_weight = sum(p.sample.weight for p in plans) / len(plans)
-        self.loss, self.tokens = 0.0, 0
+        self.loss, self.tokens = 0.0, 0  # loss: set by the optimizer unit
         self.counts = PlanCounts()
-        self.ratios: list[float] = []
+        self._losses: list[torch.Tensor] = []  # 0-d, detached: one per head chunk (KTO: sample)
+        self._ratios: list[torch.Tensor] = []  # 0-d KTO summed log ratios
         self.is_nonfinite_skipped = self._is_injected = False
         total = sum(_count_units(trainer, p, True) for p in plans) + 1
         super().__init__(self._step_units(), total, is_grad=True)
@@ -124,9 +125,9 @@ class StepRun(_Run):
 
     def _step_units(self) -> Iterator[tuple[UnitKind, int | None, int | None]]:
         for index, planned in enumerate(self.plans):
-            yield from self._sample_units(index, planned)
             self.counts.add(planned.counts)
             self.tokens += planned.input_ids.numel()
+            yield from self._sample_units(index, planned)
         self._optimizer_unit()
         yield "optimizer", None, None
 
@@ -165,13 +166,13 @@ class StepRun(_Run):
                 yield "head", index, None
             ratio = (torch.cat(logps) - ref.to(logps[0])).sum()
             kto, coef = kto_loss_and_coefficient(ratio, t._kl_ema)
-            self.loss += float(kto) * scale  # host sync: once per sample, for stats
-            self.ratios.append(float(ratio))
+            self._losses.append(kto * scale)
+            self._ratios.append(ratio)
         for lo, hi in chunks:
             logp = head_logprobs(w, planned, top_h, top_r, lo, hi)
             if coef is None:
                 loss = token_loss_sum(s.kind, t.config.objective_negative, logp) * (scale / n_resp)
-                self.loss += float(loss.detach())  # host sync: once per chunk, for stats
+                self._losses.append(loss.detach())
             else:
                 loss = (coef * scale) * logp.sum()
             loss.backward()
@@ -193,10 +194,11 @@ class StepRun(_Run):
         params = [p for p in t.adapter.parameters() if p.grad is not None]
         if self._is_injected and params:
             params[0].grad.view(-1)[0] = float("nan")
+        self.loss = float(torch.stack(self._losses).sum())  # host sync: once per step
         if is_step_finite(self.loss, params):
             t.optimizer.step()
             t._is_published_current = False
-            t.update_kl(self.ratios)
+            t.update_kl([float(r) for r in self._ratios])
         else:
             self.is_nonfinite_skipped = True
         t.optimizer.zero_grad(set_to_none=True)

@@ -9,7 +9,7 @@ and gate/up (for tests and benchmarks, where no SGLang model exists).
 
 Contract: ``BaseWeights.from_tensors`` keeps the given tensors by reference (``detach()`` shares
 storage), so handing it ``dict(sglang_model.named_parameters())`` costs no second copy of the base.
-The trainer never writes them except through ``merge.merge_adapter_into_base``. Imports only torch
+The trainer never writes them (publishing rebuilds them from a master copy of W0). Imports only torch
 (``safetensors`` lazily, inside the loader).
 """
 

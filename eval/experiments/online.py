@@ -16,7 +16,8 @@ Bounded by count (``samples`` accepted in total, ``per_block`` requests a block)
 block's ``duration_s`` + ``drain_s``). A line is printed per block and per 10 samples accepted.
 
 Fields (INTERFACES.md ``online``), deltas of ``/alchemist/status`` over the run:
-  ``samples_per_s``        samples trained during the on blocks / wall time of the on blocks
+  ``samples_per_s``        samples trained during the on blocks / wall time of the on blocks (at most
+                           the feed rate, ~``rate_rps``: what the loop keeps up with, not its peak)
   ``prompt_coverage``      prompt tokens replayed at lag 0 / all prompt tokens trained (replayed +
                            recomputed); 1.0 = every prompt came from its recording, none recomputed.
                            ``prompt_coverage_any_lag`` counts replays at any lag (equal when
@@ -196,6 +197,9 @@ def measure(ctx: Any, url: str, p: dict[str, Any], post: Callable | None = None)
     if run.feeder.accepted == 0:
         raise RuntimeError(f"no training sample was accepted by {url}: {run.feeder.summary()}")
     result = assemble(run, ab, end)
+    if not result["samples_trained"]:
+        result["note"] = "the server accepted samples but trained none during the run (trainer not running?)"
+        run.log(f"WARNING: {result['note']}")
     run.log(f"done: {result['samples']} samples, {result['publishes']} publishes, "
             f"coverage {result['prompt_coverage']:.3f}, {result['samples_per_s']:.3f} samples/s")
     return result

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -165,11 +167,12 @@ def test_unit_step_equals_whole_sample_step_and_state_round_trips():
     assert a.loss == pytest.approx(b.loss, rel=1e-6) and b.max_unit_ms <= b.step_ms
     assert b.units == run.units_total == 2 * (2 * weights.spec.layers) + 3 + 2 + 1
     for k, v in whole.adapter.state_dict().items():
-        torch.testing.assert_close(sliced.adapter.state_dict()[k], v, rtol=1e-6, atol=1e-7)
+        # AdamW normalises: a 1e-7 gradient difference on a tiny element moves it by ~1e-6.
+        torch.testing.assert_close(sliced.adapter.state_dict()[k], v, rtol=1e-5, atol=1e-5)
     sliced.version = 4
     sliced.set_published(sliced.adapter.snapshot())
     restored = ReplayTrainer(weights, cfg)
-    restored.load_state_dict(sliced.state_dict())
+    restored.load_state_dict(copy.deepcopy(sliced.state_dict()))  # state_dict holds references
     assert restored.version == 4 and restored.counters.steps == 1
     assert restored.is_published_current and restored.published.equals(sliced.published)
     assert sliced.step(batch).loss == pytest.approx(restored.step(batch).loss, rel=1e-6)

@@ -1,0 +1,78 @@
+"""HTTP helpers for online-loop tests: admin routes, status polling, scoring a fixed response."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from typing import Any, Callable
+
+from tests.support.servers import RunningServer
+
+
+def post(server: RunningServer, path: str, body: dict, timeout: float = 300) -> dict:
+    req = urllib.request.Request(f"{server.base_url}{path}", data=json.dumps(body).encode(),
+                                 method="POST", headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def post_status(server: RunningServer, path: str, body: dict) -> tuple[int, dict]:
+    """(HTTP status, JSON body) without raising on 4xx/5xx."""
+    try:
+        return 200, post(server, path, body)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def status(server: RunningServer) -> dict:
+    with urllib.request.urlopen(f"{server.base_url}/alchemist/status", timeout=60) as resp:
+        return json.loads(resp.read())
+
+
+def wait_for(server: RunningServer, predicate: Callable[[dict], bool], timeout_s: float = 120,
+             what: str = "condition") -> dict:
+    deadline = time.monotonic() + timeout_s
+    last: dict = {}
+    while time.monotonic() < deadline:
+        last = status(server)
+        if predicate(last):
+            return last
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}; last status train={last.get('train')} "
+                         f"publish={last.get('publish')}\n{server.log_tail()}")
+
+
+def train_and_wait(server: RunningServer, samples: list[dict], publishes: int | None = None) -> dict:
+    """Queues ``samples`` and waits until they are trained (and ``publishes`` more publishes)."""
+    before = status(server)
+    answer = post(server, "/alchemist/train/samples", {"samples": samples})
+    assert answer["accepted"] == len(samples)
+    want_trained = before["train"]["samples_trained"] + len(samples)
+    want_pub = before["publish"]["publishes"] + before["publish"]["rejected"] + (publishes or 0)
+    return wait_for(server, lambda s: s["train"]["samples_trained"] + s["train"]["nonfinite_skipped"]
+                    >= want_trained and s["publish"]["publishes"] + s["publish"]["rejected"] >= want_pub
+                    and s["train"]["state"] in ("idle", "paused"), what="training")
+
+
+def chat(server: RunningServer, content: str, max_tokens: int = 8, **extra: Any) -> dict:
+    return post(server, "/v1/chat/completions", {
+        "model": server.model, "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens, "temperature": 0, **extra})
+
+
+def response_logprobs(server: RunningServer, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
+    """Served log-probs of ``response_ids`` after ``prompt_ids`` (SGLang's /generate input
+    log-probs, one new token, radix cache bypassed from the prompt's last token on)."""
+    out = post(server, "/generate", {
+        "input_ids": prompt_ids + response_ids, "return_logprob": True,
+        "logprob_start_len": len(prompt_ids) - 1,
+        "sampling_params": {"max_new_tokens": 1, "temperature": 0}})
+    vals = [v for v, _, _ in out["meta_info"]["input_token_logprobs"]]
+    # Entry i is the log-prob of input token (logprob_start_len + i); the first is None.
+    return [float(v) for v in vals[1:1 + len(response_ids)]]
+
+
+def command(server: RunningServer, kind: str, payload: dict) -> Any:
+    return post(server, f"/alchemist/commands/{kind}", payload)["result"]
