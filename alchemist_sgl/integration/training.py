@@ -35,7 +35,7 @@ logger = get_logger(__name__)
 _SCHED = "sglang.srt.managers.scheduler.Scheduler"
 _REQ = "sglang.srt.managers.schedule_batch.Req"
 _STREAMER = "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer"
-NONFINITE_ENV = "ALCHEMIST_SGL_INJECT_NONFINITE_STEPS"  # tests: comma-separated step numbers
+NONFINITE_ENV = "ALCHEMIST_SGL_INJECT_NONFINITE_STEPS"  # tests: comma-separated attempt numbers
 
 SGLANG_NAMES = (
     f"{_SCHED}.process_batch_result", f"{_SCHED}.on_idle", f"{_SCHED}.maybe_sleep_on_idle",

@@ -61,6 +61,7 @@ class LoopCounters:
     """Cumulative numbers of the loop (checkpointed; ``train``/``publish`` status blocks)."""
 
     steps: int = 0
+    attempts: int = 0             # steps begun, skipped ones included (test injection counts these)
     train_state: int = 0          # optimizer steps ever taken on this lineage (Note [Lag ...])
     steps_since_publish: int = 0
     steps_since_checkpoint: int = 0
@@ -104,7 +105,7 @@ class OnlineLoop:
         self.clock = clock
         self.counters = LoopCounters(last_publish_at=clock())
         self.is_paused = False
-        self.inject_nonfinite_steps: set[int] = set()  # tests: 1-based step numbers to poison
+        self.inject_nonfinite_steps: set[int] = set()  # tests: 1-based attempt numbers to poison
         self._work: Iterator[str] | None = None
         self._inflight: list[Any] = []
         self._state = "idle"
@@ -180,7 +181,8 @@ class OnlineLoop:
         t0 = time.perf_counter()
         self.trainer.version = c.train_state
         run = self.trainer.begin_step([self._to_sample(p) for p in pending])
-        if c.steps + 1 in self.inject_nonfinite_steps:
+        c.attempts += 1
+        if c.attempts in self.inject_nonfinite_steps:
             run.inject_nonfinite()
         while not run.is_done:
             run.run_unit()

@@ -1,0 +1,125 @@
+"""The online loop across its lifecycle, on dedicated tiny servers: the gate and the non-finite
+guard, no update lost in bf16, restart from a checkpoint (graceful and kill -9).
+
+Each test owns its servers (they restart or are configured on purpose) and its checkpoint folder.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+from alchemist_sgl.online.publish import merged_tensor
+from alchemist_sgl.train.spec import TARGET_TO_PROJECTION, LlamaSpec
+from tests.support.online import command, post, status, train_and_wait, wait_for
+from tests.support.servers import REPO, RunningServer, dedicated_server
+
+TINY = "configs/cpu-tiny.yaml"
+
+
+def _sample(i: int) -> dict:
+    return {"prompt": f"Question {i}: what colour is the sea?", "response": f" Blue, mostly, case {i}.",
+            "rating": "up"}
+
+
+def _weights(server: RunningServer, name: str) -> dict:
+    return torch.load(command(server, "debug.weights", {"name": name})["path"])
+
+
+def _folder() -> Path:
+    return REPO / "var" / "test-runs" / uuid.uuid4().hex[:12] / "checkpoints"
+
+
+def test_gate_refuses_a_harmful_update_and_nonfinite_steps_are_skipped() -> None:
+    overrides = ("train.learning_rate=1.0",)
+    with dedicated_server(TINY, overrides,
+                          extra_env={"ALCHEMIST_SGL_INJECT_NONFINITE_STEPS": "1"}) as server:
+        before = _weights(server, "before.pt")
+        s = train_and_wait(server, [_sample(1)])
+        assert s["train"]["nonfinite_skipped"] == 1 and s["publish"]["publishes"] == 0
+        assert s["weight_version"] == "v0"
+        # A learning rate of 1.0 makes updates harmful; the first may still pass the gate on the
+        # random-init tiny model, so train until the gate refuses one (bounded).
+        for i in range(2, 8):
+            before = _weights(server, f"before-{i}.pt")
+            serving = status(server)["weight_version"]
+            s = train_and_wait(server, [_sample(i)], publishes=1)
+            if s["publish"]["rejected"]:
+                break
+        assert s["publish"]["rejected"] == 1, "the gate refused none of six steps at lr 1.0"
+        assert s["weight_version"] == serving, "a rejected candidate is never served"
+        rejected = [v for v in s["versions"] if v["state"] == "rejected"]
+        assert len(rejected) == 1 and rejected[0]["metric"] is not None
+        after = _weights(server, "after.pt")
+        for key, tensor in before["live"].items():
+            assert torch.equal(after["live"][key], tensor), f"served weights changed at {key}"
+        for key, tensor in before["adapter"].items():
+            assert torch.equal(after["adapter"][key], tensor), "the trainer returned to the last accepted state"
+
+
+def test_bf16_live_weights_equal_the_rebuild_from_the_master_after_steps() -> None:
+    with dedicated_server(TINY, ("sglang.dtype=bfloat16",)) as server:
+        for i in range(3):
+            train_and_wait(server, [_sample(i)], publishes=1)
+        dump = _weights(server, "bf16.pt")
+    import json
+
+    spec = LlamaSpec.from_hf_config(json.loads((REPO / "var/models/tiny/config.json").read_text()))
+    scale, adapter = dump["scale"], dump["adapter"]
+    assert any(float(t.abs().max()) > 0 for k, t in adapter.items() if "lora_B" in k), \
+        "the adapter was never reset: B carries three steps"
+    targets = ("q", "k", "v", "o", "gate", "up", "down")
+    modules = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+               "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
+               "down": "mlp.down_proj"}
+    for key, live in dump["live"].items():
+        layer, proj = key.split(".")
+        pairs = [(t, adapter[f"base_model.model.model.layers.{layer}.{modules[t]}.lora_A.weight"],
+                  adapter[f"base_model.model.model.layers.{layer}.{modules[t]}.lora_B.weight"])
+                 for t in targets if TARGET_TO_PROJECTION[t] == proj]
+        want = merged_tensor(dump["master"][key], pairs, scale, spec)
+        assert live.dtype == torch.bfloat16 and torch.equal(live, want), f"{key} lost part of an update"
+        assert not torch.equal(live, dump["master"][key])
+
+
+def _graceful_stop(server: RunningServer) -> None:
+    os.kill(server.proc.pid, signal.SIGTERM)  # the main process only: it asks the scheduler to exit
+    server.proc.wait(timeout=60)
+    server.stop()
+
+
+def test_restart_continues_the_same_run_and_kill9_loses_only_unsaved_steps() -> None:
+    base = ("train.replay=false", "train.checkpoint_every_steps=1")
+    with dedicated_server(TINY, (*base, f"train.checkpoint_dir={_folder()}")) as server:
+        losses = [train_and_wait(server, [_sample(i)], publishes=1)["train"]["last_loss"] for i in range(3)]
+    folder = _folder()
+    server = dedicated_server(TINY, (*base, f"train.checkpoint_dir={folder}")).__enter__()
+    try:
+        for i in range(2):
+            train_and_wait(server, [_sample(i)], publishes=1)
+        at_k = _weights(server, "k.pt")
+        serving_k = status(server)["weight_version"]
+    finally:
+        _graceful_stop(server)
+    with dedicated_server(TINY, (*base, f"train.checkpoint_dir={folder}")) as again:
+        s = status(again)
+        assert s["weight_version"] == serving_k and s["train"]["steps"] == 2
+        restored = _weights(again, "k2.pt")
+        for key, tensor in at_k["live"].items():
+            assert torch.equal(restored["live"][key], tensor), f"served weights differ at {key}"
+        loss3 = train_and_wait(again, [_sample(2)], publishes=1)["train"]["last_loss"]
+        assert abs(loss3 - losses[2]) <= 1e-6 * abs(losses[2]), (loss3, losses[2])
+        seen = {v["name"] for v in status(again)["versions"]}
+        os.killpg(os.getpgid(again.proc.pid), signal.SIGKILL)
+        again.proc.wait(timeout=30)
+    with dedicated_server(TINY, (*base, f"train.checkpoint_dir={folder}")) as third:
+        s = status(third)
+        assert s["train"]["steps"] == 3, "the checkpoint after step 3 survived kill -9"
+        s = train_and_wait(third, [_sample(3)], publishes=1)
+        new = s["weight_version"]
+        assert new not in seen and int(new[1:]) > max(int(n[1:]) for n in seen), "ids never repeat"
