@@ -17,7 +17,7 @@ import torch
 from alchemist_sgl.online.publish import merged_tensor
 from alchemist_sgl.train.spec import TARGET_TO_PROJECTION, LlamaSpec
 from tests.support.online import command, post, status, train_and_wait, wait_for
-from tests.support.servers import REPO, RunningServer, dedicated_server
+from tests.support.servers import REPO, RunningServer, dedicated_server, start_server
 
 TINY = "configs/cpu-tiny.yaml"
 
@@ -98,7 +98,7 @@ def test_restart_continues_the_same_run_and_kill9_loses_only_unsaved_steps() -> 
     with dedicated_server(TINY, (*base, f"train.checkpoint_dir={_folder()}")) as server:
         losses = [train_and_wait(server, [_sample(i)], publishes=1)["train"]["last_loss"] for i in range(3)]
     folder = _folder()
-    server = dedicated_server(TINY, (*base, f"train.checkpoint_dir={folder}")).__enter__()
+    server = start_server(TINY, (*base, f"train.checkpoint_dir={folder}"))
     try:
         for i in range(2):
             train_and_wait(server, [_sample(i)], publishes=1)
