@@ -70,3 +70,28 @@ class HeldoutInvalid(AlchemistError):
         where = f", line {line}" if line else ""
         super().__init__(f"held-out set {path}{where}: {message} (publish.gate.heldout_path "
                          "expects one {\"prompt\": str, \"response\": str} object per line)")
+
+
+class FeedbackInvalid(AlchemistError):
+    """A feedback submission is malformed; ``field`` names the field at fault (answer 422)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"feedback field '{field}': {message}")
+
+
+class CompletionEntryInvalid(AlchemistError):
+    """A completion-log entry cannot be stored; ``field`` names the ``CompletionEntry`` field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"completion entry field '{field}': {message}")
+
+
+class FeedbackDbUnavailable(AlchemistError):
+    """The feedback database (``feedback.db_path``) cannot be opened as required; ``path`` names it."""
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        super().__init__(f"feedback database {path}: {message} (feedback.db_path must be a local "
+                         "file system that supports SQLite WAL mode)")

@@ -115,7 +115,10 @@ class Runtime:
     # ------------------------------------------------------------------ training slot
     def on_train_slot(self, is_busy: bool) -> None:
         """One slice of work units after a batch or an idle pass (quiescent points)."""
-        if self.loop is None or self.loop.is_paused or self.is_disabled("train"):
+        if self.loop is None or self.is_disabled("train"):
+            return
+        self.loop.writer.drain()  # finished disk writes report back even while paused
+        if self.loop.is_paused:
             return
         tc = self.config.train
         self.loop.run_slice(tc.slice_budget_ms if is_busy else tc.idle_slice_ms)
@@ -127,7 +130,7 @@ class Runtime:
         """Checkpoint at shutdown (SGLang kills the scheduler 15 s after asking it to exit)."""
         if self.loop is not None and not self.is_disabled("train"):
             self.loop.abandon_step()
-            self.loop.checkpoint()
+            self.loop.checkpoint(is_blocking=True)
 
     def disable(self, feature: str, reason: str) -> None:
         """Turns a feature off for the life of the process, loudly; serving goes on."""

@@ -46,6 +46,7 @@ SGLANG_NAMES = (
 SGLANG_INSTANCE_ATTRIBUTES = (
     f"{_SCHED}.chunked_req", f"{_SCHED}.waiting_queue", f"{_SCHED}.running_batch",
     f"{_SCHED}.tokenizer", f"{_REQ}.kv", f"{_REQ}.extra_key", f"{_REQ}.finished_reason",
+    f"{_REQ}.cached_tokens",
 )
 _STAMP_ATTR, _BASE_KEY_ATTR = "_alchemist_prefill_version", "_alchemist_base_extra_key"
 
@@ -113,9 +114,8 @@ def _stamp(rt: Any, req: Any) -> None:
 
 
 def _log_finished(rt: Any, reqs: Any) -> None:
-    log = rt.completions
-    if log is None:
-        return
+    """Finished requests: radix hits per publish window, and the completion log (opt-outs and
+    warm-up requests skipped)."""
     from alchemist_sgl.online.completions import CompletionEntry  # noqa: PLC0415
 
     now = time.time()
@@ -126,17 +126,18 @@ def _log_finished(rt: Any, reqs: Any) -> None:
         params = req.sampling_params
         if int(getattr(params, "max_new_tokens", 1) or 0) == 0:
             continue  # warm-up requests
+        if rt.loop is not None:
+            rt.loop.note_finished_request(int(req.cached_tokens or 0), len(req.origin_input_ids))
         custom = getattr(params, "custom_params", None) or {}
         ours = custom.get("alchemist") if isinstance(custom, dict) else None
-        if isinstance(ours, dict) and ours.get("store") is False:
+        if rt.completions is None or (isinstance(ours, dict) and ours.get("store") is False):
             continue
         reason = req.finished_reason.to_json() if req.finished_reason is not None else None
-        log.put(CompletionEntry(
+        rt.completions.put(CompletionEntry(
             rid=str(req.rid), choice_index=0, prompt_ids=tuple(req.origin_input_ids),
             output_ids=tuple(req.output_ids_through_stop), prefill_version=getattr(req, _STAMP_ATTR, None),
             weight_versions=(), finish_reason=(reason or {}).get("type") if isinstance(reason, dict) else None,
-            created_at=now, finished_at=now,
-            output_logprobs=None))
+            created_at=now, finished_at=now, output_logprobs=None))
 
 
 def _chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:

@@ -77,7 +77,7 @@ def register(runtime: Any, loop: Any, admission: Any, *, var_dir: Path) -> None:
     runtime.register_command("train.samples", samples)
     if runtime.config.server.enable_debug_commands:
         runtime.register_command("debug.weights", lambda payload: _dump_weights(loop, payload, var_dir))
-        runtime.register_command("debug.checkpoint", lambda payload: (loop.checkpoint(), {"ok": True})[1])
+        runtime.register_command("debug.checkpoint", lambda payload: (loop.checkpoint(is_blocking=True), {"ok": True})[1])
         runtime.register_command("debug.grads",
                                  lambda payload: _dump_grads(loop, admission, payload, var_dir))
 

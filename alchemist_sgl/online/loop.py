@@ -25,7 +25,6 @@ the trainer's weights are still p's. Lag = hops from p to the serving version al
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
@@ -33,7 +32,9 @@ from typing import Any, Callable, Iterator, Protocol
 import torch
 
 from alchemist_sgl.log import get_logger
+from alchemist_sgl.online.lifecycle import LoopLifecycle, without_handle
 from alchemist_sgl.online.publish import MasterWeights, Publisher
+from alchemist_sgl.online.writer import BackgroundWriter
 from alchemist_sgl.train.samples import PromptSegment, Recording, Sample
 
 logger = get_logger(__name__)
@@ -80,6 +81,8 @@ class LoopCounters:
     last_stall_ms: float | None = None
     last_publish_at: float = 0.0
     recent_publishes: list[dict[str, Any]] = field(default_factory=list)
+    window_cached_tokens: int = 0   # radix hits of requests finished since the last publish ...
+    window_prompt_tokens: int = 0   # ... over their prompt tokens (Note [Radix hit rate])
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,7 @@ class SliceReport:
     units_over_budget: int
 
 
-class OnlineLoop:
+class OnlineLoop(LoopLifecycle):
     """Trains on pending samples in work units and publishes each step as a new version."""
 
     def __init__(self, *, config: Any, trainer: Any, queue: Any, registry: Any, checkpoints: Any,
@@ -104,6 +107,7 @@ class OnlineLoop:
         self.gate_pairs = gate_pairs or []
         self.clock = clock
         self.counters = LoopCounters(last_publish_at=clock())
+        self.writer = BackgroundWriter()  # Note [Writes off the serving path] in writer.py
         self.is_paused = False
         self.inject_nonfinite_steps: set[int] = set()  # tests: 1-based attempt numbers to poison
         self._work: Iterator[str] | None = None
@@ -121,7 +125,15 @@ class OnlineLoop:
         if self._work is not None:
             return True
         tc = self.config.train
-        return self.queue.is_ready(tc.min_pending_samples, tc.max_wait_s)
+        return self.queue.is_ready(tc.min_pending_samples, tc.max_wait_s) or self._is_publish_due()
+
+    def _is_publish_due(self) -> bool:
+        """A step is unpublished and ``publish.every_s`` has passed (no new sample needed)."""
+        from alchemist_sgl.online.cadence import should_publish  # noqa: PLC0415
+
+        c, pc = self.counters, self.config.publish
+        return c.steps_since_publish > 0 and should_publish(
+            c.steps_since_publish, self.clock() - c.last_publish_at, pc.every_steps, pc.every_s)
 
     @property
     def has_step_in_progress(self) -> bool:
@@ -130,13 +142,16 @@ class OnlineLoop:
     def run_slice(self, budget_ms: float) -> SliceReport:
         """Runs work units until ``budget_ms`` is spent (at least one unit when work is ready)."""
         c = self.counters
+        self.writer.drain()
         t0 = time.perf_counter()
         units = over = 0
-        while (time.perf_counter() - t0) * 1000.0 < budget_ms:
+        while units == 0 or (time.perf_counter() - t0) * 1000.0 < budget_ms:
             if self._work is None:
                 if not self.has_work:
                     break
-                self._work = self._one_step()
+                tc = self.config.train
+                is_step = self.queue.is_ready(tc.min_pending_samples, tc.max_wait_s)
+                self._work = self._one_step() if is_step else self._publish_pending()
             u0 = time.perf_counter()
             try:
                 kind = next(self._work)
@@ -168,9 +183,23 @@ class OnlineLoop:
         self.publisher.abandon()
         if self._inflight:
             self._release(self._inflight)
-            self.queue.requeue_front([_without_handle(p) for p in self._inflight])
+            self.queue.requeue_front([without_handle(p) for p in self._inflight])
             self._inflight = []
         self._state = "idle"
+
+    def note_finished_request(self, cached_tokens: int, prompt_tokens: int) -> None:
+        """Note [Radix hit rate]: every finished request adds to the current publish window; a
+        publish records the window's rate (``radix_hit_rate_before``) and opens a new one, so the
+        rate after publish k is the "before" of publish k+1, and ``radix_hit_rate_since_publish``
+        is the running one."""
+        self.counters.window_cached_tokens += int(cached_tokens)
+        self.counters.window_prompt_tokens += int(prompt_tokens)
+
+    def _close_radix_window(self) -> float | None:
+        c = self.counters
+        rate = c.window_cached_tokens / c.window_prompt_tokens if c.window_prompt_tokens else None
+        c.window_cached_tokens = c.window_prompt_tokens = 0
+        return rate
 
     # ------------------------------------------------------------------ one step
     def _one_step(self) -> Iterator[str]:
@@ -216,6 +245,11 @@ class OnlineLoop:
         if should_checkpoint(c.steps_since_checkpoint, tc.checkpoint_every_steps):
             self.checkpoint()
             yield "checkpoint"
+        self._state = "idle"
+
+    def _publish_pending(self) -> Iterator[str]:
+        """A publish without a new step (``publish.every_s`` passed with a step unpublished)."""
+        yield from self._publish()
         self._state = "idle"
 
     def _to_sample(self, p: Any) -> Sample:
@@ -270,7 +304,8 @@ class OnlineLoop:
         publish_ms = (time.perf_counter() - t0) * 1000.0
         c.last_publish_ms, c.last_stall_ms = publish_ms, stall_ms
         c.recent_publishes = (c.recent_publishes + [
-            {"version": version.name, "publish_ms": publish_ms, "stall_ms": stall_ms}])[-64:]
+            {"version": version.name, "publish_ms": publish_ms, "stall_ms": stall_ms,
+             "radix_hit_rate_before": self._close_radix_window()}])[-64:]
         logger.info("publish %s (step %d, parent %s): build+copy %.0f ms, stall %.1f ms",
                     version.name, c.steps, version.parent, publish_ms, stall_ms)
         if gc.is_enabled:
@@ -315,116 +350,6 @@ class OnlineLoop:
         logger.warning("gate rejected %s: %s; trainer back at %s", rejected.name, decision.reason,
                        self.registry.serving.name)
 
-    def _mint_serving(self, *, step: int, parent: str, metric: float | None) -> Any:
-        version = self.registry.mint(step=step, parent=parent, metric=metric)
-        self.host.announce(version.name)
-        self._save_adapter(version.name)
-        return version
-
-    def _save_adapter(self, name: str) -> None:
-        """The version's adapter (PEFT folder) and AdamW state, for rollback; then retention."""
-        folder = self._adapter_folder(name)
-        self.adapters.save_adapter(folder, self.trainer.adapter.peft_state_dict(),
-                                   self.trainer.adapter.peft_config_dict(),
-                                   self.trainer.optimizer.state_dict(), self.meta.model)
-        self.registry.set_adapter_path(name, str(folder))
-        self._prune_adapters()
-
-    def _adapter_folder(self, name: str) -> Any:
-        from pathlib import Path  # noqa: PLC0415
-
-        return Path(self.config.train.checkpoint_dir) / "adapters" / name
-
-    def _prune_adapters(self) -> None:
-        import shutil  # noqa: PLC0415
-
-        pc = self.config.publish
-        ids = [v.id for v in self.registry.page(10**9, 0) if v.adapter_path]
-        protected = {self.registry.serving.id}
-        for vid in self.adapters.prune_plan(ids, pc.keep_adapters_last, pc.keep_adapters_every,
-                                            protected):
-            name = f"v{vid}"
-            info = self.registry.get(name)
-            if info.adapter_path:
-                shutil.rmtree(info.adapter_path, ignore_errors=True)
-                self.registry.set_adapter_path(name, None)
-
-    # ------------------------------------------------------------------ rollback, checkpoints
-    def rollback(self, to: str) -> dict[str, Any]:
-        """Serves ``to``'s weights, adapter and AdamW state under a new id (one call).
-        Raises KeyError (unknown), LookupError (no adapter kept) or RuntimeError (retry later)."""
-        target = self.registry.get(to)
-        if target.state == "rejected":
-            raise ValueError(f"{to} was rejected by the gate and was never served")
-        if not self.host.can_publish():
-            raise RuntimeError("a chunked prefill is in flight; retry in a moment")
-        self.abandon_step()
-        if target.name == "v0" and not target.adapter_path:
-            self.trainer.reset_to_fresh()
-        else:
-            if not target.adapter_path:
-                raise LookupError(f"the adapter of {to} is no longer kept (publish.keep_adapters_*)")
-            peft_state, optimizer_state = self.adapters.load_adapter(target.adapter_path)
-            self.trainer.load_adapter_state(peft_state, optimizer_state)
-        frozen = self.trainer.adapter.snapshot()
-        self.publisher.build_all(frozen)
-        stall_ms = self.publisher.commit()
-        self.trainer.set_published(frozen)
-        c = self.counters
-        c.train_state += 1
-        c.steps_since_publish = 0
-        version = self._mint_serving(step=target.step, parent=target.name, metric=target.metric)
-        self._accepted = self._trainer_snapshot()
-        logger.info("rollback to %s: now serving %s (stall %.1f ms)", to, version.name, stall_ms)
-        return {"weight_version": version.name, "parent": target.name, "stall_ms": stall_ms}
-
-    def checkpoint(self) -> None:
-        c = self.counters
-        pending = [_without_handle(p) for p in self._inflight]
-        state = {"trainer": self.trainer.state_dict(), "versions": self.registry.state(),
-                 "pending": [p.as_state() for p in pending] + self.queue.state(),
-                 "rng": torch.get_rng_state(), "counters": copy.deepcopy(vars(c))}
-        self.checkpoints.save(c.steps, state, self.meta)
-        c.steps_since_checkpoint = 0
-        logger.info("checkpoint at step %d (%s serving)", c.steps, self.registry.serving.name)
-
-    def restore(self) -> bool:
-        """Loads the newest compatible checkpoint and rebuilds the served weights from the master
-        plus the serving version's adapter. Returns False when there was none."""
-        state = self.checkpoints.load_latest(self.meta)
-        if state is None:
-            if self.registry.serving.name != "v0":
-                # The registry outlived its checkpoints: the live weights are W0 again, which
-                # gets a fresh id (ids are never reused, Note [Rebuild from the master]).
-                self._mint_serving(step=0, parent="v0", metric=self.registry.v0_metric())
-            else:
-                self.host.announce("v0")
-            return False
-        self.trainer.load_state_dict(state["trainer"])
-        self.registry.restore(state["versions"])
-        self.queue.load_state(state["pending"])
-        torch.set_rng_state(state["rng"])
-        for key, value in state["counters"].items():
-            setattr(self.counters, key, value)
-        self.counters.last_publish_at = self.clock()
-        if self.trainer.published is not None:
-            self.publisher.build_all(self.trainer.published)
-            self.publisher.commit()
-        self.host.announce(self.registry.serving.name)
-        self._accepted = self._trainer_snapshot()
-        logger.info("restored checkpoint at step %d: serving %s, %d samples pending",
-                    self.counters.steps, self.registry.serving.name, len(self.queue))
-        return True
-
-    def _trainer_snapshot(self) -> dict[str, Any] | None:
-        if not self.config.publish.gate.is_enabled:
-            return None
-        return copy.deepcopy(self.trainer.state_dict())
-
-    def _restore_trainer(self, snapshot: dict[str, Any] | None) -> None:
-        if snapshot is not None:
-            self.trainer.load_state_dict(copy.deepcopy(snapshot))
-
     # ------------------------------------------------------------------ status
     def status(self) -> dict[str, dict[str, Any]]:
         c, t = self.counters, self.trainer.status()
@@ -434,14 +359,11 @@ class OnlineLoop:
                  "units_over_budget": c.units_over_budget, "max_unit_ms": c.max_unit_ms,
                  "max_unit_ms_by_kind": dict(c.max_unit_ms_by_kind),
                  "max_slice_ms": c.max_slice_ms, "nonfinite_skipped": c.nonfinite_skipped,
-                 "last_step_ms": c.last_step_ms, "last_loss": c.last_loss}
+                 "last_step_ms": c.last_step_ms, "last_loss": c.last_loss,
+                 "writes_pending": self.writer.pending, "write_failures": self.writer.failures}
         publish = {"publishes": c.publishes, "rejected": c.rejected,
                    "last_publish_ms": c.last_publish_ms, "last_stall_ms": c.last_stall_ms,
-                   "master_bytes": self.master.bytes, "recent": list(c.recent_publishes)}
+                   "master_bytes": self.master.bytes, "recent": list(c.recent_publishes),
+                   "radix_hit_rate_since_publish": (c.window_cached_tokens / c.window_prompt_tokens
+                                                    if c.window_prompt_tokens else None)}
         return {"train": train, "publish": publish}
-
-
-def _without_handle(p: Any) -> Any:
-    q = copy.copy(p)
-    q.handle = None
-    return q

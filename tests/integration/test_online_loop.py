@@ -90,32 +90,48 @@ def test_replay_in_the_loop_is_exact_and_stale_is_recomputed(tiny_server: Runnin
     _check_against_hf(stale)
 
 
-def test_learning_is_visible_and_rollback_is_bitwise(tiny_server: RunningServer) -> None:
+def _learning_and_rollback(server: RunningServer, folder: Path, steps: int) -> float:
+    """Trains one fixed (prompt, response) ``steps`` times; returns the gain in the served summed
+    log-prob of the response, checked against run-to-run noise; then rolls back and checks the
+    served log-probs are bitwise those before training."""
     prompt = "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n"
     sample = {"prompt": prompt, "response": "Ultramarine blue, deep and calm.", "rating": "up"}
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(FOLDER)
+    tok = AutoTokenizer.from_pretrained(folder)
     prompt_ids = tok.encode(prompt, add_special_tokens=False)
     response_ids = tok.encode(sample["response"], add_special_tokens=False) + [tok.eos_token_id]
-    before_version = status(tiny_server)["weight_version"]
-    before = response_logprobs(tiny_server, prompt_ids, response_ids)
-    again = response_logprobs(tiny_server, prompt_ids, response_ids)
+    before_version = status(server)["weight_version"]
+    before = response_logprobs(server, prompt_ids, response_ids)
+    again = response_logprobs(server, prompt_ids, response_ids)
     noise = max(abs(a - b) for a, b in zip(before, again))
-    with _paused(tiny_server):
-        post(tiny_server, "/alchemist/train/samples", {"samples": [sample] * 4})
-    wait_for(tiny_server, lambda s: s["train"]["samples_pending"] == 0 and s["train"]["state"] == "idle",
-             what="four steps")
-    after = response_logprobs(tiny_server, prompt_ids, response_ids)
+    with _paused(server):
+        post(server, "/alchemist/train/samples", {"samples": [sample] * steps})
+    wait_for(server, lambda s: s["train"]["samples_pending"] == 0 and s["train"]["state"] == "idle"
+             and s["train"]["writes_pending"] == 0, timeout_s=600, what=f"{steps} steps")
+    after = response_logprobs(server, prompt_ids, response_ids)
     gain = sum(after) - sum(before)
     # Margin: 100x the run-to-run noise of the same request, and at least 0.05 nats in total.
     assert gain > max(100 * noise * len(before), 0.05), (gain, noise)
-    answer = post(tiny_server, "/alchemist/rollback", {"to": before_version})
+    answer = post(server, "/alchemist/rollback", {"to": before_version})
     assert answer["parent"] == before_version and answer["weight_version"] != before_version
-    rolled = response_logprobs(tiny_server, prompt_ids, response_ids)
+    rolled = response_logprobs(server, prompt_ids, response_ids)
     assert rolled == before, "served log-probs after rollback equal the target's bitwise"
-    versions = post_status(tiny_server, "/alchemist/rollback", {"to": "v999999"})
-    assert versions[0] == 404 and "v999999" in versions[1]["error"]
+    return gain
+
+
+def test_learning_is_visible_and_rollback_is_bitwise(tiny_server: RunningServer) -> None:
+    gain = _learning_and_rollback(tiny_server, FOLDER, steps=4)
+    print(f"tiny fp32: served log-prob of the trained response rose by {gain:.3f} nats over 4 steps")
+    code, body = post_status(tiny_server, "/alchemist/rollback", {"to": "v999999"})
+    assert code == 404 and "v999999" in body["error"]
+
+
+def test_learning_is_visible_on_smollm2_bf16(server_pool) -> None:
+    server = server_pool.get("configs/cpu-smollm2.yaml", (
+        "train.min_pending_samples=1", "train.batch_samples=1", "train.learning_rate=0.001"))
+    gain = _learning_and_rollback(server, REPO / "var" / "models" / "smollm2-135m-instruct", steps=4)
+    print(f"SmolLM2 bf16: served log-prob of the trained response rose by {gain:.3f} nats over 4 steps")
 
 
 def test_no_stale_kv_across_a_publish(tiny_server: RunningServer) -> None:

@@ -53,7 +53,8 @@ def train_and_wait(server: RunningServer, samples: list[dict], publishes: int | 
     want_pub = before["publish"]["publishes"] + before["publish"]["rejected"] + (publishes or 0)
     return wait_for(server, lambda s: s["train"]["samples_trained"] + s["train"]["nonfinite_skipped"]
                     >= want_trained and s["publish"]["publishes"] + s["publish"]["rejected"] >= want_pub
-                    and s["train"]["state"] in ("idle", "paused"), what="training")
+                    and s["train"]["state"] in ("idle", "paused") and s["train"]["writes_pending"] == 0,
+                    what="training")
 
 
 def chat(server: RunningServer, content: str, max_tokens: int = 8, **extra: Any) -> dict:

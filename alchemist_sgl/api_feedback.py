@@ -1,0 +1,306 @@
+"""Feedback routes of alchemist-sgl (INTERFACES.md "Feedback API"), run in SGLang's HTTP process.
+
+Owns ``POST /v1/feedback``, ``POST /v1/feedback/batch``, ``GET``/``DELETE /v1/feedback/{completion_id}``
+and the admin ``GET /alchemist/export/kto``, plus the per-key feedback rate limit. The feedback store
+and the completion log are injected (``FeedbackStore``, ``CompletionLookup``); every call to them runs
+in a worker thread (``asyncio.to_thread``, or Starlette's thread pool for the streamed export), never
+on the event loop. Imports no sglang. Body schemas and the store interface the routes code against
+live in ``api_feedback_schema``.
+
+Note [feedback order]: a POST is checked in this order: key (401), body size (413), fields (422),
+rate limit (429, only requests with valid bodies count), then in one worker-thread call the pending
+queue (429), the completion's state (404 / 409 / 410; choice 0 first, since all choices of a response
+finish before its final chunk), ``choice_index`` against the logged choices (422) and
+``store.submit``, which commits before it returns: the 200 is sent only after that. The answer is the
+store's ``answer``, so a repeated ``feedback_id`` gets the first answer.
+
+Note [feedback auth]: with ``api_key`` set (SGLang's ``--api-key``) the feedback routes require
+``Authorization: Bearer <api_key>`` (401 otherwise, compared in constant time). The export requires
+``admin_api_key`` when set, else ``api_key`` when set (SGLang's ``ADMIN_OPTIONAL`` rule: the export
+holds every user's text). ``mark_feedback_endpoint`` / ``mark_admin_endpoint`` (SGLang's
+``auth_level`` markers, injected by ``integration/``) tell SGLang's own key middleware which key each
+route takes. The store sees only ``sha256(key)`` (``api_key_hash``), never the key.
+
+Note [feedback rate limit]: ``rate_limit_per_minute`` bounds feedback items (a batch of n counts n)
+per sliding 60 s window of the injected clock, per key: the api key's hash, or the client host when
+no key is set. Over it: 429 with ``Retry-After`` (whole seconds until enough of the window has
+passed). A batch larger than the limit could never pass: 422 naming ``feedback``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+import secrets
+import time
+from collections import deque
+from typing import Any, Callable, Iterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from alchemist_sgl.api_feedback_schema import (CompletionLookup, CompletionState, Detokenize, FeedbackResult,
+                                               FeedbackStore, check_completion_id, feedback_input_type,
+                                               normalize_batch, normalize_feedback)
+from alchemist_sgl.api_schemas import FieldError
+
+EndpointMarker = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+RATE_WINDOW_S = 60.0
+QUEUE_FULL_RETRY_AFTER_S = 5
+EXPORT_ROWS_PER_CHUNK = 64
+
+
+def hash_api_key(key: str) -> str:
+    """What the store keeps instead of a key: its sha256, hex."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+class SlidingWindowLimiter:
+    """At most ``limit`` events per ``window_s`` seconds per key, on the injected clock. Not
+    thread-safe: used only on the event loop."""
+
+    def __init__(self, limit: int, clock: Callable[[], float], window_s: float = RATE_WINDOW_S) -> None:
+        assert limit >= 1, limit
+        self.limit, self.clock, self.window_s = limit, clock, window_s
+        self._events: dict[str, deque[float]] = {}
+        self._sweep_at_keys = 1024
+
+    def admit(self, key: str, count: int = 1) -> float | None:
+        """Records ``count`` events now and returns None, or records nothing and returns the seconds
+        until ``count`` more would fit (``count`` must be <= ``limit``)."""
+        assert 1 <= count <= self.limit, (count, self.limit)
+        now = self.clock()
+        events = self._events.setdefault(key, deque())
+        while events and events[0] <= now - self.window_s:
+            events.popleft()
+        excess = len(events) + count - self.limit
+        if excess > 0:
+            return events[excess - 1] + self.window_s - now
+        events.extend([now] * count)
+        if len(self._events) >= self._sweep_at_keys:
+            self._sweep(now)
+        return None
+
+    def _sweep(self, now: float) -> None:
+        self._events = {key: events for key, events in self._events.items()
+                        if events and events[-1] > now - self.window_s}
+        self._sweep_at_keys = max(1024, 2 * len(self._events))
+
+
+class _Refusal(Exception):
+    """An answer other than 200: raised before the store is reached, or returned per batch item."""
+
+    def __init__(self, status_code: int, content: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+        super().__init__(content.get("error"))
+        self.status_code, self.content, self.headers = status_code, content, headers
+
+    @classmethod
+    def of_field(cls, exc: FieldError) -> _Refusal:
+        return cls(422, exc.body())
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(status_code=self.status_code, content=self.content, headers=self.headers)
+
+
+def build_feedback_router(store: FeedbackStore, completions: CompletionLookup, *,
+                          api_key: str | None, max_body_bytes: int, max_pending: int,
+                          rate_limit_per_minute: int | None, detokenize: Detokenize | None,
+                          admin_api_key: str | None = None,
+                          mark_feedback_endpoint: EndpointMarker | None = None,
+                          mark_admin_endpoint: EndpointMarker | None = None,
+                          clock: Callable[[], float] = time.monotonic) -> APIRouter:
+    """The feedback routes (module docstring; Notes [feedback order], [feedback auth]). ``store`` and
+    ``completions`` must be safe to call from several worker threads at once. ``detokenize`` None
+    makes the export answer 503. ``rate_limit_per_minute`` None turns the rate limit off."""
+    router = APIRouter()
+    feedback_route = mark_feedback_endpoint if mark_feedback_endpoint is not None else _unmarked
+    admin_route = mark_admin_endpoint if mark_admin_endpoint is not None else _unmarked
+    limiter = SlidingWindowLimiter(rate_limit_per_minute, clock) if rate_limit_per_minute else None
+    input_type = feedback_input_type()
+    key_hash = hash_api_key(api_key) if api_key else None
+    export_key = admin_api_key or api_key  # as SGLang's ADMIN_OPTIONAL level: the admin key wins
+
+    def check_key(request: Request) -> None:
+        if api_key and not _has_bearer(request.headers.get("authorization"), api_key):
+            raise _Refusal(401, {"error": "missing or invalid API key: send "
+                                          "'Authorization: Bearer <the server's --api-key>'"},
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    def check_rate(request: Request, count: int) -> None:
+        if limiter is None:
+            return
+        if count > limiter.limit:
+            raise FieldError("feedback", f"at most {limiter.limit} items per batch: the feedback rate "
+                                         f"limit is {limiter.limit} per minute")
+        client = request.client.host if request.client is not None else "unknown"
+        wait_s = limiter.admit(key_hash or f"host:{client}", count)
+        if wait_s is not None:
+            retry_after_s = max(1, math.ceil(wait_s))
+            raise _Refusal(429, {"error": f"feedback rate limit exceeded ({limiter.limit} per minute); "
+                                          f"retry in {retry_after_s} s"},
+                           headers={"Retry-After": str(retry_after_s)})
+
+    def submit_all(items: list[dict[str, Any]], paths: list[str]) -> list[FeedbackResult | _Refusal]:
+        """Runs in a worker thread: queue check, then per item the completion checks and submit."""
+        pending = store.pending_count()
+        if pending + len(items) > max_pending:
+            raise _Refusal(429, {"error": f"pending queue full: {pending} feedback pending (at most "
+                                          f"{max_pending}); retry once training has caught up"},
+                           headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)})
+        outcomes: list[FeedbackResult | _Refusal] = []
+        for item, path in zip(items, paths):
+            refusal = _completion_refusal(completions, item["completion_id"], item["choice_index"], path)
+            outcomes.append(refusal or store.submit(input_type(**item, api_key_hash=key_hash)))
+        return outcomes
+
+    @router.post("/v1/feedback")
+    @feedback_route
+    async def feedback_submit(request: Request) -> JSONResponse:
+        try:
+            check_key(request)
+            item = normalize_feedback(await _json_object(request, max_body_bytes))
+            check_rate(request, 1)
+            [outcome] = await asyncio.to_thread(submit_all, [item], [""])
+        except (_Refusal, FieldError) as exc:
+            return _refused(exc)
+        if isinstance(outcome, _Refusal):
+            return outcome.response()
+        return JSONResponse(content=outcome.answer)
+
+    @router.post("/v1/feedback/batch")
+    @feedback_route
+    async def feedback_submit_batch(request: Request) -> JSONResponse:
+        try:
+            check_key(request)
+            items = normalize_batch(await _json_object(request, max_body_bytes))
+            check_rate(request, len(items))
+            paths = [f"feedback[{i}]" for i in range(len(items))]
+            outcomes = await asyncio.to_thread(submit_all, items, paths)
+        except (_Refusal, FieldError) as exc:
+            return _refused(exc)
+        results = [outcome.answer if not isinstance(outcome, _Refusal)
+                   else {**outcome.content, "status_code": outcome.status_code} for outcome in outcomes]
+        return JSONResponse(content={"results": results})
+
+    @router.get("/v1/feedback/{completion_id}")
+    @feedback_route
+    async def feedback_read(completion_id: str, request: Request) -> JSONResponse:
+        def read() -> tuple[list[dict[str, Any]], bool]:
+            rows = store.get(completion_id)
+            return rows, bool(rows) or completions.state(completion_id) is not None
+        try:
+            check_key(request)
+            check_completion_id(completion_id)
+            rows, is_known = await asyncio.to_thread(read)
+        except (_Refusal, FieldError) as exc:
+            return _refused(exc)
+        if not is_known:
+            return _STATE_REFUSALS[None](completion_id).response()
+        return JSONResponse(content={"completion_id": completion_id, "feedback": rows})
+
+    @router.delete("/v1/feedback/{completion_id}")
+    @feedback_route
+    async def feedback_delete(completion_id: str, request: Request) -> JSONResponse:
+        try:
+            check_key(request)
+            check_completion_id(completion_id)
+            deleted = await asyncio.to_thread(store.delete, completion_id)
+        except (_Refusal, FieldError) as exc:
+            return _refused(exc)
+        return JSONResponse(content={"completion_id": completion_id, "deleted": deleted})
+
+    @router.get("/alchemist/export/kto")
+    @admin_route
+    async def export_kto(request: Request) -> StreamingResponse | JSONResponse:
+        if export_key and not _has_bearer(request.headers.get("authorization"), export_key):
+            flag = "--admin-api-key" if admin_api_key else "--api-key"
+            return JSONResponse(status_code=401, headers={"WWW-Authenticate": "Bearer"}, content={
+                "error": f"missing or invalid key: send 'Authorization: Bearer <the server's {flag}>'"})
+        if detokenize is None:
+            return JSONResponse(status_code=503, content={
+                "error": "the KTO export needs the tokenizer, which this server runs without"})
+        # a sync iterator: Starlette runs each next() in its thread pool, off the event loop
+        return StreamingResponse(_jsonl_chunks(store, completions, detokenize), media_type="application/jsonl")
+
+    return router
+
+
+def _completion_refusal(completions: CompletionLookup, rid: str, choice_index: int, path: str) -> _Refusal | None:
+    """None when feedback may land on choice ``choice_index`` of ``rid`` (Note [feedback order])."""
+    state = completions.state(rid, 0)
+    if state != "finished":
+        return _STATE_REFUSALS[state](rid)
+    if choice_index == 0:
+        return None
+    logged = completions.choices(rid)
+    if choice_index >= logged:
+        field = f"{path}.choice_index" if path else "choice_index"
+        return _Refusal.of_field(FieldError(field, f"must be below {logged}: completion {rid!r} has "
+                                                   f"{logged} logged choice(s)"))
+    state = completions.state(rid, choice_index)
+    return None if state == "finished" else _STATE_REFUSALS[state](rid)
+
+
+_STATE_REFUSALS: dict[CompletionState | None, Callable[[str], _Refusal]] = {
+    None: lambda rid: _Refusal(404, {"error": f"unknown completion_id {rid!r}: use the `id` of a chat "
+                                              "or completions response from this server"}),
+    "running": lambda rid: _Refusal(409, {"error": f"completion {rid!r} is still streaming: retry once "
+                                                   "the response has finished (after its final chunk, "
+                                                   "`data: [DONE]` when streaming)"}),
+    "expired": lambda rid: _Refusal(410, {"error": f"completion {rid!r} has expired: its log entry was "
+                                                   "purged (feedback.completion_ttl_s)"}),
+}
+
+
+def _jsonl_chunks(store: FeedbackStore, completions: CompletionLookup, detokenize: Detokenize) -> Iterator[bytes]:
+    """The export as JSONL bytes, ``EXPORT_ROWS_PER_CHUNK`` rows per chunk. The store is first called
+    on the first ``next()``, so even an eager ``export_kto`` runs in the thread pool."""
+    lines: list[str] = []
+    for row in store.export_kto(completions, detokenize):
+        lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+        if len(lines) >= EXPORT_ROWS_PER_CHUNK:
+            yield "".join(lines).encode("utf-8")
+            lines = []
+    if lines:
+        yield "".join(lines).encode("utf-8")
+
+
+def _unmarked(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+    return endpoint
+
+
+def _has_bearer(header: str | None, key: str) -> bool:
+    """Constant-time check of ``Authorization: Bearer <key>``."""
+    if not header:
+        return False
+    scheme, _, token = header.strip().partition(" ")
+    return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), key.encode())
+
+
+async def _json_object(request: Request, max_body_bytes: int) -> Any:
+    """The parsed request body; 413 beyond ``max_body_bytes`` (the declared Content-Length first,
+    then while reading, so a chunked upload is cut off too); 422 ``body`` if it is not JSON."""
+    too_large = _Refusal(413, {"error": f"body is larger than {max_body_bytes} bytes"})
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_body_bytes:
+        raise too_large
+    chunks: list[bytes] = []
+    size_bytes = 0
+    async for chunk in request.stream():
+        size_bytes += len(chunk)
+        if size_bytes > max_body_bytes:
+            raise too_large
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise FieldError("body", f"is not JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise FieldError("body", "is nested too deeply") from exc
+
+
+def _refused(exc: _Refusal | FieldError) -> JSONResponse:
+    return (_Refusal.of_field(exc) if isinstance(exc, FieldError) else exc).response()

@@ -1,0 +1,536 @@
+"""OnlineLoop end to end over the real tiny Llama weights, without SGLang.
+
+The loop is built by ``online.factory.build_loop`` from ``configs/cpu-tiny.yaml`` (checkpoints in a
+tmp folder), over fp32 weights loaded from the tiny model folder; the publisher writes into those
+very tensors, which stand for the served model's parameters. The only fake is ``FakeHost`` (the
+``ServingHost`` protocol: records announcements, ``can_publish`` toggled by the test) and a fake
+clock for ``train.max_wait_s`` / ``publish.every_s``. Checked against ``publish.merged_tensor`` over
+the master copy (MISSION.md "One version": serving at v means cast(W0 + s * B_v @ A_v)).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from alchemist_sgl.config import load_config
+from alchemist_sgl.errors import CheckpointIncompatible
+from alchemist_sgl.online.factory import build_loop
+from alchemist_sgl.online.publish import merged_tensor
+from alchemist_sgl.train import load_fused_weights
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[2]
+TINY_CONFIG = REPO / "configs" / "cpu-tiny.yaml"
+EOS = 2
+BIG_MS = 600_000.0   # a slice budget no test reaches: run until the loop has no work
+TINY_MS = 0.001      # a slice budget every unit overruns: one unit per slice at most
+
+
+def model_dir(name: str):
+    from alchemist_sgl.prepare import resolve_model
+    return resolve_model(name)
+
+
+def tokenize(text: str) -> list[int]:
+    """Byte-level ids 3..258 (< the tiny vocab), deterministic."""
+    return [3 + b for b in text.encode("utf-8")]
+
+
+def chat(messages: list[dict[str, str]]) -> list[int]:
+    return tokenize("\n".join(m["content"] for m in messages))
+
+
+class FakeHost:
+    """``ServingHost``: records ``announce`` calls; ``is_open`` answers ``can_publish``."""
+
+    def __init__(self) -> None:
+        self.announced: list[str] = []
+        self.is_open = True
+
+    def can_publish(self) -> bool:
+        return self.is_open
+
+    def announce(self, version: str) -> None:
+        self.announced.append(version)
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Rig:
+    """One loop over its own copy of W0, with its host, clock and admission."""
+
+    def __init__(self, folder: Path, overrides: tuple[str, ...] = ()) -> None:
+        self.config = load_config(TINY_CONFIG, [f"train.checkpoint_dir={folder}",
+                                                "publish.gate.enabled=false", *overrides])
+        self.weights = load_fused_weights(model_dir("tiny"), torch.float32)
+        self.w0 = live_tensors(self.weights)
+        self.host, self.clock = FakeHost(), FakeClock()
+        self.loop, self.admission = build_loop(
+            config=self.config, weights=self.weights, host=self.host, recordings=None,
+            completions=None, model_name="tiny", tokenize=tokenize, chat=chat, eos_id=EOS,
+            max_tokens=512, serving=lambda: self.loop.registry.serving.name, clock=self.clock)
+
+    def feed(self, *pairs: tuple[str, str]) -> None:
+        pending = self.admission.admit([{"prompt": p, "response": r, "rating": "up"}
+                                        for p, r in pairs])
+        assert self.loop.queue.offer(pending) == len(pairs)
+
+    def run_idle(self) -> None:
+        """Slices until the loop has no work (or waits for the host)."""
+        for _ in range(50):
+            if self.loop.run_slice(BIG_MS).units == 0:
+                return
+        raise AssertionError("the loop never went idle")
+
+    def live(self) -> dict[tuple[int, str], torch.Tensor]:
+        return live_tensors(self.weights)
+
+    def expected_live(self) -> dict[tuple[int, str], torch.Tensor]:
+        """cast(W0 + s * B @ A) of the trainer's current adapter, from the master copy."""
+        frozen = self.loop.trainer.adapter.snapshot()
+        return {(i, p): merged_tensor(t, frozen.pairs(i, p), frozen.scale, self.weights.spec)
+                for i, layer in enumerate(self.loop.master.tensors) for p, t in layer.items()}
+
+    def status(self) -> dict:
+        return self.loop.status()
+
+
+def live_tensors(weights) -> dict[tuple[int, str], torch.Tensor]:
+    return {(i, p): lw.projection(p).detach().clone() for i, lw in enumerate(weights.layers)
+            for p in ("qkv", "o", "gate_up", "down")}
+
+
+def same(a: dict, b: dict) -> bool:
+    assert a.keys() == b.keys()
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def adapter_state(loop) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in loop.trainer.adapter.peft_state_dict().items()}
+
+
+def adam_state(loop) -> list[dict[str, torch.Tensor]]:
+    opt = loop.trainer.optimizer
+    return [{k: v.clone() for k, v in opt.state[p].items()}
+            for group in opt.param_groups for p in group["params"] if p in opt.state]
+
+
+def same_adam(a: list[dict], b: list[dict]) -> bool:
+    return len(a) == len(b) and all(
+        x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
+
+
+def checkpoint_now(loop) -> None:
+    """A checkpoint that is on disk when this returns (the loop may write it in the background)."""
+    loop.checkpoint()
+    writer = getattr(loop, "writer", None)
+    if writer is not None:
+        writer.flush()
+
+
+def b_norm(loop) -> float:
+    return float(sum(p.detach().abs().sum() for p in loop.trainer.adapter.b.values()))
+
+
+SAMPLES = [("Hi there", "Hello!"), ("2+2=", "4"), ("Name a color", "Blue"),
+           ("Say yes", "Yes"), ("Count", "1 2 3")]
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Rig:
+    return Rig(tmp_path / "ckpt")
+
+
+# ---------------------------------------------------------------- work units, publish, carry-on
+def test_step_runs_in_units_and_publishes_the_merge_from_master(rig: Rig) -> None:
+    loop = rig.loop
+    assert rig.host.announced == ["v0"]  # build_loop restored nothing and announced v0
+    assert same(rig.live(), rig.w0)
+    assert all(torch.equal(loop.master.tensors[i][p], rig.w0[(i, p)]) for i, p in rig.w0)
+    a0 = adapter_state(loop)
+
+    rig.feed(SAMPLES[0])
+    reports = []
+    while loop.counters.publishes < 1:
+        reports.append(loop.run_slice(TINY_MS))
+        assert len(reports) < 200
+    layers = rig.weights.spec.layers
+    # One unit per slice at most; a step (forward + backward per layer, head, optimizer) and its
+    # publish (one build unit per layer, commit, ...) take many slices.
+    assert max(r.units for r in reports) == 1
+    assert sum(r.units for r in reports) >= 2 * layers + 2 + layers
+    st = rig.status()
+    assert st["train"]["steps"] == 1
+    assert st["train"]["units_run"] == sum(r.units for r in reports)
+    assert st["train"]["slices"] == sum(1 for r in reports if r.units)
+    assert {"train", "publish.build", "publish.commit"} <= set(st["train"]["max_unit_ms_by_kind"])
+    assert rig.host.announced == ["v0", "v1"]
+    assert loop.registry.serving.name == "v1" and loop.registry.get("v1").parent == "v0"
+
+    live1 = rig.live()
+    assert b_norm(loop) > 0
+    assert same(live1, rig.expected_live())
+    assert not same(live1, rig.w0)
+    a1 = adapter_state(loop)
+
+    rig.feed(SAMPLES[1])
+    rig.run_idle()
+    assert rig.host.announced == ["v0", "v1", "v2"]
+    assert rig.status()["train"]["steps"] == 2
+    assert rig.status()["train"]["units_run"] > sum(r.units for r in reports)
+    live2 = rig.live()
+    assert same(live2, rig.expected_live())
+    assert not same(live2, live1)
+    # The adapter carries on across publishes: AdamW counted two steps, and A moved at step 2
+    # (at step 1 B was 0, so A's gradient was 0; a per-publish reset would leave A at its init).
+    assert b_norm(loop) > 0
+    steps = {int(s["step"]) for s in adam_state(loop)}
+    assert steps == {2}
+    a_keys = [k for k in a0 if "lora_A" in k]
+    assert all(torch.equal(a0[k], a1[k]) for k in a_keys)
+    assert any(not torch.equal(a1[k], adapter_state(loop)[k]) for k in a_keys)
+
+
+def test_publish_waits_while_the_host_refuses_then_commits(rig: Rig) -> None:
+    loop = rig.loop
+    rig.host.is_open = False
+    rig.feed(SAMPLES[0])
+    for _ in range(5):
+        loop.run_slice(BIG_MS)
+    assert loop.run_slice(BIG_MS).units == 0  # waits, runs nothing
+    st = rig.status()
+    assert st["train"]["steps"] == 1 and st["publish"]["publishes"] == 0
+    assert st["train"]["state"] == "publishing"
+    assert loop.has_step_in_progress
+    assert rig.host.announced == ["v0"]
+    assert loop.registry.serving.name == "v0"
+    assert same(rig.live(), rig.w0)
+
+    rig.host.is_open = True
+    rig.run_idle()
+    assert rig.host.announced == ["v0", "v1"]
+    assert rig.status()["publish"]["publishes"] == 1
+    assert rig.status()["train"]["state"] == "idle"
+    assert same(rig.live(), rig.expected_live()) and not same(rig.live(), rig.w0)
+
+
+# ---------------------------------------------------------------- cadence
+def test_every_steps_two_publishes_once_per_two_steps(tmp_path: Path) -> None:
+    rig = Rig(tmp_path / "ckpt", ("publish.every_steps=2",))
+    announced = []
+    for i in range(4):
+        rig.feed(SAMPLES[i])
+        rig.run_idle()
+        announced.append(list(rig.host.announced))
+        if i == 0:
+            assert same(rig.live(), rig.w0)  # one step trained, none published
+    assert announced == [["v0"], ["v0", "v1"], ["v0", "v1"], ["v0", "v1", "v2"]]
+    st = rig.status()
+    assert st["train"]["steps"] == 4 and st["publish"]["publishes"] == 2
+    assert rig.loop.registry.get("v1").step == 2 and rig.loop.registry.get("v2").step == 4
+    assert same(rig.live(), rig.expected_live())
+
+
+def test_every_s_publishes_at_the_next_step_after_the_time_passed(tmp_path: Path) -> None:
+    rig = Rig(tmp_path / "ckpt", ("publish.every_steps=100", "publish.every_s=10"))
+    rig.feed(SAMPLES[0])
+    rig.run_idle()
+    assert rig.host.announced == ["v0"] and rig.loop.counters.steps == 1
+    rig.clock.now += 10.0
+    rig.feed(SAMPLES[1])
+    rig.run_idle()
+    assert rig.host.announced == ["v0", "v1"]
+    assert rig.loop.registry.get("v1").step == 2
+    assert same(rig.live(), rig.expected_live())
+
+
+def test_every_s_publishes_a_pending_step_without_a_new_sample(tmp_path: Path) -> None:
+    rig = Rig(tmp_path / "ckpt", ("publish.every_steps=100", "publish.every_s=10"))
+    rig.feed(SAMPLES[0])
+    rig.run_idle()
+    assert rig.host.announced == ["v0"]
+    rig.clock.now += 11.0
+    rig.run_idle()
+    assert rig.host.announced == ["v0", "v1"]
+
+
+# ---------------------------------------------------------------- readiness, batch cap, pause
+def test_readiness_by_count_and_by_age_with_a_batch_cap(tmp_path: Path) -> None:
+    rig = Rig(tmp_path / "ckpt", ("train.min_pending_samples=3", "train.max_wait_s=5",
+                                  "train.batch_samples=2"))
+    loop = rig.loop
+    rig.feed(SAMPLES[0])
+    assert not loop.has_work
+    assert loop.run_slice(BIG_MS).units == 0
+    rig.clock.now += 4.9
+    assert not loop.has_work
+    rig.clock.now += 0.1  # the oldest sample has now waited max_wait_s
+    assert loop.has_work
+    rig.run_idle()
+    assert loop.counters.steps == 1 and loop.trainer.counters.samples_trained == 1
+    assert len(loop.queue) == 0 and not loop.has_work
+
+    rig.feed(*SAMPLES[1:4])  # three pending: ready by count; a step takes at most two
+    assert loop.has_work
+    rig.run_idle()
+    assert loop.counters.steps == 2 and loop.trainer.counters.samples_trained == 3
+    assert len(loop.queue) == 1 and not loop.has_work  # one left, too few and too young
+
+
+def test_pause_stops_new_steps(rig: Rig) -> None:
+    loop = rig.loop
+    rig.feed(SAMPLES[0])
+    assert loop.has_work
+    loop.is_paused = True
+    assert not loop.has_work
+    assert loop.run_slice(BIG_MS).units == 0
+    st = rig.status()
+    assert st["train"]["state"] == "paused" and st["train"]["paused"] is True
+    assert st["train"]["steps"] == 0 and st["train"]["samples_pending"] == 1
+    loop.is_paused = False
+    assert loop.has_work
+    rig.run_idle()
+    assert loop.counters.steps == 1 and rig.host.announced == ["v0", "v1"]
+
+
+def test_pause_mid_step_finishes_that_step_and_starts_no_other(rig: Rig) -> None:
+    loop = rig.loop
+    rig.feed(SAMPLES[0], SAMPLES[1])  # batch_samples 1: two steps' worth
+    for _ in range(3):
+        loop.run_slice(TINY_MS)
+    assert loop.has_step_in_progress and loop.counters.steps == 0
+    loop.is_paused = True
+    assert not loop.has_work
+    for _ in range(50):
+        loop.run_slice(BIG_MS)
+    assert loop.counters.steps == 1 and len(loop.queue) == 1
+    assert not loop.has_step_in_progress
+    assert rig.host.announced == ["v0", "v1"]
+
+
+def test_a_tiny_slice_still_runs_one_unit(rig: Rig) -> None:
+    rig.feed(SAMPLES[0])
+    assert rig.loop.has_work
+    assert rig.loop.run_slice(1e-9).units == 1
+
+
+# ---------------------------------------------------------------- rollback
+def test_rollback_mints_a_new_id_with_v1s_weights_adapter_and_adamw(rig: Rig) -> None:
+    loop = rig.loop
+    rig.feed(SAMPLES[0])
+    rig.run_idle()
+    live_v1, adapter_v1, adam_v1 = rig.live(), adapter_state(loop), adam_state(loop)
+    for s in SAMPLES[1:3]:
+        rig.feed(s)
+        rig.run_idle()
+    assert rig.host.announced == ["v0", "v1", "v2", "v3"]
+    assert not same(rig.live(), live_v1)
+
+    out = loop.rollback("v1")
+    assert out["weight_version"] == "v4" and out["parent"] == "v1"
+    v4 = loop.registry.get("v4")
+    assert v4.parent == "v1" and v4.state == "serving" and v4.step == loop.registry.get("v1").step
+    assert loop.registry.get("v3").state == "retired"
+    assert rig.host.announced[-1] == "v4"
+    assert same(rig.live(), live_v1)
+    assert all(torch.equal(adapter_v1[k], v) for k, v in adapter_state(loop).items())
+    assert same_adam(adam_state(loop), adam_v1)
+
+    with pytest.raises(KeyError):
+        loop.rollback("v99")
+    with pytest.raises(KeyError):
+        loop.rollback("latest")
+    assert loop.registry.serving.name == "v4"
+
+    rig.feed(SAMPLES[3])
+    rig.run_idle()
+    assert rig.host.announced == ["v0", "v1", "v2", "v3", "v4", "v5"]
+    assert loop.registry.get("v5").parent == "v4"
+    assert {int(s["step"]) for s in adam_state(loop)} == {2}  # v1's AdamW state went on
+    names = [v.name for v in loop.registry.page(100)]
+    assert len(names) == len(set(names)) == 6 and loop.registry.next_id == 6
+
+
+def test_rollback_to_v0_serves_w0_with_a_fresh_adapter(rig: Rig) -> None:
+    loop = rig.loop
+    adapter0 = adapter_state(loop)
+    rig.feed(SAMPLES[0])
+    rig.run_idle()
+    assert not same(rig.live(), rig.w0)
+    out = loop.rollback("v0")
+    assert out["weight_version"] == "v2" and out["parent"] == "v0"
+    assert loop.registry.get("v2").parent == "v0"
+    assert same(rig.live(), rig.w0)
+    assert all(torch.equal(adapter0[k], v) for k, v in adapter_state(loop).items())
+    assert adam_state(loop) == []
+    assert rig.host.announced == ["v0", "v1", "v2"]
+
+
+def test_rollback_refused_while_the_host_refuses_and_mid_step_requeues(rig: Rig) -> None:
+    loop = rig.loop
+    rig.feed(SAMPLES[0])
+    rig.run_idle()
+    live_v1 = rig.live()
+    rig.feed(SAMPLES[1])
+    for _ in range(3):
+        loop.run_slice(TINY_MS)
+    assert loop.has_step_in_progress and len(loop.queue) == 0
+    rig.host.is_open = False
+    with pytest.raises(RuntimeError):
+        loop.rollback("v1")
+    assert loop.registry.serving.name == "v1" and loop.has_step_in_progress
+    rig.host.is_open = True
+    assert loop.rollback("v1")["weight_version"] == "v2"
+    assert not loop.has_step_in_progress
+    assert len(loop.queue) == 1  # the abandoned step's sample is back in the queue
+    assert loop.queue.take(1)[0].prompt_ids == tokenize(SAMPLES[1][0])
+    assert same(rig.live(), live_v1)
+    assert loop.counters.steps == 1
+
+
+# ---------------------------------------------------------------- checkpoints
+def test_checkpoint_round_trip_resumes_the_same_training(tmp_path: Path) -> None:
+    folder = tmp_path / "ckpt"
+    overrides = ("train.replay=false",)
+    first = Rig(folder, overrides)
+    first.feed(SAMPLES[0])
+    first.run_idle()
+    first.feed(SAMPLES[1])  # pending at the checkpoint
+    checkpoint_now(first.loop)
+    live_at_ckpt = first.live()
+    assert not same(live_at_ckpt, first.w0)
+    first.run_idle()  # the first loop trains on the pending sample: v2
+    loss_first = first.loop.counters.last_loss
+    assert first.host.announced == ["v0", "v1", "v2"]
+
+    second = Rig(folder, overrides)  # a fresh W0; build_loop restores the checkpoint
+    assert same(second.w0, first.w0)
+    assert second.loop.restore() is True
+    assert same(second.live(), live_at_ckpt)
+    assert second.loop.registry.serving.name == "v1"
+    assert second.host.announced[-1] == "v1"
+    assert len(second.loop.queue) == 1
+    queued = second.loop.queue.take(1)
+    assert queued[0].prompt_ids == tokenize(SAMPLES[1][0])
+    assert queued[0].response_ids == tokenize(SAMPLES[1][1]) + [EOS]
+    second.loop.queue.requeue_front(queued)
+    assert second.loop.counters.steps == 1
+
+    second.run_idle()
+    loss_second = second.loop.counters.last_loss
+    assert loss_first is not None and loss_second is not None
+    assert loss_second == pytest.approx(loss_first, rel=1e-6)
+    # The file knew v2 (published by the first loop after the checkpoint): never handed out again.
+    assert second.host.announced[-1] == "v3"
+    assert second.loop.registry.get("v2").state == "retired"
+
+
+def test_incompatible_checkpoint_names_the_rank(tmp_path: Path) -> None:
+    folder = tmp_path / "ckpt"
+    first = Rig(folder)
+    first.feed(SAMPLES[0])
+    first.run_idle()
+    checkpoint_now(first.loop)
+    with pytest.raises(CheckpointIncompatible) as info:
+        Rig(folder, ("train.lora.rank=8",))
+    assert info.value.fields == ("rank",)
+    assert "rank" in str(info.value)
+
+
+# ---------------------------------------------------------------- gate
+def _heldout(tmp_path: Path) -> Path:
+    path = tmp_path / "heldout.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": p, "response": r}) for p, r in
+                              [("What is 3+3?", "6"), ("Greet me", "Good morning!")]) + "\n")
+    return path
+
+
+def test_gate_rejects_a_harmful_step(tmp_path: Path) -> None:
+    rig = Rig(tmp_path / "ckpt", ("publish.gate.enabled=true",
+                                  f"publish.gate.heldout_path={_heldout(tmp_path)}",
+                                  "train.learning_rate=1.0", "publish.gate.max_regression=0"))
+    loop = rig.loop
+    assert len(loop.gate_pairs) == 2
+    adapter0 = adapter_state(loop)
+    rig.feed(SAMPLES[0])
+    rig.run_idle()
+    st = rig.status()
+    assert st["train"]["steps"] == 1
+    assert st["publish"]["rejected"] == 1 and st["publish"]["publishes"] == 0
+    v1 = loop.registry.get("v1")
+    assert v1.state == "rejected" and v1.metric is not None
+    assert loop.registry.v0_metric() is not None and v1.metric > loop.registry.v0_metric()
+    assert loop.registry.serving.name == "v0" and rig.host.announced == ["v0"]
+    assert same(rig.live(), rig.w0)
+    assert all(torch.equal(adapter0[k], v) for k, v in adapter_state(loop).items())
+    assert adam_state(loop) == []
+    assert loop.trainer.published is None
+    with pytest.raises(ValueError):
+        loop.rollback("v1")  # never served
+
+
+def test_gate_rejection_keeps_cumulative_train_counters(tmp_path: Path) -> None:
+    rig = Rig(tmp_path / "ckpt", ("publish.gate.enabled=true",
+                                  f"publish.gate.heldout_path={_heldout(tmp_path)}",
+                                  "train.learning_rate=1.0", "publish.gate.max_regression=0"))
+    rig.feed(SAMPLES[0])
+    rig.run_idle()
+    st = rig.status()["train"]
+    assert rig.status()["publish"]["rejected"] == 1 and st["steps"] == 1
+    assert st["samples_trained"] == 1
+    assert st["tokens_trained"] > 0
+
+
+def test_gate_accepts_a_mild_step_with_a_metric(tmp_path: Path) -> None:
+    rig = Rig(tmp_path / "ckpt", ("publish.gate.enabled=true",
+                                  f"publish.gate.heldout_path={_heldout(tmp_path)}",
+                                  "publish.gate.max_regression=10",
+                                  "publish.gate.max_regression_total=10"))
+    loop = rig.loop
+    rig.feed(SAMPLES[0])
+    rig.run_idle()
+    st = rig.status()
+    assert st["publish"]["publishes"] == 1 and st["publish"]["rejected"] == 0
+    v1 = loop.registry.get("v1")
+    assert v1.state == "serving" and isinstance(v1.metric, float)
+    assert loop.registry.v0_metric() is not None
+    assert "gate" in st["train"]["max_unit_ms_by_kind"]
+    assert rig.host.announced == ["v0", "v1"]
+    assert same(rig.live(), rig.expected_live()) and not same(rig.live(), rig.w0)
+
+
+# ---------------------------------------------------------------- non-finite guard
+def test_nonfinite_attempt_is_skipped_and_nothing_is_published(rig: Rig) -> None:
+    loop = rig.loop
+    loop.inject_nonfinite_steps = {1}
+    adapter0 = adapter_state(loop)
+    rig.feed(SAMPLES[0])
+    rig.run_idle()
+    st = rig.status()
+    assert st["train"]["nonfinite_skipped"] == 1 and st["train"]["steps"] == 0
+    assert loop.counters.attempts == 1
+    assert st["publish"]["publishes"] == 0 and rig.host.announced == ["v0"]
+    assert same(rig.live(), rig.w0)
+    assert all(torch.equal(adapter0[k], v) for k, v in adapter_state(loop).items())
+    assert adam_state(loop) == []
+
+    rig.feed(SAMPLES[1])  # attempt 2 is not poisoned
+    rig.run_idle()
+    assert loop.counters.attempts == 2 and loop.counters.steps == 1
+    assert rig.host.announced == ["v0", "v1"]
+    assert same(rig.live(), rig.expected_live()) and not same(rig.live(), rig.w0)
