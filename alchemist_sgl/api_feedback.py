@@ -12,7 +12,8 @@ rate limit (429, only requests with valid bodies count), then in one worker-thre
 queue (429), the completion's state (404 / 409 / 410; choice 0 first, since all choices of a response
 finish before its final chunk), ``choice_index`` against the logged choices (422) and
 ``store.submit``, which commits before it returns: the 200 is sent only after that. The answer is the
-store's ``answer``, so a repeated ``feedback_id`` gets the first answer.
+store's ``answer``, so a repeated ``feedback_id`` gets the first answer; a ``FeedbackInvalid`` from
+the store (a ``feedback_id`` used under another key) answers 422 naming its field.
 
 Note [feedback auth]: with ``api_key`` set (SGLang's ``--api-key``) the feedback routes require
 ``Authorization: Bearer <api_key>`` (401 otherwise, compared in constant time). The export requires
@@ -39,12 +40,13 @@ from collections import deque
 from typing import Any, Callable, Iterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from alchemist_sgl.api_feedback_schema import (CompletionLookup, CompletionState, Detokenize, FeedbackResult,
                                                FeedbackStore, check_completion_id, feedback_input_type,
                                                normalize_batch, normalize_feedback)
 from alchemist_sgl.api_schemas import FieldError
+from alchemist_sgl.errors import FeedbackInvalid
 
 EndpointMarker = Callable[[Callable[..., Any]], Callable[..., Any]]
 
@@ -153,7 +155,13 @@ def build_feedback_router(store: FeedbackStore, completions: CompletionLookup, *
         outcomes: list[FeedbackResult | _Refusal] = []
         for item, path in zip(items, paths):
             refusal = _completion_refusal(completions, item["completion_id"], item["choice_index"], path)
-            outcomes.append(refusal or store.submit(input_type(**item, api_key_hash=key_hash)))
+            if refusal is None:
+                try:
+                    outcomes.append(store.submit(input_type(**item, api_key_hash=key_hash)))
+                    continue
+                except FeedbackInvalid as exc:  # e.g. a feedback_id used under another key
+                    refusal = _Refusal.of_field(FieldError(_join(path, exc.field), _message(exc)))
+            outcomes.append(refusal)
         return outcomes
 
     @router.post("/v1/feedback")
@@ -214,7 +222,7 @@ def build_feedback_router(store: FeedbackStore, completions: CompletionLookup, *
 
     @router.get("/alchemist/export/kto")
     @admin_route
-    async def export_kto(request: Request) -> StreamingResponse | JSONResponse:
+    async def export_kto(request: Request) -> Response:
         if export_key and not _has_bearer(request.headers.get("authorization"), export_key):
             flag = "--admin-api-key" if admin_api_key else "--api-key"
             return JSONResponse(status_code=401, headers={"WWW-Authenticate": "Bearer"}, content={
@@ -237,9 +245,8 @@ def _completion_refusal(completions: CompletionLookup, rid: str, choice_index: i
         return None
     logged = completions.choices(rid)
     if choice_index >= logged:
-        field = f"{path}.choice_index" if path else "choice_index"
-        return _Refusal.of_field(FieldError(field, f"must be below {logged}: completion {rid!r} has "
-                                                   f"{logged} logged choice(s)"))
+        return _Refusal.of_field(FieldError(_join(path, "choice_index"), f"must be below {logged}: "
+                                            f"completion {rid!r} has {logged} logged choice(s)"))
     state = completions.state(rid, choice_index)
     return None if state == "finished" else _STATE_REFUSALS[state](rid)
 
@@ -266,6 +273,15 @@ def _jsonl_chunks(store: FeedbackStore, completions: CompletionLookup, detokeniz
             lines = []
     if lines:
         yield "".join(lines).encode("utf-8")
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _message(exc: FeedbackInvalid) -> str:
+    """The store's message without its ``feedback field '<name>': `` prefix."""
+    return str(exc).split(": ", 1)[-1]
 
 
 def _unmarked(endpoint: Callable[..., Any]) -> Callable[..., Any]:

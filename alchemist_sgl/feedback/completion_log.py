@@ -1,4 +1,5 @@
-"""The durable completion log: ``CompletionLog`` on SQLite, shared by the scheduler and HTTP processes.
+"""The durable completion log: ``CompletionLog`` on SQLite, shared by the scheduler and HTTP
+processes.
 
 Owns the ``completions`` and ``completion_tombstones`` rows of the feedback database (db.py), their
 encoding, the running -> finished -> expired life of a completion, and its TTL purge. Imports only
@@ -63,8 +64,9 @@ def _unpack(typecode: str, data: bytes) -> tuple:
 def _row_of(e: CompletionEntry) -> tuple:
     if not isinstance(e.rid, str) or not e.rid:
         raise CompletionEntryInvalid("rid", f"must be a non-empty string, got {e.rid!r}")
-    if not isinstance(e.choice_index, int) or isinstance(e.choice_index, bool) or e.choice_index < 0:
-        raise CompletionEntryInvalid("choice_index", f"must be an int >= 0, got {e.choice_index!r}")
+    choice = e.choice_index
+    if not isinstance(choice, int) or isinstance(choice, bool) or choice < 0:
+        raise CompletionEntryInvalid("choice_index", f"must be an int >= 0, got {choice!r}")
     for name in ("created_at", "finished_at"):
         value = getattr(e, name)
         if not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -138,7 +140,8 @@ class SqliteCompletionLog:
             if not isinstance(rid, str) or not rid:
                 raise CompletionEntryInvalid("rid", f"must be a non-empty string, got {rid!r}")
             if not isinstance(choice, int) or isinstance(choice, bool) or choice < 0:
-                raise CompletionEntryInvalid("choice_index", f"must be an int >= 0, got {choice!r}")
+                raise CompletionEntryInvalid("choice_index",
+                                             f"must be an int >= 0, got {choice!r}")
         if not keys:
             return
         now = self._clock()
@@ -158,13 +161,14 @@ class SqliteCompletionLog:
 
     def state(self, rid: str, choice_index: int = 0) -> CompletionState | None:
         """"running" | "finished" | "expired" (TTL passed or purged), or None: never seen."""
+        key = (rid, choice_index)
         with self._db.read() as conn:
             row = conn.execute("SELECT state, touched_at FROM completions "
-                               "WHERE rid = ? AND choice_index = ?", (rid, choice_index)).fetchone()
+                               "WHERE rid = ? AND choice_index = ?", key).fetchone()
             if row is not None:
                 return "expired" if row[1] <= self._cutoff() else row[0]
             tomb = conn.execute("SELECT 1 FROM completion_tombstones "
-                                "WHERE rid = ? AND choice_index = ?", (rid, choice_index)).fetchone()
+                                "WHERE rid = ? AND choice_index = ?", key).fetchone()
         return "expired" if tomb is not None else None
 
     def choices(self, rid: str) -> int:

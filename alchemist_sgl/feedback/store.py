@@ -55,7 +55,8 @@ class FeedbackStore:
     [durability]); safe to call from any thread (the HTTP side calls it via ``asyncio.to_thread``).
     """
 
-    def __init__(self, path: str | os.PathLike[str], clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, path: str | os.PathLike[str],
+                 clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self._db = FeedbackDb(path)
 

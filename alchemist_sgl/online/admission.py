@@ -50,6 +50,10 @@ class SampleAdmission:
             raise
         return out
 
+    def pin_prompt(self, prompt_ids: list[int], version: str | None) -> Any:
+        """A pin on the prompt's recording under ``version`` (the serving one when None)."""
+        return self._pin(prompt_ids, version or self.serving()) if self._pin is not None else None
+
     def release(self, samples: list[PendingSample]) -> None:
         for s in samples:
             if s.handle is not None:

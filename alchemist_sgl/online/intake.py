@@ -42,6 +42,7 @@ class PendingSample:
     ref_logprobs: list[float] | None
     enqueued_at: float
     source: str = "samples"
+    feedback_id: str | None = None  # the feedback row this sample trains (marked trained after its step)
     handle: object | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -108,6 +108,8 @@ class OnlineLoop(LoopLifecycle):
         self.clock = clock
         self.counters = LoopCounters(last_publish_at=clock())
         self.writer = BackgroundWriter()  # Note [Writes off the serving path] in writer.py
+        # Called with (feedback ids, step) after a step that trained feedback samples.
+        self.on_feedback_trained: Callable[[list[str], int], None] | None = None
         self.is_paused = False
         self.inject_nonfinite_steps: set[int] = set()  # tests: 1-based attempt numbers to poison
         self._work: Iterator[str] | None = None
@@ -228,6 +230,9 @@ class OnlineLoop(LoopLifecycle):
             return
         c.steps += 1
         c.train_state += 1
+        trained = [p.feedback_id for p in pending if p.feedback_id is not None]
+        if trained and self.on_feedback_trained is not None:
+            self.on_feedback_trained(trained, c.steps)
         c.steps_since_publish += 1
         c.steps_since_checkpoint += 1
         c.last_step_ms = step_ms

@@ -1,0 +1,106 @@
+"""Feedback into training: the scheduler's poll of the feedback table (scheduler side).
+
+Owns ``FeedbackPoller``: every ``every_s`` (an indexed query, cheap) it takes pending feedback
+rows, turns each into a ``PendingSample`` (Note [Feedback to samples]), queues them and marks the
+rows queued; after a step trains them, it marks them trained with that step. After a restore from
+a checkpoint, rows trained after the checkpoint's step and rows only queued go back to pending, so
+acknowledged feedback is trained exactly once (the restored queue's feedback samples are dropped
+and re-admitted from the table). Imports package modules only.
+
+Note [Feedback to samples]:
+  * ``up``: SFT on the served response (the completion's output ids through the stop token);
+  * ``correction``: SFT on the correction text (+ end of sequence) after the original prompt, which
+    reuses the prompt's recording (same prompt ids, same prefill version);
+  * ``down``: the negative objective (``train.objective_negative``) on the served response; its
+    reference log-probs are the SERVING version's untempered output log-probs logged at serving
+    time (a moving reference: the version that produced the completion, not v0);
+  * ``score`` s: the sign gives the kind, |s| the weight; a score of 0 is stored and never trained.
+A completion that expired from the log since the feedback was accepted cannot be trained: the row
+is marked trained at step -1 and counted in ``skipped``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from alchemist_sgl.log import get_logger
+from alchemist_sgl.online.intake import PendingSample
+
+logger = get_logger(__name__)
+
+
+class FeedbackPoller:
+    def __init__(self, *, store: Any, completions: Any, admission: Any, queue: Any,
+                 tokenize: Callable[[str], list[int]], eos_id: int | None, every_s: float = 0.5,
+                 batch: int = 64, clock: Callable[[], float] = time.monotonic) -> None:
+        self.store, self.completions, self.admission, self.queue = store, completions, admission, queue
+        self.tokenize, self.eos_id = tokenize, eos_id
+        self.every_s, self.batch, self.clock = every_s, batch, clock
+        self._last = float("-inf")
+        self.admitted = self.skipped = 0
+
+    def poll(self) -> int:
+        """Admits pending feedback (at most every ``every_s``); returns how many samples were queued."""
+        now = self.clock()
+        if now - self._last < self.every_s:
+            return 0
+        self._last = now
+        room = self.queue_room()
+        if room <= 0:
+            return 0
+        rows = self.store.pending(min(self.batch, room))
+        samples, queued, unusable = [], [], []
+        for row in rows:
+            sample = self._sample(row)
+            if sample is None:
+                unusable.append(row.feedback_id)
+            else:
+                samples.append(sample)
+                queued.append(row.feedback_id)
+        if unusable:
+            self.store.mark_trained(unusable, -1)
+            self.skipped += len(unusable)
+        if samples:
+            self.queue.offer(samples)
+            self.store.mark_queued(queued)
+            self.admitted += len(samples)
+        return len(samples)
+
+    def queue_room(self) -> int:
+        return self.queue.max_pending - len(self.queue)
+
+    def on_trained(self, feedback_ids: list[str], step: int) -> None:
+        self.store.mark_trained(feedback_ids, step)
+
+    def after_restore(self, step: int) -> int:
+        """Rows trained after ``step`` or only queued go back to pending (see module docstring)."""
+        kept = [p for p in self.queue.state() if not p.get("feedback_id")]
+        self.queue.load_state(kept)
+        return self.store.requeue_after(step)
+
+    def _sample(self, row: Any) -> PendingSample | None:
+        entry = self.completions.get(row.completion_id, row.choice_index)
+        if entry is None:
+            return None
+        if row.label == "score":
+            if not row.score:
+                return None  # stored, never trained
+            kind, weight = ("positive" if row.score > 0 else "negative"), abs(float(row.score))
+        else:
+            kind, weight = ("negative" if row.label == "down" else "positive"), 1.0
+        response = list(entry.output_ids)
+        ref = list(entry.output_logprobs) if entry.output_logprobs is not None else None
+        if row.label == "correction":
+            response = self.tokenize(row.correction) + ([self.eos_id] if self.eos_id is not None else [])
+            ref = None
+        if not response:
+            return None
+        if ref is not None and len(ref) != len(response):
+            ref = None
+        handle = self.admission.pin_prompt(list(entry.prompt_ids), entry.prefill_version)
+        return PendingSample(prompt_ids=list(entry.prompt_ids), response_ids=response, kind=kind,
+                             weight=weight, prefill_version=entry.prefill_version,
+                             completion_id=row.completion_id, ref_logprobs=ref,
+                             enqueued_at=self.clock(), source="feedback", handle=handle,
+                             feedback_id=row.feedback_id)
