@@ -173,3 +173,60 @@ def _route_path(scope: Scope) -> str:
     if root and path.startswith(root):
         path = path[len(root):]
     return path.rstrip("/") or "/"
+
+
+# Routes whose requests become completions that feedback can refer to.
+COMPLETION_ROUTES = ("/v1/chat/completions", "/v1/completions", "/generate")
+
+
+def guard_request_fields(app: Starlette) -> None:
+    """Adds ``RequestFieldGuard`` (Note [Server-made ids and store: false])."""
+    app.add_middleware(RequestFieldGuard)
+
+
+class RequestFieldGuard:
+    """Note [Server-made ids and store: false]: a completion id is the scheduler's rid, so a
+    client-chosen ``rid`` could make feedback land on another client's completion: it is refused
+    (422). OpenAI's ``store: false`` is mapped to ``custom_params.alchemist.store = false`` (never
+    logged, recorded or trained), because SGLang 0.5.23 silently drops ``store`` from chat and
+    completion requests. Bodies that mention neither key pass through unparsed."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or _route_path(scope) not in COMPLETION_ROUTES:
+            await self.app(scope, receive, send)
+            return
+        body = await _read_body(receive)
+        if body is None:
+            return
+        if b'"rid"' not in body and b'"store"' not in body:
+            await self.app(scope, _replay(body, receive), send)
+            return
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            await self.app(scope, _replay(body, receive), send)  # SGLang reports it
+            return
+        if not isinstance(data, dict):
+            await self.app(scope, _replay(body, receive), send)
+            return
+        if data.get("rid") is not None:
+            response = JSONResponse(status_code=422, content={"error": {
+                "message": "rid: completion ids are chosen by the server (the response 'id'); "
+                           "remove 'rid' from the request", "type": "BadRequestError",
+                "param": "rid", "code": 422}})
+            await response(scope, receive, send)
+            return
+        if "store" in data and _route_path(scope) != "/generate":
+            store = data.pop("store")
+            if store is False:
+                custom = data.get("custom_params")
+                custom = dict(custom) if isinstance(custom, dict) else {}
+                ours = dict(custom.get("alchemist") or {})
+                ours["store"] = False
+                custom["alchemist"] = ours
+                data["custom_params"] = custom
+        rewritten = json.dumps(data, ensure_ascii=False).encode("utf-8")
+        await self.app(_with_content_length(scope, len(rewritten)), _replay(rewritten, receive), send)

@@ -100,6 +100,8 @@ class FeedbackConfig:
     api_key: str | None = None
     max_pending: int = 10_000
     completion_ttl_s: float = 24 * 3600.0
+    rate_limit_per_minute: int | None = None  # per API key (or client host): 429 beyond
+    poll_every_s: float = 0.5                 # the scheduler's poll of new feedback
 
 
 @dataclass(frozen=True)
@@ -340,6 +342,9 @@ def _validate(obj: Any, prefix: str) -> None:
         need(obj.max_body_bytes >= 1024, "max_body_bytes", "must be >= 1024")
         need(obj.max_pending >= 1, "max_pending", "must be >= 1")
         need(obj.completion_ttl_s > 0, "completion_ttl_s", "must be > 0")
+        need(obj.rate_limit_per_minute is None or obj.rate_limit_per_minute >= 1,
+             "rate_limit_per_minute", "must be >= 1 (or null: no limit)")
+        need(obj.poll_every_s > 0, "poll_every_s", "must be > 0")
     elif isinstance(obj, MemoryConfig):
         need(0.0 < obj.kv_usage_high <= 1.0, "kv_usage_high", "must be in (0, 1]")
         need(obj.waiting_requests_high >= 1, "waiting_requests_high", "must be >= 1")

@@ -20,7 +20,7 @@ from alchemist_sgl import __version__
 from alchemist_sgl.config import Config
 from alchemist_sgl.control import ControlQueue
 from alchemist_sgl.log import get_logger
-from alchemist_sgl.online.completions import BoundedCompletionLog
+from alchemist_sgl.feedback.completion_log import SqliteCompletionLog
 
 logger = get_logger(__name__)
 
@@ -66,9 +66,11 @@ class Runtime:
         # None while training is off or failed to install.
         self.loop: Any = None
         self.admission: Any = None
-        self.completions = BoundedCompletionLog(max_entries=config.feedback.max_pending,
-                                                ttl_s=config.feedback.completion_ttl_s,
-                                                clock=time.time)
+        # Durable completion log (feedback/), shared with the HTTP process through SQLite.
+        self.completions = SqliteCompletionLog(config.feedback.db_path,
+                                               ttl_s=config.feedback.completion_ttl_s)
+        self.feedback: Any = None  # the FeedbackPoller (online/feedback_poll.py) once training is up
+        self._last_purge = clock()
         if config.server.enable_debug_commands:
             self.register_command("debug.ping", lambda payload: {"pid": self.info.pid, "echo": payload})
         logger.info("alchemist runtime up in scheduler pid %d on %s serving '%s'",
@@ -118,8 +120,13 @@ class Runtime:
         if self.loop is None or self.is_disabled("train"):
             return
         self.loop.writer.drain()  # finished disk writes report back even while paused
+        if self.clock() - self._last_purge > 60.0:
+            self._last_purge = self.clock()
+            self.completions.purge_expired()  # expired completions leave tombstones (410)
         if self.loop.is_paused:
             return
+        if self.feedback is not None:
+            self.feedback.poll()
         tc = self.config.train
         self.loop.run_slice(tc.slice_budget_ms if is_busy else tc.idle_slice_ms)
 

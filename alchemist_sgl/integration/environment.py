@@ -63,6 +63,9 @@ def prepare_environment(config: Config, model_path: Path) -> None:
         activate_cpu_stand_ins()
     os.environ[CONFIG_ENV] = config_to_json(config)
     os.environ[MODEL_PATH_ENV] = str(model_path)
+    # The completion log keeps serving-time output log-probs as the reference of the negative
+    # objective; untempered (of the model, not of the temperature-scaled sampling distribution).
+    os.environ["SGLANG_RETURN_ORIGINAL_LOGPROB"] = "1"
     # One control table per server process tree (alchemist_sgl/control.py).
     run_dir = Path(tempfile.mkdtemp(prefix="alchemist-run-"))
     os.environ[CONTROL_DB_ENV] = str(run_dir / "control.sqlite")

@@ -17,7 +17,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from alchemist_sgl.api import build_router
-from alchemist_sgl.api_guards import pin_model_names, refuse_weight_routes
+from alchemist_sgl.api_feedback import build_feedback_router
+from alchemist_sgl.api_guards import guard_request_fields, pin_model_names, refuse_weight_routes
+from alchemist_sgl.feedback.completion_log import SqliteCompletionLog
+from alchemist_sgl.feedback.store import FeedbackStore
 from alchemist_sgl.online.versions import ServingVersionReader
 from alchemist_sgl.config import Config
 from alchemist_sgl.control import CommandResult, ControlQueue
@@ -86,12 +89,28 @@ def serve(config: Config, model_path: Path, port: int | None = None,
     app.include_router(build_router(_fetch_status, functools.partial(_run_command, queue),
                                     admin_api_key=getattr(server_args, "admin_api_key", None),
                                     mark_admin_endpoint=auth_level(AuthLevel.ADMIN_OPTIONAL)))
+    fc = config.feedback
+    app.include_router(build_feedback_router(
+        FeedbackStore(fc.db_path), SqliteCompletionLog(fc.db_path, ttl_s=fc.completion_ttl_s),
+        api_key=getattr(server_args, "api_key", None), max_body_bytes=fc.max_body_bytes,
+        max_pending=fc.max_pending, rate_limit_per_minute=fc.rate_limit_per_minute,
+        detokenize=_detokenize, admin_api_key=getattr(server_args, "admin_api_key", None),
+        mark_feedback_endpoint=auth_level(AuthLevel.NORMAL),
+        mark_admin_endpoint=auth_level(AuthLevel.ADMIN_OPTIONAL)))
     versions = ServingVersionReader(Path(config.train.checkpoint_dir) / "versions.json")
     refuse_weight_routes(app)
+    guard_request_fields(app)
     pin_model_names(app, config.server.served_model_name, functools.partial(_serving_version, versions))
     base_url = f"http://{config.server.host}:{port if port is not None else config.server.port}"
     callback = (lambda: on_ready(base_url)) if on_ready is not None else None
     http_server.launch_server(server_args, launch_callback=callback)
+
+
+def _detokenize(ids: list[int]) -> str:
+    """Token ids to text with the served model's tokenizer (HTTP process; KTO export)."""
+    from sglang.srt.entrypoints import http_server  # noqa: PLC0415
+
+    return http_server._global_state.tokenizer_manager.tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def _serving_version(versions: ServingVersionReader) -> str:

@@ -40,13 +40,14 @@ NONFINITE_ENV = "ALCHEMIST_SGL_INJECT_NONFINITE_STEPS"  # tests: comma-separated
 SGLANG_NAMES = (
     f"{_SCHED}.process_batch_result", f"{_SCHED}.on_idle", f"{_SCHED}.maybe_sleep_on_idle",
     f"{_SCHED}.handle_shutdown", f"{_SCHED}.record_weight_version_change",
+    f"{_SCHED}.handle_generate_request",
     f"{_REQ}.init_next_round_input", f"{_REQ}.output_ids_through_stop", f"{_REQ}.finished",
     f"{_STREAMER}.stream_output",
 )
 SGLANG_INSTANCE_ATTRIBUTES = (
     f"{_SCHED}.chunked_req", f"{_SCHED}.waiting_queue", f"{_SCHED}.running_batch",
     f"{_SCHED}.tokenizer", f"{_REQ}.kv", f"{_REQ}.extra_key", f"{_REQ}.finished_reason",
-    f"{_REQ}.cached_tokens",
+    f"{_REQ}.cached_tokens", f"{_REQ}.logprob",
 )
 _STAMP_ATTR, _BASE_KEY_ATTR = "_alchemist_prefill_version", "_alchemist_base_extra_key"
 
@@ -84,6 +85,8 @@ def register_hooks(holder: ProcessHolder) -> None:
     HookRegistry.register(f"{_REQ}.init_next_round_input",
                           guarded("versions", lambda rt, req, *a, **k: _stamp(rt, req)),
                           HookType.BEFORE)
+    HookRegistry.register(f"{_SCHED}.handle_generate_request",
+                          guarded("completions", _force_logprobs), HookType.BEFORE)
     HookRegistry.register(f"{_STREAMER}.stream_output",
                           guarded("completions", lambda rt, sched, reqs, *a, **k:
                                   _log_finished(rt, reqs)), HookType.BEFORE)
@@ -113,31 +116,62 @@ def _stamp(rt: Any, req: Any) -> None:
     setattr(req, _STAMP_ATTR, version)
 
 
+def _is_opted_out(req: Any) -> bool:
+    custom = getattr(req.sampling_params, "custom_params", None) or {}
+    ours = custom.get("alchemist") if isinstance(custom, dict) else None
+    return isinstance(ours, dict) and ours.get("store") is False
+
+
 def _log_finished(rt: Any, reqs: Any) -> None:
-    """Finished requests: radix hits per publish window, and the completion log (opt-outs and
-    warm-up requests skipped)."""
+    """Note [Completion log]: before SGLang sends a batch's outputs on, requests seen for the first
+    time are logged as running (feedback on them answers 409) and finished ones are committed with
+    their tokens, prefill version and untempered output log-probs: one transaction each per batch.
+    Warm-up requests and opt-outs (``store: false``) are never logged. Radix hits are counted per
+    publish window (loop.py, Note [Radix hit rate])."""
     from alchemist_sgl.online.completions import CompletionEntry  # noqa: PLC0415
 
     now = time.time()
+    started: list[str] = []
+    finished: list[Any] = []
     for req in reqs:
-        if not req.finished() or getattr(req, "_alchemist_logged", False):
+        if getattr(req, "_alchemist_logged", False):
+            continue
+        params = req.sampling_params
+        if int(getattr(params, "max_new_tokens", 1) or 0) == 0 or _is_opted_out(req):
+            req._alchemist_logged = True  # warm-up, or never logged
+            continue
+        if not req.finished():
+            if not getattr(req, "_alchemist_started", False):
+                req._alchemist_started = True
+                started.append(str(req.rid))
             continue
         req._alchemist_logged = True
-        params = req.sampling_params
-        if int(getattr(params, "max_new_tokens", 1) or 0) == 0:
-            continue  # warm-up requests
         if rt.loop is not None:
             rt.loop.note_finished_request(int(req.cached_tokens or 0), len(req.origin_input_ids))
-        custom = getattr(params, "custom_params", None) or {}
-        ours = custom.get("alchemist") if isinstance(custom, dict) else None
-        if rt.completions is None or (isinstance(ours, dict) and ours.get("store") is False):
-            continue
+        output = tuple(req.output_ids_through_stop)
+        vals = getattr(getattr(req, "logprob", None), "output_token_logprobs_val", None)
+        logprobs = tuple(float(v) for v in vals[:len(output)]) if vals and len(vals) >= len(output) else None
         reason = req.finished_reason.to_json() if req.finished_reason is not None else None
-        rt.completions.put(CompletionEntry(
+        finished.append(CompletionEntry(
             rid=str(req.rid), choice_index=0, prompt_ids=tuple(req.origin_input_ids),
-            output_ids=tuple(req.output_ids_through_stop), prefill_version=getattr(req, _STAMP_ATTR, None),
-            weight_versions=(), finish_reason=(reason or {}).get("type") if isinstance(reason, dict) else None,
-            created_at=now, finished_at=now, output_logprobs=None))
+            output_ids=output, prefill_version=getattr(req, _STAMP_ATTR, None), weight_versions=(),
+            finish_reason=(reason or {}).get("type") if isinstance(reason, dict) else None,
+            created_at=getattr(req, "_alchemist_started_at", now), finished_at=now,
+            output_logprobs=logprobs))
+    if rt.completions is None:
+        return
+    if started:
+        rt.completions.mark_started(started)
+    if finished:
+        rt.completions.put_many(finished)
+
+
+def _force_logprobs(rt: Any, sched: Any, recv_req: Any, *args: Any, **kwargs: Any) -> None:
+    """The completion log keeps serving-time output log-probs; SGLang's tokenizer still returns
+    them only to clients that asked (its own copy of the request says so)."""
+    if int(getattr(getattr(recv_req, "sampling_params", None), "max_new_tokens", 1) or 0) == 0:
+        return
+    recv_req.return_logprob = True
 
 
 def _chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
@@ -209,5 +243,17 @@ def install(scheduler: Any, runtime: Any) -> Any:
         max_tokens=int(getattr(scheduler, "max_req_input_len", 0) or scheduler.model_config.context_len),
         serving=lambda: runtime.state.weight_version)
     loop.inject_nonfinite_steps = inject
-    Path(config.train.checkpoint_dir).mkdir(parents=True, exist_ok=True)
+    from alchemist_sgl.feedback.store import FeedbackStore  # noqa: PLC0415
+    from alchemist_sgl.online.feedback_poll import FeedbackPoller  # noqa: PLC0415
+
+    runtime.feedback = FeedbackPoller(
+        store=FeedbackStore(config.feedback.db_path), completions=runtime.completions,
+        admission=admission, queue=loop.queue,
+        tokenize=lambda text: list(tokenizer.encode(text, add_special_tokens=False)),
+        eos_id=getattr(tokenizer, "eos_token_id", None), every_s=config.feedback.poll_every_s)
+    loop.on_feedback_trained = runtime.feedback.on_trained
+    requeued = runtime.feedback.after_restore(loop.counters.steps)
+    if requeued:
+        logger.info("%d feedback rows trained after the restored step (or only queued) go back "
+                    "to pending", requeued)
     return loop, admission

@@ -54,11 +54,13 @@ class RunningServer:
 def start_server(config: str, overrides: tuple[str, ...] = (), extra_env: dict[str, str] | None = None,
                  served_model_name: str | None = None) -> RunningServer:
     """Starts `alchemist-sgl serve` and waits until it is healthy; raises with the log tail if not.
-    Each server gets its own ``train.checkpoint_dir`` under var/test-runs/ unless the overrides
-    name one (a restart test passes the same folder twice)."""
+    Each server gets its own ``train.checkpoint_dir`` and ``feedback.db_path`` under
+    var/test-runs/ unless the overrides name them (a restart test passes the same ones twice)."""
+    run = REPO / "var" / "test-runs" / uuid.uuid4().hex[:12]
     if not any(o.startswith("train.checkpoint_dir=") for o in overrides):
-        folder = REPO / "var" / "test-runs" / uuid.uuid4().hex[:12] / "checkpoints"
-        overrides = (*overrides, f"train.checkpoint_dir={folder}")
+        overrides = (*overrides, f"train.checkpoint_dir={run / 'checkpoints'}")
+    if not any(o.startswith("feedback.db_path=") for o in overrides):
+        overrides = (*overrides, f"feedback.db_path={run / 'feedback.sqlite'}")
     managed = ManagedServer(REPO / config, tuple(overrides),
                             log_dir=Path(tempfile.mkdtemp(prefix="alchemist-server-")),
                             ready_timeout_s=READY_TIMEOUT_S, extra_env=dict(extra_env or {}))
