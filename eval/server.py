@@ -46,15 +46,18 @@ def serve_command() -> list[str]:
     return [found]
 
 
-def wait_healthy(base_url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> float:
-    """Blocks until ``/health`` answers 200 and ``/v1/models`` lists a model; returns seconds waited."""
+def wait_healthy(base_url: str, timeout_s: float, proc: subprocess.Popen | None = None,
+                 api_key: str | None = None) -> float:
+    """Blocks until ``/health`` answers 200 and ``/v1/models`` lists a model; returns seconds waited.
+    ``api_key``: the server's ``--api-key``, sent as a bearer token to ``/v1/models``."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     start = time.monotonic()
     while time.monotonic() - start < timeout_s:
         if proc is not None and proc.poll() is not None:
             raise ServerStartError(f"server exited with code {proc.returncode} before becoming healthy")
         try:
             if httpx.get(f"{base_url}/health", timeout=5.0).status_code == 200:
-                models = httpx.get(f"{base_url}/v1/models", timeout=5.0)
+                models = httpx.get(f"{base_url}/v1/models", timeout=5.0, headers=headers)
                 if models.status_code == 200 and models.json().get("data"):
                     return time.monotonic() - start
         except httpx.HTTPError:
@@ -127,6 +130,15 @@ class ManagedServer:
     extra_env: dict[str, str] = field(default_factory=dict)  # added to the server's environment
 
     @property
+    def api_key(self) -> str | None:
+        """The ``sglang.api-key`` override, if any (readiness checks send it)."""
+        for item in self.overrides:
+            key, _, value = item.partition("=")
+            if key.strip() in ("sglang.api-key", "sglang.api_key"):
+                return value
+        return None
+
+    @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
@@ -147,7 +159,8 @@ class ManagedServer:
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
         try:
-            self.ready_s = wait_healthy(self.base_url, self.ready_timeout_s, self.proc)
+            self.ready_s = wait_healthy(self.base_url, self.ready_timeout_s, self.proc,
+                                        api_key=self.api_key)
         except ServerStartError as exc:
             self.stop()
             raise ServerStartError(f"{exc}\ncommand: {' '.join(self.command())}\n--- {self.log_path} (tail) ---\n"

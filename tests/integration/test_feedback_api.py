@@ -1,0 +1,161 @@
+"""The feedback API on live tiny servers: every answer of POST /v1/feedback, feedback that trains
+the served model exactly once (kill -9 included), opt-outs, and the KTO export.
+
+The session server covers the answers that need no special configuration; one dedicated server
+covers the API key (401), expiry (410), the rate limit (429) and a kill -9 restart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+from tests.support.online import chat, post, post_status, status, wait_for
+from tests.support.servers import REPO, RunningServer, dedicated_server
+
+
+def _get(server: RunningServer, path: str, headers: dict | None = None) -> tuple[int, str]:
+    req = urllib.request.Request(f"{server.base_url}{path}", headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _rows(server: RunningServer, completion_id: str) -> list[dict]:
+    code, text = _get(server, f"/v1/feedback/{completion_id}")
+    assert code == 200, text
+    return json.loads(text)["feedback"]
+
+
+def _trained(server: RunningServer, completion_id: str, timeout_s: float = 120) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        rows = [r for r in _rows(server, completion_id) if r["state"] == "trained"]
+        if rows:
+            return rows[0]
+        time.sleep(0.3)
+    raise AssertionError(f"feedback on {completion_id} was not trained: {_rows(server, completion_id)}"
+                         f"\n{server.log_tail()}")
+
+
+def test_feedback_answers_and_training(tiny_server: RunningServer) -> None:
+    reply = chat(tiny_server, "Tell me about the moon and its phases, please.")
+    assert reply["choices"][0]["logprobs"] is None, "log-probs are logged, never returned unasked"
+    cid = reply["id"]
+    before = status(tiny_server)["train"]["samples_trained"]
+    key = uuid.uuid4().hex
+    first = post(tiny_server, "/v1/feedback", {"completion_id": cid, "rating": "up", "feedback_id": key})
+    assert first == {"feedback_id": key, "completion_id": cid, "status": "accepted"}
+    again = post(tiny_server, "/v1/feedback", {"completion_id": cid, "rating": "up", "feedback_id": key})
+    assert again == first, "a repeated feedback_id returns the first answer"
+    row = _trained(tiny_server, cid)
+    assert row["trained_step"] >= 1
+    wait_for(tiny_server, lambda s: s["train"]["samples_trained"] >= before + 1, what="feedback trained")
+    assert len(_rows(tiny_server, cid)) == 1, "counted once"
+
+    code, body = post_status(tiny_server, "/v1/feedback", {"completion_id": "no-such-id", "rating": "up"})
+    assert code == 404
+    code, body = post_status(tiny_server, "/v1/feedback", {"completion_id": cid, "score": 3})
+    assert code == 422 and body["field"] == "score"
+    code, body = post_status(tiny_server, "/v1/feedback", {"completion_id": cid, "choice_index": 1,
+                                                           "rating": "up"})
+    assert code == 422 and body["field"] == "choice_index"
+    code, body = post_status(tiny_server, "/v1/feedback", {"completion_id": cid, "rating": "up",
+                                                           "colour": "red"})
+    assert code == 422
+
+    down = chat(tiny_server, "Say something rude about cats.")
+    post(tiny_server, "/v1/feedback", {"completion_id": down["id"], "rating": "down"})
+    fixed = chat(tiny_server, "What is two plus two?")
+    post(tiny_server, "/v1/feedback", {"completion_id": fixed["id"], "rating": "down",
+                                        "correction": "Two plus two is four."})
+    assert _trained(tiny_server, down["id"])["label"] == "down"
+    assert _trained(tiny_server, fixed["id"])["label"] == "correction"
+    code, text = _get(tiny_server, "/alchemist/export/kto")
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    assert code == 200 and {"prompt", "completion", "label"} <= set(rows[0])
+    assert any(r["completion"] == "Two plus two is four." and r["label"] is True for r in rows)
+    assert any(r["label"] is False for r in rows)
+
+
+def test_streaming_completion_answers_409_until_done(tiny_server: RunningServer) -> None:
+    body = {"model": tiny_server.model, "stream": True, "max_tokens": 48, "temperature": 0,
+            "messages": [{"role": "user", "content": "Write a long story about a lighthouse."}]}
+    req = urllib.request.Request(f"{tiny_server.base_url}/v1/chat/completions",
+                                 data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        line = b""
+        while not line.startswith(b"data: {"):
+            line = resp.readline()
+        cid = json.loads(line[len(b"data: "):])["id"]
+        code, answer = post_status(tiny_server, "/v1/feedback", {"completion_id": cid, "rating": "up"})
+        rest = resp.read()
+    assert code == 409 and "retry" in answer["error"].lower(), answer
+    assert b"[DONE]" in rest
+    assert post(tiny_server, "/v1/feedback", {"completion_id": cid, "rating": "up"})["status"] == "accepted"
+
+
+def test_store_false_is_never_logged(tiny_server: RunningServer) -> None:
+    reply = chat(tiny_server, "A private question about my bank account.", store=False)
+    code, _ = post_status(tiny_server, "/v1/feedback", {"completion_id": reply["id"], "rating": "up"})
+    assert code == 404, "store: false means never logged, so never trained"
+    code, body = post_status(tiny_server, "/v1/chat/completions", {
+        "model": tiny_server.model, "rid": "mine", "messages": [{"role": "user", "content": "hi"}]})
+    assert code == 422 and "rid" in json.dumps(body)
+
+
+def test_api_key_expiry_rate_limit_and_kill9() -> None:
+    run = REPO / "var" / "test-runs" / uuid.uuid4().hex[:12]
+    overrides = ("sglang.api-key=sk-test", "feedback.completion_ttl_s=3", "feedback.rate_limit_per_minute=4",
+                 f"train.checkpoint_dir={run / 'ck'}", f"feedback.db_path={run / 'fb.sqlite'}")
+    auth = {"Authorization": "Bearer sk-test", "Content-Type": "application/json"}
+
+    def call(server: RunningServer, path: str, payload: dict, headers: dict) -> tuple[int, dict]:
+        req = urllib.request.Request(f"{server.base_url}{path}", data=json.dumps(payload).encode(),
+                                     headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=120) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"{}")
+
+    def completion(server: RunningServer) -> str:
+        code, body = call(server, "/v1/chat/completions", {
+            "model": server.model, "max_tokens": 4, "messages": [{"role": "user", "content": "hello"}]}, auth)
+        assert code == 200, body
+        return body["id"]
+
+    with dedicated_server("configs/cpu-tiny.yaml", overrides) as server:
+        # Acknowledged while training is paused, then kill -9: it survives and trains once.
+        assert call(server, "/alchemist/train/pause", {}, auth)[0] == 200
+        kept = completion(server)
+        code, answer = call(server, "/v1/feedback", {"completion_id": kept, "rating": "up"}, auth)
+        assert code == 200, answer
+        os.killpg(os.getpgid(server.proc.pid), signal.SIGKILL)
+        server.proc.wait(timeout=30)
+    with dedicated_server("configs/cpu-tiny.yaml", overrides) as again:
+        deadline = time.monotonic() + 120
+        rows: list = []
+        while time.monotonic() < deadline:
+            code, text = _get(again, f"/v1/feedback/{kept}", {"Authorization": "Bearer sk-test"})
+            rows = json.loads(text)["feedback"]
+            if rows and rows[0]["state"] == "trained":
+                break
+            time.sleep(0.5)
+        assert rows and rows[0]["state"] == "trained" and len(rows) == 1, rows
+        cid = completion(again)
+        assert call(again, "/v1/feedback", {"completion_id": cid, "rating": "up"},
+                    {"Content-Type": "application/json"})[0] == 401
+        time.sleep(3.5)
+        code, body = call(again, "/v1/feedback", {"completion_id": cid, "rating": "up"}, auth)
+        assert code == 410, body
+        codes = [call(again, "/v1/feedback", {"completion_id": completion(again), "rating": "up"}, auth)[0]
+                 for _ in range(4)]
+        assert codes[-1] == 429 and 200 in codes, codes
