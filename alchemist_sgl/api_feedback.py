@@ -113,11 +113,18 @@ def build_feedback_router(store: FeedbackStore, completions: CompletionLookup, *
                           admin_api_key: str | None = None,
                           mark_feedback_endpoint: EndpointMarker | None = None,
                           mark_admin_endpoint: EndpointMarker | None = None,
+                          answer_counts: dict[int, int] | None = None,
                           clock: Callable[[], float] = time.monotonic) -> APIRouter:
     """The feedback routes (module docstring; Notes [feedback order], [feedback auth]). ``store`` and
     ``completions`` must be safe to call from several worker threads at once. ``detokenize`` None
-    makes the export answer 503. ``rate_limit_per_minute`` None turns the rate limit off."""
+    makes the export answer 503. ``rate_limit_per_minute`` None turns the rate limit off.
+    ``answer_counts``: HTTP status -> count of feedback answers (one per submitted item), for
+    ``alchemist_feedback_answers_total`` on ``/metrics``."""
     router = APIRouter()
+    counts = answer_counts if answer_counts is not None else {}
+
+    def counted(code: int) -> None:
+        counts[code] = counts.get(code, 0) + 1
     feedback_route = mark_feedback_endpoint if mark_feedback_endpoint is not None else _unmarked
     admin_route = mark_admin_endpoint if mark_admin_endpoint is not None else _unmarked
     limiter = SlidingWindowLimiter(rate_limit_per_minute, clock) if rate_limit_per_minute else None
@@ -173,9 +180,13 @@ def build_feedback_router(store: FeedbackStore, completions: CompletionLookup, *
             check_rate(request, 1)
             [outcome] = await asyncio.to_thread(submit_all, [item], [""])
         except (_Refusal, FieldError) as exc:
-            return _refused(exc)
+            refused = _refused(exc)
+            counted(refused.status_code)
+            return refused
         if isinstance(outcome, _Refusal):
+            counted(outcome.status_code)
             return outcome.response()
+        counted(200)
         return JSONResponse(content=outcome.answer)
 
     @router.post("/v1/feedback/batch")
@@ -188,7 +199,11 @@ def build_feedback_router(store: FeedbackStore, completions: CompletionLookup, *
             paths = [f"feedback[{i}]" for i in range(len(items))]
             outcomes = await asyncio.to_thread(submit_all, items, paths)
         except (_Refusal, FieldError) as exc:
-            return _refused(exc)
+            refused = _refused(exc)
+            counted(refused.status_code)
+            return refused
+        for outcome in outcomes:
+            counted(outcome.status_code if isinstance(outcome, _Refusal) else 200)
         results = [outcome.answer if not isinstance(outcome, _Refusal)
                    else {**outcome.content, "status_code": outcome.status_code} for outcome in outcomes]
         return JSONResponse(content={"results": results})

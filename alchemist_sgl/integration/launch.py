@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from alchemist_sgl.api import build_router
 from alchemist_sgl.api_feedback import build_feedback_router
+from alchemist_sgl.api_metrics import build_metrics_router
 from alchemist_sgl.api_guards import guard_request_fields, pin_model_names, refuse_weight_routes
 from alchemist_sgl.feedback.completion_log import SqliteCompletionLog
 from alchemist_sgl.feedback.store import FeedbackStore
@@ -90,8 +91,10 @@ def serve(config: Config, model_path: Path, port: int | None = None,
                                     admin_api_key=getattr(server_args, "admin_api_key", None),
                                     mark_admin_endpoint=auth_level(AuthLevel.ADMIN_OPTIONAL)))
     fc = config.feedback
+    feedback_store, answers = FeedbackStore(fc.db_path), {}
+    app.include_router(build_metrics_router(_fetch_status, feedback_store.counts_by_label, answers))
     app.include_router(build_feedback_router(
-        FeedbackStore(fc.db_path), SqliteCompletionLog(fc.db_path, ttl_s=fc.completion_ttl_s),
+        feedback_store, SqliteCompletionLog(fc.db_path, ttl_s=fc.completion_ttl_s), answer_counts=answers,
         api_key=getattr(server_args, "api_key", None), max_body_bytes=fc.max_body_bytes,
         max_pending=fc.max_pending, rate_limit_per_minute=fc.rate_limit_per_minute,
         detokenize=_detokenize, admin_api_key=getattr(server_args, "admin_api_key", None),

@@ -71,10 +71,12 @@ def _after_scheduler_init(config: Config, holder: training.ProcessHolder, result
     def install_recording() -> None:
         runtime.recording = capture_hooks.install(scheduler, runtime)
         if runtime.recording is not None and config.server.enable_debug_commands:
+            # Writes only under the server's own var/debug/ (a file name, never a path).
+            debug_dir = Path(config.server.cache_dir).parent / "debug"
             runtime.register_command("debug.recording", lambda payload: export_recording(
                 runtime.recording.store, payload.get("tokens") or [],
                 Namespace(str(runtime.state.weight_version), payload.get("adapter")),
-                str(payload.get("path") or "")))
+                debug_dir / Path(str(payload.get("name") or "recording.pt")).name))
 
     def install_training() -> None:
         built = training.install(scheduler, runtime)

@@ -77,6 +77,8 @@ class LoopCounters:
     rejected: int = 0
     last_step_ms: float | None = None
     last_loss: float | None = None
+    last_step_tokens: int | None = None
+    last_grad_norm: float | None = None
     last_publish_ms: float | None = None
     last_stall_ms: float | None = None
     last_publish_at: float = 0.0
@@ -237,6 +239,8 @@ class OnlineLoop(LoopLifecycle):
         c.steps_since_checkpoint += 1
         c.last_step_ms = step_ms
         c.last_loss = stats.loss
+        c.last_step_tokens = stats.tokens
+        c.last_grad_norm = getattr(run, "grad_norm", None)
         logger.info("train step %d: loss %.4f samples %d tokens %d replayed %d recomputed %d "
                     "stale %d units %d ms %.0f", c.steps, stats.loss, stats.samples, stats.tokens,
                     stats.replayed_tokens, stats.recomputed_tokens, stats.stale_recomputes,
@@ -365,6 +369,8 @@ class OnlineLoop(LoopLifecycle):
                  "max_unit_ms_by_kind": dict(c.max_unit_ms_by_kind),
                  "max_slice_ms": c.max_slice_ms, "nonfinite_skipped": c.nonfinite_skipped,
                  "last_step_ms": c.last_step_ms, "last_loss": c.last_loss,
+                 "last_step_tokens": c.last_step_tokens, "last_grad_norm": c.last_grad_norm,
+                 "learning_rate": self.trainer.optimizer.param_groups[0]["lr"],
                  "writes_pending": self.writer.pending, "write_failures": self.writer.failures}
         publish = {"publishes": c.publishes, "rejected": c.rejected,
                    "last_publish_ms": c.last_publish_ms, "last_stall_ms": c.last_stall_ms,

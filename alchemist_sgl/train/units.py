@@ -195,6 +195,8 @@ class StepRun(_Run):
         if self._is_injected and params:
             params[0].grad.view(-1)[0] = float("nan")
         self.loss = float(torch.stack(self._losses).sum())  # host sync: once per step
+        grads = [p.grad.detach().float().norm() for p in params]
+        self.grad_norm = float(torch.stack(grads).norm()) if grads else 0.0  # host sync, once per step
         if is_step_finite(self.loss, params):
             t.optimizer.step()
             t._is_published_current = False

@@ -91,9 +91,12 @@ def _sample(record: dict, response: torch.Tensor, weight: float) -> Sample:
 
 def _check_debug_export(server: RunningServer, record: dict, path: Path) -> None:
     """The ``debug.recording`` control command reads the same recording back from the store."""
-    answer = _post(server, "/alchemist/commands/debug.recording", {"tokens": record["tokens"], "path": str(path)})
+    answer = _post(server, "/alchemist/commands/debug.recording",
+                   {"tokens": record["tokens"], "name": path.name, "path": "/tmp/elsewhere.pt"})
     assert answer["result"]["covered"] == [list(r) for r in record["covered"]]
-    exported = torch.load(path)
+    written = (REPO / answer["result"]["path"]).resolve()
+    assert written.parent == (REPO / "var" / "debug").resolve(), "debug writes stay under var/"
+    exported = torch.load(written)
     rows = {name: torch.cat([t[name] for _, _, t in exported["segments"] if t is not None], dim=1)
             for name in record["tensors"]}
     for name, tensor in record["tensors"].items():
