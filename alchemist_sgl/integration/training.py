@@ -219,6 +219,17 @@ class StoreRecordings:
         self.store.unpin(handle)
 
 
+def shared_storage(model: Any, weights: Any) -> dict[str, Any]:
+    """Whether every tensor the trainer reads (and the publisher writes) is the served model's own
+    parameter storage: no second copy of the base (tests)."""
+    served = {p.data_ptr(): tuple(p.shape) for p in model.parameters()}
+    ours = [weights.embed, weights.final_norm, weights.lm_head]
+    for lw in weights.layers:
+        ours += [lw.qkv, lw.o, lw.gate_up, lw.down, lw.input_layernorm, lw.post_attention_layernorm]
+    shared = sum(1 for t in ours if served.get(t.data_ptr()) == tuple(t.shape))
+    return {"tensors": len(ours), "shared": shared, "is_shared": shared == len(ours)}
+
+
 def install(scheduler: Any, runtime: Any) -> Any:
     """Builds the online loop over ``scheduler``'s model; returns it (or None when training is off)."""
     config = runtime.config
@@ -252,6 +263,8 @@ def install(scheduler: Any, runtime: Any) -> Any:
         tokenize=lambda text: list(tokenizer.encode(text, add_special_tokens=False)),
         eos_id=getattr(tokenizer, "eos_token_id", None), every_s=config.feedback.poll_every_s)
     loop.on_feedback_trained = runtime.feedback.on_trained
+    if config.server.enable_debug_commands:
+        runtime.register_command("debug.storage", lambda payload: shared_storage(model, weights))
     requeued = runtime.feedback.after_restore(loop.counters.steps)
     if requeued:
         logger.info("%d feedback rows trained after the restored step (or only queued) go back "

@@ -103,7 +103,9 @@ def test_streaming_completion_answers_409_until_done(tiny_server: RunningServer)
 
 
 def test_store_false_is_never_logged(tiny_server: RunningServer) -> None:
+    recorded = status(tiny_server)["store"]["bytes_recorded_total"]
     reply = chat(tiny_server, "A private question about my bank account.", store=False)
+    assert status(tiny_server)["store"]["bytes_recorded_total"] == recorded, "never recorded"
     code, _ = post_status(tiny_server, "/v1/feedback", {"completion_id": reply["id"], "rating": "up"})
     assert code == 404, "store: false means never logged, so never trained"
     code, body = post_status(tiny_server, "/v1/chat/completions", {
@@ -140,76 +142,38 @@ def test_api_key_expiry_rate_limit_and_kill9() -> None:
         assert code == 200, answer
         os.killpg(os.getpgid(server.proc.pid), signal.SIGKILL)
         server.proc.wait(timeout=30)
-    with dedicated_server("configs/cpu-tiny.yaml", overrides) as again:
+    def trained_rows(server: RunningServer) -> list:
         deadline = time.monotonic() + 120
         rows: list = []
         while time.monotonic() < deadline:
-            code, text = _get(again, f"/v1/feedback/{kept}", {"Authorization": "Bearer sk-test"})
+            code, text = _get(server, f"/v1/feedback/{kept}", {"Authorization": "Bearer sk-test"})
             rows = json.loads(text)["feedback"]
             if rows and rows[0]["state"] == "trained":
-                break
+                return rows
             time.sleep(0.5)
-        assert rows and rows[0]["state"] == "trained" and len(rows) == 1, rows
-        cid = completion(again)
-        assert call(again, "/v1/feedback", {"completion_id": cid, "rating": "up"},
+        raise AssertionError(f"not trained: {rows}\n{server.log_tail()}")
+
+    def samples_trained(server: RunningServer) -> int:
+        code, text = _get(server, "/alchemist/status", {"Authorization": "Bearer sk-test"})
+        return json.loads(text)["train"]["samples_trained"]
+
+    with dedicated_server("configs/cpu-tiny.yaml", overrides) as again:
+        rows = trained_rows(again)
+        assert len(rows) == 1 and samples_trained(again) == 1, "acked before the kill: trained once"
+        # Killed after training, before the next checkpoint (train.checkpoint_every_steps: 10):
+        # the step is lost with the weights, so the row goes back and trains once more, once.
+        os.killpg(os.getpgid(again.proc.pid), signal.SIGKILL)
+        again.proc.wait(timeout=30)
+    with dedicated_server("configs/cpu-tiny.yaml", overrides) as third:
+        rows = trained_rows(third)
+        time.sleep(1.0)  # a second poll would train it again if the row were still pending
+        assert len(rows) == 1 and samples_trained(third) == 1, rows
+        cid = completion(third)
+        assert call(third, "/v1/feedback", {"completion_id": cid, "rating": "up"},
                     {"Content-Type": "application/json"})[0] == 401
         time.sleep(3.5)
-        code, body = call(again, "/v1/feedback", {"completion_id": cid, "rating": "up"}, auth)
+        code, body = call(third, "/v1/feedback", {"completion_id": cid, "rating": "up"}, auth)
         assert code == 410, body
-        codes = [call(again, "/v1/feedback", {"completion_id": completion(again), "rating": "up"}, auth)[0]
+        codes = [call(third, "/v1/feedback", {"completion_id": completion(third), "rating": "up"}, auth)[0]
                  for _ in range(4)]
         assert codes[-1] == 429 and 200 in codes, codes
-
-
-def test_openai_client_thumbs_up_trains_publishes_and_shows_in_metrics(tiny_server: RunningServer,
-                                                                        tmp_path) -> None:
-    from openai import OpenAI
-
-    client = OpenAI(base_url=f"{tiny_server.base_url}/v1", api_key="unused")
-    reply = client.chat.completions.create(model=tiny_server.model, max_tokens=6,
-                                           messages=[{"role": "user", "content": "Name a river."}])
-    served_by = reply.model_extra["metadata"]["weight_version"]
-    before = status(tiny_server)["publish"]["publishes"]
-    post(tiny_server, "/v1/feedback", {"completion_id": reply.id, "rating": "up"})
-    _trained(tiny_server, reply.id)
-    s = wait_for(tiny_server, lambda s: s["publish"]["publishes"] > before, what="a publish")
-    again = client.chat.completions.create(model=tiny_server.model, max_tokens=6,
-                                           messages=[{"role": "user", "content": "Name a river."}])
-    assert again.model_extra["metadata"]["weight_version"] == s["weight_version"] != served_by
-    code, text = _get(tiny_server, "/metrics")
-    from prometheus_client.parser import text_string_to_metric_families
-
-    fam = {f.name: f.samples for f in text_string_to_metric_families(text)}
-    ups = [x.value for x in fam["alchemist_feedback"] if x.labels.get("label") == "up"]
-    assert code == 200 and ups and ups[0] >= 1
-    assert fam["alchemist_versions_published"][0].value >= before + 1
-    assert any(name.startswith("sglang") for name in fam), "SGLang's own metrics are there too"
-
-    # Last wins: a second rating replaces the first (not yet trained ones) ...
-    other = chat(tiny_server, "Name a mountain.")
-    with_pause = post(tiny_server, "/alchemist/train/pause", {})
-    assert with_pause["paused"] is True
-    try:
-        post(tiny_server, "/v1/feedback", {"completion_id": other["id"], "rating": "up"})
-        second = post(tiny_server, "/v1/feedback", {"completion_id": other["id"], "rating": "down"})
-        assert second["status"] == "replaced"
-        states = sorted(r["state"] for r in _rows(tiny_server, other["id"]))
-        assert states == ["pending", "replaced"]
-        # ... a body over feedback.max_body_bytes is refused whole, and nothing is stored.
-        big = {"completion_id": other["id"], "rating": "up", "comment": "x" * (1024 * 1024 + 10)}
-        code, _ = post_status(tiny_server, "/v1/feedback", big)
-        assert code == 413 and len(_rows(tiny_server, other["id"])) == 2
-        code, _ = post_status(tiny_server, "/v1/feedback", {"completion_id": [1, 2], "rating": "up"})
-        assert code == 422
-    finally:
-        post(tiny_server, "/alchemist/train/resume", {})
-
-    # The KTO export loads with datasets, with TRL's column names and types.
-    code, text = _get(tiny_server, "/alchemist/export/kto")
-    path = tmp_path / "kto.jsonl"
-    path.write_text(text)
-    import datasets
-
-    ds = datasets.load_dataset("json", data_files=str(path), split="train")
-    assert set(ds.column_names) == {"prompt", "completion", "label"}
-    assert ds.features["label"].dtype == "bool" and ds.features["prompt"].dtype == "string"

@@ -220,3 +220,40 @@ def test_sglang_weight_routes_and_old_pins_are_refused(tiny_server: RunningServe
     code, body = post_status(tiny_server, "/alchemist/train/samples",
                              {"samples": [{"completion_id": "nope", "rating": "up"}]})
     assert code == 422 and body["field"] == "samples[0].completion_id"
+
+
+def test_trainer_reads_the_served_parameters_in_place(tiny_server: RunningServer) -> None:
+    answer = command(tiny_server, "debug.storage", {})
+    assert answer["is_shared"] and answer["tensors"] == 3 + 6 * 4, answer
+
+
+def test_a_request_waiting_across_a_publish_runs_at_the_new_version(server_pool) -> None:
+    """One running request at a time: B waits in the queue while A decodes and a step publishes.
+    B is admitted (stamped) after the publish, so it runs at the new version, and its greedy tokens
+    and log-probs equal the same request after a full flush."""
+    server = server_pool.get("configs/cpu-tiny.yaml", ("sglang.max-running-requests=1",))
+    results: dict[str, dict] = {}
+
+    def run(name: str, content: str, tokens: int) -> None:
+        results[name] = chat(server, content, max_tokens=tokens, logprobs=True)
+
+    start = status(server)["weight_version"]
+    a = threading.Thread(target=run, args=("a", "Tell a long tale about a fox and a crow.", 160))
+    a.start()
+    time.sleep(0.5)
+    post(server, "/alchemist/train/samples", {"samples": [
+        {"prompt": "Foxes are", "response": " clever animals.", "rating": "up"}]})
+    b = threading.Thread(target=run, args=("b", "Tell a long tale about a fox and a crow.", 12))
+    b.start()
+    a.join(timeout=300)
+    b.join(timeout=300)
+    after = wait_for(server, lambda s: s["train"]["state"] == "idle" and s["train"]["writes_pending"] == 0,
+                     what="the step")
+    assert results["b"]["metadata"]["weight_version"] == after["weight_version"] != start
+    with _paused(server):
+        urllib.request.urlopen(urllib.request.Request(f"{server.base_url}/flush_cache", method="POST"),
+                               timeout=60).read()
+        again = chat(server, "Tell a long tale about a fox and a crow.", max_tokens=12, logprobs=True)
+    lp = lambda r: [c["logprob"] for c in r["choices"][0]["logprobs"]["content"]]  # noqa: E731
+    assert results["b"]["choices"][0]["message"]["content"] == again["choices"][0]["message"]["content"]
+    assert lp(results["b"]) == lp(again)
