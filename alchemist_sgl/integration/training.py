@@ -43,11 +43,12 @@ SGLANG_NAMES = (
     f"{_SCHED}.handle_generate_request",
     f"{_REQ}.init_next_round_input", f"{_REQ}.output_ids_through_stop", f"{_REQ}.finished",
     f"{_STREAMER}.stream_output",
+    "sglang.srt.utils.weight_versions.compute_weight_version_spans",
 )
 SGLANG_INSTANCE_ATTRIBUTES = (
     f"{_SCHED}.chunked_req", f"{_SCHED}.waiting_queue", f"{_SCHED}.running_batch",
     f"{_SCHED}.tokenizer", f"{_REQ}.kv", f"{_REQ}.extra_key", f"{_REQ}.finished_reason",
-    f"{_REQ}.cached_tokens", f"{_REQ}.logprob",
+    f"{_REQ}.cached_tokens", f"{_REQ}.logprob", f"{_REQ}.weight_version_events",
 )
 _STAMP_ATTR, _BASE_KEY_ATTR = "_alchemist_prefill_version", "_alchemist_base_extra_key"
 
@@ -128,6 +129,8 @@ def _log_finished(rt: Any, reqs: Any) -> None:
     their tokens, prefill version and untempered output log-probs: one transaction each per batch.
     Warm-up requests and opt-outs (``store: false``) are never logged. Radix hits are counted per
     publish window (loop.py, Note [Radix hit rate])."""
+    from sglang.srt.utils.weight_versions import compute_weight_version_spans  # noqa: PLC0415
+
     from alchemist_sgl.online.completions import CompletionEntry  # noqa: PLC0415
 
     now = time.time()
@@ -152,9 +155,14 @@ def _log_finished(rt: Any, reqs: Any) -> None:
         vals = getattr(getattr(req, "logprob", None), "output_token_logprobs_val", None)
         logprobs = tuple(float(v) for v in vals[:len(output)]) if vals and len(vals) >= len(output) else None
         reason = req.finished_reason.to_json() if req.finished_reason is not None else None
+        spans = compute_weight_version_spans(req.weight_version_events,
+                                             current_version=rt.state.weight_version,
+                                             num_output_tokens=len(output))
         finished.append(CompletionEntry(
             rid=str(req.rid), choice_index=0, prompt_ids=tuple(req.origin_input_ids),
-            output_ids=output, prefill_version=getattr(req, _STAMP_ATTR, None), weight_versions=(),
+            output_ids=output, prefill_version=getattr(req, _STAMP_ATTR, None),
+            weight_versions=tuple({"version": sp.version, "start": sp.start, "end": sp.end}
+                                  for sp in spans),
             finish_reason=(reason or {}).get("type") if isinstance(reason, dict) else None,
             created_at=getattr(req, "_alchemist_started_at", now), finished_at=now,
             output_logprobs=logprobs))

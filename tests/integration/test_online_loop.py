@@ -250,6 +250,9 @@ def test_a_request_waiting_across_a_publish_runs_at_the_new_version(server_pool)
     after = wait_for(server, lambda s: s["train"]["state"] == "idle" and s["train"]["writes_pending"] == 0,
                      what="the step")
     assert results["b"]["metadata"]["weight_version"] == after["weight_version"] != start
+    spans = results["a"]["metadata"]["weight_versions"]
+    assert [sp["version"] for sp in spans] == [start, after["weight_version"]], \
+        "A decoded across the publish: SGLang's spans show both versions"
     with _paused(server):
         urllib.request.urlopen(urllib.request.Request(f"{server.base_url}/flush_cache", method="POST"),
                                timeout=60).read()
