@@ -106,10 +106,21 @@ class FeedbackConfig:
 
 @dataclass(frozen=True)
 class MemoryConfig:
+    """The memory arbiter's policy (Note [Arbiter policy] in memory.py)."""
     is_enabled: bool = True
     waiting_requests_high: int = 4
     kv_usage_high: float = 0.85
     train_budget_bytes: int = 512 * 1024**2
+    # A spike also when the arrival-rate EMA reaches this (null: arrivals never signal a spike).
+    arrival_rate_high_per_s: float | None = 4.0
+    arrival_ema_tau_s: float = 5.0         # time constant of that EMA
+    # A spike also when recent TTFT exceeds this while requests are in flight (null: ignored).
+    ttft_target_ms: float | None = 2000.0
+    recover_fraction: float = 0.5          # recovery needs every signal below this x its mark ...
+    min_dwell_s: float = 2.0               # ... for this long, and this long in the state
+    max_transitions_per_minute: int = 12   # in any 60 s window (spike entries included)
+    pause_after_s: float = 10.0            # YIELDING -> PAUSED after pressure lasts this long
+    yield_budget_fraction: float = 0.25    # YIELDING keeps this share of train_budget_bytes
 
 
 @dataclass(frozen=True)
@@ -348,6 +359,19 @@ def _validate(obj: Any, prefix: str) -> None:
     elif isinstance(obj, MemoryConfig):
         need(0.0 < obj.kv_usage_high <= 1.0, "kv_usage_high", "must be in (0, 1]")
         need(obj.waiting_requests_high >= 1, "waiting_requests_high", "must be >= 1")
+        need(obj.train_budget_bytes >= 0, "train_budget_bytes", "must be >= 0")
+        need(obj.arrival_rate_high_per_s is None or obj.arrival_rate_high_per_s > 0,
+             "arrival_rate_high_per_s", "must be > 0 (or null: arrivals never signal a spike)")
+        need(obj.arrival_ema_tau_s > 0, "arrival_ema_tau_s", "must be > 0")
+        need(obj.ttft_target_ms is None or obj.ttft_target_ms > 0,
+             "ttft_target_ms", "must be > 0 (or null: TTFT never signals a spike)")
+        need(0.0 < obj.recover_fraction <= 1.0, "recover_fraction", "must be in (0, 1]")
+        need(obj.min_dwell_s >= 0, "min_dwell_s", "must be >= 0")
+        need(obj.max_transitions_per_minute >= 3, "max_transitions_per_minute",
+             "must be >= 3: a recovery reserves room for the spike entry and the pause that "
+             "may follow it (Note [Arbiter policy] in memory.py)")
+        need(obj.pause_after_s > 0, "pause_after_s", "must be > 0")
+        need(0.0 <= obj.yield_budget_fraction <= 1.0, "yield_budget_fraction", "must be in [0, 1]")
     elif isinstance(obj, Config):
         # Note [merge needs no dropout]: the trainer's forward W_pub x + s*B(Ax) - s*B_pub(A_pub x)
         # is exact only if both LoRA branches see the same x; dropout on one of them breaks it.

@@ -19,6 +19,8 @@ Families (counters end in ``_total``):
   alchemist_versions_published_total, alchemist_versions_rejected_total,
   alchemist_publish_stall_ms (last), alchemist_publish_ms (last)
   alchemist_serving_version{version} 1
+  alchemist_arbiter_state{state}, alchemist_arbiter_transitions_total,
+  alchemist_arbiter_train_budget_bytes
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ _HELP = {
     "alchemist_publish_ms": ("gauge", "build + copy time of the last publish (ms)"),
     "alchemist_publish_stall_ms": ("gauge", "serving stall of the last publish: the copy (ms)"),
     "alchemist_serving_version": ("gauge", "1 for the version serving now"),
+    "alchemist_arbiter_state": ("gauge", "1 for the memory arbiter's current state"),
+    "alchemist_arbiter_transitions_total": ("counter", "memory arbiter state transitions"),
+    "alchemist_arbiter_train_budget_bytes": ("gauge", "training memory budget set by the arbiter"),
 }
 
 
@@ -110,6 +115,15 @@ def _samples(status: dict[str, Any] | None, labels: dict[str, int],
         yield "alchemist_train_tokens_per_second", {}, tokens / (ms / 1000.0)
     if status.get("weight_version"):
         yield "alchemist_serving_version", {"version": str(status["weight_version"])}, 1.0
+    arbiter = status.get("arbiter") or {}
+    if arbiter.get("state"):
+        for state in ("TRAINING", "YIELDING", "PAUSED"):
+            yield "alchemist_arbiter_state", {"state": state}, 1.0 if arbiter["state"] == state else 0.0
+        for name, key in (("alchemist_arbiter_transitions_total", "transitions"),
+                          ("alchemist_arbiter_train_budget_bytes", "train_budget_bytes")):
+            value = num(arbiter, key)
+            if value is not None:
+                yield name, {}, value
 
 
 def render_alchemist_metrics(status: dict[str, Any] | None, feedback_by_label: dict[str, int],

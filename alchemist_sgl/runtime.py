@@ -70,6 +70,11 @@ class Runtime:
         self.completions = SqliteCompletionLog(config.feedback.db_path,
                                                ttl_s=config.feedback.completion_ttl_s)
         self.feedback: Any = None  # the FeedbackPoller (online/feedback_poll.py) once training is up
+        # The memory arbiter (memory.py) and the callable that reads serving pressure, both set by
+        # integration/training.py; None while training is off.
+        self.arbiter: Any = None
+        self.pressure: Callable[[], Any] | None = None
+        self.arrivals = 0  # requests received since the last iteration (the arbiter's input)
         self._last_purge = clock()
         if config.server.enable_debug_commands:
             self.register_command("debug.ping", lambda payload: {"pid": self.info.pid, "echo": payload})
@@ -123,15 +128,25 @@ class Runtime:
         if self.clock() - self._last_purge > 60.0:
             self._last_purge = self.clock()
             self.completions.purge_expired()  # expired completions leave tombstones (410)
+        tc = self.config.train
+        budget_ms = tc.slice_budget_ms if is_busy else tc.idle_slice_ms
+        if self.arbiter is not None and self.pressure is not None:
+            decision = self.arbiter.decide(self.pressure())  # once per scheduler iteration
+            self.arrivals = 0
+            budget_ms = decision.slice_ms  # 0 on a spike: no unit starts (publishes wait too)
         if self.loop.is_paused:
             return
         if self.feedback is not None:
             self.feedback.poll()
-        tc = self.config.train
-        self.loop.run_slice(tc.slice_budget_ms if is_busy else tc.idle_slice_ms)
+        if budget_ms > 0:
+            self.loop.run_slice(budget_ms)
 
     def has_training_work(self) -> bool:
-        return self.loop is not None and not self.is_disabled("train") and self.loop.has_work
+        """True when the loop has work and the arbiter lets it run (then SGLang's idle sleep is
+        skipped; a yielded trainer lets the scheduler sleep)."""
+        if self.loop is None or self.is_disabled("train") or not self.loop.has_work:
+            return False
+        return self.arbiter is None or self.arbiter.state == "TRAINING"
 
     def on_shutdown(self) -> None:
         """Checkpoint at shutdown (SGLang kills the scheduler 15 s after asking it to exit)."""

@@ -88,6 +88,8 @@ def _after_scheduler_init(config: Config, holder: training.ProcessHolder, result
         runtime.add_status_section("train", lambda: runtime.loop.status()["train"])
         runtime.add_status_section("publish", lambda: runtime.loop.status()["publish"])
         runtime.add_status_section("versions", lambda: runtime.loop.registry.status(cap=20))
+        if runtime.arbiter is not None:
+            runtime.add_status_section("arbiter", runtime.arbiter.status)
 
     _attach(runtime, "record", install_recording)
     _attach(runtime, "train", install_training)

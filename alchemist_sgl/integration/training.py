@@ -47,7 +47,8 @@ SGLANG_NAMES = (
 )
 SGLANG_INSTANCE_ATTRIBUTES = (
     f"{_SCHED}.chunked_req", f"{_SCHED}.waiting_queue", f"{_SCHED}.running_batch",
-    f"{_SCHED}.tokenizer", f"{_REQ}.kv", f"{_REQ}.extra_key", f"{_REQ}.finished_reason",
+    f"{_SCHED}.tokenizer", f"{_SCHED}.token_to_kv_pool_allocator", f"{_SCHED}.tree_cache",
+    f"{_REQ}.kv", f"{_REQ}.extra_key", f"{_REQ}.finished_reason",
     f"{_REQ}.cached_tokens", f"{_REQ}.logprob", f"{_REQ}.weight_version_events",
 )
 _STAMP_ATTR, _BASE_KEY_ATTR = "_alchemist_prefill_version", "_alchemist_base_extra_key"
@@ -176,10 +177,27 @@ def _log_finished(rt: Any, reqs: Any) -> None:
 
 def _force_logprobs(rt: Any, sched: Any, recv_req: Any, *args: Any, **kwargs: Any) -> None:
     """The completion log keeps serving-time output log-probs; SGLang's tokenizer still returns
-    them only to clients that asked (its own copy of the request says so)."""
+    them only to clients that asked (its own copy of the request says so). Also counts arrivals
+    for the memory arbiter."""
     if int(getattr(getattr(recv_req, "sampling_params", None), "max_new_tokens", 1) or 0) == 0:
         return
+    rt.arrivals += 1
     recv_req.return_logprob = True
+
+
+def serving_pressure(sched: Any, rt: Any) -> Any:
+    """The arbiter's input from the scheduler: queue, running batch, KV free fraction counting the
+    radix cache's evictable tokens as free (a full cache is not pressure), arrivals."""
+    from alchemist_sgl.memory import ServingPressure, kv_free_fraction  # noqa: PLC0415
+
+    waiting = sched.waiting_queue
+    running = sched.running_batch
+    free = kv_free_fraction(int(sched.token_to_kv_pool_allocator.available_size()),
+                            int(sched.tree_cache.evictable_size()), int(sched.max_total_num_tokens))
+    return ServingPressure(
+        waiting_requests=len(waiting), waiting_tokens=sum(len(r.origin_input_ids) for r in waiting),
+        running_requests=0 if running is None or running.is_empty() else len(running.reqs),
+        kv_free_fraction=free, arrivals=rt.arrivals, recent_ttft_ms=None)
 
 
 def _chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
@@ -271,6 +289,12 @@ def install(scheduler: Any, runtime: Any) -> Any:
         tokenize=lambda text: list(tokenizer.encode(text, add_special_tokens=False)),
         eos_id=getattr(tokenizer, "eos_token_id", None), every_s=config.feedback.poll_every_s)
     loop.on_feedback_trained = runtime.feedback.on_trained
+    if config.memory.is_enabled:
+        from alchemist_sgl.memory import MemoryArbiter  # noqa: PLC0415
+
+        runtime.arbiter = MemoryArbiter(config.memory, busy_slice_ms=config.train.slice_budget_ms,
+                                        idle_slice_ms=config.train.idle_slice_ms, clock=time.monotonic)
+        runtime.pressure = lambda: serving_pressure(scheduler, runtime)
     if config.server.enable_debug_commands:
         runtime.register_command("debug.storage", lambda payload: shared_storage(model, weights))
     requeued = runtime.feedback.after_restore(loop.counters.steps)
