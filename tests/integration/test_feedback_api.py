@@ -2,7 +2,8 @@
 the served model exactly once (kill -9 included), opt-outs, and the KTO export.
 
 The session server covers the answers that need no special configuration; one dedicated server
-covers the API key (401), expiry (410), the rate limit (429) and a kill -9 restart.
+covers the API key (401), the rate limit (429) and kill -9 restarts; expiry (410) is checked on
+the gate test's dedicated server (test_online_lifecycle.py), which runs with a short TTL.
 """
 
 from __future__ import annotations
@@ -113,9 +114,9 @@ def test_store_false_is_never_logged(tiny_server: RunningServer) -> None:
     assert code == 422 and "rid" in json.dumps(body)
 
 
-def test_api_key_expiry_rate_limit_and_kill9() -> None:
+def test_api_key_rate_limit_and_kill9() -> None:
     run = REPO / "var" / "test-runs" / uuid.uuid4().hex[:12]
-    overrides = ("sglang.api-key=sk-test", "feedback.completion_ttl_s=3", "feedback.rate_limit_per_minute=4",
+    overrides = ("sglang.api-key=sk-test", "feedback.rate_limit_per_minute=4",
                  f"train.checkpoint_dir={run / 'ck'}", f"feedback.db_path={run / 'fb.sqlite'}")
     auth = {"Authorization": "Bearer sk-test", "Content-Type": "application/json"}
 
@@ -171,9 +172,7 @@ def test_api_key_expiry_rate_limit_and_kill9() -> None:
         cid = completion(third)
         assert call(third, "/v1/feedback", {"completion_id": cid, "rating": "up"},
                     {"Content-Type": "application/json"})[0] == 401
-        time.sleep(3.5)
-        code, body = call(third, "/v1/feedback", {"completion_id": cid, "rating": "up"}, auth)
-        assert code == 410, body
+        # feedback.rate_limit_per_minute=4: the fifth within a minute is refused.
         codes = [call(third, "/v1/feedback", {"completion_id": completion(third), "rating": "up"}, auth)[0]
-                 for _ in range(4)]
-        assert codes[-1] == 429 and 200 in codes, codes
+                 for _ in range(5)]
+        assert codes == [200, 200, 200, 200, 429], codes

@@ -6,6 +6,7 @@ Each test owns its servers (they restart or are configured on purpose) and its c
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -16,7 +17,7 @@ import torch
 
 from alchemist_sgl.online.publish import merged_tensor
 from alchemist_sgl.train.spec import TARGET_TO_PROJECTION, LlamaSpec
-from tests.support.online import command, post, status, train_and_wait, wait_for
+from tests.support.online import command, post, post_status, status, train_and_wait, wait_for
 from tests.support.servers import REPO, RunningServer, dedicated_server, start_server
 
 TINY = "configs/cpu-tiny.yaml"
@@ -36,7 +37,7 @@ def _folder() -> Path:
 
 
 def test_gate_refuses_a_harmful_update_and_nonfinite_steps_are_skipped() -> None:
-    overrides = ("train.learning_rate=1.0",)
+    overrides = ("train.learning_rate=1.0", "feedback.completion_ttl_s=2")
     with dedicated_server(TINY, overrides,
                           extra_env={"ALCHEMIST_SGL_INJECT_NONFINITE_STEPS": "1"}) as server:
         before = _weights(server, "before.pt")
@@ -60,6 +61,12 @@ def test_gate_refuses_a_harmful_update_and_nonfinite_steps_are_skipped() -> None
             assert torch.equal(after["live"][key], tensor), f"served weights changed at {key}"
         for key, tensor in before["adapter"].items():
             assert torch.equal(after["adapter"][key], tensor), "the trainer returned to the last accepted state"
+        # Feedback on a completion older than feedback.completion_ttl_s (2 s here) answers 410.
+        reply = post(server, "/v1/chat/completions", {"model": server.model, "max_tokens": 2,
+                                                      "messages": [{"role": "user", "content": "hi"}]})
+        time.sleep(2.5)
+        code, body = post_status(server, "/v1/feedback", {"completion_id": reply["id"], "rating": "up"})
+        assert code == 410 and "expired" in json.dumps(body).lower(), body
 
 
 def test_bf16_live_weights_equal_the_rebuild_from_the_master_after_steps() -> None:
@@ -67,7 +74,6 @@ def test_bf16_live_weights_equal_the_rebuild_from_the_master_after_steps() -> No
         for i in range(3):
             train_and_wait(server, [_sample(i)], publishes=1)
         dump = _weights(server, "bf16.pt")
-    import json
 
     spec = LlamaSpec.from_hf_config(json.loads((REPO / "var/models/tiny/config.json").read_text()))
     scale, adapter = dump["scale"], dump["adapter"]
