@@ -188,6 +188,8 @@ async def _json_object(request: Request, max_body_bytes: int, *, is_empty_ok: bo
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise FieldError("body", f"is not JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise FieldError("body", "is nested too deeply") from exc
     if not isinstance(body, dict):
         raise FieldError("body", "must be a JSON object")
     return body

@@ -176,3 +176,69 @@ def test_api_key_rate_limit_and_kill9() -> None:
         codes = [call(third, "/v1/feedback", {"completion_id": completion(third), "rating": "up"}, auth)[0]
                  for _ in range(5)]
         assert codes == [200, 200, 200, 200, 429], codes
+
+
+BAD_FIELDS = [
+    ({"rating": "meh"}, "rating"),
+    ({"score": "high"}, "score"),
+    ({"score": 1.5}, "score"),
+    ({"rating": "up", "score": 0.5}, "rating"),
+    ({"rating": "up", "correction": ""}, "correction"),
+    ({"rating": "up", "comment": 7}, "comment"),
+    ({"rating": "up", "feedback_id": "x" * 500}, "feedback_id"),
+    ({"rating": "up", "choice_index": -1}, "choice_index"),
+    ({"rating": "up", "choice_index": "0"}, "choice_index"),
+]
+
+
+def test_every_feedback_field_gets_a_422_naming_it(tiny_server: RunningServer) -> None:
+    cid = chat(tiny_server, "One more question about rivers.")["id"]
+    for extra, field in BAD_FIELDS:
+        code, body = post_status(tiny_server, "/v1/feedback", {"completion_id": cid, **extra})
+        assert code == 422 and field in body.get("field", "") + body.get("error", ""), (extra, body)
+    code, body = post_status(tiny_server, "/v1/feedback", {"completion_id": 12, "rating": "up"})
+    assert code == 422 and body["field"] == "completion_id"
+    assert _rows(tiny_server, cid) == [], "nothing is stored for a refused body"
+
+
+def _raw(server: RunningServer, path: str, data: bytes) -> int:
+    req = urllib.request.Request(f"{server.base_url}{path}", data=data, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def _declared_huge(server: RunningServer, path: str) -> int:
+    """A request declaring a 64 MiB body: refused on the header, before any of it is read (a real
+    client sending that much would see the 413 and a closed connection)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    try:
+        conn.putrequest("POST", path)
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(64 * 1024 * 1024))
+        conn.endheaders()
+        conn.send(b'{"x": "')
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def test_bad_bodies_on_every_route_get_a_precise_4xx(tiny_server: RunningServer) -> None:
+    routes = ["/v1/feedback", "/v1/feedback/batch", "/alchemist/train/samples", "/alchemist/rollback",
+              "/alchemist/commands/debug.ping"]
+    before = status(tiny_server)["train"]["samples_pending"]
+    for path in routes:
+        assert _raw(tiny_server, path, b"{not json") == 422, path
+        assert _raw(tiny_server, path, b"[1, 2]") == 422, path
+        assert _raw(tiny_server, path, b"[" * 100_000 + b"]" * 100_000) in (413, 422), path
+        assert _declared_huge(tiny_server, path) == 413, path
+    assert _raw(tiny_server, "/alchemist/train/samples", b'{"samples": [{"prompt": 1}]}') == 422
+    assert _raw(tiny_server, "/alchemist/rollback", b'{"to": 3}') == 422
+    s = status(tiny_server)
+    assert s["train"]["samples_pending"] == before and "train" not in s["disabled"]
+    assert chat(tiny_server, "Still serving?")["choices"], "serving goes on"
