@@ -46,6 +46,13 @@ def _trained(server: RunningServer, completion_id: str, timeout_s: float = 120) 
                          f"\n{server.log_tail()}")
 
 
+def _drained(server: RunningServer) -> None:
+    """Waits until no training, publish or disk write is left behind for the tests that follow (a
+    publish changes the radix namespace under them)."""
+    wait_for(server, lambda s: s["train"]["state"] == "idle" and s["train"]["writes_pending"] == 0
+             and s["train"]["samples_pending"] == 0, what="training drained")
+
+
 def test_feedback_answers_and_training(tiny_server: RunningServer) -> None:
     reply = chat(tiny_server, "Tell me about the moon and its phases, please.")
     assert reply["choices"][0]["logprobs"] is None, "log-probs are logged, never returned unasked"
@@ -79,6 +86,7 @@ def test_feedback_answers_and_training(tiny_server: RunningServer) -> None:
                                         "correction": "Two plus two is four."})
     assert _trained(tiny_server, down["id"])["label"] == "down"
     assert _trained(tiny_server, fixed["id"])["label"] == "correction"
+    _drained(tiny_server)
     code, text = _get(tiny_server, "/alchemist/export/kto")
     rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     assert code == 200 and {"prompt", "completion", "label"} <= set(rows[0])
@@ -101,6 +109,8 @@ def test_streaming_completion_answers_409_until_done(tiny_server: RunningServer)
     assert code == 409 and "retry" in answer["error"].lower(), answer
     assert b"[DONE]" in rest
     assert post(tiny_server, "/v1/feedback", {"completion_id": cid, "rating": "up"})["status"] == "accepted"
+    _trained(tiny_server, cid)
+    _drained(tiny_server)
 
 
 def test_store_false_is_never_logged(tiny_server: RunningServer) -> None:
@@ -242,3 +252,59 @@ def test_bad_bodies_on_every_route_get_a_precise_4xx(tiny_server: RunningServer)
     s = status(tiny_server)
     assert s["train"]["samples_pending"] == before and "train" not in s["disabled"]
     assert chat(tiny_server, "Still serving?")["choices"], "serving goes on"
+
+
+def test_openai_client_thumbs_up_trains_publishes_and_shows_in_metrics(tiny_server: RunningServer,
+                                                                        tmp_path) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{tiny_server.base_url}/v1", api_key="unused")
+    reply = client.chat.completions.create(model=tiny_server.model, max_tokens=6,
+                                           messages=[{"role": "user", "content": "Name a river."}])
+    served_by = reply.model_extra["metadata"]["weight_version"]
+    before = status(tiny_server)["publish"]["publishes"]
+    post(tiny_server, "/v1/feedback", {"completion_id": reply.id, "rating": "up"})
+    _trained(tiny_server, reply.id)
+    s = wait_for(tiny_server, lambda s: s["publish"]["publishes"] > before, what="a publish")
+    again = client.chat.completions.create(model=tiny_server.model, max_tokens=6,
+                                           messages=[{"role": "user", "content": "Name a river."}])
+    assert again.model_extra["metadata"]["weight_version"] == s["weight_version"] != served_by
+    code, text = _get(tiny_server, "/metrics")
+    from prometheus_client.parser import text_string_to_metric_families
+
+    fam = {f.name: f.samples for f in text_string_to_metric_families(text)}
+    ups = [x.value for x in fam["alchemist_feedback"] if x.labels.get("label") == "up"]
+    assert code == 200 and ups and ups[0] >= 1
+    assert fam["alchemist_versions_published"][0].value >= before + 1
+    assert any(name.startswith("sglang") for name in fam), "SGLang's own metrics are there too"
+
+    # Last wins: a second rating replaces the first (not yet trained ones) ...
+    other = chat(tiny_server, "Name a mountain.")
+    with_pause = post(tiny_server, "/alchemist/train/pause", {})
+    assert with_pause["paused"] is True
+    try:
+        post(tiny_server, "/v1/feedback", {"completion_id": other["id"], "rating": "up"})
+        second = post(tiny_server, "/v1/feedback", {"completion_id": other["id"], "rating": "down"})
+        assert second["status"] == "replaced"
+        states = sorted(r["state"] for r in _rows(tiny_server, other["id"]))
+        assert states == ["pending", "replaced"]
+        # ... a body over feedback.max_body_bytes is refused whole, and nothing is stored.
+        big = {"completion_id": other["id"], "rating": "up", "comment": "x" * (1024 * 1024 + 10)}
+        code, _ = post_status(tiny_server, "/v1/feedback", big)
+        assert code == 413 and len(_rows(tiny_server, other["id"])) == 2
+        code, _ = post_status(tiny_server, "/v1/feedback", {"completion_id": [1, 2], "rating": "up"})
+        assert code == 422
+    finally:
+        post(tiny_server, "/alchemist/train/resume", {})
+    _trained(tiny_server, other["id"])
+    _drained(tiny_server)
+
+    # The KTO export loads with datasets, with TRL's column names and types.
+    code, text = _get(tiny_server, "/alchemist/export/kto")
+    path = tmp_path / "kto.jsonl"
+    path.write_text(text)
+    import datasets
+
+    ds = datasets.load_dataset("json", data_files=str(path), split="train")
+    assert set(ds.column_names) == {"prompt", "completion", "label"}
+    assert ds.features["label"].dtype == "bool" and ds.features["prompt"].dtype == "string"
