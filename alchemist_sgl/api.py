@@ -20,13 +20,12 @@ command kind and 422 for any other failure; a command the scheduler never answer
 
 from __future__ import annotations
 
-import json
-import secrets
 from typing import Any, Awaitable, Callable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from alchemist_sgl.api_http import Refusal, has_bearer, parse_json, read_body, refused
 from alchemist_sgl.api_schemas import FieldError, bounded_int, check_keys, normalize_samples, version_name
 from alchemist_sgl.control import CommandResult
 
@@ -37,14 +36,6 @@ EndpointMarker = Callable[[Callable[..., Any]], Callable[..., Any]]
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB, as feedback.max_body_bytes' default
 VERSIONS_DEFAULT_LIMIT = 50
 VERSIONS_MAX_LIMIT = 500
-
-
-class _Refusal(Exception):
-    """An answer decided before the command runs (401, 413, 422 without a field)."""
-
-    def __init__(self, status_code: int, content: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-        super().__init__(content.get("error"))
-        self.response = JSONResponse(status_code=status_code, content=content, headers=headers)
 
 
 def build_router(fetch_status: FetchSchedulerState, run_command: RunCommand, *,
@@ -59,8 +50,8 @@ def build_router(fetch_status: FetchSchedulerState, run_command: RunCommand, *,
     admin = mark_admin_endpoint if mark_admin_endpoint is not None else (lambda endpoint: endpoint)
 
     def check_admin(request: Request) -> None:
-        if admin_api_key and not _has_bearer(request.headers.get("authorization"), admin_api_key):
-            raise _Refusal(401, {"error": "missing or invalid admin key: send "
+        if admin_api_key and not has_bearer(request.headers.get("authorization"), admin_api_key):
+            raise Refusal(401, {"error": "missing or invalid admin key: send "
                                           "'Authorization: Bearer <the server's --admin-api-key>'"},
                            headers={"WWW-Authenticate": "Bearer"})
 
@@ -85,8 +76,8 @@ def build_router(fetch_status: FetchSchedulerState, run_command: RunCommand, *,
             query = request.query_params
             limit = bounded_int(query.get("limit"), "limit", VERSIONS_DEFAULT_LIMIT, 1, VERSIONS_MAX_LIMIT)
             payload = {"limit": limit, "offset": bounded_int(query.get("offset"), "offset", 0, 0)}
-        except (_Refusal, FieldError) as exc:
-            return _refused(exc)
+        except (Refusal, FieldError) as exc:
+            return refused(exc)
         return await command("versions.list", payload)
 
     @router.post("/alchemist/rollback")
@@ -97,8 +88,8 @@ def build_router(fetch_status: FetchSchedulerState, run_command: RunCommand, *,
             body = await _json_object(request, max_body_bytes)
             check_keys(body, ("to",), "")
             payload = {"to": version_name(body.get("to"), "to")}
-        except (_Refusal, FieldError) as exc:
-            return _refused(exc)
+        except (Refusal, FieldError) as exc:
+            return refused(exc)
         return await command("versions.rollback", payload)
 
     @router.post("/alchemist/train/pause")
@@ -106,8 +97,8 @@ def build_router(fetch_status: FetchSchedulerState, run_command: RunCommand, *,
     async def alchemist_train_pause(request: Request) -> JSONResponse:
         try:
             check_admin(request)
-        except _Refusal as exc:
-            return _refused(exc)
+        except Refusal as exc:
+            return refused(exc)
         return await command("train.pause", {})
 
     @router.post("/alchemist/train/resume")
@@ -115,8 +106,8 @@ def build_router(fetch_status: FetchSchedulerState, run_command: RunCommand, *,
     async def alchemist_train_resume(request: Request) -> JSONResponse:
         try:
             check_admin(request)
-        except _Refusal as exc:
-            return _refused(exc)
+        except Refusal as exc:
+            return refused(exc)
         return await command("train.resume", {})
 
     @router.post("/alchemist/train/samples")
@@ -125,8 +116,8 @@ def build_router(fetch_status: FetchSchedulerState, run_command: RunCommand, *,
         try:
             check_admin(request)
             samples = normalize_samples(await _json_object(request, max_body_bytes))
-        except (_Refusal, FieldError) as exc:
-            return _refused(exc)
+        except (Refusal, FieldError) as exc:
+            return refused(exc)
         return await command("train.samples", {"samples": samples})
 
     @router.post("/alchemist/commands/{kind}")
@@ -135,8 +126,8 @@ def build_router(fetch_status: FetchSchedulerState, run_command: RunCommand, *,
         try:
             check_admin(request)
             payload = await _json_object(request, max_body_bytes, is_empty_ok=True)
-        except (_Refusal, FieldError) as exc:
-            return _refused(exc)
+        except (Refusal, FieldError) as exc:
+            return refused(exc)
         return await command(kind, payload, is_wrapped=True)
 
     return router
@@ -159,43 +150,13 @@ def command_response(outcome: CommandResult, *, is_wrapped: bool = False) -> JSO
     return JSONResponse(status_code=status, content=content)
 
 
-def _has_bearer(header: str | None, key: str) -> bool:
-    """Constant-time check of ``Authorization: Bearer <key>``."""
-    if not header:
-        return False
-    scheme, _, token = header.strip().partition(" ")
-    return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), key.encode())
-
-
 async def _json_object(request: Request, max_body_bytes: int, *, is_empty_ok: bool = False) -> dict[str, Any]:
-    """The request body as a JSON object; 413 beyond ``max_body_bytes`` (checked on the declared
-    Content-Length first, then while reading, so a chunked upload is cut off too); 422 otherwise."""
-    too_large = _Refusal(413, {"error": f"body is larger than {max_body_bytes} bytes"})
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_body_bytes:
-        raise too_large
-    chunks: list[bytes] = []
-    size_bytes = 0
-    async for chunk in request.stream():
-        size_bytes += len(chunk)
-        if size_bytes > max_body_bytes:
-            raise too_large
-        chunks.append(chunk)
-    raw = b"".join(chunks)
+    """The request body as a JSON object (api_http.read_body / parse_json); 413 beyond
+    ``max_body_bytes``; 422 otherwise. ``is_empty_ok``: an empty body reads as ``{}``."""
+    raw = await read_body(request, max_body_bytes)
     if is_empty_ok and not raw.strip():
         return {}
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise FieldError("body", f"is not JSON: {exc}") from exc
-    except RecursionError as exc:
-        raise FieldError("body", "is nested too deeply") from exc
+    body = parse_json(raw)
     if not isinstance(body, dict):
         raise FieldError("body", "must be a JSON object")
     return body
-
-
-def _refused(exc: _Refusal | FieldError) -> JSONResponse:
-    if isinstance(exc, FieldError):
-        return JSONResponse(status_code=422, content=exc.body())
-    return exc.response

@@ -34,7 +34,6 @@ import asyncio
 import hashlib
 import json
 import math
-import secrets
 import time
 from collections import deque
 from typing import Any, Callable, Iterator
@@ -45,6 +44,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from alchemist_sgl.api_feedback_schema import (CompletionLookup, CompletionState, Detokenize, FeedbackResult,
                                                FeedbackStore, check_completion_id, feedback_input_type,
                                                normalize_batch, normalize_feedback)
+from alchemist_sgl.api_http import Refusal, has_bearer, read_json, refused
 from alchemist_sgl.api_schemas import FieldError
 from alchemist_sgl.errors import FeedbackInvalid
 
@@ -92,21 +92,6 @@ class SlidingWindowLimiter:
         self._sweep_at_keys = max(1024, 2 * len(self._events))
 
 
-class _Refusal(Exception):
-    """An answer other than 200: raised before the store is reached, or returned per batch item."""
-
-    def __init__(self, status_code: int, content: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-        super().__init__(content.get("error"))
-        self.status_code, self.content, self.headers = status_code, content, headers
-
-    @classmethod
-    def of_field(cls, exc: FieldError) -> _Refusal:
-        return cls(422, exc.body())
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(status_code=self.status_code, content=self.content, headers=self.headers)
-
-
 def build_feedback_router(store: FeedbackStore, completions: CompletionLookup, *,
                           api_key: str | None, max_body_bytes: int, max_pending: int,
                           rate_limit_per_minute: int | None, detokenize: Detokenize | None,
@@ -133,8 +118,8 @@ def build_feedback_router(store: FeedbackStore, completions: CompletionLookup, *
     export_key = admin_api_key or api_key  # as SGLang's ADMIN_OPTIONAL level: the admin key wins
 
     def check_key(request: Request) -> None:
-        if api_key and not _has_bearer(request.headers.get("authorization"), api_key):
-            raise _Refusal(401, {"error": "missing or invalid API key: send "
+        if api_key and not has_bearer(request.headers.get("authorization"), api_key):
+            raise Refusal(401, {"error": "missing or invalid API key: send "
                                           "'Authorization: Bearer <the server's --api-key>'"},
                            headers={"WWW-Authenticate": "Bearer"})
 
@@ -148,18 +133,18 @@ def build_feedback_router(store: FeedbackStore, completions: CompletionLookup, *
         wait_s = limiter.admit(key_hash or f"host:{client}", count)
         if wait_s is not None:
             retry_after_s = max(1, math.ceil(wait_s))
-            raise _Refusal(429, {"error": f"feedback rate limit exceeded ({limiter.limit} per minute); "
+            raise Refusal(429, {"error": f"feedback rate limit exceeded ({limiter.limit} per minute); "
                                           f"retry in {retry_after_s} s"},
                            headers={"Retry-After": str(retry_after_s)})
 
-    def submit_all(items: list[dict[str, Any]], paths: list[str]) -> list[FeedbackResult | _Refusal]:
+    def submit_all(items: list[dict[str, Any]], paths: list[str]) -> list[FeedbackResult | Refusal]:
         """Runs in a worker thread: queue check, then per item the completion checks and submit."""
         pending = store.pending_count()
         if pending + len(items) > max_pending:
-            raise _Refusal(429, {"error": f"pending queue full: {pending} feedback pending (at most "
+            raise Refusal(429, {"error": f"pending queue full: {pending} feedback pending (at most "
                                           f"{max_pending}); retry once training has caught up"},
                            headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)})
-        outcomes: list[FeedbackResult | _Refusal] = []
+        outcomes: list[FeedbackResult | Refusal] = []
         for item, path in zip(items, paths):
             refusal = _completion_refusal(completions, item["completion_id"], item["choice_index"], path)
             if refusal is None:
@@ -167,7 +152,7 @@ def build_feedback_router(store: FeedbackStore, completions: CompletionLookup, *
                     outcomes.append(store.submit(input_type(**item, api_key_hash=key_hash)))
                     continue
                 except FeedbackInvalid as exc:  # e.g. a feedback_id used under another key
-                    refusal = _Refusal.of_field(FieldError(_join(path, exc.field), _message(exc)))
+                    refusal = Refusal.of_field(FieldError(_join(path, exc.field), _message(exc)))
             outcomes.append(refusal)
         return outcomes
 
@@ -176,14 +161,14 @@ def build_feedback_router(store: FeedbackStore, completions: CompletionLookup, *
     async def feedback_submit(request: Request) -> JSONResponse:
         try:
             check_key(request)
-            item = normalize_feedback(await _json_object(request, max_body_bytes))
+            item = normalize_feedback(await read_json(request, max_body_bytes))
             check_rate(request, 1)
             [outcome] = await asyncio.to_thread(submit_all, [item], [""])
-        except (_Refusal, FieldError) as exc:
-            refused = _refused(exc)
-            counted(refused.status_code)
-            return refused
-        if isinstance(outcome, _Refusal):
+        except (Refusal, FieldError) as exc:
+            answer = refused(exc)
+            counted(answer.status_code)
+            return answer
+        if isinstance(outcome, Refusal):
             counted(outcome.status_code)
             return outcome.response()
         counted(200)
@@ -194,17 +179,17 @@ def build_feedback_router(store: FeedbackStore, completions: CompletionLookup, *
     async def feedback_submit_batch(request: Request) -> JSONResponse:
         try:
             check_key(request)
-            items = normalize_batch(await _json_object(request, max_body_bytes))
+            items = normalize_batch(await read_json(request, max_body_bytes))
             check_rate(request, len(items))
             paths = [f"feedback[{i}]" for i in range(len(items))]
             outcomes = await asyncio.to_thread(submit_all, items, paths)
-        except (_Refusal, FieldError) as exc:
-            refused = _refused(exc)
-            counted(refused.status_code)
-            return refused
+        except (Refusal, FieldError) as exc:
+            answer = refused(exc)
+            counted(answer.status_code)
+            return answer
         for outcome in outcomes:
-            counted(outcome.status_code if isinstance(outcome, _Refusal) else 200)
-        results = [outcome.answer if not isinstance(outcome, _Refusal)
+            counted(outcome.status_code if isinstance(outcome, Refusal) else 200)
+        results = [outcome.answer if not isinstance(outcome, Refusal)
                    else {**outcome.content, "status_code": outcome.status_code} for outcome in outcomes]
         return JSONResponse(content={"results": results})
 
@@ -218,8 +203,8 @@ def build_feedback_router(store: FeedbackStore, completions: CompletionLookup, *
             check_key(request)
             check_completion_id(completion_id)
             rows, is_known = await asyncio.to_thread(read)
-        except (_Refusal, FieldError) as exc:
-            return _refused(exc)
+        except (Refusal, FieldError) as exc:
+            return refused(exc)
         if not is_known:
             return _STATE_REFUSALS[None](completion_id).response()
         return JSONResponse(content={"completion_id": completion_id, "feedback": rows})
@@ -231,14 +216,14 @@ def build_feedback_router(store: FeedbackStore, completions: CompletionLookup, *
             check_key(request)
             check_completion_id(completion_id)
             deleted = await asyncio.to_thread(store.delete, completion_id)
-        except (_Refusal, FieldError) as exc:
-            return _refused(exc)
+        except (Refusal, FieldError) as exc:
+            return refused(exc)
         return JSONResponse(content={"completion_id": completion_id, "deleted": deleted})
 
     @router.get("/alchemist/export/kto")
     @admin_route
     async def export_kto(request: Request) -> Response:
-        if export_key and not _has_bearer(request.headers.get("authorization"), export_key):
+        if export_key and not has_bearer(request.headers.get("authorization"), export_key):
             flag = "--admin-api-key" if admin_api_key else "--api-key"
             return JSONResponse(status_code=401, headers={"WWW-Authenticate": "Bearer"}, content={
                 "error": f"missing or invalid key: send 'Authorization: Bearer <the server's {flag}>'"})
@@ -251,7 +236,7 @@ def build_feedback_router(store: FeedbackStore, completions: CompletionLookup, *
     return router
 
 
-def _completion_refusal(completions: CompletionLookup, rid: str, choice_index: int, path: str) -> _Refusal | None:
+def _completion_refusal(completions: CompletionLookup, rid: str, choice_index: int, path: str) -> Refusal | None:
     """None when feedback may land on choice ``choice_index`` of ``rid`` (Note [feedback order])."""
     state = completions.state(rid, 0)
     if state != "finished":
@@ -260,19 +245,19 @@ def _completion_refusal(completions: CompletionLookup, rid: str, choice_index: i
         return None
     logged = completions.choices(rid)
     if choice_index >= logged:
-        return _Refusal.of_field(FieldError(_join(path, "choice_index"), f"must be below {logged}: "
+        return Refusal.of_field(FieldError(_join(path, "choice_index"), f"must be below {logged}: "
                                             f"completion {rid!r} has {logged} logged choice(s)"))
     state = completions.state(rid, choice_index)
     return None if state == "finished" else _STATE_REFUSALS[state](rid)
 
 
-_STATE_REFUSALS: dict[CompletionState | None, Callable[[str], _Refusal]] = {
-    None: lambda rid: _Refusal(404, {"error": f"unknown completion_id {rid!r}: use the `id` of a chat "
+_STATE_REFUSALS: dict[CompletionState | None, Callable[[str], Refusal]] = {
+    None: lambda rid: Refusal(404, {"error": f"unknown completion_id {rid!r}: use the `id` of a chat "
                                               "or completions response from this server"}),
-    "running": lambda rid: _Refusal(409, {"error": f"completion {rid!r} is still streaming: retry once "
+    "running": lambda rid: Refusal(409, {"error": f"completion {rid!r} is still streaming: retry once "
                                                    "the response has finished (after its final chunk, "
                                                    "`data: [DONE]` when streaming)"}),
-    "expired": lambda rid: _Refusal(410, {"error": f"completion {rid!r} has expired: its log entry was "
+    "expired": lambda rid: Refusal(410, {"error": f"completion {rid!r} has expired: its log entry was "
                                                    "purged (feedback.completion_ttl_s)"}),
 }
 
@@ -301,37 +286,3 @@ def _message(exc: FeedbackInvalid) -> str:
 
 def _unmarked(endpoint: Callable[..., Any]) -> Callable[..., Any]:
     return endpoint
-
-
-def _has_bearer(header: str | None, key: str) -> bool:
-    """Constant-time check of ``Authorization: Bearer <key>``."""
-    if not header:
-        return False
-    scheme, _, token = header.strip().partition(" ")
-    return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), key.encode())
-
-
-async def _json_object(request: Request, max_body_bytes: int) -> Any:
-    """The parsed request body; 413 beyond ``max_body_bytes`` (the declared Content-Length first,
-    then while reading, so a chunked upload is cut off too); 422 ``body`` if it is not JSON."""
-    too_large = _Refusal(413, {"error": f"body is larger than {max_body_bytes} bytes"})
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_body_bytes:
-        raise too_large
-    chunks: list[bytes] = []
-    size_bytes = 0
-    async for chunk in request.stream():
-        size_bytes += len(chunk)
-        if size_bytes > max_body_bytes:
-            raise too_large
-        chunks.append(chunk)
-    try:
-        return json.loads(b"".join(chunks))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise FieldError("body", f"is not JSON: {exc}") from exc
-    except RecursionError as exc:
-        raise FieldError("body", "is nested too deeply") from exc
-
-
-def _refused(exc: _Refusal | FieldError) -> JSONResponse:
-    return (_Refusal.of_field(exc) if isinstance(exc, FieldError) else exc).response()
