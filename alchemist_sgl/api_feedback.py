@@ -41,8 +41,9 @@ from typing import Any, Callable, Iterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from alchemist_sgl.api_feedback_schema import (CompletionLookup, CompletionState, Detokenize, FeedbackResult,
-                                               FeedbackStore, check_completion_id, feedback_input_type,
+from alchemist_sgl.api_feedback_schema import (CompletionLookup, CompletionState, Detokenize, FeedbackInput,
+                                               FeedbackResult,
+                                               FeedbackStore, check_completion_id,
                                                normalize_batch, normalize_feedback)
 from alchemist_sgl.api_http import Refusal, has_bearer, read_json, refused
 from alchemist_sgl.api_schemas import FieldError
@@ -113,7 +114,6 @@ def build_feedback_router(store: FeedbackStore, completions: CompletionLookup, *
     feedback_route = mark_feedback_endpoint if mark_feedback_endpoint is not None else _unmarked
     admin_route = mark_admin_endpoint if mark_admin_endpoint is not None else _unmarked
     limiter = SlidingWindowLimiter(rate_limit_per_minute, clock) if rate_limit_per_minute else None
-    input_type = feedback_input_type()
     key_hash = hash_api_key(api_key) if api_key else None
     export_key = admin_api_key or api_key  # as SGLang's ADMIN_OPTIONAL level: the admin key wins
 
@@ -149,7 +149,7 @@ def build_feedback_router(store: FeedbackStore, completions: CompletionLookup, *
             refusal = _completion_refusal(completions, item["completion_id"], item["choice_index"], path)
             if refusal is None:
                 try:
-                    outcomes.append(store.submit(input_type(**item, api_key_hash=key_hash)))
+                    outcomes.append(store.submit(FeedbackInput(**item, api_key_hash=key_hash)))
                     continue
                 except FeedbackInvalid as exc:  # e.g. a feedback_id used under another key
                     refusal = Refusal.of_field(FieldError(_join(path, exc.field), _message(exc)))

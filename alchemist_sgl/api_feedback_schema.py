@@ -2,19 +2,18 @@
 
 Owns the validation of ``POST /v1/feedback`` and ``POST /v1/feedback/batch`` bodies, and the
 interface of the store and completion log that ``api_feedback`` codes against (``FeedbackStore``,
-``CompletionLookup``, ``FeedbackInput``/``FeedbackResult``). Every rejection is a ``FieldError``
+``CompletionLookup``; the value types ``FeedbackInput``/``FeedbackResult`` are the store's own,
+from feedback/rows.py). Every rejection is a ``FieldError``
 naming the field by its path (``score``, ``feedback[3].rating``), so the 422 says exactly what to
-fix. Imports only the standard library and ``api_schemas`` (plus ``feedback.store`` lazily, in
-``feedback_input_type``); never sglang.
+fix. Imports only the standard library, ``api_schemas`` and ``feedback.rows``; never sglang.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.util
 from typing import Any, Callable, Iterator, Literal, Protocol
 
 from alchemist_sgl.api_schemas import FieldError, check_keys
+from alchemist_sgl.feedback.rows import FeedbackInput, FeedbackResult  # noqa: F401 (re-exported)
 
 CompletionState = Literal["running", "finished", "expired"]
 Detokenize = Callable[[list[int]], str]
@@ -24,32 +23,6 @@ MAX_FEEDBACK_ID_CHARS = 128
 MAX_COMPLETION_ID_CHARS = 256
 RATINGS = ("up", "down")
 FEEDBACK_KEYS = ("completion_id", "choice_index", "rating", "score", "correction", "comment", "feedback_id")
-
-
-@dataclasses.dataclass(frozen=True)
-class FeedbackInput:
-    """Fallback of ``alchemist_sgl.feedback.store.FeedbackInput``, used only while that module does
-    not exist (see ``feedback_input_type``)."""
-
-    completion_id: str
-    choice_index: int = 0
-    rating: Literal["up", "down"] | None = None
-    score: float | None = None
-    correction: str | None = None
-    comment: str | None = None
-    feedback_id: str | None = None
-    api_key_hash: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class FeedbackResult:
-    """Fallback of ``alchemist_sgl.feedback.store.FeedbackResult``. ``answer`` is the 200 body
-    (``{feedback_id, completion_id, status}``); for a repeated ``feedback_id`` it is the first one."""
-
-    feedback_id: str
-    completion_id: str
-    status: Literal["accepted", "replaced", "duplicate"]
-    answer: dict[str, Any]
 
 
 class CompletionLookup(Protocol):
@@ -80,15 +53,6 @@ class FeedbackStore(Protocol):
 
     def export_kto(self, completions: CompletionLookup, detokenize: Detokenize) -> Iterator[dict[str, Any]]:
         """TRL KTO rows ``{"prompt", "completion", "label"}``, lazily."""
-
-
-def feedback_input_type() -> type:
-    """The store's ``FeedbackInput`` when ``alchemist_sgl.feedback.store`` exists, else the fallback
-    above. Imported when a router is built, not at import time (no import cycle with the store)."""
-    if importlib.util.find_spec("alchemist_sgl.feedback.store") is None:
-        return FeedbackInput
-    from alchemist_sgl.feedback import store as store_module
-    return store_module.FeedbackInput
 
 
 def normalize_feedback(body: Any, path: str = "") -> dict[str, Any]:
