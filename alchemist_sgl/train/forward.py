@@ -15,11 +15,17 @@ over all segments jointly (their q/k/v concatenated, one causal SDPA, the output
 row views), so each segment attends to the K/V of all earlier ones. With one segment (replay off,
 or nothing covered) nothing is concatenated: the recompute baseline is the same code path.
 
-Note [Response-only gradients]: ``gradient_mode="response_only"`` runs the prompt segments without
-a graph and treats their K/V as constants; the response rows attend to them through a
-bottom-right causal mask. It is an approximation: the gradient that flows from the response loss
-back through the prompt's activations into the adapter is dropped (and the one label row that
-sits at the prompt's last position carries no gradient). The prompt is computed with the
+Note [Response-only gradients]: ``gradient_mode="response_only"`` splits the input at P - 1
+(samples.py plans a segment boundary there). The prompt rows [0, P - 1) run without a graph and
+their K/V are constants; the rows [P - 1, P + R), the prompt's last token and the response, run
+with grad and attend to those constants plus their own causal K/V (a bottom-right causal mask).
+Row P - 1 belongs to the grad part because its output is the label row of the first response
+token: its hidden state depends on the adapter through its own projections, so leaving it
+without a graph would drop that token's gradient. It is replayed when recorded, like any row.
+The result is the gradient of the same loss with the K/V of prompt[:P - 1] held fixed, as a
+KV-cached forward would give (cache built under no_grad, then [prompt[P - 1]] + response with
+grad). It is an approximation of exact mode: what flows from the response loss back through
+those prompt rows' activations into the adapter is dropped. The prompt is computed with the
 current adapter (replayed base outputs where covered), not taken from SGLang's KV pool.
 
 Note [Published adapter]: in merge mode the base tensors are the live served weights,
@@ -151,8 +157,8 @@ def decoder_layer(weights: BaseWeights, layer: int, lora: _LayerLora, planned: P
     eps, heads, kvh, hd = spec.rms_norm_eps, spec.heads, spec.kv_heads, spec.head_dim
     splits, f, p_len = [spec.q_size, spec.kv_size, spec.kv_size], spec.intermediate, planned.prompt_len
 
-    def grad_ctx(seg: PlannedSegment):
-        if is_response_only and seg.end <= p_len:
+    def grad_ctx(seg: PlannedSegment):  # Note [Response-only gradients]: constants before P - 1
+        if is_response_only and seg.end <= p_len - 1:
             return torch.no_grad()
         return contextlib.nullcontext()
 
@@ -245,12 +251,19 @@ def _attention(qs: list[torch.Tensor], ks: list[torch.Tensor], vs: list[torch.Te
     if response_only_prompt_len is None:
         out = causal_attention(cat(qs), cat(ks), cat(vs), scale)
         return [out] if len(segs) == 1 else list(out.split(sizes))
-    if len(segs) == 1:  # nothing before the response: response-only is exact here
-        return [causal_attention(qs[0], ks[0], vs[0], scale)]
-    # Response-only: the last segment is the response; the prompt's K/V are constants.
+    # Response-only (Note [Response-only gradients]): the segments ending by P - 1 are constants.
+    n_const = sum(1 for s in segs if s.end <= response_only_prompt_len - 1)
+    if segs[n_const].start != response_only_prompt_len - 1:
+        raise ValueError("response-only gradients need a segment boundary at P - 1 "
+                         "(plan with is_response_separate=True)")
+    if n_const == 0:  # a one-token prompt: nothing is constant, response-only is exact here
+        out = causal_attention(cat(qs), cat(ks), cat(vs), scale)
+        return [out] if len(segs) == 1 else list(out.split(sizes))
     with torch.no_grad():
-        kp, vp = cat(ks[:-1]), cat(vs[:-1])
-        prompt_out = list(causal_attention(cat(qs[:-1]), kp, vp, scale).split(sizes[:-1]))
-    last = causal_attention(qs[-1], torch.cat([kp, ks[-1]]), torch.cat([vp, vs[-1]]), scale,
-                            key_offset=segs[-1].start)
-    return prompt_out + [last]
+        kc, vc = cat(ks[:n_const]), cat(vs[:n_const])
+        const_out = causal_attention(cat(qs[:n_const]), kc, vc, scale).split(sizes[:n_const])
+    grad_out = causal_attention(cat(qs[n_const:]), torch.cat([kc] + ks[n_const:]),
+                                torch.cat([vc] + vs[n_const:]), scale,
+                                key_offset=segs[n_const].start)
+    tail = [grad_out] if len(segs) == n_const + 1 else list(grad_out.split(sizes[n_const:]))
+    return list(const_out) + tail

@@ -111,7 +111,7 @@ def plan_sample(sample: Sample, spec: LlamaSpec, *, version: int, max_version_la
     """Validates the sample and chooses replay or recompute per segment.
 
     Adjacent recomputed ranges are merged (the response included) unless ``is_response_separate``
-    (response-only gradients need the response in a segment of its own).
+    (response-only gradients need a segment boundary at P - 1: ``_split_grad_rows``).
 
     Raises ValueError for a malformed sample (segments not tiling the prompt, empty response,
     a recording of the wrong shape or dtype, an unknown projection name): those are runtime bugs.
@@ -154,10 +154,28 @@ def plan_sample(sample: Sample, spec: LlamaSpec, *, version: int, max_version_la
     if pos != p:
         raise ValueError(f"segments cover [0, {pos}) but the prompt has {p} tokens")
     if is_response_separate:
-        planned.append(PlannedSegment(p, p + r, {}, 0))
+        _split_grad_rows(planned, p, r)
     else:
         _append_computed(planned, p, p + r)
     return PlannedSample(torch.cat([prompt, response]), p, tuple(planned), sample, counts)
+
+
+def _split_grad_rows(planned: list[PlannedSegment], p: int, r: int) -> None:
+    """Response-only planning (forward.py, Note [Response-only gradients]): a segment boundary at
+    P - 1, so the rows [P - 1, P + R) (the prompt's last row, whose output is the first response
+    token's label row, and the response) form the trailing segments that run with grad. A
+    recorded last row stays replayed in a one-row segment of its own; a computed one is merged
+    with the response. Counts are unchanged."""
+    last = planned.pop()
+    if last.start < p - 1:  # cut the last prompt segment at P - 1
+        n = p - 1 - last.start
+        planned.append(PlannedSegment(last.start, p - 1,
+                                      {k: v[:, :n] for k, v in last.replay.items()}, last.lag))
+        last = PlannedSegment(p - 1, p, {k: v[:, n:] for k, v in last.replay.items()}, last.lag)
+    if last.replay:
+        planned.extend([last, PlannedSegment(p, p + r, {}, 0)])
+    else:
+        planned.append(PlannedSegment(p - 1, p + r, {}, 0))
 
 
 def _append_computed(planned: list[PlannedSegment], start: int, end: int) -> None:
