@@ -25,11 +25,20 @@ import yaml
 from alchemist_sgl.errors import ConfigError
 
 
+RECORD_TENSORS = ("qkv", "o", "gate_up", "down")
+
+
 @dataclass(frozen=True)
 class RecordConfig:
     is_enabled: bool = True
-    # An int budget, or "full" to record all four projections per layer.
-    budget_bytes_per_token: int | str = 40_000
+    # "full" (default), one name or a list of RECORD_TENSORS; see record/plan.py for why full.
+    plan: str | tuple[str, ...] = "full"
+    budget_bytes_per_token: int | str | None = None  # greedy by bytes/token instead; null: ``plan``
+
+    @property
+    def plan_choice(self) -> int | str | tuple[str, ...]:
+        """The argument of ``record.plan.choose_plan``."""
+        return self.budget_bytes_per_token if self.budget_bytes_per_token is not None else self.plan
 
 
 @dataclass(frozen=True)
@@ -312,9 +321,16 @@ def _validate(obj: Any, prefix: str) -> None:
             raise ConfigError(prefix + key, message)
 
     if isinstance(obj, RecordConfig):
-        budget = obj.budget_bytes_per_token
-        need(budget == "full" or (isinstance(budget, int) and budget >= 0),
+        budget, plan = obj.budget_bytes_per_token, obj.plan
+        need(budget is None or budget == "full" or (isinstance(budget, int) and budget >= 0),
              "budget_bytes_per_token", f"must be a byte count >= 0 or 'full', got {budget!r}")
+        names = (plan,) if isinstance(plan, str) else plan
+        need(plan == "full" or (bool(names) and len(set(names)) == len(names)
+                                and all(n in RECORD_TENSORS for n in names)),
+             "plan", f"must be 'full', one of {list(RECORD_TENSORS)} or a list of distinct names "
+             f"from it, got {plan!r}")
+        need(budget is None or plan == "full", "budget_bytes_per_token",
+             "set record.plan or record.budget_bytes_per_token, not both")
     elif isinstance(obj, StoreConfig):
         need(1 <= obj.page_tokens <= 16, "page_tokens", "must be between 1 and 16")
         need(obj.host_bytes >= 0, "host_bytes", "must be >= 0")

@@ -22,6 +22,17 @@ Note [Which rows are recorded]: only extend forwards; within one, each request's
 or past the prompt's end and are dropped); only requests with ``custom_params.alchemist.record``
 and ``.store`` not false. Chunked prefill joins up in the store (its Note [Page alignment]).
 
+Note [Prefill must run eagerly]: on CUDA, SGLang 0.5.23 replays prefill in a CUDA graph by default
+(``cuda_graph_config.prefill.backend`` "breakable"), and decode always; a graph replay runs no
+Python, so no forward hook fires. Decode is never recorded, so its graphs are harmless. Prefill
+graphs are refused at startup while recording is on (integration/environment.py,
+``check_recording_flags``), and two checks catch what the startup check cannot foresee: the
+``run_batch`` wrapper counts the model pre-hook's extend forwards, and a prefill batch
+(EXTEND / MIXED, not speculative TARGET_VERIFY, which runs in decode graphs and records nothing)
+that ran without one disables recording loudly (``Capture.on_prefill_without_hooks``); within a
+forward that did reach the hooks, ``Capture.end`` requires every planned output (record/capture.py,
+Note [Every planned output, once]).
+
 Note [LoRA-wrapped projections]: with ``--enable-lora`` SGLang wraps each projection; the wrapper
 computes the base output inside and adds the adapter's delta, and never calls the base module
 through ``__call__``. We then hook the wrapper and record only requests served without an adapter,
@@ -44,9 +55,10 @@ from alchemist_sgl.store import ActivationStore
 
 logger = get_logger(__name__)
 
-# Tests only (Capture's ``fault_after_forwards`` and ``dump_dir``).
+# Tests only (Capture's ``fault_after_forwards``, ``dump_dir`` and ``staging=True``).
 FAULT_ENV = "ALCHEMIST_SGL_INJECT_RECORD_FAULT_AFTER"
 DUMP_ENV = "ALCHEMIST_SGL_RECORD_DUMP_DIR"
+STAGING_ENV = "ALCHEMIST_SGL_RECORD_FORCE_STAGING"
 
 # For the hook-point manifest. Resolvable with pkgutil.resolve_name:
 SGLANG_NAMES = (
@@ -60,6 +72,12 @@ SGLANG_NAMES = (
     "sglang.srt.model_executor.forward_batch_info.ForwardBatch.extend_prefix_lens_cpu",
     "sglang.srt.model_executor.forward_batch_info.ForwardBatch.extend_seq_lens_cpu",
     "sglang.srt.model_executor.forward_batch_info.ForwardMode.is_extend",
+    "sglang.srt.model_executor.forward_batch_info.ForwardMode.is_target_verify",
+    "sglang.srt.managers.schedule_batch.ScheduleBatch.forward_mode",
+    # integration/environment.py, check_recording_flags (Note [Eager prefill for recording]):
+    "sglang.srt.model_executor.cuda_graph_config.default_prefill_backend",
+    "sglang.srt.model_executor.cuda_graph_config.Backend.DISABLED",
+    "sglang.srt.model_executor.cuda_graph_config.Backend.BREAKABLE",
     "sglang.srt.sampling.sampling_params.SamplingParams.custom_params",
 )
 # Set on instances (``self.x = ...`` in __init__) or dataclass fields without a default:
@@ -120,7 +138,7 @@ def install(scheduler: Any, runtime: Any) -> RecordingHooks | None:
         runtime.disable("record", f"unsupported model dtype {weight.dtype}")
         return None
     shape = ModelShape.from_hf_config(model.config, _DTYPE_BYTES[weight.dtype])
-    plan = choose_plan(shape, config.record.budget_bytes_per_token, config.store.page_tokens)
+    plan = choose_plan(shape, config.record.plan_choice, config.store.page_tokens)
     sglang_page = int(getattr(scheduler, "page_size", 1) or 1)
     if sglang_page % plan.page_tokens != 0:
         logger.warning("SGLang page size %d is not a multiple of store.page_tokens %d: radix hits "
@@ -131,6 +149,7 @@ def install(scheduler: Any, runtime: Any) -> RecordingHooks | None:
                             device=weight.device, ttl_s=config.store.ttl_s)
     fault = os.environ.get(FAULT_ENV)
     capture = Capture(store, plan, on_failure=lambda reason: runtime.disable("record", reason),
+                      staging=True if os.environ.get(STAGING_ENV) == "1" else None,
                       fault_after_forwards=int(fault) if fault else None,
                       dump_dir=os.environ.get(DUMP_ENV) or None)
     wrapped_lora = any(hasattr(_projection(layers[0], name), "base_layer") for name in plan.tensors)
@@ -147,10 +166,13 @@ def install(scheduler: Any, runtime: Any) -> RecordingHooks | None:
 
     def run_batch(batch: Any, *args: Any, **kwargs: Any) -> Any:
         view.set_schedule_batch(batch)
+        seen = view.extend_forwards
         try:
-            return original_run_batch(batch, *args, **kwargs)
+            result = original_run_batch(batch, *args, **kwargs)
         finally:
             view.set_schedule_batch(None)
+        view.check_prefill_reached_hooks(batch, seen)  # Note [Prefill must run eagerly]
+        return result
 
     scheduler.run_batch = run_batch  # instance attribute: shadows Scheduler.run_batch
     runtime.add_status_section("record_plan", plan.as_status)
@@ -204,6 +226,7 @@ class _BatchViewBuilder:
         self._base_version = base_version
         self._is_lora_wrapped = is_lora_wrapped
         self._reqs: dict[str, Any] = {}
+        self.extend_forwards = 0  # extend forwards the model pre-hook saw
 
     def set_schedule_batch(self, batch: Any) -> None:
         self._reqs = {req.rid: req for req in batch.reqs} if batch is not None else {}
@@ -213,6 +236,7 @@ class _BatchViewBuilder:
             forward_batch = kwargs.get("forward_batch", args[2] if len(args) > 2 else None)
             if forward_batch is None or not forward_batch.forward_mode.is_extend():
                 return None
+            self.extend_forwards += 1
             extends = self._extends(forward_batch)
         except Exception as exc:  # Note [Never raise into serving] in record/capture.py
             self._capture._fail("reading the batch", exc)
@@ -223,6 +247,19 @@ class _BatchViewBuilder:
 
     def post_forward(self, module: Any, args: Any, output: Any) -> None:
         self._capture.end()
+
+    def check_prefill_reached_hooks(self, schedule_batch: Any, extend_forwards_before: int) -> None:
+        """After ``run_batch``: a prefill batch whose forward never reached the model pre-hook ran
+        without our hooks (Note [Prefill must run eagerly]); recording is disabled loudly."""
+        try:
+            mode = getattr(schedule_batch, "forward_mode", None)
+            if mode is None or not mode.is_extend() or mode.is_target_verify():
+                return
+            if self.extend_forwards == extend_forwards_before:
+                self._capture.on_prefill_without_hooks(
+                    f"a prefill batch ({mode}) of {len(schedule_batch.reqs)} requests ran")
+        except Exception as exc:  # Note [Never raise into serving] in record/capture.py
+            self._capture._fail("checking the prefill", exc)
 
     def _extends(self, forward_batch: Any) -> list[RequestExtend]:
         rids = forward_batch.rids

@@ -244,6 +244,10 @@ class StoreRecordings:
     def unpin(self, handle: Any) -> None:
         self.store.unpin(handle)
 
+    def release_versions(self, is_live: Any) -> int:
+        """Frees the recordings of versions ``is_live`` rejects (store Note [Store lifetime])."""
+        return self.store.release_namespaces(lambda ns: is_live(ns.base_version))
+
 
 def shared_storage(model: Any, weights: Any) -> dict[str, Any]:
     """Whether every tensor the trainer reads (and the publisher writes) is the served model's own

@@ -55,6 +55,7 @@ class RecordingSource(Protocol):
     def pin(self, prompt_ids: list[int], version: str) -> Any: ...
     def segments(self, handle: Any) -> list[tuple[int, int, dict[str, torch.Tensor] | None]]: ...
     def unpin(self, handle: Any) -> None: ...
+    def release_versions(self, is_live: Callable[[str], bool]) -> int: ...
 
 
 @dataclass
@@ -305,6 +306,10 @@ class OnlineLoop(LoopLifecycle):
         self.trainer.set_published(frozen)
         version = self.registry.mint(step=c.steps, parent=self.registry.serving.name, metric=metric)
         self.host.announce(version.name)
+        if self.recordings is not None:  # store Note [Store lifetime]: the others never replay again
+            lag_max = self.config.train.max_version_lag
+            self.recordings.release_versions(
+                lambda v: (lag := self.registry.lag(v, version.name)) is not None and lag <= lag_max)
         yield "publish.commit"
         self._save_adapter(version.name)
         c.steps_since_publish = 0

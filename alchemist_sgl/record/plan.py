@@ -1,4 +1,4 @@
-"""The record plan: which per-layer projection outputs to record under a byte budget (pure).
+"""The record plan: which per-layer projection outputs to record, and which to keep longest (pure).
 
 Owns the choice among the four large projections of a Llama-family decoder layer (MISSION.md
 "The technique precisely"): fused ``qkv``, ``o``, fused ``gate_up``, ``down``. Must not import
@@ -6,10 +6,17 @@ sglang, torch or package modules other than ``errors``.
 
 Note [Greedy by FLOPs per byte]: replaying a projection y = x W (W: d_in x d_out) saves its forward
 matmul, 2 * d_in * d_out FLOPs per token, for d_out stored elements: 2 * d_in FLOPs per stored
-element. Projections are taken in decreasing FLOPs-per-byte order (ties: fewer bytes first, then the
-layer order qkv, o, gate_up, down) while they fit the budget; one that does not fit is skipped and
-cheaper ones are still tried. For SmolLM2 (d_in 576 for qkv/o/gate_up, 1536 for down) down_proj is
-the best buy: 25% of projection FLOPs for 11% of the bytes. ``"full"`` records all four.
+element. The default plan is ``"full"``: all four projections, for every model size, because a
+recording is only needed until the next publish (exact replay needs the trainer at the recording's
+version; approximate replay at most ``train.max_version_lag`` versions later), so the store frees
+older versions at publish instead of budgeting bytes up front (store/index.py, Note [Demote before
+evict]). FLOPs per byte still orders the projections twice: under host-pool pressure a page keeps
+only its best tensor (``RecordPlan.keep_on_demotion``, ``down`` on Llama shapes: d_in is the
+intermediate width, 2.7x hidden for SmolLM2, 4x for Llama-3.2-1B), and the explicit byte budget
+(``record.budget_bytes_per_token``) takes projections in decreasing FLOPs-per-byte order (ties:
+fewer bytes first, then the layer order qkv, o, gate_up, down) while they fit; one that does not
+fit is skipped and cheaper ones are still tried. For SmolLM2 down_proj is the best buy: 25% of
+projection FLOPs for 11% of the bytes. ``record.plan`` names the tensors directly instead.
 
 Note [What replay never saves]: ``prompt_forward_flops_avoided`` divides the replayed projections'
 FLOPs over a prompt token by the FLOPs of the whole forward of that token: all four projections,
@@ -23,7 +30,7 @@ training computes logits only for response rows.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from alchemist_sgl.errors import ConfigError
 
@@ -111,6 +118,13 @@ class RecordPlan:
         return {name: specs[name].d_out for name in self.tensors}
 
     @property
+    def keep_on_demotion(self) -> str | None:
+        """The tensor a demoted page keeps (the best FLOPs per byte); None for a one-tensor plan."""
+        if len(self.tensors) < 2:
+            return None
+        return ranked_by_flops_per_byte(self.shape, self.tensors)[0]
+
+    @property
     def elements_per_token(self) -> int:
         return self.shape.layers * sum(self.widths.values())
 
@@ -152,25 +166,42 @@ def forward_flops_per_token(shape: ModelShape, context_tokens: int) -> float:
     return shape.layers * (projections + attention + elementwise)
 
 
-def choose_plan(shape: ModelShape, budget_bytes_per_token: int | str, page_tokens: int = 16
-                ) -> RecordPlan:
-    """Greedy choice under ``budget_bytes_per_token`` (int bytes or "full"); see Note [Greedy by FLOPs per byte]."""
+def ranked_by_flops_per_byte(shape: ModelShape, names: Sequence[str]) -> list[str]:
+    """``names`` best buy first: FLOPs saved per stored byte, then fewer bytes, then layer order."""
     specs = projection_specs(shape)
-    if budget_bytes_per_token == "full":
+    return sorted(names, key=lambda n: (-2 * specs[n].d_in, specs[n].d_out, TENSOR_ORDER.index(n)))
+
+
+def choose_plan(shape: ModelShape, plan: int | str | Sequence[str] = "full", page_tokens: int = 16
+                ) -> RecordPlan:
+    """The recorded tensors: ``"full"`` (all four, the default), a tensor name or a list of names
+    (``record.plan``), or an int byte budget per token chosen greedily (``record.budget_bytes_per_token``).
+
+    See Note [Greedy by FLOPs per byte]. Raises ConfigError naming the key for a bad value.
+    """
+    if plan == "full":
         return RecordPlan(shape, TENSOR_ORDER, page_tokens)
-    if isinstance(budget_bytes_per_token, bool) or not isinstance(budget_bytes_per_token, int) \
-            or budget_bytes_per_token < 0:
+    if isinstance(plan, int) and not isinstance(plan, bool):
+        return _greedy(shape, plan, page_tokens)
+    names = (plan,) if isinstance(plan, str) else tuple(plan) if isinstance(plan, (list, tuple)) else None
+    if not names or any(n not in TENSOR_ORDER for n in names) or len(set(names)) != len(names):
+        raise ConfigError("record.plan", f"must be 'full', one of {list(TENSOR_ORDER)} or a list of "
+                          f"distinct names from it, got {plan!r}")
+    return RecordPlan(shape, tuple(n for n in TENSOR_ORDER if n in names), page_tokens)
+
+
+def _greedy(shape: ModelShape, budget_bytes_per_token: int, page_tokens: int) -> RecordPlan:
+    if budget_bytes_per_token < 0:
         raise ConfigError("record.budget_bytes_per_token",
                           f"must be a byte count >= 0 or 'full', got {budget_bytes_per_token!r}")
+    specs = projection_specs(shape)
 
     def bytes_of(name: str) -> int:
         return shape.layers * specs[name].d_out * shape.dtype_bytes
 
-    ranked = sorted(TENSOR_ORDER, key=lambda n: (-2 * specs[n].d_in, bytes_of(n),
-                                                 TENSOR_ORDER.index(n)))
     chosen: list[str] = []
     left = budget_bytes_per_token
-    for name in ranked:
+    for name in ranked_by_flops_per_byte(shape, TENSOR_ORDER):
         if bytes_of(name) <= left:
             chosen.append(name)
             left -= bytes_of(name)

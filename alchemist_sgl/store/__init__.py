@@ -3,6 +3,7 @@
 Must not import sglang. ``ActivationStore`` is the one component; see its module's Notes.
 """
 
-from alchemist_sgl.store.activation_store import ActivationStore, BatchWrite, Pin
+from alchemist_sgl.store.activation_store import ActivationStore, Pin
+from alchemist_sgl.store.writes import BatchWrite
 
 __all__ = ["ActivationStore", "BatchWrite", "Pin"]

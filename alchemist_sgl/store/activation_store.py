@@ -22,13 +22,20 @@ tokens of an earlier turn, evicted pages, skipped rows) are holes, reported in `
 Note [References]: only a ``Pin`` (a sample queued for or in training) keeps pages from eviction.
 A completion awaiting feedback holds a weak reference: its (token ids, namespace) pair, upgraded
 with ``pin`` when the sample is queued; what was evicted by then is recomputed.
+
+Note [Store lifetime]: a recording made under version v replays exactly only for a trainer at v
+(approximately up to ``train.max_version_lag`` versions later), so at each publish the online
+loop calls ``release_namespaces`` with "is this version still within the lag of the new serving
+version": pages of the others are freed at once (pinned ones at their last ``unpin``) and pages
+of them still being written are never published. Under pressure inside that window the index
+demotes before it evicts (index.py, Note [Demote before evict]).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -36,8 +43,10 @@ import torch
 from alchemist_sgl.prefix import Namespace, PageKey, chain_keys, page_key, tail_key
 from alchemist_sgl.record.plan import RecordPlan
 from alchemist_sgl.records import Coverage, RequestExtend, complement, merge_ranges
+from alchemist_sgl.store import readout
 from alchemist_sgl.store.index import PageIndex
 from alchemist_sgl.store.pool import SlotPool
+from alchemist_sgl.store.writes import BatchWrite, OpenPage, Writer
 
 
 @dataclass(frozen=True)
@@ -47,42 +56,6 @@ class Pin:
     coverage: Coverage
     namespace: Namespace
     serial: int
-
-
-@dataclass
-class _OpenPage:
-    index: int            # page number in the sequence
-    key: PageKey
-    tail_parent: PageKey | None
-    target: tuple[SlotPool, int] | None  # None: rows are not written (duplicate or dropped)
-    rows: int = 0         # rows filled so far
-    is_duplicate: bool = False
-
-
-@dataclass
-class _Writer:
-    """Per-request recording state across the extends of one prompt (chunked prefill)."""
-
-    rid: str
-    namespace: Namespace
-    tokens: Sequence[int]
-    keys: list[PageKey] = field(default_factory=list)  # chain keys of full pages, grown lazily
-    open: _OpenPage | None = None
-    last_seen_s: float = 0.0
-
-
-@dataclass
-class BatchWrite:
-    """The row routing of one extend forward, from ``open_batch`` to ``close_batch``.
-
-    Per tier: ``src`` rows of the batch's flattened outputs go to (``slot``, ``row``) of the tier.
-    """
-
-    routes: list[tuple[SlotPool, torch.Tensor, torch.Tensor, torch.Tensor, slice | None]]
-    completed: list[tuple[_Writer, _OpenPage]]
-    finished: list[_Writer]
-    elapsed_s: float = 0.0
-    writers: list[_Writer] = field(default_factory=list)
 
 
 class ActivationStore:
@@ -109,10 +82,13 @@ class ActivationStore:
         self._index = PageIndex([self._device_pool, self._host_pool], clock, ttl_s)
         self._clock, self._timer = clock, timer
         self._writer_idle_s = writer_idle_s
-        self._writers: dict[str, _Writer] = {}
+        self._writers: dict[str, Writer] = {}
         self._scratch: dict[str, torch.Tensor] = {}
         self._pin_serial = 0
         self._pinned: set[int] = set()
+        self._released: set[Namespace] = set()  # Note [Store lifetime]
+        self.released_pages = 0
+        self._dtype = dtype
         self.hits = self.misses = 0
         self.bytes_deduplicated = 0
         self.dropped_tokens = 0
@@ -169,11 +145,15 @@ class ActivationStore:
             if page.target is None:
                 continue
             pool, slot = page.target
-            if page.key in self._index:  # the same new page written twice in one batch
+            if writer.namespace in self._released:  # Note [Store lifetime]
+                self._index.release_slot(pool, slot)
+                self.released_pages += 1
+            elif page.key in self._index:  # the same new page written twice in one batch
                 self._index.release_slot(pool, slot)
                 self.bytes_deduplicated += page.rows * bpt
             else:
-                self._index.insert(page.key, pool, slot, page.rows, page.tail_parent)
+                self._index.insert(page.key, pool, slot, page.rows, page.tail_parent,
+                                   writer.namespace)
                 self.bytes_recorded_total += page.rows * bpt
         for writer in batch.finished:
             self._close_writer(writer)
@@ -201,12 +181,12 @@ class ActivationStore:
         if writer is not None:
             self._close_writer(writer)
 
-    def _writer_for(self, ext: RequestExtend) -> _Writer:
+    def _writer_for(self, ext: RequestExtend) -> Writer:
         writer = self._writers.get(ext.rid)
         if writer is None or writer.namespace != ext.namespace:
             if writer is not None:
                 self._close_writer(writer)
-            writer = _Writer(ext.rid, ext.namespace, ext.prompt_tokens)
+            writer = Writer(ext.rid, ext.namespace, ext.prompt_tokens)
             self._writers[ext.rid] = writer
             if ext.prefix_len > 0:  # Note [Stitching]: prefix pages reused, not stored again
                 reused = self.coverage(ext.prompt_tokens[:ext.prefix_len], ext.namespace,
@@ -215,7 +195,7 @@ class ActivationStore:
         writer.last_seen_s = self._clock()
         return writer
 
-    def _route(self, writer: _Writer, ext: RequestExtend, lo: int, hi: int,
+    def _route(self, writer: Writer, ext: RequestExtend, lo: int, hi: int,
                per_pool: dict, batch: BatchWrite) -> None:
         size, n_prompt = self.page_tokens, len(writer.tokens)
         pos = lo
@@ -248,7 +228,7 @@ class ActivationStore:
                 writer.open = None
             pos += n
 
-    def _new_page(self, writer: _Writer, index: int, page_lo: int, page_hi: int) -> _OpenPage:
+    def _new_page(self, writer: Writer, index: int, page_lo: int, page_hi: int) -> OpenPage:
         size = self.page_tokens
         while len(writer.keys) < index:  # chain keys of the full pages before this one
             parent = writer.keys[-1] if writer.keys else writer.namespace.root
@@ -260,16 +240,16 @@ class ActivationStore:
         else:
             key, tail_parent = tail_key(parent, writer.tokens[page_lo:page_hi]), parent
         if self._index.get(key) is not None:
-            return _OpenPage(index, key, tail_parent, None, is_duplicate=True)
-        return _OpenPage(index, key, tail_parent, self._index.allocate())
+            return OpenPage(index, key, tail_parent, None, is_duplicate=True)
+        return OpenPage(index, key, tail_parent, self._index.allocate())
 
-    def _drop_open(self, writer: _Writer) -> None:
+    def _drop_open(self, writer: Writer) -> None:
         page = writer.open
         writer.open = None
         if page is not None and page.target is not None:
             self._index.release_slot(*page.target)
 
-    def _close_writer(self, writer: _Writer) -> None:
+    def _close_writer(self, writer: Writer) -> None:
         self._drop_open(writer)
         self._writers.pop(writer.rid, None)
 
@@ -328,44 +308,47 @@ class ActivationStore:
             raise ValueError(f"pin {pin.serial} was already released")
         self._pinned.discard(pin.serial)
         for key, _, _ in pin.coverage.pages:
-            self._index.get(key, touch=False).pins -= 1
+            page = self._index.get(key, touch=False)
+            page.pins -= 1
+            if page.pins == 0 and page.namespace in self._released:
+                self._index.free(page)
+                self.released_pages += 1
 
     def gather(self, pin: Pin) -> dict[str, torch.Tensor]:
-        """Copies of the pinned pages: per planned tensor [layers, covered_tokens, width].
+        """Copies of the pinned pages: per tensor [layers, covered_tokens, width] (readout.py:
+        every planned tensor, or only the kept one when a pinned page was demoted).
 
         Covered positions appear in increasing order (``pin.coverage.covered`` says which).
         """
-        cov = pin.coverage
-        out: dict[str, torch.Tensor] = {}
-        for name, width in self.plan.widths.items():
-            dst = torch.empty((self.plan.shape.layers, cov.covered_tokens, width),
-                              dtype=self._host_pool.buffer.dtype)
-            pos = 0
-            for key, _, length in cov.pages:
-                page = self._index.get(key, touch=False)
-                dst[:, pos:pos + length].copy_(page.pool.tensor_views[name][page.slot, :, :length])
-                pos += length
-            out[name] = dst
-        return out
+        return readout.gather(self._index, pin.coverage, self.plan.shape.layers, self._dtype)
 
     def segments(self, pin: Pin) -> list[tuple[int, int, dict[str, torch.Tensor] | None]]:
-        """``gather`` split by range: (start, end, tensors or None) tiling [0, length) in order.
-
-        Covered ranges carry per planned tensor a view [layers, end - start, width] into one
-        gathered copy; missing ranges (to recompute) carry None. This is the shape of the
-        trainer's ``PromptSegment`` list (train/samples.py).
+        """(start, end, tensors or None) tiling [0, length) in order: the shape of the trainer's
+        ``PromptSegment`` list (train/samples.py). Covered ranges carry per tensor their pages
+        hold [layers, end - start, width] (cut where demotion changed that); missing ranges
+        (to recompute) carry None.
         """
-        gathered = self.gather(pin)
-        out: list[tuple[int, int, dict[str, torch.Tensor] | None]] = []
-        pos = 0
-        for start, end in sorted(pin.coverage.covered + pin.coverage.missing):
-            if (start, end) in pin.coverage.covered:
-                out.append((start, end, {name: t[:, pos:pos + end - start]
-                                         for name, t in gathered.items()}))
-                pos += end - start
-            else:
-                out.append((start, end, None))
-        return out
+        return readout.segments(self._index, pin.coverage, self.plan.shape.layers, self._dtype)
+
+    def release_namespaces(self, is_live: Callable[[Namespace], bool]) -> int:
+        """Frees the pages of every namespace ``is_live`` rejects (Note [Store lifetime]); returns
+        the count. A released namespace stays released."""
+        verdict: dict[Namespace, bool] = {}
+        freed = 0
+        for page in list(self._index.pages()):
+            ns = page.namespace
+            if ns is None or ns in self._released:
+                continue
+            if ns not in verdict:
+                verdict[ns] = bool(is_live(ns))
+            if not verdict[ns] and page.pins == 0:
+                self._index.free(page)
+                freed += 1
+        self._released.update(ns for ns, live in verdict.items() if not live)
+        self._released.update(w.namespace for w in self._writers.values()
+                              if w.namespace not in verdict and not is_live(w.namespace))
+        self.released_pages += freed
+        return freed
 
     def drop_unpinned(self) -> int:
         """Frees every unpinned page (A/B runs flush between arms); returns the count."""
@@ -375,29 +358,29 @@ class ActivationStore:
     def status(self) -> dict[str, float | int]:
         """The ``store`` entry of ``/alchemist/status`` (INTERFACES.md) plus a few extras.
 
-        bytes_stored: recorded tokens held now x bytes_per_token (``bytes_recorded_total``: ever
-        published, evicted pages included). device_bytes/host_bytes: slot
-        memory held per tier (a tail page occupies a whole slot). bytes_deduplicated: bytes NOT
-        stored again because their page already existed (cumulative). hits: pages found by
-        coverage/pin lookups. evictions: pages dropped for space. record_ms_mean: mean recording
-        time per extend forward with recording.
+        bytes_stored: bytes of the tensors held now (a demoted page counts its kept tensor only;
+        ``bytes_recorded_total``: ever published, full). device_bytes/host_bytes: slot memory held
+        per tier (a tail page occupies a whole slot). bytes_deduplicated: bytes NOT stored again
+        because their page already existed (cumulative). hits: pages found by coverage/pin
+        lookups. evictions: pages dropped for space; demotions: pages that dropped all but the
+        kept tensor under pressure (index.py, Note [Demote before evict]); demoted_pages: such
+        pages held now; spills: device pages moved to the host tier; released_pages: pages freed
+        because their version can no longer replay (Note [Store lifetime]). record_ms_mean: mean
+        recording time per extend forward with recording.
         """
-        pages = list(self._index.pages())
+        widths, layers, dtype_bytes = self.plan.widths, self.plan.shape.layers, self.plan.shape.dtype_bytes
+        stored = sum(p.tokens * layers * dtype_bytes * sum(widths[n] for n in p.tensors)
+                     for p in self._index.pages())
         return {
-            "bytes_stored": sum(p.tokens for p in pages) * self.plan.bytes_per_token,
-            "bytes_deduplicated": self.bytes_deduplicated,
-            "pages": len(pages),
-            "hits": self.hits,
-            "evictions": self._index.evictions,
+            "bytes_stored": stored, "bytes_deduplicated": self.bytes_deduplicated,
+            "pages": len(self._index), "hits": self.hits, "evictions": self._index.evictions,
             "record_ms_mean": (1000.0 * self._record_s_total / self._record_batches
                                if self._record_batches else 0.0),
-            "device_bytes": self._device_pool.used_bytes,
-            "host_bytes": self._host_pool.used_bytes,
-            "misses": self.misses,
-            "bytes_recorded_total": self.bytes_recorded_total,
-            "expirations": self._index.expirations,
-            "demotions": self._index.demotions,
-            "dropped_tokens": self.dropped_tokens,
+            "device_bytes": self._device_pool.used_bytes, "host_bytes": self._host_pool.used_bytes,
+            "misses": self.misses, "bytes_recorded_total": self.bytes_recorded_total,
+            "expirations": self._index.expirations, "demotions": self._index.demotions,
+            "demoted_pages": self._index.demoted_pages, "spills": self._index.spills,
+            "released_pages": self.released_pages, "dropped_tokens": self.dropped_tokens,
             "unaligned_tokens_skipped": self.unaligned_tokens_skipped,
             "host_capacity_bytes": self._host_pool.num_slots * self._host_pool.slot_bytes,
             "open_writers": len(self._writers),

@@ -7,7 +7,9 @@ TTFT x1.8 and holding references x1.66 (allocator churn), copying into a pre-tou
 x1.11. So a tier is ONE tensor ``[num_slots, slot_elements]`` allocated and zero-filled (every page
 faulted in) at construction; the put path only copies into slot views, never allocates. A slot
 holds one store page: for each planned tensor, in plan order, a contiguous block
-``[layers, page_tokens, width]``.
+``[layers, page_tokens, width]``. A slot can instead hold up to ``kept_per_slot`` demoted pages, each
+only the block of the plan's ``keep_on_demotion`` tensor (store/index.py, Note [Demote before
+evict]): ``kept_views`` splits the slot into such blocks from its start.
 """
 
 from __future__ import annotations
@@ -46,6 +48,14 @@ class SlotPool:
             self.tensor_views[name] = self.buffer[:, offset:offset + size].view(
                 self.num_slots, layers, page, width)
             offset += size
+        self.kept_name = plan.keep_on_demotion
+        self.kept_per_slot = 0
+        self.kept_views: torch.Tensor | None = None
+        if self.kept_name is not None:
+            block = layers * page * plan.widths[self.kept_name]
+            self.kept_per_slot = slot_elements // block
+            self.kept_views = self.buffer[:, :self.kept_per_slot * block].view(
+                self.num_slots, self.kept_per_slot, layers, page, plan.widths[self.kept_name])
         self._free = list(range(self.num_slots - 1, -1, -1))
 
     @property
@@ -63,6 +73,15 @@ class SlotPool:
     def give_back(self, slot: int) -> None:
         assert 0 <= slot < self.num_slots
         self._free.append(slot)
+
+    def page_view(self, slot: int, sub: int | None, name: str) -> torch.Tensor:
+        """[layers, page_tokens, width] of tensor ``name`` of the page in ``slot`` (a full page when
+        ``sub`` is None, else demoted page ``sub`` of the slot, which holds only ``kept_name``)."""
+        if sub is None:
+            return self.tensor_views[name][slot]
+        if name != self.kept_name or self.kept_views is None:
+            raise KeyError(f"a demoted page holds only {self.kept_name!r}, not {name!r}")
+        return self.kept_views[slot, sub]
 
     def copy_slot(self, slot: int, other: SlotPool, other_slot: int) -> None:
         """Copies one whole page from ``other`` (same plan) into ``slot`` of this pool."""

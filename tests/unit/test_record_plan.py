@@ -1,4 +1,5 @@
-"""record/plan.py: greedy choice by FLOPs per byte, bytes per token, FLOPs avoided."""
+"""record/plan.py: the full default, named plans, greedy choice by FLOPs per byte, the kept tensor,
+bytes per token, FLOPs avoided."""
 
 from __future__ import annotations
 
@@ -21,7 +22,32 @@ def test_shape_from_hf_config() -> None:
     assert (shape.intermediate, shape.layers) == (1536, 30)
 
 
-def test_default_budget_picks_down_proj_only() -> None:
+LLAMA_1B_HF = {"hidden_size": 2048, "num_attention_heads": 32, "num_key_value_heads": 8,
+               "intermediate_size": 8192, "num_hidden_layers": 16}
+
+
+@pytest.mark.parametrize("hf", [SMOLLM2_HF, LLAMA_1B_HF])
+def test_default_plan_is_full_for_every_size_and_keeps_down(hf: dict) -> None:
+    shape = ModelShape.from_hf_config(hf, 2)
+    plan = choose_plan(shape)
+    assert plan.tensors == ("qkv", "o", "gate_up", "down")
+    # down has the largest d_in (the intermediate width), so the most FLOPs per stored byte.
+    assert plan.keep_on_demotion == "down"
+    assert choose_plan(shape, "down").keep_on_demotion is None  # nothing left to drop
+
+
+def test_named_plans_and_their_errors() -> None:
+    shape = smollm2()
+    assert choose_plan(shape, "down").tensors == ("down",)
+    assert choose_plan(shape, ["down", "qkv"]).tensors == ("qkv", "down")  # layer order
+    assert choose_plan(shape, ("o", "gate_up")).keep_on_demotion == "o"  # tie: fewer bytes
+    for bad in ("most", [], ["down", "down"], ["down", "mlp"], True, None):
+        with pytest.raises(ConfigError) as info:
+            choose_plan(shape, bad)  # type: ignore[arg-type]
+        assert info.value.key == "record.plan"
+
+
+def test_40kb_budget_picks_down_proj_only() -> None:
     plan = choose_plan(smollm2(), 40_000)
     assert plan.tensors == ("down",)
     assert plan.bytes_per_token == 30 * 576 * 2 == 34_560  # ~34.6 KB/token in bf16
@@ -49,10 +75,8 @@ def test_greedy_order_and_skip_when_not_fitting() -> None:
 
 def test_bad_budget_is_a_config_error() -> None:
     with pytest.raises(ConfigError) as info:
-        choose_plan(smollm2(), "most")  # type: ignore[arg-type]
-    assert info.value.key == "record.budget_bytes_per_token"
-    with pytest.raises(ConfigError):
         choose_plan(smollm2(), -1)
+    assert info.value.key == "record.budget_bytes_per_token"
 
 
 def test_flops_avoided_fraction() -> None:

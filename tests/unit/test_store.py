@@ -32,7 +32,7 @@ class FakeClock:
         return self.now
 
 
-def make_store(slots: int = 1000, budget: int | str = "full", device_slots: int = 0,
+def make_store(slots: int = 1000, budget: int | str | tuple = "full", device_slots: int = 0,
                clock: FakeClock | None = None, ttl_s: float = float("inf")) -> ActivationStore:
     plan = choose_plan(SHAPE, budget, page_tokens=PAGE)
     return ActivationStore(plan, host_bytes=slots * plan.slot_bytes,
@@ -198,7 +198,7 @@ def test_mixed_batch_records_only_prompt_rows_of_recording_requests() -> None:
 
 
 def test_full_store_evicts_lru_and_never_blocks() -> None:
-    store = make_store(slots=4)
+    store = make_store(slots=4, budget="down")  # one tensor: nothing to demote, evict directly
     for i in range(6):
         forward(store, [(f"r{i}", [1000 * i + t for t in range(PAGE)], 0, PAGE)])
     status = store.status()
@@ -209,7 +209,7 @@ def test_full_store_evicts_lru_and_never_blocks() -> None:
 
 
 def test_lookup_refreshes_lru_order() -> None:
-    store = make_store(slots=2)
+    store = make_store(slots=2, budget="down")
     first, second = list(range(4)), list(range(10, 14))
     forward(store, [("a", first, 0, 4)])
     forward(store, [("b", second, 0, 4)])
@@ -220,7 +220,7 @@ def test_lookup_refreshes_lru_order() -> None:
 
 
 def test_pinned_pages_survive_and_full_pinned_store_drops_new_pages() -> None:
-    store = make_store(slots=3)
+    store = make_store(slots=3, budget="down")
     sample = list(range(12))
     forward(store, [("s", sample, 0, 12)])
     pin = store.pin(sample, NS)
@@ -263,20 +263,20 @@ def test_ttl_expires_unpinned_pages_with_fake_clock() -> None:
     store.unpin(pin)
 
 
-def test_device_tier_demotes_lru_pages_to_host() -> None:
+def test_device_tier_spills_lru_pages_to_host() -> None:
     store = make_store(slots=4, device_slots=2)
     prompts = [[1000 * i + t for t in range(PAGE)] for i in range(5)]
     for i, prompt in enumerate(prompts):
         forward(store, [(f"r{i}", prompt, 0, PAGE)])
     status = store.status()
-    assert status["demotions"] == 3 and status["evictions"] == 0
+    assert status["spills"] == 3 and status["evictions"] == 0 and status["demotions"] == 0
     assert status["device_bytes"] == 2 * store.plan.slot_bytes
     assert status["host_bytes"] == 3 * store.plan.slot_bytes
     for prompt in prompts:
         assert assert_gather_exact(store, prompt).covered == ((0, PAGE),)
 
 
-def test_default_plan_records_only_down_rows() -> None:
+def test_byte_budget_plan_records_only_down_rows() -> None:
     store = make_store(budget=3 * 8 * 4)  # room for down (3 layers x width 8, fp32) only
     assert store.plan.tensors == ("down",)
     prompt = list(range(9))
