@@ -11,6 +11,7 @@ without that variable it does nothing, so a plain ``sglang serve`` in the same v
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -81,6 +82,7 @@ def check_environment_switches(config: Config) -> None:
     if is_cpu_run(config) and os.environ.get("SGLANG_USE_CPU_ENGINE") != "1":
         raise ManifestError("SGLANG_USE_CPU_ENGINE must be 1 for a CPU run (without it is_cpu() is false)")
     check_training_flags(config)
+    check_recording_flags(config)
 
 
 def check_training_flags(config: Config) -> None:
@@ -98,3 +100,48 @@ def check_training_flags(config: Config) -> None:
     if sg.get("enable-lora"):
         raise ConfigError("sglang.enable-lora", "serving SGLang LoRA adapters while training in "
                           "merge mode is not supported (set train.enabled=false)")
+
+
+def check_recording_flags(config: Config) -> None:
+    """Note [Eager prefill for recording]: recording reads projection outputs with Python forward
+    hooks, which a CUDA graph replay never runs. SGLang 0.5.23 replays decode in graphs (never
+    recorded: harmless) and, on CUDA, prefill too: ``cuda_graph_config.prefill.backend`` defaults
+    to "breakable" when ``is_cuda()``. So while ``record.enabled`` is true off the CPU, prefill
+    graphs must be off: raises ConfigError naming the key to set. The runtime checks behind it are
+    in integration/capture_hooks.py, Note [Prefill must run eagerly]."""
+    if not config.record.is_enabled or is_cpu_run(config):
+        return
+    backend = prefill_graph_backend(config.sglang)
+    if backend != "disabled":
+        raise ConfigError("sglang.cuda-graph-backend-prefill",
+                          f"must be 'disabled' while record.enabled is true on {device_of(config)} "
+                          f"(the prefill CUDA graph backend resolves to {backend!r}): forward hooks "
+                          "do not run in a CUDA graph replay, so prefill would record nothing "
+                          "(or set record.enabled=false)")
+
+
+def prefill_graph_backend(sglang: dict) -> str:
+    """The prefill CUDA graph backend SGLang 0.5.23 resolves from these ``sglang.*`` keys, for a
+    CUDA device and a Llama model: ``--disable-cuda-graph`` < ``--disable-prefill-cuda-graph`` <
+    ``--cuda-graph-backend-prefill`` < the ``--cuda-graph-config`` JSON (later wins), default
+    "breakable" (sglang/srt/arg_groups/cuda_graph_hook.py)."""
+    sg = {str(k).replace("_", "-"): v for k, v in sglang.items()}
+    backend = "breakable"
+    if _is_true(sg.get("disable-cuda-graph")) or _is_true(sg.get("disable-prefill-cuda-graph")):
+        backend = "disabled"
+    if sg.get("cuda-graph-backend-prefill") is not None:
+        backend = str(sg["cuda-graph-backend-prefill"])
+    raw = sg.get("cuda-graph-config")
+    if raw is not None:
+        try:
+            parsed = json.loads(raw) if isinstance(raw, str) else raw
+        except ValueError as exc:
+            raise ConfigError("sglang.cuda-graph-config", f"is not JSON: {exc}") from exc
+        prefill = parsed.get("prefill") if isinstance(parsed, dict) else None
+        if isinstance(prefill, dict) and prefill.get("backend") is not None:
+            backend = str(prefill["backend"])
+    return backend
+
+
+def _is_true(value: object) -> bool:
+    return value is True or (isinstance(value, str) and value.strip().lower() in {"1", "true", "yes", "on"})

@@ -92,3 +92,34 @@ def test_a_broken_batch_disables_recording_without_raising() -> None:
     weird = SimpleNamespace(forward_mode=None, rids=["x"])  # raises inside: caught
     view.pre_forward(None, (None, None, weird), {})
     assert capture.failure is not None and "reading the batch" in capture.failure
+
+
+class PrefillMode(Mode):
+    def __init__(self, is_extend: bool, is_target_verify: bool = False) -> None:
+        super().__init__(is_extend)
+        self._is_target_verify = is_target_verify
+
+    def is_target_verify(self) -> bool:
+        return self._is_target_verify
+
+
+def test_a_prefill_batch_that_never_reached_the_model_hooks_disables_recording() -> None:
+    view, capture, _ = make()
+    a = req("a", list(range(8)))
+    decode = SimpleNamespace(forward_mode=PrefillMode(False), reqs=[a])
+    verify = SimpleNamespace(forward_mode=PrefillMode(True, is_target_verify=True), reqs=[a])
+    view.check_prefill_reached_hooks(decode, view.extend_forwards)  # decode graphs: fine
+    view.check_prefill_reached_hooks(verify, view.extend_forwards)  # speculative verify: fine
+    assert capture.failure is None
+    prefill = SimpleNamespace(forward_mode=PrefillMode(True), reqs=[a])
+    seen = view.extend_forwards
+    view.set_schedule_batch(prefill)
+    view.pre_forward(None, (None, None), {"forward_batch": forward_batch([a], [0], [8])})
+    for name, width in capture.plan.widths.items():
+        capture.on_output(name, 0, torch.ones(8, width))
+    view.post_forward(None, (), None)
+    view.check_prefill_reached_hooks(prefill, seen)  # the hooks ran: fine
+    assert capture.failure is None and capture.forwards_recorded == 1
+    view.check_prefill_reached_hooks(prefill, view.extend_forwards)  # ran as a graph replay
+    assert capture.failure is not None and "forward hooks did not run" in capture.failure
+    assert capture.status()["incomplete_forwards"] == 1
