@@ -130,6 +130,9 @@ class MemoryConfig:
     max_transitions_per_minute: int = 12   # in any 60 s window (spike entries included)
     pause_after_s: float = 10.0            # YIELDING -> PAUSED after pressure lasts this long
     yield_budget_fraction: float = 0.25    # YIELDING keeps this share of train_budget_bytes
+    # Move each forward unit's saved tensors to host after it and back before its backward
+    # (alchemist_sgl/train/offload.py, Note [Saved-tensor offload]); off: they stay resident.
+    offload: bool = False
 
 
 @dataclass(frozen=True)
