@@ -63,6 +63,8 @@ class ResidencyAccount:
 
     def __init__(self, device: torch.device | str, *, device_limit_bytes: int | None = None) -> None:
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # tensors say cuda:N
+            self.device = torch.device("cuda", torch.cuda.current_device())
         if device_limit_bytes is not None and device_limit_bytes <= 0:
             raise ValueError(f"device_limit_bytes must be positive (got {device_limit_bytes})")
         self.device_limit_bytes = device_limit_bytes
