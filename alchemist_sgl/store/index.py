@@ -18,10 +18,13 @@ per byte, record/plan.py) and drops the others, which the trainer recomputes; wh
 replays exactly. Demoted pages are packed ``kept_per_slot`` to a slot (a "container": 9 for
 SmolLM2, 11 for Llama-3.2-1B), so each demotion into an open container frees one whole slot. With
 no open container, the oldest unpinned full page's own slot becomes one (its kept block moves to
-the slot's start) and the next oldest moves in. Only when no unpinned full page is left to demote
-is something evicted: the container of the least recently used demoted page, all its pages
-(each counted in ``evictions``), provided none of them is pinned. A one-tensor plan, or one whose
-kept block fills more than half a slot, evicts the least recently used unpinned page directly.
+the slot's start) and the next oldest moves in. Only when demotion cannot free a slot (no
+unpinned full page, or a single one and no open container) is something evicted: the least
+recently used unpinned page; a full one frees its slot, a demoted one its whole container (all
+its pages, each counted in ``evictions``; a container holding a pinned page is skipped). Demotion
+takes the oldest full pages, so containers sit at the LRU front and old down-only pages go before
+newer full ones. A one-tensor plan, or one whose kept block fills more than half a slot, evicts
+directly.
 """
 
 from __future__ import annotations
@@ -159,12 +162,7 @@ class PageIndex:
             slot = self._demote_one(pool)
             if slot is not None:
                 return slot
-        victim = self._oldest_full(pool)
-        if victim is not None:
-            self._remove(victim)
-            self.evictions += 1
-            return victim.slot
-        return self._evict_container(pool)
+        return self._evict_lru(pool)
 
     def _demote_one(self, pool: SlotPool) -> int | None:
         oldest = self._unpinned_full(pool, 2)
@@ -196,19 +194,26 @@ class PageIndex:
         del self._full[page.key]
         self.demotions += 1
 
-    def _evict_container(self, pool: SlotPool) -> int | None:
+    def _evict_lru(self, pool: SlotPool) -> int | None:
+        """Evicts the least recently used unpinned page of ``pool``: a full one frees its slot, a
+        demoted one frees its whole container (every page in it; skipped if one is pinned)."""
         for page in self._pages.values():
-            if page.sub is None or page.pool is not pool:
+            if page.pins or page.pool is not pool:
                 continue
-            keys = [k for k in self._containers[page.slot] if k is not None]
-            if all(self._pages[k].pins == 0 for k in keys):
-                slot = page.slot
-                for k in keys:
-                    self._remove(self._pages[k])
-                self.evictions += len(keys)
-                del self._containers[slot]
-                self._open.pop(slot, None)
-                return slot
+            if page.sub is None:
+                self._remove(page)
+                self.evictions += 1
+                return page.slot
+            slot = page.slot
+            keys = [k for k in self._containers[slot] if k is not None]
+            if any(self._pages[k].pins for k in keys):
+                continue
+            for k in keys:
+                self._remove(self._pages[k])
+            self.evictions += len(keys)
+            del self._containers[slot]
+            self._open.pop(slot, None)
+            return slot
         return None
 
     def _unpinned_full(self, pool: SlotPool, limit: int) -> list[Page]:
