@@ -30,7 +30,7 @@ are written at once, stream-ordered on the forward stream. Rows for the host tie
 ``HostStaging`` (record/staging.py, Note [Async recording copies]) when the output is on CUDA:
 copied asynchronously into pinned reused buffers and scattered into the host tier when each copy
 is complete (all of them before ``end`` publishes). On CPU the output already is host memory and
-is written into the host tier directly (one copy, the cheapest, PLATFORM.md "Measured costs"),
+is written into the host tier directly (one copy, the cheapest: store/pool.py, Note [Reused pool]),
 unless ``staging=True`` forces the staged path (plain copies; tests use it to run the CUDA
 protocol on CPU).
 """

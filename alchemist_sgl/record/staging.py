@@ -26,6 +26,15 @@ The copies thus overlap the forward's compute; the host blocks at most on a copy
 old, and once per forward on the last ones (the forward ends in a host sync for sampling anyway;
 under SGLang's overlap scheduler this flush costs the overlap of that one forward).
 
+Note [Recording is PCIe-bound on an H200]: a Llama-3-8B layer (hidden 4096, 8 KV heads, FFN
+14336) has 6144 + 4096 + 28672 + 4096 = 43008 output elements per token over the four projections,
+86 KB in bf16, while its forward is ~0.44 GFLOP per token. At ~50 GB/s of pinned PCIe Gen5 that
+is ~1.7 us of copy against ~0.6 us of compute per token and layer at ~700 TFLOP/s: with the full
+plan the copy, not the forward, sets the prefill pace even when perfectly overlapped. ``down``
+alone (4096 elements) or a device tier for hot pages keeps it under the compute. The sink's
+scatter into the (pageable) host tier is a host memcpy on the scheduler thread; a pinned host tier
+written by the DMA directly, page run by page run, would remove it (not done: many small copies).
+
 Sizes: the ring holds at most ``depth`` buffers, each grown (never shrunk) to the largest
 ``rows x width`` it was asked to hold, so pinned host memory is bounded by
 ``depth x max(rows x width) x element size``; the device snapshots in flight are bounded by the

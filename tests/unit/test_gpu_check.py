@@ -36,7 +36,7 @@ def test_cpu_smoke_reports_ratio_ideal_and_ceiling(smoke) -> None:
     assert 0 < result["forward_share"] < 1
     f = result["prompt_fraction"]
     assert f == pytest.approx(96 / 120)
-    # The ideal follows from the measured forward share (INTERFACES.md definitions).
+    # The ideal follows from the measured forward share (the definition in eval/gpu_check.py).
     assert result["ideal_ratio"] == pytest.approx(1 / (1 - result["forward_share"] * f))
     assert result["ideal_ratio"] > 1 and math.isfinite(result["ceiling_ratio"])
     assert result["ceiling_ratio"] > 0 and result["ratio"] > 0
