@@ -1,126 +1,159 @@
-"""Training throughput with replay vs recompute (INTERFACES.md, experiment ``replay``).
+"""Training throughput with replay vs recompute, on recordings from a LIVE server (INTERFACES.md,
+experiment ``replay``).
 
-What it measures, on SmolLM2-135M-Instruct on this machine's CPU (no server needed):
-  * samples: real multi-turn chat text (``ctx.workload()``, SmolLM2 chat template), prompt-heavy
-    (prompts ~400 tokens, responses ~100); every prompt fully covered by recordings of all four
-    projections. Recordings come from a HF transformers + PEFT forward of the prompt with hooks on
-    the frozen base projections (``"recordings_source": "hf-forward"``) until live-server
-    recordings exist.
-  * three arms per repetition, interleaved with a rotating order: replay (``train.replay=true``),
-    recompute (``train.replay=false``, the same code) and an HF transformers + PEFT LoRA step on
-    the same samples, same adapter tensors, same loss; each arm = one AdamW step over the batch.
-    Adapter parameters are restored after each timed step so every repetition does the same work.
+What it measures, on SmolLM2-135M-Instruct (``ALCHEMIST_REPLAY_MODEL=tiny``: the tiny model, a
+fast smoke run) on this machine's CPU:
+  * samples: real multi-turn chat text (``ctx.workload()``, chat template), prompt-heavy (~400
+    prompt tokens, 100 response tokens).
+  * recordings (``"recordings_source": "live"``): per dtype one real server (the benchmark config
+    with ``sglang.dtype`` set, debug commands on, training off, all four projections recorded)
+    prefills each prompt sent as token ids over HTTP; ``debug.recording`` exports them from its
+    store; the server is stopped before anything is timed. The rows are written into an
+    in-process ``ActivationStore`` per plan (_replay_live.py), and the TIMED replay arm builds
+    its samples from that store as the online loop does: pin, gather, copy, label, step, unpin.
+  * arms, one AdamW step each over the batch, interleaved with a rotating order over
+    ``repetitions``: ``recompute`` (``train.replay=false``), ``replay`` per plan
+    (``train.replay=true``), both trainers from the same train config (the benchmark config's
+    ``train`` section: layout, ``compile``, learning rate, LoRA), ``ceiling`` per plan
+    (_replay_arms.py, Note [Ceiling plan]), and the HF transformers + PEFT step, eager and under
+    ``torch.compile`` (_replay_hf.py; logits for the loss rows only). LoRA tensors are restored
+    after every timed step so every repetition does the same work.
   * ``ratio`` = median over repetitions of recompute time / replay time (same repetition);
-    ``ratio_spread`` = (max - min) of those per-repetition ratios.
-  * ``forward_share`` = recompute arm's forward time (with graph) / its whole step, same steps;
-    ``ideal_ratio`` = 1 / (1 - forward_share * prompt_fraction).
-  * ``ceiling_ratio``: the recompute step re-timed with EVERY projection output (prompt and
-    response rows) substituted by precomputed tensors; the time saved is scaled by the fraction of
-    rows replay actually replays (matmul time is linear in rows), giving what a zero-overhead
-    replay would reach: T_recompute / (T_recompute - (T_recompute - T_all_substituted) * f).
-  * ``max_grad_rel_err``: max over LoRA tensors of ||g_replay - g_ref|| / ||g_ref||, g_ref the HF
-    + PEFT gradients in fp32 (for bf16 too: the error against the fp32 reference);
-    ``max_grad_rel_err_recompute`` is the recompute arm's own error, for comparison.
-  * ``joint_layout``: the same replay with ``layout="joint"`` (alchemist_sgl/train/joint.py), a
-    fifth interleaved arm: its ratio against the same recompute steps, speed, error and memory.
-  * ``peak_mem_*_bytes`` (``"peak_mem_measurement": "logical-cpu"``): max over samples of the
-    bytes of unique storages autograd saved for backward during one sample's forward (base
-    weights and adapter excluded), plus, for replay, the bytes of the recordings it reads.
-Top-level fields are for fp32; the ``bf16`` key repeats them in bfloat16 (skipped with --quick).
-Threads: ``ALCHEMIST_BENCH_THREADS`` (default 1) to stay stable when other processes share the CPUs.
-``ALCHEMIST_REPLAY_MODEL=tiny`` runs the same code on the tiny model (a fast smoke run).
+    ``ratio_spread`` = max - min of those; ``forward_share`` = the recompute step's forward time
+    (_replay_metrics.py ``forward_seconds``) / its whole step; ``prompt_fraction`` by FLOPs and
+    ``prompt_fraction_tokens`` (_replay_metrics.py, Note [FLOPs share]); ``ideal_ratio`` =
+    1 / (1 - forward_share * prompt_fraction).
+  * ``max_grad_rel_err`` (replay) and ``_recompute``: max over LoRA tensors of
+    ||g - g_ref|| / ||g_ref||, g_ref from HF + PEFT in fp32 (also for bf16). The adapter is a fresh
+    one (B = 0, as right after a merge publish): the served weights are exactly the weights the
+    trainer starts from, so live recordings are exact; A's gradients are then exactly zero on
+    both sides and the B tensors carry the comparison (``grad_tensors_compared``).
+  * ``stale_grad_cos_by_lag``: k real AdamW steps (recompute, default learning rate) from the
+    fresh adapter; at the adapter after k steps, cosine between the exact gradient (recompute)
+    and replay's gradient on the recordings of the fresh adapter (lag k), k = 1, 2, 4, 8.
+  * ``peak_mem_*_bytes`` (``"logical-cpu"``): max over single-sample steps of the storages
+    autograd saved (base and adapter excluded), plus for replay the recordings it reads.
+Top level: the plan the config records by default (``record.plan``, or the greedy choice under
+``record.budget_bytes_per_token`` at the config's own dtype), in fp32; ``per_plan``: ``full`` and ``down``; ``bf16``: the same in bfloat16
+(skipped with --quick). ``ALCHEMIST_BENCH_THREADS`` (default 1) sets torch threads;
+``ALCHEMIST_REPLAY_LAYOUT`` passes ``layout=`` to every trainer (default: the trainer's own).
+Progress: one line per phase, arm and repetition on stderr with the elapsed time.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import json
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from eval.experiments import _replay_arms as arms
+from eval.experiments import _replay_hf as hf
+from eval.experiments import _replay_live as live
+from eval.experiments import _replay_metrics as metrics
+
 NAME = "replay"
-PROMPT_TOKENS, RESPONSE_TOKENS = 400, 100
 QUICK = {"samples": 2, "repetitions": 5, "dtypes": (torch.float32,)}
 FULL = {"samples": 2, "repetitions": 7, "dtypes": (torch.float32, torch.bfloat16)}
-LORA_RANK, LORA_ALPHA = 16, 32.0
-_HF_MODULE = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
-              "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
-_FUSED = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"), "down": ("down",)}
+PLANS = {"full": ("qkv", "o", "gate_up", "down"), "down": ("down",)}
+LAGS = (1, 2, 4, 8)
+_DTYPE = {torch.float32: ("float32", 4), torch.bfloat16: ("bfloat16", 2)}
+
+
+class Progress:
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+
+    def __call__(self, message: str) -> None:
+        print(f"[replay +{time.monotonic() - self.t0:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def default_tensors(cfg, hf_config: dict[str, Any]) -> tuple[str, ...]:
+    """The projections the config's record plan keeps at the config's own serving dtype."""
+    from alchemist_sgl.record.plan import ModelShape, choose_plan
+
+    name = str(cfg.sglang.get("dtype", "auto"))
+    if name == "auto":
+        name = str(hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32")
+    nbytes = 4 if name in ("float32", "float") else 2
+    shape = ModelShape.from_hf_config(hf_config, nbytes)
+    choice = getattr(cfg.record, "plan_choice", None)  # record.plan, or a byte budget when set
+    if choice is None:
+        choice = cfg.record.budget_bytes_per_token
+    return choose_plan(shape, choice, cfg.store.page_tokens).tensors
 
 
 def run(ctx: Any) -> dict[str, Any]:
+    from alchemist_sgl.config import load_config
     from alchemist_sgl.prepare import resolve_model
 
+    if ctx.url is not None:
+        raise ValueError("replay starts its own servers (one per dtype); --url is not supported")
     torch.set_num_threads(int(os.environ.get("ALCHEMIST_BENCH_THREADS", "1")))
+    log = Progress()
     p = QUICK if ctx.quick else FULL
     model = os.environ.get("ALCHEMIST_REPLAY_MODEL", "smollm2-135m-instruct")
+    config_path = Path("configs/cpu-tiny.yaml") if model == "tiny" else Path(ctx.config_path)
+    cfg = load_config(config_path)
     folder = resolve_model(model)
-    texts = build_chat_samples(folder, ctx.workload(min_turns=2), p["samples"], ctx.seed)
-    results = {}
-    ref_grads = None
+    hf_config = json.loads((Path(folder) / "config.json").read_text())
+    texts = live.build_chat_samples(folder, ctx.workload(min_turns=2), p["samples"], ctx.seed)
+    log(f"{len(texts)} samples: prompts {[len(a) for a, _ in texts]}, responses {[len(b) for _, b in texts]}")
+    default = default_tensors(cfg, hf_config)
+    if not default:
+        raise RuntimeError(f"{config_path}'s record plan records nothing: nothing to replay")
+    plans = dict(PLANS)
+    label = next((k for k, v in plans.items() if v == default), None)
+    if label is None:
+        label = "default"
+        plans[label] = default
+    results: dict[torch.dtype, dict[str, Any]] = {}
+    ref = None
     for dtype in p["dtypes"]:  # fp32 first: its HF gradients are the reference for bf16 too
-        results[dtype], ref_grads = measure(folder, texts, dtype, p["repetitions"], ctx.seed, ref_grads)
+        exports, served_plan = _record_live(ctx, config_path, cfg, dtype, texts, log)
+        missing = [t for v in plans.values() for t in v if t not in served_plan["tensors"]]
+        if missing:
+            raise RuntimeError(f"the server recorded {served_plan['tensors']}, not {missing}")
+        results[dtype], ref = measure(folder, cfg, hf_config, texts, exports, plans, label, dtype,
+                                      p["repetitions"], ctx.seed, ref, log)
+        del exports
         _trim()
     out = dict(results[torch.float32])
     if torch.bfloat16 in results:
         out["bf16"] = results[torch.bfloat16]
     import resource
     out.update({"process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                "recordings_source": "hf-forward", "model": model,
-                "threads": torch.get_num_threads(), "lora_rank": LORA_RANK,
-                "samples_per_step": p["samples"], "load_avg_1m": os.getloadavg()[0]})
+                "recordings_source": "live", "model": model, "config_path": str(config_path),
+                "threads": torch.get_num_threads(), "samples_per_step": p["samples"],
+                "load_avg_1m": os.getloadavg()[0]})
     return out
 
 
-def build_chat_samples(folder, conversations, n: int, seed: int) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, response ids) pairs from real conversations: the chat history (several
-    conversations joined if needed) trimmed from the front to ~PROMPT_TOKENS with the template,
-    then the reference reply (continued with later replies if short) cut at RESPONSE_TOKENS."""
-    import random
-
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(folder)
-    rng = random.Random(seed)
-    convs = [c for c in conversations if c.reference_replies]
-    rng.shuffle(convs)
-    pairs = [(h, r) for c in convs for h, r in zip(c.human_turns, c.reference_replies) if h and r]
-    if len(pairs) < 8 * n:
-        raise RuntimeError("the workload has too few (human, reply) pairs to build samples")
-    samples, cursor = [], 0
-    for _ in range(n):
-        history: list[dict[str, str]] = []
-        while True:
-            human, reply = pairs[cursor]
-            cursor += 1
-            ids = tok.apply_chat_template(history + [{"role": "user", "content": human}],
-                                          add_generation_prompt=True, tokenize=True)
-            ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-            if len(ids) >= PROMPT_TOKENS:
-                break
-            history += [{"role": "user", "content": human}, {"role": "assistant", "content": reply}]
-        while len(ids) > PROMPT_TOKENS + 40 and len(history) >= 2:
-            history = history[2:]
-            trimmed = tok.apply_chat_template(history + [{"role": "user", "content": human}],
-                                              add_generation_prompt=True, tokenize=True)
-            trimmed = list(trimmed["input_ids"] if hasattr(trimmed, "keys") else trimmed)
-            if len(trimmed) < PROMPT_TOKENS - 40:
-                break
-            ids = trimmed
-        text, j = reply, cursor
-        while len(tok(text)["input_ids"]) < RESPONSE_TOKENS:
-            text += " " + pairs[j % len(pairs)][1]
-            j += 1
-        response = tok(text)["input_ids"][:RESPONSE_TOKENS - 1] + [tok.convert_tokens_to_ids("<|im_end|>")]
-        samples.append((ids, response))
-    return samples
+def _record_live(ctx, config_path: Path, cfg, dtype: torch.dtype, texts, log):
+    """One server for ``dtype``: prefill every prompt (and prompt + response), export, stop."""
+    name, nbytes = _DTYPE[dtype]
+    overrides = [f"sglang.dtype={name}", "server.enable_debug_commands=true", "train.enabled=false"]
+    if getattr(cfg.record, "budget_bytes_per_token", None) is not None:
+        overrides.append("record.budget_bytes_per_token=null")
+    if getattr(cfg.record, "plan", "full") != "full":
+        overrides.append("record.plan=full")
+    log(f"{name}: starting a server ({config_path}, {' '.join(overrides)})")
+    with ctx.server(config_path, overrides) as url:
+        log(f"{name}: server up at {url}")
+        exports, plan = live.live_recordings(url, texts, name, log)
+    log(f"{name}: server stopped; recorded {plan['tensors']} ({plan['bytes_per_token']} B/token)")
+    return exports, plan
 
 
 def _trim() -> None:
-    """Return freed memory to the OS between arms (glibc keeps large freed blocks otherwise):
-    the benchmark shares a 24 GiB machine with servers."""
+    """Return freed memory to the OS between arms (glibc keeps large freed blocks otherwise)."""
     import ctypes
     import gc
 
@@ -131,260 +164,159 @@ def _trim() -> None:
         pass
 
 
-def _hf_model(folder, dtype, adapter):
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM
+def measure(folder, cfg, hf_config, texts, exports, plans, label, dtype, repetitions, seed, ref, log):
+    """One dtype's fields; ``ref``: the fp32 HF + PEFT gradients (computed here when None, which
+    requires fp32), returned for the next dtype."""
+    from alchemist_sgl.record.plan import ModelShape
+    from alchemist_sgl.train import ReplayTrainer, Sample, load_fused_weights
 
-    model = LlamaForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
-    cfg = LoraConfig(r=adapter.rank, lora_alpha=adapter.alpha, lora_dropout=0.0, bias="none",
-                     target_modules=[_HF_MODULE[t] for t in adapter.targets])
-    peft_model = get_peft_model(model, cfg)
-    named = dict(peft_model.named_parameters())
-    with torch.no_grad():
-        for key, value in adapter.peft_state_dict().items():
-            named[key.replace(".weight", ".default.weight")].copy_(value)
-    return peft_model
-
-
-def _hf_record(peft_model, ids: list[int]) -> dict[str, torch.Tensor]:
-    """Base projection outputs of a forward of ``ids`` via hooks on PEFT's frozen base layers,
-    written straight into fused [layers, T, out_dim] tensors (q|k|v, gate|up column blocks)."""
-    layers = peft_model.base_model.model.model.layers
-    out: dict[str, torch.Tensor] = {}
-    handles = []
-    for i, layer in enumerate(layers):
-        for name, parts in _FUSED.items():
-            col = 0
-            for t in parts:
-                parent = layer.self_attn if t in ("q", "k", "v", "o") else layer.mlp
-                mod = getattr(parent, _HF_MODULE[t]).base_layer
-                width = mod.out_features
-
-                def hook(_m, _i, y, name=name, i=i, col=col, width=width, total=len(parts)):
-                    if name not in out:
-                        out[name] = y.new_empty(len(layers), y.shape[1], y.shape[2] * total
-                                                if name != "qkv" else _qkv_width(peft_model))
-                    out[name][i, :, col:col + width] = y.detach()[0]
-                handles.append(mod.register_forward_hook(hook))
-                col += width
-    try:
-        with torch.no_grad():
-            peft_model(input_ids=torch.tensor([ids]), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return out
-
-
-def _share_base(peft_model, weights) -> None:
-    """Points the HF model's frozen tensors at row views of our fused ones (same values: both were
-    loaded from the same file in the same dtype), so the base is held once, not twice."""
-    from alchemist_sgl.train.spec import TARGET_TO_PROJECTION
-
-    inner = peft_model.base_model.model.model
-    spec = weights.spec
-    with torch.no_grad():
-        for layer, lw in zip(inner.layers, weights.layers):
-            for t, name in _HF_MODULE.items():
-                parent = layer.self_attn if t in ("q", "k", "v", "o") else layer.mlp
-                mod = getattr(parent, name).base_layer
-                start, end = spec.target_rows(t)
-                view = lw.projection(TARGET_TO_PROJECTION[t])[start:end]
-                assert torch.equal(mod.weight, view)
-                mod.weight.data = view
-            layer.input_layernorm.weight.data = lw.input_layernorm
-            layer.post_attention_layernorm.weight.data = lw.post_attention_layernorm
-        assert torch.equal(inner.embed_tokens.weight, weights.embed)
-        inner.embed_tokens.weight.data = weights.embed
-        inner.norm.weight.data = weights.final_norm
-        peft_model.base_model.model.lm_head.weight = inner.embed_tokens.weight
-
-
-def _qkv_width(peft_model) -> int:
-    attn = peft_model.base_model.model.model.layers[0].self_attn
-    return sum(getattr(attn, f"{t}_proj").base_layer.out_features for t in ("q", "k", "v"))
-
-
-def _hf_backward(peft_model, texts) -> None:
-    """SFT loss (mean response NLL, averaged over samples) backward into the LoRA grads."""
-    for prompt, response in texts:
-        ids = torch.tensor([prompt + response])
-        logits = peft_model(input_ids=ids, use_cache=False).logits[0].float()
-        nll = torch.nn.functional.cross_entropy(logits[len(prompt) - 1:-1], ids[0, len(prompt):])
-        (nll / len(texts)).backward()
-        del logits, nll
-
-
-def _hf_step(peft_model, optimizer, texts) -> float:
-    t0 = time.perf_counter()
-    optimizer.zero_grad(set_to_none=True)
-    _hf_backward(peft_model, texts)
-    optimizer.step()
-    return time.perf_counter() - t0
-
-
-def _our_step(trainer, plans) -> tuple[float, float]:
-    """trainer.step's work (same calls), timed; returns (step seconds, forward seconds)."""
-    from alchemist_sgl.train.objectives import sft_loss
-
-    t0 = time.perf_counter()
-    trainer.optimizer.zero_grad(set_to_none=True)
-    fwd = 0.0
-    with torch.enable_grad():
-        for planned in plans:
-            t = time.perf_counter()
-            loss = sft_loss(trainer.logprobs(planned)) / len(plans)
-            fwd += time.perf_counter() - t
-            loss.backward()
-    trainer.optimizer.step()
-    return time.perf_counter() - t0, fwd
-
-
-def _saved_bytes(trainer, plans, exclude: set[int]) -> int:
-    """Max over samples of unique storage bytes saved for backward in one forward."""
-    peak = 0
-    for planned in plans:
-        seen: dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            st = t.untyped_storage()
-            if st.data_ptr() not in exclude:
-                seen[st.data_ptr()] = st.nbytes()
-            return t
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            logp = trainer.logprobs(planned)
-        del logp
-        rec_bytes = sum(t.numel() * t.element_size() for s in planned.segments for t in s.replay.values())
-        peak = max(peak, sum(seen.values()) + rec_bytes)
-    return peak
-
-
-def measure(folder, texts, dtype: torch.dtype, repetitions: int, seed: int,
-            ref_grads: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """One dtype's numbers; ``ref_grads``: the fp32 HF + PEFT LoRA gradients (computed here when
-    None, which requires dtype fp32) -- returned for the next dtype's error figures."""
-    from alchemist_sgl.config import LoraConfig, TrainConfig
-    from alchemist_sgl.train import PromptSegment, Recording, ReplayTrainer, Sample, load_fused_weights
-    from alchemist_sgl.train.lora import peft_name
-    from alchemist_sgl.train.samples import PlanCounts, PlannedSample, PlannedSegment
-
+    dname, nbytes = _DTYPE[dtype]
     weights = load_fused_weights(folder, dtype=dtype)
-    cfg = TrainConfig(lora=LoraConfig(rank=LORA_RANK, alpha=LORA_ALPHA))
-    arms = {"replay": ReplayTrainer(weights, cfg, seed=seed),
-            "recompute": ReplayTrainer(weights, TrainConfig(lora=cfg.lora, replay=False), seed=seed),
-            "replay_joint": ReplayTrainer(weights, cfg, seed=seed, layout="joint")}
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # a non-zero B so every LoRA tensor has a gradient
-        for b in arms["replay"].adapter.b.values():
-            b.copy_(torch.randn(b.shape, generator=gen) * 0.01)
-    arms["recompute"].adapter.load_state_dict(arms["replay"].adapter.state_dict())
-    arms["replay_joint"].adapter.load_state_dict(arms["replay"].adapter.state_dict())
-    hf = _hf_model(folder, dtype, arms["replay"].adapter)
-    _share_base(hf, weights)
-    hf_params = [p for n, p in hf.named_parameters() if "lora_" in n]
-    hf_opt = torch.optim.AdamW(hf_params, lr=cfg.learning_rate, weight_decay=0.0)
-    # One capture per sample over prompt + response (causal: its prompt rows equal a prefill of
-    # the prompt alone). Replay reads the prompt rows as views; the ceiling reads every row.
-    full = [_hf_record(hf, prompt + response) for prompt, response in texts]
-    samples = [Sample(prompt, response, (PromptSegment(0, len(prompt), Recording(
-        0, {k: v[:, :len(prompt)] for k, v in rec.items()})),)) for (prompt, response), rec in zip(texts, full)]
-    plans = {name: [t.plan(s) for s in samples] for name, t in arms.items()}
-    # Ceiling: one segment whose every projection row (prompt and response) is precomputed.
-    ceiling_plans = [PlannedSample(pl.input_ids, pl.prompt_len, (PlannedSegment(0, pl.input_ids.numel(), rec),),
-                                   pl.sample, PlanCounts()) for pl, rec in zip(plans["recompute"], full)]
-    snapshot = {n: {k: v.detach().clone() for k, v in t.adapter.state_dict().items()} for n, t in arms.items()}
-    hf_snapshot = [p.detach().clone() for p in hf_params]
+    shape = ModelShape.from_hf_config(hf_config, nbytes)
+    extra = {"layout": os.environ["ALCHEMIST_REPLAY_LAYOUT"]} if os.environ.get("ALCHEMIST_REPLAY_LAYOUT") else {}
+
+    def make(replay: bool, **changes: Any) -> ReplayTrainer:  # one config object for every arm
+        return ReplayTrainer(weights, dataclasses.replace(cfg.train, replay=replay, **changes), seed=seed, **extra)
+
+    recompute = make(False)
+    replay = {p: make(True) for p in plans}
+    ceiling = {p: make(True) for p in plans}
+    stale = make(True, max_version_lag=max(LAGS))
+    every = [recompute, stale, *replay.values(), *ceiling.values()]
+    for t in every[1:]:
+        t.adapter.load_state_dict(recompute.adapter.state_dict())
+    stores = {p: live.fill_store([e["prompt"] for e in exports], shape, v, dtype) for p, v in plans.items()}
+    for p, v in plans.items():
+        arms.substitute_all_rows(ceiling[p], {tuple(a): {k: t.to(dtype) for k, t in live.rows_of(e["all"], v).items()}
+                                              for (a, _), e in zip(texts, exports)})
+    log(f"{dname}: stores filled for plans {list(plans)}; trainers built ({len(every)})")
+
+    def plain() -> tuple[list[Any], Any]:
+        return [Sample(a, b) for a, b in texts], lambda: None
+
+    def stored(p: str, version: int = 0):
+        def build() -> tuple[list[Any], Any]:
+            store, ns = stores[p]
+            made = [live.sample_from_store(store, ns, a, b, version) for a, b in texts]
+            return [s for s, _ in made], lambda: [store.unpin(pin) for _, pin in made]
+        return build
+
+    peft = hf.hf_model(folder, dtype, recompute.adapter)
+    hf.share_base(peft, weights)
+    hf_params = hf.lora_params(peft)
+    hf_opt = torch.optim.AdamW(hf_params, lr=cfg.train.learning_rate, weight_decay=0.0)
+    states = {id(t): arms.snapshot(t) for t in every}
+    hf_state = ([p.detach().clone() for p in hf_params], copy.deepcopy(hf_opt.state_dict()))
 
     def restore() -> None:
+        for t in every:
+            arms.restore(t, states[id(t)])
         with torch.no_grad():
-            for n, t in arms.items():
-                t.adapter.load_state_dict(snapshot[n])
-            for p, s in zip(hf_params, hf_snapshot):
+            for p, s in zip(hf_params, hf_state[0]):
                 p.copy_(s)
 
-    # Gradients (before any step), against the fp32 HF reference.
-    if ref_grads is None:
+    if ref is None:
         if dtype != torch.float32:
             raise ValueError("the fp32 reference gradients come from an fp32 run")
-        hf.zero_grad(set_to_none=True)
-        _hf_backward(hf, texts)
-        ref_grads = {k.replace(".default.weight", ".weight"): p.grad.double()
-                     for k, p in hf.named_parameters() if p.grad is not None}
-    errs = {}
-    for name, trainer in arms.items():
-        trainer.optimizer.zero_grad(set_to_none=True)
-        trainer.accumulate(samples)
-        worst = 0.0
-        for layer in range(weights.spec.layers):
-            for t in trainer.adapter.targets:
-                for which, store in (("A", trainer.adapter.a), ("B", trainer.adapter.b)):
-                    g, r = store[f"{layer}_{t}"].grad.double(), ref_grads[peft_name(layer, t, which)]
-                    worst = max(worst, float((g - r).norm() / r.norm().clamp_min(1e-30)))
-        errs[name] = worst
-        trainer.optimizer.zero_grad(set_to_none=True)
-    hf.zero_grad(set_to_none=True)
-    _trim()
+        ref = hf.reference_grads(peft, texts)
+    err_rec, compared = metrics.max_rel_err(arms.step_grads(recompute, plain), ref)
+    errs = {p: metrics.max_rel_err(arms.step_grads(replay[p], stored(p)), ref)[0] for p in plans}
+    log(f"{dname}: grad rel err recompute {err_rec:.2e}, replay {errs} ({compared} tensors)")
+    stale_cos = _stale_cosines(recompute, stale, plans, plain, stored, log, dname)
 
-    exclude = {t.untyped_storage().data_ptr() for lw in weights.layers
-               for t in (lw.qkv, lw.o, lw.gate_up, lw.down, lw.input_layernorm, lw.post_attention_layernorm)}
-    exclude |= {weights.embed.untyped_storage().data_ptr(), weights.final_norm.untyped_storage().data_ptr()}
-    exclude |= {p.untyped_storage().data_ptr() for t in arms.values() for p in t.adapter.parameters()}
-    peak = {n: _saved_bytes(arms[n], plans[n], exclude) for n in arms}
+    exclude = arms.base_storages(weights, every)
+    one = lambda build_all: [_one(build_all, i) for i in range(len(texts))]  # noqa: E731
+    peak_rec = arms.peak_saved_bytes(recompute, one(plain), exclude)
+    peaks = {p: arms.peak_saved_bytes(replay[p], one(stored(p)), exclude) for p in plans}
+    compiled, compile_s, compile_err = hf.compiled(peft, hf_params, hf_opt, texts, restore)
+    log(f"{dname}: HF compile: {f'{compile_s:.1f} s' if compiled is not None else compile_err}")
 
-    # Warm-up (untimed), then interleaved repetitions with a rotating arm order.
-    _our_step(arms["replay"], plans["replay"]), _our_step(arms["recompute"], plans["recompute"])
-    _our_step(arms["recompute"], ceiling_plans), _hf_step(hf, hf_opt, texts)
-    _our_step(arms["replay_joint"], plans["replay_joint"])
-    restore()
-    times: dict[str, list[float]] = {"replay": [], "recompute": [], "hf": [], "ceiling": [],
-                                     "replay_joint": []}
-    fwd_share = []
-    order = ["replay", "recompute", "hf", "ceiling", "replay_joint"]
+    runners = {"recompute": lambda: arms.timed_step(recompute, plain),
+               "hf": lambda: (hf.step(peft, hf_params, hf_opt, texts), None, None)}
+    if compiled is not None:
+        runners["hf_compiled"] = lambda: (hf.step(compiled, hf_params, hf_opt, texts), None, None)
+    for p in plans:
+        runners[f"replay:{p}"] = lambda p=p: arms.timed_step(replay[p], stored(p))
+        runners[f"ceiling:{p}"] = lambda p=p: arms.timed_step(ceiling[p], plain)
+    for name, fn in runners.items():  # warm-up, untimed
+        fn()
+        restore()
+    log(f"{dname}: warm-up done")
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    shares: list[float] = []
+    order = list(runners)
     for rep in range(repetitions):
-        for arm in order[rep % 5:] + order[:rep % 5]:
-            if arm == "hf":
-                times[arm].append(_hf_step(hf, hf_opt, texts))
-            elif arm == "ceiling":
-                times[arm].append(_our_step(arms["recompute"], ceiling_plans)[0])
-            else:
-                step_s, fwd_s = _our_step(arms[arm], plans[arm])
-                times[arm].append(step_s)
-                if arm == "recompute":
-                    fwd_share.append(fwd_s / step_s)
+        for name in order[rep % len(order):] + order[:rep % len(order)]:
+            seconds, start, events = runners[name]()
+            times[name].append(seconds)
+            if name == "recompute":
+                shares.append(metrics.forward_seconds(start, events, len(texts)) / seconds)
             restore()
             _trim()
+            log(f"{dname}: rep {rep + 1}/{repetitions} {name:<14} {seconds:.3f} s")
+
     tokens = sum(len(a) + len(b) for a, b in texts)
-    replayed = sum(len(a) for a, _ in texts)
-    f = replayed / tokens
-    ratios = [c / r for c, r in zip(times["recompute"], times["replay"])]
-    ratios_joint = [c / r for c, r in zip(times["recompute"], times["replay_joint"])]
-    ceilings = [c / (c - (c - s) * f) for c, s in zip(times["recompute"], times["ceiling"])]
-    share = statistics.median(fwd_share)
+    share = statistics.median(shares)
+    token_share = sum(len(a) for a, _ in texts) / tokens
+    lc = cfg.train.lora
+    per_plan = {}
+    for p, tensors in plans.items():
+        replayed = _replayed_tokens(stored(p))
+        fractions = metrics.prompt_fractions(shape, tensors, [(len(a), len(b), n) for (a, b), n in zip(texts, replayed)],
+                                             int(hf_config["vocab_size"]), lc.rank, lc.targets)
+        per_plan[p] = {"plan": list(tensors), **metrics.plan_fields(
+            tokens=tokens, times={"replay": times[f"replay:{p}"], "recompute": times["recompute"]},
+            forward_share=share, fractions=fractions,
+            ceiling=metrics.ceiling_ratios(times["recompute"], times[f"ceiling:{p}"], token_share),
+            errors=(errs[p], err_rec), peak=(peaks[p], peak_rec), stale=stale_cos[p])}
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {
-        "tokens_per_s_replay": tokens / med["replay"],
-        "tokens_per_s_recompute": tokens / med["recompute"],
-        "tokens_per_s_hf_reference": tokens / med["hf"],
-        "ratio": statistics.median(ratios),
-        "ratio_spread": max(ratios) - min(ratios),
-        "prompt_fraction": f,
-        "forward_share": share,
-        "ideal_ratio": 1.0 / (1.0 - share * f),
-        "ceiling_ratio": statistics.median(ceilings),
-        "max_grad_rel_err": errs["replay"],
-        "max_grad_rel_err_recompute": errs["recompute"],
-        "dtype": str(dtype).replace("torch.", ""),
-        "repetitions": repetitions,
-        "peak_mem_replay_bytes": peak["replay"],
-        "peak_mem_recompute_bytes": peak["recompute"],
-        "peak_mem_measurement": "logical-cpu",
-        "tokens_per_step": tokens,
-        "step_s_median": {k: v for k, v in med.items()},
-        "step_s_all": {k: [round(x, 4) for x in v] for k, v in times.items()},
-        "ratio_of_medians": med["recompute"] / med["replay"],
-        "joint_layout": {"ratio": statistics.median(ratios_joint),
-                         "ratio_spread": max(ratios_joint) - min(ratios_joint),
-                         "tokens_per_s": tokens / med["replay_joint"],
-                         "max_grad_rel_err": errs["replay_joint"],
-                         "peak_mem_bytes": peak["replay_joint"]},
-    }, ref_grads
+    out = {**per_plan[label], "dtype": dname, "per_plan": per_plan,
+           "tokens_per_s_hf_reference": tokens / med["hf"],
+           "tokens_per_s_hf_reference_compiled": tokens / med["hf_compiled"] if compiled is not None else None,
+           "hf_compile_s": compile_s, "hf_compile_error": compile_err,
+           "peak_mem_measurement": "logical-cpu", "grad_tensors_compared": compared,
+           "tokens_per_step": tokens, "step_s_median": med, "step_s_all": times,
+           "layout": getattr(recompute, "layout", None), "compile": bool(getattr(cfg.train, "compile", False)),
+           "learning_rate": cfg.train.learning_rate, "lora_rank": lc.rank}
+    return out, ref
+
+
+def _one(build_all, i: int):
+    def build():
+        samples, release = build_all()
+        return [samples[i]], release
+    return build
+
+
+def _replayed_tokens(build) -> list[int]:
+    samples, release = build()
+    try:
+        return [sum(s.end - s.start for s in x.segments if s.recording is not None) for x in samples]
+    finally:
+        release()
+
+
+def _stale_cosines(recompute, stale, plans, plain, stored, log, dname) -> dict[str, dict[int, float]]:
+    """Per plan {k: cos(exact gradient at theta_k, replay gradient at theta_k on recordings of
+    theta_0)}; theta_k = k real recompute AdamW steps from theta_0. Trainers restored after."""
+    start = arms.snapshot(recompute)
+    thetas = [start[0]]
+    for _ in range(max(LAGS)):
+        samples, _release = plain()
+        recompute.step(samples)
+        thetas.append(arms.snapshot(recompute)[0])
+    arms.restore(recompute, start)
+    out: dict[str, dict[int, float]] = {p: {} for p in plans}
+    fresh_stale = arms.snapshot(stale)
+    for k in LAGS:
+        arms.restore(recompute, (thetas[k], start[1]))
+        exact = arms.step_grads(recompute, plain)
+        for p in plans:
+            arms.restore(stale, (thetas[k], fresh_stale[1]))
+            stale.version = k
+            out[p][k] = metrics.cosine(exact, arms.step_grads(stale, stored(p, version=0)))
+        log(f"{dname}: lag {k}: cos {', '.join(f'{p} {out[p][k]:.6f}' for p in plans)}")
+    stale.version = 0
+    arms.restore(stale, fresh_stale)
+    arms.restore(recompute, start)
+    return out
