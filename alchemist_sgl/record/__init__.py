@@ -1,5 +1,6 @@
-"""Recording: the record plan (what to keep per token under a byte budget) and the capture protocol.
+"""Recording: the record plan (which projections to keep per token) and the capture protocol.
 
-``plan.choose_plan`` picks projections by FLOPs saved per byte; ``capture.Capture`` copies their
-outputs from prefill forwards into the activation store. Must not import sglang.
+``plan.choose_plan`` records all four projections by default (a named subset or a byte budget on
+request); ``capture.Capture`` copies their outputs from prefill forwards into the activation
+store. Must not import sglang.
 """
