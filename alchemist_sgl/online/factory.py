@@ -21,6 +21,8 @@ from alchemist_sgl.online.loop import OnlineLoop
 from alchemist_sgl.online.publish import MasterWeights, Publisher
 from alchemist_sgl.online.versions import VersionRegistry
 from alchemist_sgl.train import ReplayTrainer, Sample
+from alchemist_sgl.train.offload import SavedTensorOffload
+from alchemist_sgl.train.residency import ResidencyAccount
 
 
 def build_loop(*, config: Any, weights: Any, host: Any, recordings: Any, completions: Any,
@@ -32,6 +34,9 @@ def build_loop(*, config: Any, weights: Any, host: Any, recordings: Any, complet
     folder = Path(tc.checkpoint_dir)
     folder.mkdir(parents=True, exist_ok=True)
     trainer = ReplayTrainer(weights, tc, seed=tc.seed)
+    # memory.offload: the work units move their saved tensors (train/offload.py); None: no hooks.
+    trainer.residency = (SavedTensorOffload(ResidencyAccount(weights.device))
+                         if config.memory.offload else None)
     master = MasterWeights(weights, tuple(tc.lora.targets))
     meta = CheckpointMeta(model=str(model_name), rank=tc.lora.rank, alpha=float(tc.lora.alpha),
                           targets=tuple(tc.lora.targets), dtype=str(weights.dtype).replace("torch.", ""))
