@@ -65,6 +65,9 @@ class TrainConfig:
     replay: bool = True
     gradient_mode: Literal["exact", "response_only"] = "exact"
     max_version_lag: int = 0
+    # Run the trainer's decoder layers through torch.compile, compiled before serving starts
+    # (alchemist_sgl/train/layer.py, Note [Compiled layer]).
+    compile: bool = False
     # Work-unit time per scheduler iteration while requests wait or run (adds to their TPOT).
     slice_budget_ms: float = 30.0
     # Work-unit time per scheduler iteration while nothing is waiting or running.

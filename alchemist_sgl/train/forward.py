@@ -192,6 +192,8 @@ def decoder_layer(weights: BaseWeights, layer: int, lora: _LayerLora, planned: P
 
 def gather_rows(planned: PlannedSample, tensors: Streams, lo: int, hi: int) -> torch.Tensor:
     """Rows [lo, hi) of the model input (absolute positions) out of per-segment tensors."""
+    if len(tensors) == 1:  # one tensor over the whole input (joint layout or one segment)
+        return tensors[0][lo:hi]
     rows = []
     for seg, t in zip(planned.segments, tensors):
         a, b = max(seg.start, lo), min(seg.end, hi)

@@ -119,20 +119,22 @@ def replayed_linear(x: torch.Tensor, recorded: torch.Tensor, weight: torch.Tenso
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                     key_offset: int = 0) -> torch.Tensor:
+                     key_offset: int = 0, is_gqa: bool | None = None) -> torch.Tensor:
     """Grouped-query causal attention. q [n, H, d], k/v [m, KV, d] with m = key_offset + n: query
     row i sits at absolute position key_offset + i and sees keys [0, key_offset + i].
-    Returns [n, H*d]."""
+    ``is_gqa``: KV < H, if the caller knows it as a plain bool (under torch.compile with dynamic
+    shapes the head counts are symbolic). Returns [n, H*d]."""
     n, heads, d = q.shape
     qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    gqa = bool(kh.shape[1] != heads) if is_gqa is None else is_gqa
     if key_offset == 0:
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale,
-                                             enable_gqa=kh.shape[1] != heads)
+                                             enable_gqa=gqa)
     else:
         rows = torch.arange(n, device=q.device).unsqueeze(1) + key_offset
         mask = torch.arange(k.shape[0], device=q.device).unsqueeze(0) <= rows
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale,
-                                             enable_gqa=kh.shape[1] != heads)
+                                             enable_gqa=gqa)
     return out.squeeze(0).transpose(0, 1).reshape(n, heads * d)
 
 

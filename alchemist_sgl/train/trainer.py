@@ -13,8 +13,7 @@ each sample's graph is built, back-propagated and freed before the next, so peak
 sample's. The loss is the mean over samples of ``weight * loss_s`` divided by the mean weight
 (objectives.py). ``version`` is a plain attribute the caller (the online loop) sets before a step:
 recordings are planned with lag = version - recording.version (samples.py, Note [Staleness]).
-The adapter and its AdamW state carry on across publishes; ``set_published`` only swaps the
-snapshot the forward subtracts.
+The adapter and AdamW state carry on across publishes; ``set_published`` swaps the subtracted snapshot.
 """
 
 from __future__ import annotations
@@ -89,18 +88,18 @@ class ReplayTrainer:
     lora.{rank, alpha, dropout, targets}, objective_negative, learning_rate). ``version``: the
     version the base tensors serve (the caller updates it). ``published``: the adapter merged into
     the base tensors (None: they are the plain W0); see ``set_published`` and forward.py, Note
-    [Published adapter]. ``layout``: ``"segments"`` (default; forward.py, Note [Segments]) or
-    ``"joint"`` (joint.py, Note [Joint layout], whole-sample only); same gradients, different
-    speed trade-offs. ``adapter_dtype``: the LoRA parameters' (and AdamW state's) dtype, fp32 by
-    default whatever the base dtype: bf16 parameters would round away most AdamW updates
-    (|A| ~ 0.04 has a bf16 spacing of ~1.6e-4 > lr). The forward casts them to the activation dtype.
+    [Published adapter]. ``layout``: ``"joint"`` (default; layer.py) or ``"segments"`` (forward.py;
+    response-only needs it). ``config.compile``: layer.py, Note [Compiled layer].
+    ``adapter_dtype``: the LoRA parameters' (and AdamW state's) dtype, fp32 by default: bf16 would
+    round away most AdamW updates (|A| ~ 0.04 has a bf16 spacing of ~1.6e-4 > lr).
     """
 
     def __init__(self, weights: BaseWeights, config: Any, *, version: int = 0, seed: int = 0,
-                 layout: str = "segments", adapter_dtype: torch.dtype = torch.float32) -> None:
+                 layout: str = "joint", adapter_dtype: torch.dtype = torch.float32) -> None:
         if layout not in ("segments", "joint"):
             raise ValueError(f"unknown layout {layout!r} (segments | joint)")
         self.weights, self.config, self.version, self.layout = weights, config, version, layout
+        self.is_compiled = bool(getattr(config, "compile", False))
         self.seed, self.loss_chunk_rows = seed, int(getattr(config, "loss_chunk_rows", 256))
         lc = config.lora
         self.adapter = LoraAdapter(weights.spec, lc.rank, lc.alpha, lc.dropout, lc.targets,
@@ -150,7 +149,8 @@ class ReplayTrainer:
         kw = dict(is_training=self.adapter.training, published=self.published,
                   is_published_current=self.is_published_current)
         if self.layout == "joint" and self.config.gradient_mode == "exact":
-            return joint_forward_logprobs(self.weights, adapter, self.rope, planned, **kw)
+            return joint_forward_logprobs(self.weights, adapter, self.rope, planned,
+                                          is_compiled=self.is_compiled, **kw)
         return forward_logprobs(self.weights, adapter, self.rope, planned,
                                 gradient_mode=self.config.gradient_mode, **kw)
 
@@ -158,7 +158,7 @@ class ReplayTrainer:
         """Plans ``samples`` (raises ValueError on a malformed one, before any work) and returns
         the step as work units (units.py, Note [Work units]). Gradients accumulate in the adapter
         between units: no other step may run meanwhile, and the base must not change. Raises
-        ValueError for ``layout="joint"`` or ``gradient_mode="response_only"`` (use ``step``)."""
+        ValueError for ``gradient_mode="response_only"`` (use ``step``)."""
         check_unit_support(self.config, self.layout)
         if not samples:
             raise ValueError("a step needs at least one sample")

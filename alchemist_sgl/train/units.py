@@ -5,8 +5,8 @@ Owns ``StepRun`` (``ReplayTrainer.begin_step``), ``ScoreRun`` (``ReplayTrainer.b
 ``UnitInfo``; ``is_done`` says when none is left. Imports only torch.
 
 Note [Work units]: a step over samples s = 0..n-1 (a micro-batch is one sample) runs, per sample,
-  * one ``forward`` unit per decoder layer: ``forward.decoder_layer`` over all the sample's
-    segments, keeping that layer's graph. Layer l > 0 starts from detached, grad-requiring copies
+  * one ``forward`` unit per decoder layer (``run_layer``: layer.py's ``joint_layer`` over all
+    rows at once, or forward.py's ``decoder_layer`` per segment), keeping that layer's graph. Layer l > 0 starts from detached, grad-requiring copies
     of BOTH streams layer l - 1 produced (hidden and residual: SGLang's Llama carries the residual
     separately); layer 0 starts from the embedding;
   * ``head`` units over chunks of at most ``config.loss_chunk_rows`` loss rows: final add+RMSNorm,
@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Iterator, Literal
 
 import torch
 
-from alchemist_sgl.train.forward import (Streams, _LayerLora, decoder_layer, embed_segments,
-                                         head_logprobs)
+from alchemist_sgl.train.forward import Streams, head_logprobs
+from alchemist_sgl.train.layer import embed_streams, run_layer
 from alchemist_sgl.train.objectives import kto_loss_and_coefficient, token_loss_sum
 from alchemist_sgl.train.samples import PlanCounts, PlannedSample
 
@@ -142,15 +142,12 @@ class StepRun(_Run):
             yield from nograd_logprob_units(t, planned, index, None, out)
             ref = torch.cat(out)
         # Forward units: each layer from detached copies of both streams.
-        hidden: Streams = list(embed_segments(w, planned))
-        residual: Streams = [None] * len(hidden)
+        hidden, residual = embed_streams(t, planned)
         graphs: list[tuple[Streams, Streams, Streams, Streams] | None] = []
         for layer in range(spec.layers):
             if layer > 0:
                 hidden, residual = _leaves(hidden), _leaves(residual)
-            lora = _LayerLora(t.adapter, layer, t.adapter.training, w.dtype, t.published,
-                              t.is_published_current)
-            h_out, r_out = decoder_layer(w, layer, lora, planned, t.rope, hidden, residual)
+            h_out, r_out = run_layer(t, layer, t.adapter, planned, hidden, residual)
             graphs.append((hidden, residual, h_out, r_out))
             hidden, residual = h_out, r_out
             yield "forward", index, layer
@@ -247,13 +244,10 @@ def nograd_logprob_units(trainer: "ReplayTrainer", planned: PlannedSample, index
     """A no-grad forward in units: one per layer, then one per loss chunk, appending each chunk's
     log-probs [hi - lo] to ``out``. ``adapter=None`` computes the served weights as they are."""
     w = trainer.weights
-    hidden: Streams = list(embed_segments(w, planned))
-    residual: Streams = [None] * len(hidden)
+    hidden, residual = embed_streams(trainer, planned)
     for layer in range(w.spec.layers):
         with torch.no_grad():
-            lora = _LayerLora(adapter, layer, False, w.dtype, trainer.published,
-                              trainer.is_published_current)
-            hidden, residual = decoder_layer(w, layer, lora, planned, trainer.rope, hidden, residual)
+            hidden, residual = run_layer(trainer, layer, adapter, planned, hidden, residual)
         yield "forward", index, layer
     for lo, hi in loss_chunks(planned, trainer.loss_chunk_rows):
         with torch.no_grad():
@@ -277,9 +271,9 @@ def _grads(streams: Streams) -> list[torch.Tensor | None]:
 
 
 def check_unit_support(config, layout: str) -> None:
-    """Work units cover the segment layout in exact mode; raises ValueError otherwise."""
-    if layout != "segments" or config.gradient_mode != "exact":
-        raise ValueError(f"work units need layout='segments' and train.gradient_mode='exact' "
-                         f"(got {layout!r}, {config.gradient_mode!r}); use ReplayTrainer.accumulate "
+    """Work units cover both layouts in exact mode; raises ValueError otherwise."""
+    if layout not in ("joint", "segments") or config.gradient_mode != "exact":
+        raise ValueError(f"work units need train.gradient_mode='exact' (got {layout!r}, "
+                         f"{config.gradient_mode!r}); use ReplayTrainer.accumulate "
                          f"or step for the whole-sample path")
 

@@ -42,7 +42,7 @@ def test_gpu_check_smoke_on_cpu(capsys):
 
 
 @pytest.mark.parametrize("module", ["forward", "joint", "lora", "objectives", "ops", "samples", "spec", "units",
-                                    "trainer", "weights"])
+                                    "trainer", "weights", "layer", "warmup"])
 def test_train_modules_state_their_contract(module):
     import importlib
     mod = importlib.import_module(f"alchemist_sgl.train.{module}")

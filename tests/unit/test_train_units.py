@@ -45,8 +45,8 @@ def _published_weights(weights: BaseWeights, frozen: FrozenLora | None) -> BaseW
 
 
 def _trainer(weights: BaseWeights, adapter, published: FrozenLora | None = None,
-             **cfg_kw) -> ReplayTrainer:
-    trainer = ReplayTrainer(weights, _cfg(**cfg_kw))
+             layout: str = "joint", **cfg_kw) -> ReplayTrainer:
+    trainer = ReplayTrainer(weights, _cfg(**cfg_kw), layout=layout)
     trainer.adapter.load_state_dict(adapter.state_dict())  # keeps the optimizer's parameters
     if published is not None:
         trainer.set_published(published)
@@ -103,14 +103,17 @@ def _hf_over(weights_pub: BaseWeights, rank: int = 4):
     return model
 
 
+@pytest.mark.parametrize("layout", ["joint", "segments"])
 @pytest.mark.parametrize("case", ["hole_in_middle", "many_segments", "full_varied_lengths"])
-def test_units_equal_whole_sample_backward(tiny, case):
-    """Loss and every LoRA grad of a unit-by-unit step equal the whole-sample backward, with
-    replayed segments and holes and head chunks smaller than the response (several head units)."""
+def test_units_equal_whole_sample_backward(tiny, case, layout):
+    """Loss and every LoRA grad of a unit-by-unit step (either layout) equal the whole-sample
+    backward of the segments layout (the other code path for joint units), with replayed
+    segments and holes and head chunks smaller than the response (several head units)."""
     weights, _, trained = tiny
     samples, _ = _build(CASES[case], build_hf_peft(model_dir("tiny"), torch.float32, trained))
-    trainer = _trainer(weights, trained, loss_chunk_rows=4)
-    whole_loss, whole = _whole_grads(trainer, samples)
+    whole_loss, whole = _whole_grads(_trainer(weights, trained, layout="segments",
+                                              loss_chunk_rows=4), samples)
+    trainer = _trainer(weights, trained, layout=layout, loss_chunk_rows=4)
     run, infos, loss, grads = _unit_grads(trainer, samples)
     assert abs(loss - whole_loss) <= TOL_UNITS * abs(whole_loss)
     assert max_rel_err(grads, whole) <= TOL_UNITS
@@ -300,8 +303,8 @@ def test_frozen_lora_round_trips_and_refuses_bad_input(tiny):
 def test_units_refuse_whole_sample_only_modes_and_dropout(tiny):
     weights, _, trained = tiny
     batch = [Sample(_ids(23, 9), _ids(24, 3))]
-    with pytest.raises(ValueError, match="work units"):
-        ReplayTrainer(weights, _cfg(), layout="joint").begin_step(batch)
+    with pytest.raises(ValueError, match="unknown layout"):
+        ReplayTrainer(weights, _cfg(), layout="rows")
     with pytest.raises(ValueError, match="work units"):
         ReplayTrainer(weights, _cfg(gradient_mode="response_only")).begin_step(batch)
     assert ReplayTrainer(weights, _cfg(gradient_mode="response_only")).step(batch).units == 2
