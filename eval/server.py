@@ -122,7 +122,7 @@ class ManagedServer:
     config_path: Path
     overrides: tuple[str, ...] = ()
     log_dir: Path = Path(".")
-    ready_timeout_s: float = 300.0
+    ready_timeout_s: float = 900.0  # train.compile compiles before ready: minutes on 2 cores
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
     ready_s: float | None = None

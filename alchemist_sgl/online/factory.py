@@ -2,12 +2,14 @@
 
 Owns ``build_loop``: trainer over the live ``BaseWeights``, master copy of W0, publisher, sample
 queue, version registry and checkpoints under ``train.checkpoint_dir``, the gate's held-out pairs,
-and the sample admission; then restores the newest compatible checkpoint (or announces v0).
+and the sample admission; then restores the newest compatible checkpoint (or announces v0) and,
+with ``train.compile``, compiles the trainer's layers before serving starts.
 Imports package modules only; everything SGLang-specific arrives as arguments.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -23,6 +25,10 @@ from alchemist_sgl.online.versions import VersionRegistry
 from alchemist_sgl.train import ReplayTrainer, Sample
 from alchemist_sgl.train.offload import SavedTensorOffload
 from alchemist_sgl.train.residency import ResidencyAccount
+from alchemist_sgl.train.spec import PROJECTIONS
+from alchemist_sgl.train.warmup import warm_up_compiled
+
+log = logging.getLogger(__name__)
 
 
 def build_loop(*, config: Any, weights: Any, host: Any, recordings: Any, completions: Any,
@@ -52,9 +58,28 @@ def build_loop(*, config: Any, weights: Any, host: Any, recordings: Any, complet
                       publisher=Publisher(master, weights), master=master, host=host,
                       recordings=recordings, adapters=adapters, gate_pairs=gate_pairs, clock=clock)
     loop.restore()
+    _compile_before_serving(trainer, config)
     admission = SampleAdmission(
         tokenize=tokenize, chat=chat, eos_id=eos_id, completions=completions,
         pin=recordings.pin if recordings is not None else None,
         unpin=recordings.unpin if recordings is not None else (lambda handle: None),
         serving=serving, max_tokens=max_tokens, clock=clock)
     return loop, admission
+
+
+def _compile_before_serving(trainer: ReplayTrainer, config: Any) -> None:
+    """train.compile: compile the loop's layer graphs now, before the server reports ready
+    (train/warmup.py); a failure is logged and training runs eager instead."""
+    if not trainer.is_compiled:
+        return
+    choice = config.record.plan_choice if config.record.is_enabled else "full"
+    names = (choice,) if isinstance(choice, str) and choice != "full" else (
+        tuple(choice) if isinstance(choice, (tuple, list)) else PROJECTIONS)
+    try:
+        trainer.compile_info = warm_up_compiled(trainer, names)
+        log.info("train.compile: layer graphs compiled in %.1f s (%d warm-up steps)",
+                 trainer.compile_info["compile_s"], trainer.compile_info["steps"])
+    except Exception as exc:  # noqa: BLE001 - any compiler failure: train eager, loudly
+        trainer.is_compiled = False
+        trainer.compile_info = {"compile_s": 0.0, "steps": 0, "error": f"{type(exc).__name__}: {exc}"}
+        log.error("train.compile failed, training runs eager: %s", trainer.compile_info["error"])

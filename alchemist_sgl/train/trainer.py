@@ -2,8 +2,7 @@
 
 Owns ``ReplayTrainer`` (adapter, optimizer, the published snapshot, RoPE cache, version, cumulative
 counters), ``StepStats`` and ``TrainCounters`` (the ``train`` block of ``/alchemist/status``).
-Imports only torch; the config is duck-typed (``alchemist_sgl.config.TrainConfig`` or anything
-with the same attributes), so this package runs where only torch is installed.
+Imports only torch; the config is duck-typed (``alchemist_sgl.config.TrainConfig``'s attributes).
 
 Contract: a step must run with no concurrent writer of the base tensors (it reads them, and in
 merge mode they are the live served weights W_pub; forward.py, Note [Published adapter]); it
@@ -54,7 +53,6 @@ class StepStats:
 @dataclass
 class TrainCounters:
     """Cumulative numbers for the ``train`` status block (INTERFACES.md)."""
-
     steps: int = 0
     samples_trained: int = 0
     tokens_trained: int = 0
@@ -100,6 +98,7 @@ class ReplayTrainer:
             raise ValueError(f"unknown layout {layout!r} (segments | joint)")
         self.weights, self.config, self.version, self.layout = weights, config, version, layout
         self.is_compiled = bool(getattr(config, "compile", False))
+        self.compile_info: dict | None = None  # set by the warm-up (warmup.py), shown in status
         self.seed, self.loss_chunk_rows = seed, int(getattr(config, "loss_chunk_rows", 256))
         lc = config.lora
         self.adapter = LoraAdapter(weights.spec, lc.rank, lc.alpha, lc.dropout, lc.targets,
@@ -297,4 +296,5 @@ class ReplayTrainer:
 
     def status(self) -> dict[str, Any]:
         """The trainer's part of the ``train`` status block (INTERFACES.md)."""
-        return dataclasses.asdict(self.counters) | {"version": self.version}
+        extra = {} if self.compile_info is None else {"compile": self.compile_info}
+        return dataclasses.asdict(self.counters) | {"version": self.version} | extra

@@ -61,6 +61,10 @@ def start_server(config: str, overrides: tuple[str, ...] = (), extra_env: dict[s
         overrides = (*overrides, f"train.checkpoint_dir={run / 'checkpoints'}")
     if not any(o.startswith("feedback.db_path=") for o in overrides):
         overrides = (*overrides, f"feedback.db_path={run / 'feedback.sqlite'}")
+    if not any(o.startswith("train.compile=") for o in overrides):
+        # The compile costs minutes per server on 2 cores; tests/unit/test_train_compiled.py
+        # checks the compiled layers against eager once.
+        overrides = (*overrides, "train.compile=false")
     managed = ManagedServer(REPO / config, tuple(overrides),
                             log_dir=Path(tempfile.mkdtemp(prefix="alchemist-server-")),
                             ready_timeout_s=READY_TIMEOUT_S, extra_env=dict(extra_env or {}))
