@@ -27,6 +27,7 @@ Between units the caller may serve: the base tensors and the adapter must not ch
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ import torch
 from alchemist_sgl.train.forward import Streams, head_logprobs
 from alchemist_sgl.train.layer import embed_streams, run_layer
 from alchemist_sgl.train.objectives import kto_loss_and_coefficient, token_loss_sum
+from alchemist_sgl.train.offload import long_lived_tensors
 from alchemist_sgl.train.samples import PlanCounts, PlannedSample
 
 if TYPE_CHECKING:
@@ -117,6 +119,11 @@ class StepRun(_Run):
         self._ratios: list[torch.Tensor] = []  # 0-d KTO summed log ratios
         self.is_nonfinite_skipped = self._is_injected = False
         total = sum(_count_units(trainer, p, True) for p in plans) + 1
+        # memory.offload (offload.py, Note [Saved-tensor offload]); None: no hooks.
+        self.offload = getattr(trainer, "residency", None)
+        if self.offload is not None:
+            self.offload.release_all()  # units an abandoned step left tracked
+            self.offload.protect(long_lived_tensors(trainer))
         super().__init__(self._step_units(), total, is_grad=True)
 
     def inject_nonfinite(self) -> None:
@@ -132,7 +139,7 @@ class StepRun(_Run):
         yield "optimizer", None, None
 
     def _sample_units(self, index: int, planned: PlannedSample):
-        t = self.trainer
+        t, off = self.trainer, self.offload
         w, spec, s = t.weights, t.weights.spec, planned.sample
         scale = s.weight / self.mean_weight / len(self.plans)
         is_kto = s.kind == "negative" and t.config.objective_negative == "kto"
@@ -147,7 +154,11 @@ class StepRun(_Run):
         for layer in range(spec.layers):
             if layer > 0:
                 hidden, residual = _leaves(hidden), _leaves(residual)
-            h_out, r_out = run_layer(t, layer, t.adapter, planned, hidden, residual)
+            with _saving(off, (index, layer)):
+                h_out, r_out = run_layer(t, layer, t.adapter, planned, hidden, residual)
+            if off is not None:  # forward order: layer 0 goes to host first
+                off.keep((index, layer), [*hidden, *residual, *h_out, *r_out])
+                off.offload((index, layer))
             graphs.append((hidden, residual, h_out, r_out))
             hidden, residual = h_out, r_out
             yield "forward", index, layer
@@ -177,6 +188,9 @@ class StepRun(_Run):
         # Backward units, top down; each frees its layer's graph.
         grads_h, grads_r = _grads(top_h), _grads(top_r)
         for layer in reversed(range(spec.layers)):
+            if off is not None:  # backward order, prefetching one layer ahead
+                off.prefetch((index, layer))
+                off.prefetch((index, layer - 1))
             ins_h, ins_r, outs_h, outs_r = graphs[layer]
             pairs = [(o, g) for o, g in zip(outs_h + outs_r, grads_h + grads_r)
                      if g is not None and o is not None and o.requires_grad]
@@ -184,6 +198,8 @@ class StepRun(_Run):
                 torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
             grads_h, grads_r = _grads(ins_h), _grads(ins_r)
             graphs[layer] = None
+            if off is not None:
+                off.release((index, layer))
             yield "backward", index, layer
 
     def _optimizer_unit(self) -> None:
@@ -259,6 +275,10 @@ def is_step_finite(loss: float, params: list[torch.Tensor]) -> bool:
     """The loss and every ``.grad`` of ``params`` finite (one host sync for all gradients)."""
     return math.isfinite(loss) and (not params or bool(
         torch.stack([p.grad.isfinite().all() for p in params]).all()))
+
+
+def _saving(off, key):
+    return contextlib.nullcontext() if off is None else off.saving(key)
 
 
 def _leaves(streams: Streams) -> Streams:

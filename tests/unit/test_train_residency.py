@@ -38,9 +38,9 @@ def tiny():
     return weights, adapter, samples
 
 
-def _trainer(weights, adapter) -> ReplayTrainer:
-    cfg = TrainConfig(lora=LoraConfig(rank=4, alpha=8.0), learning_rate=5e-3)
-    trainer = ReplayTrainer(weights, cfg)
+def _trainer(weights, adapter, layout: str = "segments", **cfg_kw) -> ReplayTrainer:
+    cfg = TrainConfig(lora=LoraConfig(rank=4, alpha=8.0), learning_rate=5e-3, **cfg_kw)
+    trainer = ReplayTrainer(weights, cfg, layout=layout)
     trainer.adapter.load_state_dict(adapter.state_dict())
     return trainer
 
@@ -242,3 +242,58 @@ def test_device_limit_raises_and_registers_nothing():
     assert account.status()["measurement"] == "logical-cpu"
     with pytest.raises(ValueError):
         ResidencyAccount("cpu", device_limit_bytes=0)
+
+
+def _steprun_grads(trainer: ReplayTrainer, samples):
+    """Loss and LoRA gradients of the real StepRun (units.py): every unit but the optimizer's,
+    which would change the adapter (the loss is the total the optimizer unit would take)."""
+    run = trainer.begin_step(samples)
+    while run.units < run.units_total - 1:
+        run.run_unit()
+    grads = {k: v.clone() for k, v in adapter_grads(trainer.adapter).items()}
+    trainer.adapter.zero_grad(set_to_none=True)
+    return torch.stack(run._losses).sum(), grads
+
+
+@pytest.mark.parametrize("layout,loss_chunk_rows", [("joint", 256), ("joint", 4),
+                                                    ("segments", 256)])
+def test_steprun_with_offload_is_bitwise_the_step_without(tiny, layout, loss_chunk_rows):
+    """Through the real work units (memory.offload sets ``trainer.residency``) vs None."""
+    weights, adapter, samples = tiny
+    trainer = _trainer(weights, adapter, layout=layout)
+    trainer.loss_chunk_rows = loss_chunk_rows
+    trainer.residency = None
+    plain = _steprun_grads(trainer, samples)
+    off = SavedTensorOffload(ResidencyAccount("cpu"))
+    trainer.residency = off
+    _assert_bitwise(plain, _steprun_grads(trainer, samples))
+    assert off.account.moved_to_host_bytes > 0 and off.late_reloads == 0
+    assert off.account.moved_to_device_bytes == off.account.moved_to_host_bytes
+    assert off.account.resident_bytes("device") == off.account.resident_bytes("host") == 0
+    # A step abandoned mid-forward leaves units tracked; the next step starts from none.
+    run = trainer.begin_step(samples)
+    for _ in range(weights.spec.layers // 2):
+        run.run_unit()
+    assert off.account.resident_bytes("host") > 0
+    _assert_bitwise(plain, _steprun_grads(trainer, samples))
+    assert off.account.resident_bytes("device") == off.account.resident_bytes("host") == 0
+
+
+def test_steprun_offload_under_compile_is_bitwise(tiny):
+    """Note [Saved tensors under compile]: compiled layers (train.compile) with offload on vs off."""
+    weights, adapter, samples = tiny
+    from torch._dynamo.utils import counters
+
+    prefix_covered = samples[1:3]  # a hole in the prompt would run eager (layer.py)
+    trainer = _trainer(weights, adapter, layout="joint", compile=True)
+    trainer.residency = None
+    captured = counters["stats"]["calls_captured"]
+    plain = _steprun_grads(trainer, prefix_covered)
+    assert counters["stats"]["calls_captured"] > captured  # the layers really were compiled
+    graphs = counters["stats"]["unique_graphs"]
+    off = SavedTensorOffload(ResidencyAccount("cpu"))
+    trainer.residency = off
+    _assert_bitwise(plain, _steprun_grads(trainer, prefix_covered))
+    assert counters["stats"]["unique_graphs"] == graphs  # no recompile under the hooks
+    assert off.account.moved_to_host_bytes > 0
+    assert off.account.resident_bytes("device") == off.account.resident_bytes("host") == 0
