@@ -14,7 +14,12 @@ real chat text tokenized with the model's tokenizer, with ``trainer.residency`` 
     ``device_budget_bytes`` (the no-offload peak at ``budget_tokens``): each try is a real step
     under an account limit that raises when exceeded; doubling, then bisection down to
     ``granularity_tokens``. ``tokens_ratio`` = offload / no_offload.
+The trainer runs its default layout (joint), eager, without recordings (``train.replay: false``:
+saved tensors are the same with replay, only the base matmuls differ).
 ``measurement``: ``logical-cpu`` here (the account's own, on CUDA the allocator's pool).
+On a model of L layers the offload arm keeps about two layers' saved tensors resident (the one in
+backward and the one prefetched), so ``reduction`` is bounded by about 1 - 2/L: the tiny model
+(L = 4) cannot show the targets; SmolLM2 (L = 30) is the measured configuration.
 ``ALCHEMIST_MEMORY_MODEL`` (default smollm2-135m-instruct; ``tiny`` for a smoke run).
 """
 
