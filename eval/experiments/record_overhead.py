@@ -1,8 +1,10 @@
 """record-overhead: serving latency with prefill recording on vs off, per record plan.
 
-One server per plan (``--config``, default SmolLM2 bf16 on CPU): the default plan
-(``record.budget_bytes_per_token`` from the config; down_proj for SmolLM2) and ``full`` (all four
-projections). On each server two arms alternate in blocks (``eval.loadgen.ab.run_ab``, radix cache
+One server per plan (``--config``, default SmolLM2 bf16 on CPU): the default plan (``record.plan``
+from the config: ``full``, all four projections) and ``down`` (down_proj only). The full run
+records more than the host pool holds (SmolLM2 full plan: ~311 kB per token, 2 GiB pool), so the
+store demotes old pages to ``down`` and then evicts while it is measured: ``demotions``,
+``evictions``, ``spills`` and ``released_pages`` come from the store's status at the end. On each server two arms alternate in blocks (``eval.loadgen.ab.run_ab``, radix cache
 flushed before every block): ``on`` records every prefill; ``off`` sends
 ``custom_params.alchemist.record=false``, so the same process, weights and threads serve both arms
 and only the copy into the store differs (the hooks still run and return at once in ``off``: the
@@ -87,6 +89,8 @@ def _measure(ctx: Any, url: str, p: dict[str, Any]) -> dict[str, Any]:
         "plan": list(status["record_plan"]["tensors"]),
         "bytes_per_token": status["record_plan"]["bytes_per_token"],
         "record_ms_mean": _status(url)["store"].get("record_ms_mean"),
+        **{k: _status(url)["store"].get(k) for k in ("demotions", "demoted_pages", "evictions",
+                                                     "spills", "released_pages")},
         "latency_samples": ab.samples(),
     }
 
@@ -95,8 +99,9 @@ def run(ctx: Any) -> dict[str, Any]:
     p = QUICK if ctx.quick else FULL
     per_plan: dict[str, Any] = {}
     samples: dict[str, Any] = {}
-    plans = [("default", ())] if ctx.url else [("default", ()),
-                                               ("full", ("record.budget_bytes_per_token=full",))]
+    # No feedback arrives here, so nothing trains: skip the trainer's compile at startup.
+    plans = [("default", ())] if ctx.url else [("default", ("train.compile=false",)),
+                                               ("down", ("train.compile=false", "record.plan=down"))]
     for label, overrides in plans:
         with ctx.server(overrides=overrides) as url:
             result = _measure(ctx, url, p)
