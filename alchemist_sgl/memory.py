@@ -1,10 +1,12 @@
 """The memory arbiter: once per scheduler iteration, how much training may run and keep resident.
 
 Owns ``MemoryArbiter`` (a pure policy: standard library only, clock injected), its input
-``ServingPressure`` and its output ``ArbiterDecision``. Must not import torch, sglang or any
-package module but ``config``. The runtime builds a ``ServingPressure`` from SGLang's views each
-iteration, calls ``decide`` once, and honours the decision: ``slice_ms == 0`` means no work unit
-starts in this iteration; ``train_budget_bytes`` is what training may keep on the device.
+``ServingPressure``, its output ``ArbiterDecision`` and ``TtftWindow`` (the recent-TTFT signal).
+Must not import torch, sglang or any package module but ``config``. The runtime builds a
+``ServingPressure`` from SGLang's views each iteration, calls ``decide`` once, and honours the
+decision: ``slice_ms == 0`` means no work unit starts in this iteration; ``train_budget_bytes``
+is what training may keep on the device; leaving TRAINING moves a step's saved tensors to host
+(train/offload.py, Note [Yield moves memory]).
 
 Note [Arbiter policy]:
   Signals (one ``ServingPressure`` per iteration). A SPIKE is any of: ``waiting_requests >=
@@ -63,7 +65,7 @@ class ServingPressure:
     running_requests: int
     kv_free_fraction: float  # (available + evictable radix tokens) / pool size
     arrivals: int  # requests admitted since the previous iteration
-    recent_ttft_ms: float | None = None  # recent TTFT of finished requests; None when unknown
+    recent_ttft_ms: float | None = None  # TtftWindow.value: recent first tokens; None: none
 
 
 def kv_free_fraction(available_tokens: int, evictable_tokens: int, pool_tokens: int) -> float:
@@ -72,6 +74,39 @@ def kv_free_fraction(available_tokens: int, evictable_tokens: int, pool_tokens: 
     if pool_tokens <= 0:
         return 1.0
     return min(1.0, max(0.0, (available_tokens + evictable_tokens) / pool_tokens))
+
+
+class TtftWindow:
+    """Recent time to first token: Note [TTFT window].
+
+    ``add(ttft_ms, now)`` records one request's first token; ``value(now)`` is the median of the
+    last ``size`` first tokens seen within ``max_age_s`` of ``now`` (None when there are none).
+    ``now`` is any non-decreasing clock in seconds (the runtime's). Scheduler thread only.
+
+    Note [TTFT window]: the median, not the mean or the max, so one slow request (a long prompt, a
+    publish stall) neither yields training on its own nor hides behind fast ones; a burst that
+    slows most first tokens moves it within ``size // 2 + 1`` requests. The age bound drops a past
+    burst's samples while traffic is too light to push them out (the arbiter also ignores TTFT
+    while nothing waits or runs, Note [Arbiter policy]).
+    """
+
+    def __init__(self, size: int = 8, max_age_s: float = 15.0) -> None:
+        if size < 1 or max_age_s <= 0:
+            raise ValueError(f"TtftWindow needs size >= 1 and max_age_s > 0 (got {size}, {max_age_s})")
+        self.size, self.max_age_s = size, max_age_s
+        self._samples: deque[tuple[float, float]] = deque(maxlen=size)  # (seen at, ttft_ms)
+        self.count = 0  # first tokens recorded since construction
+
+    def add(self, ttft_ms: float, now: float) -> None:
+        self._samples.append((now, max(0.0, float(ttft_ms))))
+        self.count += 1
+
+    def value(self, now: float) -> float | None:
+        live = sorted(ms for at, ms in self._samples if at > now - self.max_age_s)
+        if not live:
+            return None
+        mid = len(live) // 2
+        return live[mid] if len(live) % 2 else (live[mid - 1] + live[mid]) / 2.0
 
 
 @dataclass(frozen=True)
@@ -105,6 +140,7 @@ class MemoryArbiter:
         self._calm_since: float | None = None  # calm continuously since
         self._recent: deque[float] = deque()  # transition times within the last WINDOW_S
         self._last: ArbiterDecision | None = None
+        self.recent_ttft_ms: float | None = None  # the last decision's TTFT input (status)
 
     # -- signals ---------------------------------------------------------------------------
 
@@ -163,6 +199,7 @@ class MemoryArbiter:
         """One iteration's decision (Note [Arbiter policy]). Call exactly once per iteration."""
         c = self.config
         now = self.clock()
+        self.recent_ttft_ms = pressure.recent_ttft_ms
         self._update_ema(pressure.arrivals, now)
         while self._recent and self._recent[0] <= now - WINDOW_S:
             self._recent.popleft()
@@ -230,7 +267,8 @@ class MemoryArbiter:
         """``/alchemist/status.arbiter``: the INTERFACES.md keys (``state``, ``transitions``,
         ``last_transition_at``, ``train_budget_bytes``) plus ``is_enabled``,
         ``arrival_rate_ema_per_s``, ``dwell_s`` (seconds in the current state),
-        ``transitions_last_minute``, ``is_spike`` and ``reason`` (of the last decision)."""
+        ``transitions_last_minute``, ``is_spike``, ``reason`` and ``recent_ttft_ms`` (the TTFT
+        window's value the last decision saw; None: no recent first token)."""
         now = self.clock()
         last = self._last
         budget = last.train_budget_bytes if last is not None else self.config.train_budget_bytes
@@ -245,4 +283,5 @@ class MemoryArbiter:
             "transitions_last_minute": sum(1 for t in self._recent if t > now - WINDOW_S),
             "is_spike": last.is_spike if last is not None else False,
             "reason": last.reason if last is not None else "no decision yet",
+            "recent_ttft_ms": self.recent_ttft_ms,
         }

@@ -20,7 +20,14 @@ Families (counters end in ``_total``):
   alchemist_publish_stall_ms (last), alchemist_publish_ms (last)
   alchemist_serving_version{version} 1
   alchemist_arbiter_state{state}, alchemist_arbiter_transitions_total,
-  alchemist_arbiter_train_budget_bytes
+  alchemist_arbiter_train_budget_bytes, alchemist_arbiter_recent_ttft_ms (when known)
+  alchemist_memory_bytes{part}               the ``memory`` status block's bytes: weights, master,
+                                             adapter, gradients, optimizer, published_adapter,
+                                             saved_device, saved_host (memory.offload), kv_pool
+  alchemist_memory_peak_bytes{pool}          saved tensors' peak per pool (device, host)
+  alchemist_memory_moved_bytes_total{direction}  saved-tensor bytes moved (to_host, to_device)
+  alchemist_memory_yields_total, alchemist_memory_yield_moved_bytes_total
+  alchemist_memory_kv_tokens{kind}           KV pool tokens: used, free, evictable
 """
 
 from __future__ import annotations
@@ -56,7 +63,18 @@ _HELP = {
     "alchemist_arbiter_state": ("gauge", "1 for the memory arbiter's current state"),
     "alchemist_arbiter_transitions_total": ("counter", "memory arbiter state transitions"),
     "alchemist_arbiter_train_budget_bytes": ("gauge", "training memory budget set by the arbiter"),
+    "alchemist_arbiter_recent_ttft_ms": ("gauge", "median recent scheduler TTFT the arbiter saw (ms)"),
+    "alchemist_memory_bytes": ("gauge", "bytes held, by part (read from the live tensors and pools)"),
+    "alchemist_memory_peak_bytes": ("gauge", "peak bytes of training's saved tensors, by pool"),
+    "alchemist_memory_moved_bytes_total": ("counter", "saved-tensor bytes moved between pools"),
+    "alchemist_memory_yields_total": ("counter", "yields that moved a step's saved tensors to host"),
+    "alchemist_memory_yield_moved_bytes_total": ("counter", "saved-tensor bytes moved by yields"),
+    "alchemist_memory_kv_tokens": ("gauge", "KV pool tokens, by kind (used, free, evictable)"),
 }
+
+_MEMORY_PARTS = (("weights", "weights_bytes"), ("master", "master_bytes"),
+                 ("adapter", "adapter_bytes"), ("gradients", "gradient_bytes"),
+                 ("optimizer", "optimizer_bytes"), ("published_adapter", "published_adapter_bytes"))
 
 
 def _fmt(value: float) -> str:
@@ -124,6 +142,36 @@ def _samples(status: dict[str, Any] | None, labels: dict[str, int],
             value = num(arbiter, key)
             if value is not None:
                 yield name, {}, value
+        ttft = num(arbiter, "recent_ttft_ms")
+        if ttft is not None:
+            yield "alchemist_arbiter_recent_ttft_ms", {}, ttft
+    yield from _memory_samples(status.get("memory") or {}, num)
+
+
+def _memory_samples(memory: dict[str, Any], num: Any) -> Iterable[tuple[str, dict[str, str], float]]:
+    """The ``memory`` status block (online/memory_status.py) as gauges, the same numbers."""
+    saved, kv = memory.get("saved_tensors") or {}, memory.get("kv") or {}
+    parts = [(part, memory, key) for part, key in _MEMORY_PARTS]
+    parts += [("saved_device", saved, "device_resident_bytes"),
+              ("saved_host", saved, "host_resident_bytes"), ("kv_pool", kv, "pool_bytes")]
+    for part, block, key in parts:
+        value = num(block, key)
+        if value is not None:
+            yield "alchemist_memory_bytes", {"part": part}, value
+    for name, labels, key in (
+            ("alchemist_memory_peak_bytes", {"pool": "device"}, "device_peak_bytes"),
+            ("alchemist_memory_peak_bytes", {"pool": "host"}, "host_peak_bytes"),
+            ("alchemist_memory_moved_bytes_total", {"direction": "to_host"}, "moved_to_host_bytes"),
+            ("alchemist_memory_moved_bytes_total", {"direction": "to_device"}, "moved_to_device_bytes"),
+            ("alchemist_memory_yields_total", {}, "yields"),
+            ("alchemist_memory_yield_moved_bytes_total", {}, "yield_moved_bytes")):
+        value = num(saved, key)
+        if value is not None:
+            yield name, labels, value
+    for kind in ("used", "free", "evictable"):
+        value = num(kv, f"{kind}_tokens")
+        if value is not None:
+            yield "alchemist_memory_kv_tokens", {"kind": kind}, value
 
 
 def render_alchemist_metrics(status: dict[str, Any] | None, feedback_by_label: dict[str, int],

@@ -20,6 +20,7 @@ from alchemist_sgl import __version__
 from alchemist_sgl.config import Config
 from alchemist_sgl.control import ControlQueue
 from alchemist_sgl.log import get_logger
+from alchemist_sgl.memory import TtftWindow
 from alchemist_sgl.feedback.completion_log import SqliteCompletionLog
 
 logger = get_logger(__name__)
@@ -75,6 +76,8 @@ class Runtime:
         self.arbiter: Any = None
         self.pressure: Callable[[], Any] | None = None
         self.arrivals = 0  # requests received since the last iteration (the arbiter's input)
+        # First tokens seen by the scheduler (integration/training.py): the arbiter's TTFT input.
+        self.ttft = TtftWindow()
         self._last_purge = clock()
         if config.server.enable_debug_commands:
             self.register_command("debug.ping", lambda payload: {"pid": self.info.pid, "echo": payload})
@@ -131,9 +134,12 @@ class Runtime:
         tc = self.config.train
         budget_ms = tc.slice_budget_ms if is_busy else tc.idle_slice_ms
         if self.arbiter is not None and self.pressure is not None:
+            was = self.arbiter.state
             decision = self.arbiter.decide(self.pressure())  # once per scheduler iteration
             self.arrivals = 0
             budget_ms = decision.slice_ms  # 0 on a spike: no unit starts (publishes wait too)
+            if was == "TRAINING" and decision.state != "TRAINING":
+                self.loop.yield_memory()  # train/offload.py, Note [Yield moves memory]
         if self.loop.is_paused:
             return
         if self.feedback is not None:

@@ -9,7 +9,8 @@ Hooks (all in SGLang's scheduler process; Note [fail loudly, keep serving] in pl
     With ``--disable-overlap-schedule`` (required, checked at startup) both points are quiescent.
   * AROUND ``Scheduler.maybe_sleep_on_idle``: skips SGLang's idle sleep while training has work.
   * BEFORE ``Req.init_next_round_input``: Note [Version stamp].
-  * BEFORE ``SchedulerOutputStreamer.stream_output``: finished completions go into the log.
+  * BEFORE ``SchedulerOutputStreamer.stream_output``: finished completions go into the log, and
+    each request's first token feeds the arbiter's TTFT window (Note [Scheduler TTFT]).
   * AFTER ``Scheduler.handle_shutdown``: a checkpoint within SGLang's 15 s exit window.
 
 Note [Version stamp]: the radix namespace of a request is its ``extra_key``. At admission
@@ -19,6 +20,14 @@ queue (or the grammar queue) across a publish, since they are admitted later. Re
 KV (running, chunked) are never re-stamped. KV computed under another version is never matched;
 old namespaces age out of the radix cache by LRU. The stamped version is also the prefill version
 the completion log keeps, and the store namespace recordings go to.
+
+Note [Scheduler TTFT]: the arbiter's TTFT is what the scheduler adds to a request's first token:
+``time_stats.prefill_finished_time - time_stats.scheduler_recv_time`` (both ``perf_counter``, set
+by SGLang whether or not metrics are on): the wait in the queue, every training slice that ran
+meanwhile, and the prefill. Tokenization and the HTTP hop are outside the scheduler and are not
+in it. Read before ``stream_output`` of the batch that produced the token, so the arbiter's
+decision of that same iteration sees it; each request is counted once (a retracted request that
+prefills again is not counted twice).
 """
 
 from __future__ import annotations
@@ -35,6 +44,8 @@ logger = get_logger(__name__)
 _SCHED = "sglang.srt.managers.scheduler.Scheduler"
 _REQ = "sglang.srt.managers.schedule_batch.Req"
 _STREAMER = "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer"
+_TIME_STATS = "sglang.srt.observability.req_time_stats.SchedulerReqTimeStats"
+_ALLOCATOR = "sglang.srt.mem_cache.allocator.base.BaseTokenToKVPoolAllocator"
 NONFINITE_ENV = "ALCHEMIST_SGL_INJECT_NONFINITE_STEPS"  # tests: comma-separated attempt numbers
 
 SGLANG_NAMES = (
@@ -44,13 +55,18 @@ SGLANG_NAMES = (
     f"{_REQ}.init_next_round_input", f"{_REQ}.output_ids_through_stop", f"{_REQ}.finished",
     f"{_STREAMER}.stream_output",
     "sglang.srt.utils.weight_versions.compute_weight_version_spans",
+    f"{_TIME_STATS}.prefill_finished_time", f"{_TIME_STATS}.scheduler_recv_time",
+    f"{_ALLOCATOR}.get_kvcache", f"{_ALLOCATOR}.available_size",
+    "sglang.srt.mem_cache.memory_pool.MHATokenToKVPool.get_kv_size_bytes",
 )
 SGLANG_INSTANCE_ATTRIBUTES = (
     f"{_SCHED}.chunked_req", f"{_SCHED}.waiting_queue", f"{_SCHED}.running_batch",
     f"{_SCHED}.tokenizer", f"{_SCHED}.token_to_kv_pool_allocator", f"{_SCHED}.tree_cache",
     f"{_REQ}.kv", f"{_REQ}.extra_key", f"{_REQ}.finished_reason",
     f"{_REQ}.cached_tokens", f"{_REQ}.logprob", f"{_REQ}.weight_version_events",
+    f"{_REQ}.time_stats", f"{_SCHED}.max_total_num_tokens",
 )
+
 _STAMP_ATTR, _BASE_KEY_ATTR = "_alchemist_prefill_version", "_alchemist_base_extra_key"
 
 
@@ -92,6 +108,9 @@ def register_hooks(holder: ProcessHolder) -> None:
     HookRegistry.register(f"{_STREAMER}.stream_output",
                           guarded("completions", lambda rt, sched, reqs, *a, **k:
                                   _log_finished(rt, reqs)), HookType.BEFORE)
+    HookRegistry.register(f"{_STREAMER}.stream_output",
+                          guarded("train", lambda rt, streamer, reqs, *a, **k:
+                                  _note_first_tokens(rt, reqs)), HookType.BEFORE)
 
     def around_sleep(original: Any, sched: Any, *args: Any, **kwargs: Any) -> Any:
         rt = holder.runtime
@@ -175,6 +194,19 @@ def _log_finished(rt: Any, reqs: Any) -> None:
         rt.completions.put_many(finished)
 
 
+def _note_first_tokens(rt: Any, reqs: Any) -> None:
+    """Note [Scheduler TTFT]: each request's first token, once, into ``rt.ttft``."""
+    now = rt.clock()
+    for req in reqs:
+        ts = getattr(req, "time_stats", None)
+        if ts is None or getattr(req, "_alchemist_ttft_seen", False):
+            continue
+        first, recv = float(ts.prefill_finished_time), float(ts.scheduler_recv_time)
+        if first > 0.0 and recv > 0.0:
+            req._alchemist_ttft_seen = True
+            rt.ttft.add((first - recv) * 1000.0, now)
+
+
 def _force_logprobs(rt: Any, sched: Any, recv_req: Any, *args: Any, **kwargs: Any) -> None:
     """The completion log keeps serving-time output log-probs; SGLang's tokenizer still returns
     them only to clients that asked (its own copy of the request says so). Also counts arrivals
@@ -192,12 +224,28 @@ def serving_pressure(sched: Any, rt: Any) -> Any:
 
     waiting = sched.waiting_queue
     running = sched.running_batch
-    free = kv_free_fraction(int(sched.token_to_kv_pool_allocator.available_size()),
-                            int(sched.tree_cache.evictable_size()), int(sched.max_total_num_tokens))
+    kv = kv_pool_view(sched, with_bytes=False)
+    free = kv_free_fraction(kv.free_tokens, kv.evictable_tokens, kv.pool_tokens)
     return ServingPressure(
         waiting_requests=len(waiting), waiting_tokens=sum(len(r.origin_input_ids) for r in waiting),
         running_requests=0 if running is None or running.is_empty() else len(running.reqs),
-        kv_free_fraction=free, arrivals=rt.arrivals, recent_ttft_ms=None)
+        kv_free_fraction=free, arrivals=rt.arrivals, recent_ttft_ms=rt.ttft.value(rt.clock()))
+
+
+def kv_pool_view(sched: Any, *, with_bytes: bool = True) -> Any:
+    """SGLang's token KV pool as plain numbers (online/memory_status.py ``KvPoolView``)."""
+    from alchemist_sgl.online.memory_status import KvPoolView  # noqa: PLC0415
+
+    allocator = sched.token_to_kv_pool_allocator
+    pool_bytes = None
+    if with_bytes:
+        size = getattr(allocator.get_kvcache(), "get_kv_size_bytes", None)
+        found = size() if size is not None else None
+        pool_bytes = int(sum(found)) if isinstance(found, (tuple, list)) else (
+            None if found is None else int(found))
+    return KvPoolView(pool_tokens=int(sched.max_total_num_tokens),
+                      free_tokens=int(allocator.available_size()),
+                      evictable_tokens=int(sched.tree_cache.evictable_size()), pool_bytes=pool_bytes)
 
 
 def _chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
@@ -299,6 +347,12 @@ def install(scheduler: Any, runtime: Any) -> Any:
         runtime.arbiter = MemoryArbiter(config.memory, busy_slice_ms=config.train.slice_budget_ms,
                                         idle_slice_ms=config.train.idle_slice_ms, clock=time.monotonic)
         runtime.pressure = lambda: serving_pressure(scheduler, runtime)
+    from alchemist_sgl.online.memory_status import memory_status  # noqa: PLC0415
+
+    served = tuple(model.parameters())
+    runtime.add_status_section("memory", lambda: memory_status(
+        device=weights.device, served=served, master=loop.master, trainer=loop.trainer,
+        kv=kv_pool_view(scheduler)))
     if config.server.enable_debug_commands:
         runtime.register_command("debug.storage", lambda payload: shared_storage(model, weights))
     requeued = runtime.feedback.after_restore(loop.counters.steps)

@@ -144,6 +144,15 @@ class OnlineLoop(LoopLifecycle):
     def has_step_in_progress(self) -> bool:
         return self._work is not None
 
+    def yield_memory(self) -> int:
+        """The arbiter left TRAINING (runtime.py): a step under way moves its saved tensors to host
+        and releases workspace (train/offload.py, Note [Yield moves memory]); its backward reloads
+        them when training resumes. Bytes moved (0 without ``memory.offload`` or a step)."""
+        off = getattr(self.trainer, "residency", None)
+        if off is None or self._work is None:
+            return 0
+        return off.yield_memory()
+
     def run_slice(self, budget_ms: float) -> SliceReport:
         """Runs work units until ``budget_ms`` is spent (at least one unit when work is ready)."""
         c = self.counters

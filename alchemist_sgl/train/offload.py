@@ -32,6 +32,16 @@ Note [Saved-tensor offload]:
     the pool with the event of its last copy and is reused only once that event has completed.
     On CPU every copy is synchronous and there are no streams or events.
 
+Note [Yield moves memory]: when the memory arbiter leaves TRAINING (a spike) while a step is in
+flight, the runtime calls ``yield_memory``: ``offload_all`` moves every tracked unit's movable
+storages to host in forward order (layer 0 first), then the device's idle workspace goes back
+(CUDA: ``torch.cuda.empty_cache`` returns the caching allocator's free blocks to the driver; a
+block a side-stream copy still reads is not free yet and stays; CPU: there is no caching
+allocator, so nothing is held to release). Forward units were offloaded right after their forward
+already, so what a yield moves is what the backward had brought back: the unit being prefetched
+one layer ahead. Boundaries (``keep``) stay. On resume, the next backward unit's ``prefetch``
+reloads what the yield moved, as usual: the step stays bitwise the one without a yield.
+
 Note [Saved tensors under compile]: under ``torch.compile`` an AOT-autograd graph's saved tensors
 are packed and unpacked as a group (pytorch#148222: unpack of one unpacks all of that graph). That
 is harmless here because a graph never spans more than one unit: each layer's forward is its own
@@ -120,6 +130,8 @@ class SavedTensorOffload:
         self._units: dict[Key, _Unit] = {}  # insertion order = forward order
         self._side = torch.cuda.Stream(self.device) if account.is_cuda else None
         self.late_reloads = 0  # unpacks that found their storage on host (no prefetch in time)
+        self.yields = 0  # yield_memory calls (Note [Yield moves memory])
+        self.yield_moved_bytes = 0  # bytes those calls moved to host
 
     def protect(self, tensors: Iterable[torch.Tensor]) -> None:
         """Sets the storages never tracked: long-lived tensors (weights, adapter parameters,
@@ -209,6 +221,22 @@ class SavedTensorOffload:
     def offload_all(self) -> int:
         """Moves every tracked unit to host in the order they were saved; bytes moved."""
         return sum(self.offload(key) for key in list(self._units))
+
+    def yield_memory(self) -> int:
+        """Note [Yield moves memory]: every tracked unit to host, layer 0 first, and the device's
+        idle workspace released; returns the bytes moved."""
+        moved = self.offload_all()
+        if self.account.is_cuda:
+            torch.cuda.empty_cache()
+        self.yields += 1
+        self.yield_moved_bytes += moved
+        return moved
+
+    def status(self) -> dict[str, Any]:
+        """The account's numbers (residency.py) plus this offloader's counters."""
+        return {**self.account.status(), "is_enabled": self.is_enabled,
+                "units_tracked": len(self._units), "late_reloads": self.late_reloads,
+                "yields": self.yields, "yield_moved_bytes": self.yield_moved_bytes}
 
     def release_all(self) -> None:
         for key in list(self._units):

@@ -236,7 +236,7 @@ def test_status_keys() -> None:
     status = arb.status()
     assert set(status) == {"state", "transitions", "last_transition_at", "train_budget_bytes",
                            "is_enabled", "arrival_rate_ema_per_s", "dwell_s",
-                           "transitions_last_minute", "is_spike", "reason"}
+                           "transitions_last_minute", "is_spike", "reason", "recent_ttft_ms"}
     assert status["state"] == "YIELDING" and status["transitions"] == 1
     assert status["last_transition_at"] == pytest.approx(1000.1)
     assert status["train_budget_bytes"] == int(BUDGET * 0.25)
