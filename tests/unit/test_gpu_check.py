@@ -1,5 +1,6 @@
 """eval/gpu_check.py on CPU (``--cpu-smoke``): it runs to completion, reports the replay ratio
-against the ideal and the ceiling, and says loudly that CPU numbers are not GPU numbers."""
+against the ideal and the ceiling and the offload section's peaks (logical on CPU), and says
+loudly that CPU numbers are not GPU numbers."""
 
 from __future__ import annotations
 
@@ -55,3 +56,25 @@ def test_cpu_smoke_prints_that_cpu_numbers_are_not_gpu_numbers(smoke, capsys) ->
     assert lines[-1].startswith("ratio ") and "ideal" in lines[-1] and "ceiling" in lines[-1]
     assert gpu_check.CPU_WARNING in lines[-1]
 
+
+
+def test_cpu_smoke_offload_section_moves_the_stack_and_keeps_two_layers_resident(smoke) -> None:
+    gpu_check, result = smoke
+    off = result["offload"]  # the default --section all runs it after the replay arms
+    assert off["measurement"] == "logical-cpu" and off["is_gpu_number"] is False
+    assert off["layers"] == 4 and off["tokens"] == 120
+    assert off["layer_bytes"] == 120 * (6 * 64 + 3 * 192) * 2  # bf16 stand-ins of one layer's saved tensors
+    assert off["peak_bytes_no_offload"] == off["layers"] * off["layer_bytes"]  # the whole stack resident
+    # offloaded: the layer being read plus the one prefetched, never more
+    assert off["peak_bytes_offload"] == 2 * off["layer_bytes"]
+    assert off["reduction"] == pytest.approx(1 - 2 / off["layers"])
+    assert off["checksums_equal"] is True  # the data came back intact from the host pool
+    assert off["d2h_gb_s"] > 0 and off["h2d_gb_s"] > 0 and off["time_ratio"] > 0
+
+
+def test_cpu_smoke_offload_alone_says_its_numbers_are_not_gpu_numbers(smoke, capsys) -> None:
+    gpu_check, _ = smoke
+    gpu_check.main(["--cpu-smoke", "--section", "offload"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and json.loads(lines[0])["section"] == "offload"
+    assert lines[1].startswith("offload: peak ") and gpu_check.CPU_WARNING in lines[1]
