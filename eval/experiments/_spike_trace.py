@@ -135,12 +135,6 @@ def state_changes(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             for a, b in zip(rows, rows[1:]) if a.get("state") != b.get("state")]
 
 
-def delta(rows: Sequence[Mapping[str, Any]], key: str) -> float:
-    """Last minus first non-None value of ``key`` in the trace (0 when fewer than two)."""
-    xs = [r[key] for r in rows if r.get(key) is not None]
-    return float(xs[-1] - xs[0]) if len(xs) >= 2 else 0.0
-
-
 def clock_origin(records: Sequence[Mapping[str, Any]], stamps: Mapping[str, float]) -> float | None:
     """The session's start on the wall clock: median over completed requests of (wall time its id
     was handed over) - (``start_s + e2e_s``, its end in session time); None without any."""

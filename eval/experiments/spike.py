@@ -17,7 +17,8 @@ arms then differ only in the trainer running (same process, compiled graphs, rec
 pool, arbiter, machine state); sequential servers would add start-up and drift differences.
 
 Every ``poll_s`` (both arms alike) ``/alchemist/status`` is polled: arbiter state and transitions,
-train steps and units run, the serving version. Clock: request times are seconds of the session;
+train steps and units run, the serving version; a poll is dated when its answer arrives (the
+answer comes through the scheduler: ``per_block.poll_latency_ms_p50`` is the trace's resolution). Clock: request times are seconds of the session;
 the session's start on the wall clock comes from the times completions were handed over
 (``clock_origin``), so polls and versions' ``created_at`` line up with requests to about a ms.
 Fields (INTERFACES.md ``spike``):
@@ -82,8 +83,9 @@ class StampingSink(CompletionSink):
 
 
 class StatusPoller:
-    """A thread polling ``/alchemist/status`` every ``interval_s``: ``rows`` (``trace_row`` with
-    wall-clock ``t``), the publish entries (``publish.recent``) and versions seen."""
+    """A thread polling ``/alchemist/status`` every ``interval_s`` (plus the answer's latency):
+    ``rows`` (``trace_row``, ``t`` = wall time the answer arrived), the publish entries
+    (``publish.recent``) and versions seen, and the latencies."""
 
     def __init__(self, url: str, interval_s: float, publishes: PublishLog,
                  on_row: Callable[[dict[str, Any]], None] | None = None) -> None:
@@ -91,16 +93,19 @@ class StatusPoller:
         self.rows: list[dict[str, Any]] = []
         self.versions: dict[str, dict[str, Any]] = {}
         self.errors = 0
+        self.latencies: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="eval-spike-poller", daemon=True)
 
     def poll(self) -> None:
-        t = time.time()
+        sent = time.time()
         try:
             status = get_status(self.url, timeout_s=10.0)
         except Exception:  # noqa: BLE001 - a missed poll is counted, the trace goes on
             self.errors += 1
             return
+        t = time.time()  # when the answer arrived: a resume is never dated early
+        self.latencies.append(t - sent)
         row = tr.trace_row(status, t)
         self.rows.append(row)
         self.publishes.add(status.get("publish"))
@@ -190,6 +195,7 @@ class SpikeRun:
             "steps": counter_delta(before.get("train") or {}, after.get("train") or {}, "steps"),
             "transitions": counter_delta(before.get("arbiter") or {}, after.get("arbiter") or {}, "transitions"),
             "poll_errors": poller.errors, "clock_aligned": origin != t_call,
+            "poll_latency_ms_p50": percentile(poller.latencies, 50) * 1000.0,
             "timeline": list(getattr(self.ctx, "last_timeline", []) or [])
             + [{"t_s": r["t"], "train_steps": r["steps"]} for r in rows if r.get("steps") is not None],
         }
@@ -210,7 +216,8 @@ def block_row(b: dict[str, Any]) -> dict[str, Any]:
             "ttft_p95_ms": tr.ttft_ms(b["records"]), "train_steps": b["steps"],
             "transitions": b["transitions"], "publishes": len(b["windows"]), "yielded": res["yielded"],
             "resumed_after_s": res["resumed_after_s"], "state_resumed_after_s": res["state_resumed_after_s"],
-            "step_after_s": res["step_after_s"], "polls": len(b["rows"]), "poll_errors": b["poll_errors"]}
+            "step_after_s": res["step_after_s"], "polls": len(b["rows"]), "poll_errors": b["poll_errors"],
+            "poll_latency_ms_p50": b.get("poll_latency_ms_p50")}
 
 
 def _split(blocks: list[dict[str, Any]], span: str) -> tuple[list, list]:

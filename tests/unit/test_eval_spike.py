@@ -107,11 +107,10 @@ def test_resumed_after_with_a_yield_seen_only_after_the_burst_or_never() -> None
     assert tr.resumed_after(no_arbiter, 10.0, 20.0)["yielded"] is False
 
 
-def test_state_changes_and_delta() -> None:
+def test_state_changes_and_shifted_rows() -> None:
     rows = _rows([(1, "TRAINING", 0, 0), (2, "YIELDING", 0, 0), (3, "YIELDING", 0, 2), (4, "TRAINING", 0, 5)])
     assert [(c["t_s"], c["from"], c["to"]) for c in tr.state_changes(rows)] == [(2, "TRAINING", "YIELDING"),
                                                                                (4, "YIELDING", "TRAINING")]
-    assert tr.delta(rows, "steps") == 5.0 and tr.delta(rows[:1], "steps") == 0.0
     assert tr.shifted(rows, 1.0)[0]["t"] == 0.0 and rows[0]["t"] == 1
 
 
