@@ -32,7 +32,6 @@ Finishes in well under 5 minutes on one GPU.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
