@@ -12,7 +12,7 @@ from pathlib import Path
 
 EVAL = Path(__file__).resolve().parents[2] / "eval"
 ALLOWED_ALCHEMIST = {"alchemist_sgl.config"}
-HARNESS = sorted([p for p in EVAL.glob("*.py") if p.name != "gpu_check.py"] + list((EVAL / "loadgen").glob("*.py"))
+HARNESS = sorted([p for p in EVAL.glob("*.py") if p.name not in ("gpu_check.py", "gpu_offload.py")] + list((EVAL / "loadgen").glob("*.py"))
                  + [EVAL / "experiments" / "__init__.py", EVAL / "experiments" / "serving.py"])
 
 

@@ -287,9 +287,13 @@ def test_steprun_offload_under_compile_is_bitwise(tiny):
     prefix_covered = samples[1:3]  # a hole in the prompt would run eager (layer.py)
     trainer = _trainer(weights, adapter, layout="joint", compile=True)
     trainer.residency = None
-    captured = counters["stats"]["calls_captured"]
+    from alchemist_sgl.train import layer as layer_mod
+
+    compiled_calls = layer_mod.CALLS["compiled"]
     plain = _steprun_grads(trainer, prefix_covered)
-    assert counters["stats"]["calls_captured"] > captured  # the layers really were compiled
+    # the layers really ran compiled (counted by layer.py; dynamo's own capture counter does not
+    # move when an earlier test in the same process already compiled these graphs)
+    assert layer_mod.CALLS["compiled"] > compiled_calls
     graphs = counters["stats"]["unique_graphs"]
     off = SavedTensorOffload(ResidencyAccount("cpu"))
     trainer.residency = off
