@@ -19,6 +19,7 @@ from alchemist_sgl.train import ReplayTrainer, Sample, forward_logprobs, load_fu
 from alchemist_sgl.train.samples import plan_sample
 from tests.unit.test_train_hfref import (adapter_grads, build_hf_peft, covered_sample, hf_grads,
                                          hf_record, max_rel_err, model_dir, random_adapter)
+from tests.unit.test_train_replay_grad import _ids, tiny  # noqa: F401 (``tiny``: a fixture)
 
 TOL_FP32 = 1e-4
 
@@ -63,17 +64,6 @@ def _ours(trainer: ReplayTrainer, samples: list[Sample]):
     loss, counts, _ = trainer.accumulate(samples)
     return loss, {k: v.clone() for k, v in adapter_grads(trainer.adapter).items()
                   if v is not None}, counts
-
-
-def _ids(seed: int, n: int) -> torch.Tensor:
-    return torch.randint(10, 40000, (n,), generator=torch.Generator().manual_seed(seed))
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    weights = load_fused_weights(model_dir("tiny"))
-    adapter = random_adapter(weights.spec, rank=4)
-    return weights, adapter, build_hf_peft(model_dir("tiny"), torch.float32, adapter)
 
 
 CASES = {
