@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from alchemist_sgl.train.forward import Streams, _LayerLora, decoder_layer, embed_segments
+from alchemist_sgl.train.forward import (_PART_INDEX, Streams, _LayerLora, decoder_layer,
+                                         embed_segments)
 from alchemist_sgl.train.ops import add_rmsnorm, apply_rope, causal_attention, rmsnorm, row_replayed_linear
 from alchemist_sgl.train.samples import PlannedSample
 from alchemist_sgl.train.spec import PROJECTIONS
@@ -41,7 +42,6 @@ from alchemist_sgl.train.weights import BaseWeights
 if TYPE_CHECKING:
     from alchemist_sgl.train.trainer import ReplayTrainer
 
-_PART_INDEX = {"q": 0, "k": 1, "v": 2, "o": 0, "gate": 0, "up": 1, "down": 0}
 # How many joint_layer calls took the compiled path and the eager one (status and tests).
 CALLS = {"compiled": 0, "eager": 0}
 
