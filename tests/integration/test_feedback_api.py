@@ -254,6 +254,41 @@ def test_bad_bodies_on_every_route_get_a_precise_4xx(tiny_server: RunningServer)
     assert chat(tiny_server, "Still serving?")["choices"], "serving goes on"
 
 
+OVERSIZED_BODY = b'{"comment": "' + b"x" * (8 << 20) + b'"}'  # 8 MiB, over feedback.max_body_bytes (1 MiB)
+
+
+def _oversized_with_urllib(server: RunningServer, path: str) -> tuple[int, dict]:
+    """urllib asks for ``Connection: close``: a server that answers while the body is still coming and
+    closes resets the connection, and urllib never reads the answer."""
+    req = urllib.request.Request(f"{server.base_url}{path}", data=OVERSIZED_BODY, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_oversized_bodies_get_a_413_the_client_reads(tiny_server: RunningServer) -> None:
+    import requests
+
+    def chunked():  # no Content-Length: refused while reading
+        for start in range(0, len(OVERSIZED_BODY), 1 << 20):
+            yield OVERSIZED_BODY[start:start + (1 << 20)]
+
+    json_type = {"Content-Type": "application/json"}
+    for path in ("/v1/feedback", "/alchemist/train/samples"):
+        for attempt in range(20):
+            code, body = _oversized_with_urllib(tiny_server, path)
+            assert code == 413 and "larger than" in body["error"], (path, "urllib", attempt, code, body)
+            answer = requests.post(f"{tiny_server.base_url}{path}", data=OVERSIZED_BODY, headers=json_type,
+                                   timeout=120)
+            assert answer.status_code == 413 and "larger than" in answer.json()["error"], (path, attempt)
+        answer = requests.post(f"{tiny_server.base_url}{path}", data=chunked(), headers=json_type, timeout=120)
+        assert answer.status_code == 413 and "larger than" in answer.json()["error"], (path, "chunked")
+    assert chat(tiny_server, "Still serving after the oversized bodies?")["choices"], "serving goes on"
+
+
 def test_openai_client_thumbs_up_trains_publishes_and_shows_in_metrics(tiny_server: RunningServer,
                                                                         tmp_path) -> None:
     from openai import OpenAI
