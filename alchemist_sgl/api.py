@@ -43,7 +43,7 @@ def build_router(fetch_status: FetchSchedulerState, run_command: RunCommand, *,
                  mark_admin_endpoint: EndpointMarker | None = None,
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> APIRouter:
     """Routes: ``GET /alchemist/status`` (open), and behind the admin key (Note [admin auth])
-    ``GET /alchemist/versions``, ``POST /alchemist/rollback``, ``POST /alchemist/train/pause``,
+    ``GET /alchemist/versions``, ``POST /alchemist/rollback``, ``POST /alchemist/train/pause``, ``POST /alchemist/train/replay``,
     ``POST /alchemist/train/resume``, ``POST /alchemist/train/samples`` and
     ``POST /alchemist/commands/{kind}``. Bodies over ``max_body_bytes`` answer 413."""
     router = APIRouter()
@@ -109,6 +109,19 @@ def build_router(fetch_status: FetchSchedulerState, run_command: RunCommand, *,
         except Refusal as exc:
             return refused(exc)
         return await command("train.resume", {})
+
+    @router.post("/alchemist/train/replay")
+    @admin
+    async def alchemist_train_replay(request: Request) -> JSONResponse:
+        try:
+            check_admin(request)
+            body = await _json_object(request, max_body_bytes)
+            check_keys(body, ("enabled",), "")
+            if not isinstance(body.get("enabled"), bool):
+                raise FieldError("enabled", "must be true or false")
+        except (Refusal, FieldError) as exc:
+            return refused(exc)
+        return await command("train.replay", {"enabled": body["enabled"]})
 
     @router.post("/alchemist/train/samples")
     @admin

@@ -75,13 +75,15 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     objective_negative: Literal["unlikelihood", "kto"] = "unlikelihood"
     learning_rate: float = 1e-4
-    batch_samples: int = 4          # at most this many samples per optimizer step
-    min_pending_samples: int = 4    # a step starts once this many are pending ...
-    max_wait_s: float = 30.0        # ... or once the oldest pending one has waited this long
+    # Rounds (online/loop.py, Note [Rounds]): one optimizer step per served version. A round
+    # closes at round_s seconds or round_max_samples samples, whichever first, never empty.
+    round_s: float = 60.0
+    round_max_samples: int = 64
+    stale_max_age_s: float = 600.0  # a stale sample pending longer is deferred (feedback) or dropped
     max_pending_samples: int = 1024  # queue bound: POST /alchemist/train/samples answers 429 beyond
     loss_chunk_rows: int = 256      # LM head + loss run in chunks of at most this many rows
     checkpoint_dir: str = "var/checkpoints"
-    checkpoint_every_steps: int = 10
+    checkpoint_every_s: float = 300.0  # a checkpoint after the first round that ends this long after the last
     seed: int = 0
 
 
@@ -98,8 +100,7 @@ class GateConfig:
 @dataclass(frozen=True)
 class PublishConfig:
     mode: Literal["merge", "adapter"] = "merge"
-    every_steps: int = 1    # publish after this many optimizer steps ...
-    every_s: float = 300.0  # ... or once this long has passed since the last publish with a step pending
+    every_steps: int = 1    # one publish per round: only 1 is accepted (Note [Rounds])
     gate: GateConfig = field(default_factory=GateConfig)
     keep_adapters_last: int = 5   # adapter folders kept: the last N ...
     keep_adapters_every: int = 10  # ... plus every k-th version
@@ -246,6 +247,14 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     node[parts[-1]] = yaml.safe_load(text) if text != "" else ""
 
 
+_ROUNDS = ("retired by rounds (one optimizer step per served version): set train.round_s "
+           "and train.round_max_samples instead")
+_RETIRED = {"train.batch_samples": _ROUNDS, "train.min_pending_samples": _ROUNDS,
+            "train.max_wait_s": _ROUNDS, "publish.every_s": _ROUNDS,
+            "train.checkpoint_every_steps": "retired by rounds: checkpoints are time-based, set "
+                                            "train.checkpoint_every_s instead"}
+
+
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, Mapping):
         raise ConfigError(prefix or "<root>", f"expected a mapping, got {type(raw).__name__}")
@@ -255,6 +264,8 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     for key, value in raw.items():
         name = _ALIASES.get(str(key), str(key))
         dotted = f"{prefix}{key}"
+        if dotted in _RETIRED:
+            raise ConfigError(dotted, _RETIRED[dotted])
         if name not in fields:
             known = ", ".join(sorted(_REVERSE_ALIASES.get(n, n) for n in fields))
             raise ConfigError(dotted, f"unknown key (known here: {known})")
@@ -352,17 +363,18 @@ def _validate(obj: Any, prefix: str) -> None:
         need(obj.max_version_lag >= 0, "max_version_lag", "must be >= 0")
         need(obj.slice_budget_ms > 0, "slice_budget_ms", "must be > 0")
         need(obj.learning_rate > 0, "learning_rate", "must be > 0")
-        need(obj.batch_samples >= 1, "batch_samples", "must be >= 1")
-        need(obj.min_pending_samples >= 1, "min_pending_samples", "must be >= 1")
+        need(obj.round_s > 0, "round_s", "must be > 0")
+        need(obj.round_max_samples >= 1, "round_max_samples", "must be >= 1")
+        need(obj.stale_max_age_s > 0, "stale_max_age_s", "must be > 0")
         need(obj.idle_slice_ms > 0, "idle_slice_ms", "must be > 0")
-        need(obj.max_wait_s >= 0, "max_wait_s", "must be >= 0")
         need(obj.max_pending_samples >= 1, "max_pending_samples", "must be >= 1")
         need(obj.loss_chunk_rows >= 1, "loss_chunk_rows", "must be >= 1")
-        need(obj.checkpoint_every_steps >= 1, "checkpoint_every_steps", "must be >= 1")
+        need(obj.checkpoint_every_s >= 0, "checkpoint_every_s", "must be >= 0")
         need(bool(obj.checkpoint_dir), "checkpoint_dir", "must name a folder")
     elif isinstance(obj, PublishConfig):
-        need(obj.every_steps >= 1, "every_steps", "must be >= 1")
-        need(obj.every_s > 0, "every_s", "must be > 0")
+        need(obj.every_steps == 1, "every_steps", "must be 1: a round takes one optimizer step and "
+             "publishes it, so that every sample served at a version trains at lag 0 (train.round_s "
+             "and train.round_max_samples set how much a step takes)")
         need(obj.mode == "merge", "mode", "only 'merge' is built: the served weights are rebuilt "
              "from the master copy after each step ('adapter' is not available yet)")
         need(obj.keep_adapters_last >= 1, "keep_adapters_last", "must be >= 1")

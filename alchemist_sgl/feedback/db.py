@@ -26,7 +26,7 @@ from typing import Iterator
 
 from alchemist_sgl.errors import FeedbackDbUnavailable
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 10_000
 
 _SCHEMA = """
@@ -65,7 +65,7 @@ CREATE TABLE IF NOT EXISTS feedback (
     created_at REAL NOT NULL,
     api_key_hash TEXT,
     state TEXT NOT NULL
-        CHECK (state IN ('pending', 'queued', 'trained', 'replaced', 'deleted')),
+        CHECK (state IN ('pending', 'queued', 'deferred', 'trained', 'replaced', 'deleted')),
     trained_step INTEGER,
     retracted_as TEXT CHECK (retracted_as IN ('replaced', 'deleted')),
     answer_json TEXT NOT NULL
@@ -74,6 +74,18 @@ CREATE INDEX IF NOT EXISTS feedback_completion ON feedback (completion_id, choic
 CREATE INDEX IF NOT EXISTS feedback_state ON feedback (state);  -- (state, rowid): the poll
 CREATE INDEX IF NOT EXISTS feedback_label ON feedback (label);
 """
+
+
+def _migrate_v1(conn: sqlite3.Connection) -> None:
+    """Version 1 -> 2: the feedback table's state may also be 'deferred' (SQLite cannot alter a
+    CHECK constraint, so the table is rebuilt with the same rows, inside the caller's transaction)."""
+    conn.execute("ALTER TABLE feedback RENAME TO feedback_v1")
+    for index in ("feedback_completion", "feedback_state", "feedback_label"):
+        conn.execute(f"DROP INDEX IF EXISTS {index}")
+    table = _SCHEMA[_SCHEMA.index("CREATE TABLE IF NOT EXISTS feedback ("):]
+    conn.execute(table[:table.index(";")])
+    conn.execute("INSERT INTO feedback SELECT * FROM feedback_v1")
+    conn.execute("DROP TABLE feedback_v1")
 
 
 class FeedbackDb:
@@ -93,9 +105,11 @@ class FeedbackDb:
         self._generation = 0  # bumped by close(), so threads reopen instead of using a closed one
         with self.write() as conn:
             found = conn.execute("PRAGMA user_version").fetchone()[0]
-            if found not in (0, SCHEMA_VERSION):
+            if found not in (0, 1, SCHEMA_VERSION):
                 raise FeedbackDbUnavailable(self.path, f"schema version {found}, this build reads "
                                             f"{SCHEMA_VERSION}")
+            if found == 1:
+                _migrate_v1(conn)
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)

@@ -15,7 +15,7 @@ from alchemist_sgl.errors import FeedbackInvalid
 Label = Literal["up", "down", "score", "correction"]
 RowState = Literal["pending", "queued", "trained", "replaced", "deleted"]
 LABELS: tuple[str, ...] = ("up", "down", "score", "correction")
-STATES: tuple[str, ...] = ("pending", "queued", "trained", "replaced", "deleted")
+STATES: tuple[str, ...] = ("pending", "queued", "deferred", "trained", "replaced", "deleted")
 
 
 @dataclass(frozen=True)

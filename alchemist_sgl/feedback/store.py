@@ -17,7 +17,10 @@ becomes "trained" with ``retracted_as`` set: the step did run with it.
 Note [exactly once]: rows go pending -> queued (taken into the sample queue) -> trained at step s
 (``mark_trained``). After a restore from the checkpoint of step k, ``requeue_after(k)`` moves rows
 trained after k, and rows queued but never trained, back to pending: each acknowledged feedback is
-in exactly one checkpointed step.
+in exactly one checkpointed step. A queued row whose sample went stale for longer than
+``train.stale_max_age_s`` becomes "deferred" (``mark_deferred``); deferred rows are taken again
+(``deferred``, then ``mark_queued``) when the trainer's queue is empty. A restore leaves them
+deferred, so they too are trained exactly once.
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ class FeedbackStore:
             key = (fb.completion_id, fb.choice_index)
             earlier = conn.execute(
                 "UPDATE feedback SET state = 'replaced' WHERE completion_id = ? "
-                "AND choice_index = ? AND state IN ('pending', 'queued')", key).rowcount
+                "AND choice_index = ? AND state IN ('pending', 'queued', 'deferred')", key).rowcount
             earlier += conn.execute(
                 "UPDATE feedback SET retracted_as = 'replaced' WHERE completion_id = ? "
                 "AND choice_index = ? AND state = 'trained' AND retracted_as IS NULL",
@@ -115,7 +118,7 @@ class FeedbackStore:
             where, args = where + " AND choice_index = ?", args + [choice_index]
         with self._db.write() as conn:
             deleted = conn.execute(f"UPDATE feedback SET state = 'deleted' WHERE {where} "
-                                   "AND state IN ('pending', 'queued')", args).rowcount
+                                   "AND state IN ('pending', 'queued', 'deferred')", args).rowcount
             conn.execute(f"UPDATE feedback SET retracted_as = 'deleted' WHERE {where} "
                          "AND state = 'trained' AND retracted_as IS NULL", args)
         return deleted
@@ -127,12 +130,26 @@ class FeedbackStore:
             (limit,)).fetchall()
         return [FeedbackRow(*r) for r in rows]
 
+    def deferred(self, limit: int) -> list[FeedbackRow]:
+        """Up to ``limit`` deferred rows, oldest first (Note [exactly once])."""
+        rows = self._db.connection().execute(
+            f"SELECT {ROW_COLUMNS} FROM feedback WHERE state = 'deferred' ORDER BY rowid LIMIT ?",
+            (limit,)).fetchall()
+        return [FeedbackRow(*r) for r in rows]
+
     def mark_queued(self, ids: Iterable[str]) -> int:
-        """Pending rows among ``ids`` become "queued" (taken into the sample queue); one
-        transaction. Returns how many."""
+        """Pending or deferred rows among ``ids`` become "queued" (taken into the sample queue);
+        one transaction. Returns how many."""
         with self._db.write() as conn:
             return sum(conn.execute("UPDATE feedback SET state = 'queued' WHERE feedback_id = ? "
-                                    "AND state = 'pending'", (i,)).rowcount for i in ids)
+                                    "AND state IN ('pending', 'deferred')", (i,)).rowcount
+                       for i in ids)
+
+    def mark_deferred(self, ids: Iterable[str]) -> int:
+        """Queued rows among ``ids`` become "deferred"; one transaction. Returns how many."""
+        with self._db.write() as conn:
+            return sum(conn.execute("UPDATE feedback SET state = 'deferred' WHERE feedback_id = ? "
+                                    "AND state = 'queued'", (i,)).rowcount for i in ids)
 
     def mark_trained(self, ids: Iterable[str], step: int) -> int:
         """Rows among ``ids`` not yet trained become "trained" at ``step`` (Note [trained rows

@@ -289,6 +289,10 @@ class StoreRecordings:
     def segments(self, handle: Any) -> list:
         return self.store.segments(handle)
 
+    def covered_tokens(self, handle: Any) -> int:
+        """Prompt tokens the pinned recording covers (no data read)."""
+        return int(handle.coverage.covered_tokens)
+
     def unpin(self, handle: Any) -> None:
         self.store.unpin(handle)
 
@@ -339,8 +343,10 @@ def install(scheduler: Any, runtime: Any) -> Any:
         store=FeedbackStore(config.feedback.db_path), completions=runtime.completions,
         admission=admission, queue=loop.queue,
         tokenize=lambda text: list(tokenizer.encode(text, add_special_tokens=False)),
-        eos_id=getattr(tokenizer, "eos_token_id", None), every_s=config.feedback.poll_every_s)
+        eos_id=getattr(tokenizer, "eos_token_id", None), fates=loop.fates,
+        every_s=config.feedback.poll_every_s)
     loop.on_feedback_trained = runtime.feedback.on_trained
+    loop.on_feedback_deferred = runtime.feedback.on_deferred
     if config.memory.is_enabled:
         from alchemist_sgl.memory import MemoryArbiter  # noqa: PLC0415
 

@@ -1,21 +1,22 @@
-"""Cadence: when to publish and when to checkpoint, as pure functions of counters and time.
+"""Cadence: when a round closes and when to checkpoint, as pure functions of counts and time.
 
-Owns ``should_publish`` (``publish.every_steps`` / ``publish.every_s``) and ``should_checkpoint``
-(``train.checkpoint_every_steps``). Imports nothing; never torch, sglang or other package modules.
+Owns ``should_close_round`` (``train.round_s`` / ``train.round_max_samples``) and
+``should_checkpoint`` (``train.checkpoint_every_s``). Imports nothing; never torch, sglang or other
+package modules.
 """
 
 from __future__ import annotations
 
 
-def should_publish(steps_since_publish: int, seconds_since_publish: float, every_steps: int,
-                   every_s: float) -> bool:
-    """True when at least one unpublished step exists and either ``every_steps`` steps or
-    ``every_s`` seconds have passed since the last publish."""
-    if steps_since_publish < 1:
+def should_close_round(samples: int, seconds_open: float, round_s: float,
+                       round_max_samples: int) -> bool:
+    """True when the round holds at least one sample and either ``round_max_samples`` samples or
+    ``round_s`` seconds since it opened have been reached (a round never closes empty)."""
+    if samples < 1:
         return False
-    return steps_since_publish >= every_steps or seconds_since_publish >= every_s
+    return samples >= round_max_samples or seconds_open >= round_s
 
 
-def should_checkpoint(steps_since_checkpoint: int, every_steps: int) -> bool:
-    """True once ``every_steps`` optimizer steps have run since the last checkpoint."""
-    return steps_since_checkpoint >= max(every_steps, 1)
+def should_checkpoint(seconds_since_checkpoint: float, every_s: float) -> bool:
+    """True once ``every_s`` seconds have passed since the last checkpoint (0: after every round)."""
+    return seconds_since_checkpoint >= every_s

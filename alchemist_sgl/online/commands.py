@@ -1,7 +1,7 @@
 """Control commands of the online loop (run on the scheduler thread; see control.py).
 
 Owns the handlers behind the admin routes: ``versions.list``, ``versions.rollback``,
-``train.pause``, ``train.resume``, ``train.samples``, and with debug commands on,
+``train.pause``, ``train.resume``, ``train.samples``, ``train.replay``, and with debug commands on,
 ``debug.weights`` (writes the live target tensors and the master copy to a file under the server's
 ``var/`` folder, for tests). A handler raises an error carrying ``http_status`` (and ``field``)
 for answers other than 200; the runtime passes them to the HTTP side. Imports package modules only.
@@ -63,7 +63,7 @@ def register(runtime: Any, loop: Any, admission: Any, *, var_dir: Path) -> None:
         except AdmissionError as exc:
             raise CommandError(str(exc), exc.http_status, exc.field) from exc
         try:
-            accepted = loop.queue.offer(pending)
+            accepted = loop.offer(pending)
         except QueueFull as exc:
             admission.release(pending)
             raise CommandError(f"the training queue is full ({len(loop.queue)} pending): {exc}",
@@ -75,11 +75,20 @@ def register(runtime: Any, loop: Any, admission: Any, *, var_dir: Path) -> None:
     runtime.register_command("train.pause", pause)
     runtime.register_command("train.resume", resume)
     runtime.register_command("train.samples", samples)
+    runtime.register_command("train.replay", lambda payload: _set_replay(loop, payload))
     if runtime.config.server.enable_debug_commands:
         runtime.register_command("debug.weights", lambda payload: _dump_weights(loop, payload, var_dir))
         runtime.register_command("debug.checkpoint", lambda payload: (loop.checkpoint(is_blocking=True), {"ok": True})[1])
         runtime.register_command("debug.grads",
                                  lambda payload: _dump_grads(loop, admission, payload, var_dir))
+
+
+def _set_replay(loop: Any, payload: dict[str, Any]) -> dict[str, Any]:
+    """``train.replay`` from the next round on (loop.py, Note [Rounds])."""
+    enabled = payload.get("enabled")
+    if not isinstance(enabled, bool):
+        raise CommandError("enabled: must be true or false", 422, "enabled")
+    return loop.set_replay(enabled)
 
 
 def _dump_weights(loop: Any, payload: dict[str, Any], var_dir: Path) -> dict[str, Any]:
@@ -109,6 +118,8 @@ def _dump_grads(loop: Any, admission: Any, payload: dict[str, Any], var_dir: Pat
     name = Path(str(payload.get("name") or "grads.pt")).name
     pending = admission.admit([payload["sample"]])
     trainer = loop.trainer
+    params = list(trainer.adapter.parameters())
+    kept = [p.grad for p in params]  # the open round's gradients (loop.py, Note [Rounds])
     try:
         trainer.version = loop.counters.train_state
         sample = loop._to_sample(pending[0])
@@ -121,9 +132,10 @@ def _dump_grads(loop: Any, admission: Any, payload: dict[str, Any], var_dir: Pat
             for t in adapter.targets:
                 for which, params in (("A", adapter.a), ("B", adapter.b)):
                     g = params[f"{layer}_{t}"].grad
-                    grads[peft_name(layer, t, which)] = None if g is None else g.detach().clone()
+                    grads[peft_name(layer, t, which)] = (
+                        None if g is None else g.detach() * run.grad_scale)
         counts = run.plans[0].counts
-        loss = float(torch.stack(run._losses).sum()) if getattr(run, "_losses", None) else run.loss
+        loss = float(torch.stack(run._losses).sum()) * run.grad_scale
         result = {"loss": loss, "grads": grads, "adapter": adapter.peft_state_dict(),
                   "rank": adapter.rank, "alpha": adapter.alpha,
                   "prompt_ids": list(sample.prompt_ids), "response_ids": list(sample.response_ids),
@@ -134,6 +146,8 @@ def _dump_grads(loop: Any, admission: Any, payload: dict[str, Any], var_dir: Pat
         trainer.optimizer.zero_grad(set_to_none=True)
     finally:
         admission.release(pending)
+        for p, g in zip(params, kept):
+            p.grad = g
     target = var_dir / "debug" / name
     target.parent.mkdir(parents=True, exist_ok=True)
     torch.save(result, target)

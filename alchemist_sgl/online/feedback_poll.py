@@ -5,7 +5,8 @@ rows, turns each into a ``PendingSample`` (Note [Feedback to samples]), queues t
 rows queued; after a step trains them, it marks them trained with that step. After a restore from
 a checkpoint, rows trained after the checkpoint's step and rows only queued go back to pending, so
 acknowledged feedback is trained exactly once (the restored queue's feedback samples are dropped
-and re-admitted from the table). Imports package modules only.
+and re-admitted from the table). Deferred rows (stale for longer than ``train.stale_max_age_s``)
+are taken again only when the queue is empty, after the pending ones. Imports package modules only.
 
 Note [Feedback to samples]:
   * ``up``: SFT on the served response (the completion's output ids through the stop token);
@@ -25,16 +26,22 @@ import time
 from typing import Any, Callable
 
 from alchemist_sgl.log import get_logger
+from alchemist_sgl.online.accounting import SampleFates
 from alchemist_sgl.online.intake import PendingSample
 
 logger = get_logger(__name__)
 
 
 class FeedbackPoller:
+    """``fates``: the loop's ``SampleFates`` (accounting.py, Note [Sample fates]): a new row is
+    fed once; a deferred row taken again leaves ``deferred``; an unusable row is ``expired``."""
+
     def __init__(self, *, store: Any, completions: Any, admission: Any, queue: Any,
-                 tokenize: Callable[[str], list[int]], eos_id: int | None, every_s: float = 0.5,
-                 batch: int = 64, clock: Callable[[], float] = time.monotonic) -> None:
+                 tokenize: Callable[[str], list[int]], eos_id: int | None, fates: SampleFates,
+                 every_s: float = 0.5, batch: int = 64,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.store, self.completions, self.admission, self.queue = store, completions, admission, queue
+        self.fates = fates
         self.tokenize, self.eos_id = tokenize, eos_id
         self.every_s, self.batch, self.clock = every_s, batch, clock
         self._last = float("-inf")
@@ -50,6 +57,13 @@ class FeedbackPoller:
         if room <= 0:
             return 0
         rows = self.store.pending(min(self.batch, room))
+        is_deferred = False
+        if not rows and len(self.queue) == 0:  # the queue is idle: deferred rows go again
+            rows, is_deferred = self.store.deferred(min(self.batch, room)), True
+        if is_deferred:
+            self.fates.deferred -= len(rows)
+        else:
+            self.fates.fed += len(rows)
         samples, queued, unusable = [], [], []
         for row in rows:
             sample = self._sample(row)
@@ -61,6 +75,7 @@ class FeedbackPoller:
         if unusable:
             self.store.mark_trained(unusable, -1)
             self.skipped += len(unusable)
+            self.fates.expired += len(unusable)
         if samples:
             self.queue.offer(samples)
             self.store.mark_queued(queued)
@@ -73,10 +88,17 @@ class FeedbackPoller:
     def on_trained(self, feedback_ids: list[str], step: int) -> None:
         self.store.mark_trained(feedback_ids, step)
 
+    def on_deferred(self, feedback_ids: list[str]) -> None:
+        """Stale samples of these rows left the queue (loop.py, Note [Rounds]): the rows wait as
+        "deferred" in the table until the queue is empty (feedback/store.py, Note [exactly once])."""
+        self.store.mark_deferred(feedback_ids)
+
     def after_restore(self, step: int) -> int:
         """Rows trained after ``step`` or only queued go back to pending (see module docstring)."""
-        kept = [p for p in self.queue.state() if not p.get("feedback_id")]
+        saved = self.queue.state()
+        kept = [p for p in saved if not p.get("feedback_id")]
         self.queue.load_state(kept)
+        self.fates.fed -= len(saved) - len(kept)  # fed again when the table gives them back
         return self.store.requeue_after(step)
 
     def _sample(self, row: Any) -> PendingSample | None:

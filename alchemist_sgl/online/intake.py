@@ -1,8 +1,8 @@
-"""Sample intake: the bounded queue of training samples waiting for the next optimizer step.
+"""Sample intake: the bounded queue of training samples waiting for a round.
 
 Owns ``PendingSample`` (one token-level training example, the prefill version that served it) and
-``SampleQueue`` (all-or-nothing offers, readiness by count or age, oldest-first takes, requeue at
-the front for an abandoned step, checkpoint state). Pure: time comes from an injected clock.
+``SampleQueue`` (all-or-nothing offers, takes by lane (``pick_lane``), removal of aged samples,
+requeue at the front for an abandoned round, checkpoint state). Pure: time comes from an injected clock.
 Imports only the standard library and ``alchemist_sgl.errors``; never torch, sglang, or
 alchemist_sgl.train / feedback.
 """
@@ -67,6 +67,27 @@ class PendingSample:
         return cls(**{k: v for k, v in d.items() if k != "handle"})
 
 
+Lane = Literal["fresh", "approximate", "stale"]
+
+
+def pick_lane(lags: list[int | None], max_version_lag: int) -> tuple[int | None, Lane]:
+    """Note [Lanes]: given the lags of the queue's samples, oldest first (None: across a branch or
+    never served), the index of the sample a round takes next and its lane:
+      1. ``fresh``: the oldest sample at lag 0 (served at the round's version: exact replay);
+      2. ``approximate``: else the NEWEST sample with 0 < lag <= ``max_version_lag`` (its
+         recording is the least stale; replayed approximately, counted by lag);
+      3. ``stale``: else the oldest sample, recomputed (its recording was released at publish).
+    (None, "stale") for an empty queue."""
+    for i, lag in enumerate(lags):
+        if lag == 0:
+            return i, "fresh"
+    for i in range(len(lags) - 1, -1, -1):
+        lag = lags[i]
+        if lag is not None and 0 < lag <= max_version_lag:
+            return i, "approximate"
+    return (0, "stale") if lags else (None, "stale")
+
+
 class SampleQueue:
     """FIFO of ``PendingSample`` bounded by ``max_pending`` (``train.max_pending_samples``).
 
@@ -99,15 +120,34 @@ class SampleQueue:
             return 0.0
         return max(0.0, self._clock() - self._items[0].enqueued_at)
 
-    def is_ready(self, min_pending: int, max_wait_s: float) -> bool:
-        """True when ``min_pending`` samples wait, or at least one has waited ``max_wait_s``."""
-        n = len(self._items)
-        return n >= min_pending or (n >= 1 and self.oldest_wait_s() >= max_wait_s)
-
-    def take(self, batch_samples: int) -> list[PendingSample]:
-        """Removes and returns up to ``batch_samples`` samples, oldest first."""
-        n = min(max(batch_samples, 0), len(self._items))
+    def take(self, count: int) -> list[PendingSample]:
+        """Removes and returns up to ``count`` samples, oldest first."""
+        n = min(max(count, 0), len(self._items))
         return [self._items.popleft() for _ in range(n)]
+
+    def take_next(self, lag_of: Callable[[PendingSample], int | None],
+                  max_version_lag: int) -> tuple[PendingSample, Lane] | None:
+        """Removes and returns the next sample of a round by lane (Note [Lanes]), or None."""
+        index, lane = pick_lane([lag_of(p) for p in self._items], max_version_lag)
+        if index is None:
+            return None
+        item = self._items[index]
+        del self._items[index]
+        return item, lane
+
+    def has_fresh(self, lag_of: Callable[[PendingSample], int | None]) -> bool:
+        """True when a pending sample was served at the serving version (lag 0)."""
+        return any(lag_of(p) == 0 for p in self._items)
+
+    def remove_where(self, predicate: Callable[[PendingSample], bool]) -> list[PendingSample]:
+        """Removes and returns every pending sample ``predicate`` accepts, in queue order."""
+        gone = [p for p in self._items if predicate(p)]
+        if gone:
+            self._items = deque(p for p in self._items if not predicate(p))
+        return gone
+
+    def __iter__(self):
+        return iter(list(self._items))
 
     def requeue_front(self, items: Iterable[PendingSample]) -> None:
         """Puts samples of an abandoned or skipped step back at the front, in their order."""

@@ -89,6 +89,7 @@ class LoopLifecycle:
         c.steps_since_publish = 0
         version = self._mint_serving(step=target.step, parent=target.name, metric=target.metric)
         self._accepted = self._trainer_snapshot()
+        self._open_round()  # Note [Rounds]: the next round trains at the new id
         logger.info("rollback to %s: now serving %s (stall %.1f ms)", to, version.name, stall_ms)
         return {"weight_version": version.name, "parent": target.name, "stall_ms": stall_ms}
 
@@ -96,12 +97,15 @@ class LoopLifecycle:
         """Saves the loop's state (a copy, taken now) through the background writer;
         ``is_blocking`` waits until it is on disk (shutdown)."""
         c = self.counters
-        pending = [without_handle(p) for p in self._inflight]
+        # The open round's samples are not in the saved adapter yet: they are saved as pending.
+        in_round = list(self._round.taken) if self._round is not None else []
+        pending = [without_handle(p) for p in in_round + self._inflight]
         state = copy.deepcopy({"trainer": self.trainer.state_dict(), "versions": self.registry.state(),
                                "pending": [p.as_state() for p in pending] + self.queue.state(),
-                               "rng": torch.get_rng_state(), "counters": vars(c)})
+                               "rng": torch.get_rng_state(), "counters": vars(c),
+                               "fates": vars(self.fates), "tally": vars(self.tally)})
         step, serving = c.steps, self.registry.serving.name
-        c.steps_since_checkpoint = 0
+        c.last_checkpoint_at = self.clock()
 
         def write() -> None:
             self.checkpoints.save(step, state, self.meta)
@@ -128,8 +132,13 @@ class LoopLifecycle:
         self.queue.load_state(state["pending"])
         torch.set_rng_state(state["rng"])
         for key, value in state["counters"].items():
-            setattr(self.counters, key, value)
-        self.counters.last_publish_at = self.clock()
+            if hasattr(self.counters, key):
+                setattr(self.counters, key, value)
+        for key, value in state.get("fates", {}).items():
+            setattr(self.fates, key, value)
+        for key, value in state.get("tally", {}).items():
+            setattr(self.tally, key, value)
+        self.counters.last_publish_at = self.counters.last_checkpoint_at = self.clock()
         if self.trainer.published is not None:
             self.publisher.build_all(self.trainer.published)
             self.publisher.commit()

@@ -1,4 +1,4 @@
-"""The online loop: pending samples -> work-unit steps -> gate -> publish -> a new version id.
+"""The online loop: rounds of fresh samples -> one optimizer step -> gate -> publish -> a new id.
 
 Owns ``OnlineLoop``, which the runtime drives once per scheduler iteration with a time slice
 (``run_slice``). It composes the trainer (train/), the sample queue, the version registry, the
@@ -10,17 +10,29 @@ Contract: every method runs on the scheduler thread between scheduler iterations
 nothing here locks. A method that raises must be caught by the caller, which disables training
 loudly and keeps serving (Note [fail loudly, keep serving] in integration/plugin.py).
 
-Note [Work as a generator]: one step is a generator that performs exactly one work unit per
-``next()`` (a decoder layer's forward or backward for one sample, a loss chunk, the optimizer, one
-layer of the publish build, the copy, a checkpoint) and yields its kind (``"train"``, ``"gate"``, ``"publish.build"``, ...), or yields ``_WAIT`` when
-it cannot go on in this iteration (a chunked prefill is in flight and a publish must wait).
+Note [Rounds]: one open optimizer step per served version. Right after a commit the loop opens a
+round at the new version V (``train.rounds.RoundRun``). Samples join it one at a time as they
+arrive, in lane order (intake.py, Note [Lanes]): each runs its forward and backward work units and
+leaves its gradient in the adapter, with no batch cap. The round closes once it holds
+``train.round_max_samples`` samples or ``train.round_s`` has passed since it opened, whichever is
+first, and never empty; then come the optimizer unit, the gate, the publish build, the commit and
+a new id, and the next round opens. The weights and the adapter stay V's until the optimizer unit,
+so a sample served at V replays its recording exactly (lag 0). At every publish the pins of
+samples now beyond ``train.max_version_lag`` are released (their recordings are never read), and
+stale samples older than ``train.stale_max_age_s`` leave the queue: feedback rows are deferred
+(back to the feedback table), admin samples dropped (accounting.py, Note [Sample fates]).
+
+Note [Work as a generator]: each piece of work (one sample's units; a round's close: optimizer,
+gate, publish, checkpoint) is a generator that performs exactly one work unit per ``next()`` and
+yields its kind (``"train"``, ``"gate"``, ``"publish.build"``, ...), or yields ``_WAIT`` when it
+cannot go on in this iteration (a chunked prefill is in flight and a publish must wait).
 ``run_slice`` advances it until the slice budget is spent. Between two ``next()`` calls SGLang
 serves; in-flight requests are never touched.
 
 Note [Lag in training states]: a recording made at version p is exact for the trainer only while
 the trainer's weights are still p's. Lag = hops from p to the serving version along the lineage
-(None across a branch: infinite) + optimizer steps taken since the last publish. With the default
-``publish.every_steps: 1`` every step starts at lag 0 for what was served since the last publish.
+(None across a branch: infinite). Within a round the trainer's weights are the serving version's,
+so lag 0 is exact.
 """
 
 from __future__ import annotations
@@ -32,9 +44,13 @@ from typing import Any, Callable, Iterator, Protocol
 import torch
 
 from alchemist_sgl.log import get_logger
+from alchemist_sgl.online.accounting import RoundTally, SampleFates, TakenSample, percentiles
+from alchemist_sgl.online.cadence import should_checkpoint, should_close_round
+from alchemist_sgl.online.intake import PendingSample
 from alchemist_sgl.online.lifecycle import LoopLifecycle, without_handle
 from alchemist_sgl.online.publish import MasterWeights, Publisher
 from alchemist_sgl.online.writer import BackgroundWriter
+from alchemist_sgl.train.rounds import RoundRun
 from alchemist_sgl.train.samples import PromptSegment, Recording, Sample
 
 logger = get_logger(__name__)
@@ -54,6 +70,7 @@ class ServingHost(Protocol):
 class RecordingSource(Protocol):
     def pin(self, prompt_ids: list[int], version: str) -> Any: ...
     def segments(self, handle: Any) -> list[tuple[int, int, dict[str, torch.Tensor] | None]]: ...
+    def covered_tokens(self, handle: Any) -> int: ...
     def unpin(self, handle: Any) -> None: ...
     def release_versions(self, is_live: Callable[[str], bool]) -> int: ...
 
@@ -63,10 +80,9 @@ class LoopCounters:
     """Cumulative numbers of the loop (checkpointed; ``train``/``publish`` status blocks)."""
 
     steps: int = 0
-    attempts: int = 0             # steps begun, skipped ones included (test injection counts these)
+    attempts: int = 0             # rounds closed, skipped ones included (test injection counts these)
     train_state: int = 0          # optimizer steps ever taken on this lineage (Note [Lag ...])
     steps_since_publish: int = 0
-    steps_since_checkpoint: int = 0
     units_run: int = 0
     slices: int = 0
     units_over_budget: int = 0
@@ -76,6 +92,7 @@ class LoopCounters:
     nonfinite_skipped: int = 0
     publishes: int = 0
     rejected: int = 0
+    busy_ms: float = 0.0          # work-unit time of all rounds (samples' units and optimizer)
     last_step_ms: float | None = None
     last_loss: float | None = None
     last_step_tokens: int | None = None
@@ -83,9 +100,24 @@ class LoopCounters:
     last_publish_ms: float | None = None
     last_stall_ms: float | None = None
     last_publish_at: float = 0.0
+    last_checkpoint_at: float = 0.0
     recent_publishes: list[dict[str, Any]] = field(default_factory=list)
     window_cached_tokens: int = 0   # radix hits of requests finished since the last publish ...
     window_prompt_tokens: int = 0   # ... over their prompt tokens (Note [Radix hit rate])
+
+
+@dataclass
+class OpenRound:
+    """The round under way (Note [Rounds]): its version, its run and the samples it took."""
+
+    version: str
+    opened_at: float
+    run: RoundRun
+    is_replay_enabled: bool
+    taken: list[PendingSample] = field(default_factory=list)
+    tally: list[TakenSample] = field(default_factory=list)
+    fresh: int = 0
+    stale: int = 0
 
 
 @dataclass(frozen=True)
@@ -96,7 +128,7 @@ class SliceReport:
 
 
 class OnlineLoop(LoopLifecycle):
-    """Trains on pending samples in work units and publishes each step as a new version."""
+    """Trains rounds of samples in work units and publishes each round as a new version."""
 
     def __init__(self, *, config: Any, trainer: Any, queue: Any, registry: Any, checkpoints: Any,
                  checkpoint_meta: Any, publisher: Publisher, master: MasterWeights,
@@ -109,13 +141,18 @@ class OnlineLoop(LoopLifecycle):
         self.adapters = adapters  # online.adapters-like: save/load/prune (module or object)
         self.gate_pairs = gate_pairs or []
         self.clock = clock
-        self.counters = LoopCounters(last_publish_at=clock())
+        self.counters = LoopCounters(last_publish_at=clock(), last_checkpoint_at=clock())
+        self.fates, self.tally = SampleFates(), RoundTally()
         self.writer = BackgroundWriter()  # Note [Writes off the serving path] in writer.py
-        # Called with (feedback ids, step) after a step that trained feedback samples.
+        # Called with (feedback ids, step) after a round trained feedback samples (step -1: the
+        # round was dropped), and with the ids of feedback samples deferred (Note [Rounds]).
         self.on_feedback_trained: Callable[[list[str], int], None] | None = None
+        self.on_feedback_deferred: Callable[[list[str]], None] | None = None
         self.is_paused = False
-        self.inject_nonfinite_steps: set[int] = set()  # tests: 1-based attempt numbers to poison
+        self.is_replay_enabled = bool(config.train.replay)  # from the next round on (set_replay)
+        self.inject_nonfinite_steps: set[int] = set()  # tests: 1-based round numbers to poison
         self._work: Iterator[str] | None = None
+        self._round: OpenRound | None = None
         self._inflight: list[Any] = []
         self._state = "idle"
         self._accepted = self._trainer_snapshot()
@@ -123,31 +160,38 @@ class OnlineLoop(LoopLifecycle):
     # ------------------------------------------------------------------ driving
     @property
     def has_work(self) -> bool:
-        """True while not paused and a step is under way or could start now (then SGLang's idle
-        sleep is skipped)."""
+        """True while not paused and a unit could run now (then SGLang's idle sleep is skipped)."""
         if self.is_paused:
             return False
-        if self._work is not None:
-            return True
-        tc = self.config.train
-        return self.queue.is_ready(tc.min_pending_samples, tc.max_wait_s) or self._is_publish_due()
-
-    def _is_publish_due(self) -> bool:
-        """A step is unpublished and ``publish.every_s`` has passed (no new sample needed)."""
-        from alchemist_sgl.online.cadence import should_publish  # noqa: PLC0415
-
-        c, pc = self.counters, self.config.publish
-        return c.steps_since_publish > 0 and should_publish(
-            c.steps_since_publish, self.clock() - c.last_publish_at, pc.every_steps, pc.every_s)
+        return self._work is not None or len(self.queue) > 0 or self._is_close_due()
 
     @property
     def has_step_in_progress(self) -> bool:
         return self._work is not None
 
+    def offer(self, samples: list[PendingSample]) -> int:
+        """Queues new samples (all or none; ``QueueFull``) and counts them fed."""
+        accepted = self.queue.offer(samples)
+        self.fates.fed += accepted
+        return accepted
+
+    def set_replay(self, is_enabled: bool) -> dict[str, Any]:
+        """``train.replay`` from the next round on (the benchmark's replay and recompute arms)."""
+        self.is_replay_enabled = bool(is_enabled)
+        current = self._round.is_replay_enabled if self._round is not None else is_enabled
+        return {"replay": self.is_replay_enabled, "current_round_replay": current}
+
+    def lag_of(self, p: PendingSample) -> int | None:
+        """Versions from the sample's prefill to the serving one (None: a branch or never served)."""
+        if p.prefill_version is None:
+            return None
+        hops = self.registry.lag(p.prefill_version, self.registry.serving.name)
+        return None if hops is None else hops + self.counters.steps_since_publish
+
     def yield_memory(self) -> int:
-        """The arbiter left TRAINING (runtime.py): a step under way moves its saved tensors to host
-        and releases workspace (train/offload.py, Note [Yield moves memory]); its backward reloads
-        them when training resumes. Bytes moved (0 without ``memory.offload`` or a step)."""
+        """The arbiter left TRAINING (runtime.py): a sample under way moves its saved tensors to
+        host and releases workspace (train/offload.py, Note [Yield moves memory]); its backward
+        reloads them when training resumes. Bytes moved (0 without ``memory.offload`` or work)."""
         off = getattr(self.trainer, "residency", None)
         if off is None or self._work is None:
             return 0
@@ -161,11 +205,9 @@ class OnlineLoop(LoopLifecycle):
         units = over = 0
         while units == 0 or (time.perf_counter() - t0) * 1000.0 < budget_ms:
             if self._work is None:
-                if not self.has_work:
+                self._work = None if self.is_paused else self._next_work()
+                if self._work is None:
                     break
-                tc = self.config.train
-                is_step = self.queue.is_ready(tc.min_pending_samples, tc.max_wait_s)
-                self._work = self._one_step() if is_step else self._publish_pending()
             u0 = time.perf_counter()
             try:
                 kind = next(self._work)
@@ -190,15 +232,23 @@ class OnlineLoop(LoopLifecycle):
         return SliceReport(0, 0.0, 0)
 
     def abandon_step(self) -> None:
-        """Drops the step under way (rollback, shutdown): its samples go back to the queue front."""
+        """Drops the round under way (rollback, shutdown): its samples, and the one in progress,
+        go back to the queue front (their recordings are recomputed)."""
         if self._work is not None:
             self._work.close()
             self._work = None
         self.publisher.abandon()
+        back: list[Any] = []
+        if self._round is not None:
+            self._round.run.abandon()
+            back = list(self._round.taken)
+            self._round = None
         if self._inflight:
             self._release(self._inflight)
-            self.queue.requeue_front([without_handle(p) for p in self._inflight])
+            back += self._inflight
             self._inflight = []
+        if back:
+            self.queue.requeue_front([without_handle(p) for p in back])
         self._state = "idle"
 
     def note_finished_request(self, cached_tokens: int, prompt_tokens: int) -> None:
@@ -215,68 +265,143 @@ class OnlineLoop(LoopLifecycle):
         c.window_cached_tokens = c.window_prompt_tokens = 0
         return rate
 
-    # ------------------------------------------------------------------ one step
-    def _one_step(self) -> Iterator[str]:
-        tc, c = self.config.train, self.counters
-        pending = self.queue.take(tc.batch_samples)
-        self._inflight = pending
+    # ------------------------------------------------------------------ rounds
+    def _is_close_due(self) -> bool:
+        r, tc = self._round, self.config.train
+        return r is not None and should_close_round(len(r.taken), self.clock() - r.opened_at,
+                                                    tc.round_s, tc.round_max_samples)
+
+    def _open_round(self) -> OpenRound:
+        """Note [Rounds]: a round at the serving version; the trainer's weights are its weights."""
+        self.trainer.version = self.counters.train_state
+        run = self.trainer.begin_round(is_replay_enabled=self.is_replay_enabled)
+        self._round = OpenRound(self.registry.serving.name, self.clock(), run,
+                                self.is_replay_enabled)
+        return self._round
+
+    def _next_work(self) -> Iterator[str] | None:
+        """The close of a due round, else the next sample by lane, else None."""
+        if self._round is None:
+            self._open_round()
+        if self._is_close_due():
+            return self._close_round()
+        taken = self.queue.take_next(self.lag_of, self.config.train.max_version_lag)
+        if taken is None:
+            return None
+        return self._train_sample(*taken)
+
+    def _train_sample(self, p: PendingSample, lane: str) -> Iterator[str]:
+        r = self._round
+        assert r is not None, "a sample is trained inside an open round"
+        self._inflight = [p]
         self._state = "training"
-        t0 = time.perf_counter()
-        self.trainer.version = c.train_state
-        run = self.trainer.begin_step([self._to_sample(p) for p in pending])
+        lag = self.lag_of(p)
+        covered = (self.recordings.covered_tokens(p.handle)
+                   if p.handle is not None and self.recordings is not None else 0)
+        try:
+            units = r.run.add(self._to_sample(p, lane, r.is_replay_enabled))
+        except ValueError as exc:  # a malformed sample: drop it, counted, and go on
+            logger.error("training sample dropped: %s", exc)
+            self._drop([p])
+            self._inflight = []
+            return
+        while not units.is_done:
+            units.run_unit()
+            yield "train"
+        has_recording = p.handle is not None
+        self._release([p])
+        self._inflight = []
+        r.taken.append(p)
+        r.tally.append(TakenSample(lane, lag, len(p.prompt_ids), covered, has_recording,
+                                   p.enqueued_at))
+        if lane == "fresh":
+            r.fresh += 1
+        else:
+            r.stale += 1
+
+    def _close_round(self) -> Iterator[str]:
+        """The optimizer unit, then gate, publish and (by time) a checkpoint; a new round opens."""
+        tc, c, r = self.config.train, self.counters, self._round
+        assert r is not None and r.taken, "a round never closes empty"
+        self._state = "training"
         c.attempts += 1
         if c.attempts in self.inject_nonfinite_steps:
-            run.inject_nonfinite()
-        while not run.is_done:
-            run.run_unit()
-            yield "train"
-        stats = run.finish()
-        self._release(pending)
-        self._inflight = []
-        step_ms = (time.perf_counter() - t0) * 1000.0
+            r.run.inject_nonfinite()
+        stats = r.run.close()
+        yield "train"
+        c.busy_ms += stats.step_ms
+        self._round = None
+        feedback = [p.feedback_id for p in r.taken if p.feedback_id is not None]
         if stats.is_nonfinite_skipped:
             c.nonfinite_skipped += 1
-            logger.warning("step skipped: non-finite loss or gradients (%d samples dropped, "
-                           "nothing published)", len(pending))
+            logger.warning("round skipped: non-finite loss or gradients (%d samples dropped, "
+                           "nothing published)", len(r.taken))
+            self._drop(r.taken)
+            self._open_round()
             self._state = "idle"
             return
         c.steps += 1
         c.train_state += 1
-        trained = [p.feedback_id for p in pending if p.feedback_id is not None]
-        if trained and self.on_feedback_trained is not None:
-            self.on_feedback_trained(trained, c.steps)
+        self.fates.trained += len(r.taken)
+        if feedback and self.on_feedback_trained is not None:
+            self.on_feedback_trained(feedback, c.steps)
         c.steps_since_publish += 1
-        c.steps_since_checkpoint += 1
-        c.last_step_ms = step_ms
-        c.last_loss = stats.loss
-        c.last_step_tokens = stats.tokens
-        c.last_grad_norm = getattr(run, "grad_norm", None)
-        logger.info("train step %d: loss %.4f samples %d tokens %d replayed %d recomputed %d "
-                    "stale %d units %d ms %.0f", c.steps, stats.loss, stats.samples, stats.tokens,
-                    stats.replayed_tokens, stats.recomputed_tokens, stats.stale_recomputes,
-                    stats.units, step_ms)
-        from alchemist_sgl.online.cadence import should_checkpoint, should_publish  # noqa: PLC0415
-
-        pc = self.config.publish
-        if should_publish(c.steps_since_publish, self.clock() - c.last_publish_at,
-                          pc.every_steps, pc.every_s):
-            yield from self._publish()
-        if should_checkpoint(c.steps_since_checkpoint, tc.checkpoint_every_steps):
+        c.last_step_ms, c.last_loss = stats.step_ms, stats.loss
+        c.last_step_tokens, c.last_grad_norm = stats.tokens, r.run.grad_norm
+        logger.info("round %d at %s: loss %.4f samples %d (fresh %d, stale %d) tokens %d replayed %d "
+                    "recomputed %d units %d busy ms %.0f", c.steps, r.version, stats.loss,
+                    stats.samples, r.fresh, r.stale, stats.tokens, stats.replayed_tokens,
+                    stats.recomputed_tokens, stats.units, stats.step_ms)
+        published = yield from self._publish()
+        self.tally.add_round(r.tally, self.clock() if published else None)
+        self._open_round()
+        if should_checkpoint(self.clock() - c.last_checkpoint_at, tc.checkpoint_every_s):
             self.checkpoint()
             yield "checkpoint"
         self._state = "idle"
 
-    def _publish_pending(self) -> Iterator[str]:
-        """A publish without a new step (``publish.every_s`` passed with a step unpublished)."""
-        yield from self._publish()
-        self._state = "idle"
+    def _drop(self, samples: list[PendingSample]) -> None:
+        """Samples that end without training (Note [Sample fates]); their feedback rows are
+        marked trained at step -1 so they are never taken again."""
+        self._release(samples)
+        self.fates.dropped += len(samples)
+        ids = [p.feedback_id for p in samples if p.feedback_id is not None]
+        if ids and self.on_feedback_trained is not None:
+            self.on_feedback_trained(ids, -1)
 
-    def _to_sample(self, p: Any) -> Sample:
-        """A trainer ``Sample`` with its recording's segments labelled by lag (Note [Lag ...])."""
+    def _age_out_stale(self) -> None:
+        """At publish: pins beyond the lag bound are released, and stale samples pending longer
+        than ``train.stale_max_age_s`` leave the queue (deferred or dropped, Note [Rounds])."""
+        bound, now = self.config.train.max_version_lag, self.clock()
+        beyond = []
+        for p in self.queue:
+            lag = self.lag_of(p)
+            if lag is None or lag > bound:
+                beyond.append(p)
+        self._release(beyond)
+        max_age = self.config.train.stale_max_age_s
+        old = self.queue.remove_where(lambda p: now - p.enqueued_at > max_age
+                                      and (self.lag_of(p) is None or self.lag_of(p) > 0))
+        self._release(old)
+        deferred = [p.feedback_id for p in old if p.feedback_id is not None]
+        dropped = len(old) - len(deferred)
+        if deferred and self.on_feedback_deferred is not None:
+            self.on_feedback_deferred(deferred)
+            self.fates.deferred += len(deferred)
+        elif deferred:
+            dropped += len(deferred)
+        self.fates.dropped += dropped
+        if old:
+            logger.info("stale backlog: %d feedback samples deferred, %d samples dropped "
+                        "(pending > train.stale_max_age_s %.0f s)", len(deferred), dropped, max_age)
+
+    def _to_sample(self, p: Any, lane: str = "fresh", is_replay: bool = True) -> Sample:
+        """A trainer ``Sample``; its recording's segments, labelled by lag (Note [Lag ...]), are
+        read only when they will be replayed (never for the stale lane or with replay off)."""
         segments: tuple[PromptSegment, ...] = ()
-        if p.handle is not None and self.recordings is not None:
-            hops = self.registry.lag(p.prefill_version, self.registry.serving.name)
-            lag = _STALE if hops is None else hops + self.counters.steps_since_publish
+        if p.handle is not None and self.recordings is not None and is_replay and lane != "stale":
+            lag = self.lag_of(p)
+            lag = _STALE if lag is None else lag
             version = self.counters.train_state - lag
             segments = tuple(
                 PromptSegment(s, e, None if t is None else Recording(version, t))
@@ -303,7 +428,7 @@ class OnlineLoop(LoopLifecycle):
             metric = decision.metric
             if not decision.is_accepted:
                 self._reject(decision, metric)
-                return
+                return False
         self._state = "publishing"
         self.publisher.begin(frozen)
         while not self.publisher.is_built:
@@ -315,13 +440,14 @@ class OnlineLoop(LoopLifecycle):
         self.trainer.set_published(frozen)
         version = self.registry.mint(step=c.steps, parent=self.registry.serving.name, metric=metric)
         self.host.announce(version.name)
+        c.steps_since_publish = 0
         if self.recordings is not None:  # store Note [Store lifetime]: the others never replay again
             lag_max = self.config.train.max_version_lag
             self.recordings.release_versions(
                 lambda v: (lag := self.registry.lag(v, version.name)) is not None and lag <= lag_max)
+        self._age_out_stale()
         yield "publish.commit"
         self._save_adapter(version.name)
-        c.steps_since_publish = 0
         c.publishes += 1
         c.last_publish_at = self.clock()
         publish_ms = (time.perf_counter() - t0) * 1000.0
@@ -334,6 +460,7 @@ class OnlineLoop(LoopLifecycle):
         if gc.is_enabled:
             self._accepted = self._trainer_snapshot()
         yield "publish.save"
+        return True
 
     def _gate(self) -> Iterator[str]:
         from alchemist_sgl.online.gate import decide  # noqa: PLC0415
@@ -385,10 +512,27 @@ class OnlineLoop(LoopLifecycle):
                  "last_step_ms": c.last_step_ms, "last_loss": c.last_loss,
                  "last_step_tokens": c.last_step_tokens, "last_grad_norm": c.last_grad_norm,
                  "learning_rate": self.trainer.optimizer.param_groups[0]["lr"],
-                 "writes_pending": self.writer.pending, "write_failures": self.writer.failures}
+                 "writes_pending": self.writer.pending, "write_failures": self.writer.failures,
+                 **self._round_status()}
         publish = {"publishes": c.publishes, "rejected": c.rejected,
                    "last_publish_ms": c.last_publish_ms, "last_stall_ms": c.last_stall_ms,
                    "master_bytes": self.master.bytes, "recent": list(c.recent_publishes),
                    "radix_hit_rate_since_publish": (c.window_cached_tokens / c.window_prompt_tokens
                                                     if c.window_prompt_tokens else None)}
         return {"train": train, "publish": publish}
+
+    def _round_status(self) -> dict[str, Any]:
+        """The rounds keys of the ``train`` status block (Note [Rounds], accounting.py)."""
+        r, tc = self._round, self.config.train
+        now = self.clock()
+        block = None if r is None else {
+            "version": r.version, "opened_s_ago": now - r.opened_at, "fresh_samples": r.fresh,
+            "stale_samples": r.stale, "replay": r.is_replay_enabled,
+            "closes_in_s": max(0.0, tc.round_s - (now - r.opened_at)) if r.taken else None}
+        return {"round": block, "replay": self.is_replay_enabled,
+                "samples_fed": self.fates.fed, "samples_by_fate": self.fates.as_status(),
+                "samples_in_round": 0 if r is None else len(r.taken),
+                "samples_trained_by_lag": dict(self.tally.samples_trained_by_lag),
+                "prompt_tokens_by_fate": dict(self.tally.prompt_tokens_by_fate),
+                "feedback_to_publish_s": percentiles(self.tally.intake_to_publish_s),
+                "busy_ms": self.counters.busy_ms}

@@ -1,7 +1,7 @@
 """The trainer the runtime calls: one AdamW step over the LoRA adapter from a batch of samples.
 
 Owns ``ReplayTrainer`` (adapter, optimizer, the published snapshot, RoPE cache, version, cumulative
-counters), ``StepStats`` and ``TrainCounters`` (the ``train`` block of ``/alchemist/status``).
+counters; ``StepStats`` and ``TrainCounters`` live in stats.py).
 Imports only torch; the config is duck-typed (``alchemist_sgl.config.TrainConfig``'s attributes).
 
 Contract: a step must run with no concurrent writer of the base tensors (it reads them, and in
@@ -9,8 +9,8 @@ merge mode they are the live served weights W_pub; forward.py, Note [Published a
 enables grad itself (SGLang's loop runs under no_grad) and must not run under
 ``torch.inference_mode``. ``begin_step`` runs a step as work units (units.py, Note [Work units]);
 each sample's graph is built, back-propagated and freed before the next, so peak memory is one
-sample's. The loss is the mean over samples of ``weight * loss_s`` divided by the mean weight
-(objectives.py). ``version`` is a plain attribute the caller (the online loop) sets before a step:
+sample's. The loss is sum over samples of ``weight * loss_s`` divided by the sum of the weights,
+applied after the backward (rounds.py, Note [Round normalisation]; objectives.py). ``version`` is a plain attribute the caller (the online loop) sets before a step:
 recordings are planned with lag = version - recording.version (samples.py, Note [Staleness]).
 The adapter and AdamW state carry on across publishes; ``set_published`` swaps the subtracted snapshot.
 """
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
 import torch
@@ -29,54 +28,12 @@ from alchemist_sgl.train.joint import joint_forward_logprobs
 from alchemist_sgl.train.lora import FrozenLora, LoraAdapter
 from alchemist_sgl.train.objectives import sample_loss
 from alchemist_sgl.train.ops import RopeCache
+from alchemist_sgl.train.rounds import RoundRun
 from alchemist_sgl.train.samples import PlanCounts, PlannedSample, Sample, plan_sample
-from alchemist_sgl.train.units import ScoreRun, StepRun, check_unit_support, is_step_finite
+from alchemist_sgl.train.optimizer_unit import is_step_finite
+from alchemist_sgl.train.stats import StepStats, TrainCounters  # noqa: F401 (re-export)
+from alchemist_sgl.train.units import ScoreRun, StepRun, check_unit_support
 from alchemist_sgl.train.weights import BaseWeights
-
-
-@dataclass
-class StepStats:
-    loss: float
-    samples: int
-    tokens: int                # prompt + response tokens trained
-    replayed_tokens: int
-    recomputed_tokens: int
-    stale_recomputes: int
-    reuse_by_lag: dict[int, int]
-    step_ms: float             # busy time: the units themselves, not the gaps between them
-    max_unit_ms: float         # the longest single unit (compare train.slice_budget_ms)
-    version: int               # the trainer version the step ran at (set by the caller)
-    units: int = 0             # work units run (a whole-sample step counts one per sample + 1)
-    is_nonfinite_skipped: bool = False  # non-finite loss or gradient: no optimizer step taken
-
-
-@dataclass
-class TrainCounters:
-    """Cumulative numbers for the ``train`` status block (INTERFACES.md)."""
-    steps: int = 0
-    samples_trained: int = 0
-    tokens_trained: int = 0
-    replayed_tokens: int = 0
-    recomputed_tokens: int = 0
-    stale_recomputes: int = 0
-    loss_ema: float | None = None
-    reuse_by_lag: dict[int, int] = field(default_factory=dict)
-    nonfinite_skipped: int = 0
-
-    def add(self, s: StepStats) -> None:
-        """Counts a finished step; a skipped one only in ``nonfinite_skipped``."""
-        if s.is_nonfinite_skipped:
-            self.nonfinite_skipped += 1
-            return
-        self.steps += 1
-        self.samples_trained += s.samples
-        self.tokens_trained += s.tokens
-        self.replayed_tokens += s.replayed_tokens
-        self.recomputed_tokens += s.recomputed_tokens
-        self.stale_recomputes += s.stale_recomputes
-        self.loss_ema = s.loss if self.loss_ema is None else 0.9 * self.loss_ema + 0.1 * s.loss
-        for lag, n in s.reuse_by_lag.items():
-            self.reuse_by_lag[lag] = self.reuse_by_lag.get(lag, 0) + n
 
 
 class ReplayTrainer:
@@ -166,6 +123,10 @@ class ReplayTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         return StepRun(self, plans)
 
+    def begin_round(self, *, is_replay_enabled: bool | None = None) -> RoundRun:
+        """An open step that samples join one at a time (rounds.py); replay override per round."""
+        return RoundRun(self, is_replay_enabled=is_replay_enabled)
+
     def begin_scoring(self, pairs: Sequence[Sample],
                       which: Literal["trained", "published"]) -> ScoreRun:
         """No-grad scoring of ``pairs`` (prompt_ids, response_ids; recordings ignored) in units:
@@ -181,18 +142,23 @@ class ReplayTrainer:
         if not samples:
             raise ValueError("a step needs at least one sample")
         plans = [self.plan(s) for s in samples]
-        mean_weight = sum(p.sample.weight for p in plans) / len(plans)
+        grad_scale = 1.0 / sum(p.sample.weight for p in plans)
+        params = list(self.adapter.parameters())
+        prior = [p.grad for p in params]  # kept aside: only this call's sum is normalised
+        self.adapter.zero_grad(set_to_none=True)
         loss_sum, counts, tokens, ratios = 0.0, PlanCounts(), 0, []
         with torch.enable_grad():
             for planned in plans:
                 loss, ratio = self._sample_loss(planned)
-                loss = loss * (planned.sample.weight / mean_weight / len(plans))
+                loss = loss * planned.sample.weight  # rounds.py, Note [Round normalisation]
                 loss.backward()
-                loss_sum += float(loss.detach())  # host sync: once per sample, for stats
-                if ratio is not None:
-                    ratios.append(ratio)
+                loss_sum += float(loss.detach()) * grad_scale  # host sync: once per sample
+                ratios += [] if ratio is None else [ratio]
                 counts.add(planned.counts)
                 tokens += planned.input_ids.numel()
+        for p, before in zip(params, prior):
+            p.grad = before if p.grad is None else (
+                p.grad.mul_(grad_scale) if before is None else p.grad.mul_(grad_scale).add_(before))
         self._last_ratios = ratios
         return loss_sum, counts, tokens
 

@@ -28,7 +28,6 @@ Between units the caller may serve: the base tensors and the adapter must not ch
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Literal
@@ -39,6 +38,7 @@ from alchemist_sgl.train.forward import Streams, head_logprobs
 from alchemist_sgl.train.layer import embed_streams, run_layer
 from alchemist_sgl.train.objectives import kto_loss_and_coefficient, token_loss_sum
 from alchemist_sgl.train.offload import long_lived_tensors
+from alchemist_sgl.train.optimizer_unit import is_step_finite, optimizer_unit  # noqa: F401 (re-export)
 from alchemist_sgl.train.samples import PlanCounts, PlannedSample
 
 if TYPE_CHECKING:
@@ -112,7 +112,7 @@ class StepRun(_Run):
 
     def __init__(self, trainer: "ReplayTrainer", plans: list[PlannedSample]) -> None:
         self.trainer, self.plans = trainer, plans
-        self.mean_weight = sum(p.sample.weight for p in plans) / len(plans)
+        self.weight_sum = sum(p.sample.weight for p in plans)
         self.loss, self.tokens = 0.0, 0  # loss: set by the optimizer unit
         self.counts = PlanCounts()
         self._losses: list[torch.Tensor] = []  # 0-d, detached: one per head chunk (KTO: sample)
@@ -130,93 +130,26 @@ class StepRun(_Run):
         """Test hook: a NaN goes into one adapter gradient just before the optimizer unit."""
         self._is_injected = True
 
+    @property
+    def grad_scale(self) -> float:
+        """1 / sum of the samples' weights: what the optimizer unit multiplies the accumulated
+        ``.grad`` and loss terms by (rounds.py, Note [Round normalisation])."""
+        return 1.0 / self.weight_sum
+
     def _step_units(self) -> Iterator[tuple[UnitKind, int | None, int | None]]:
         for index, planned in enumerate(self.plans):
             self.counts.add(planned.counts)
             self.tokens += planned.input_ids.numel()
-            yield from self._sample_units(index, planned)
+            # rounds.py, Note [Round normalisation]: w_i now, 1 / sum(w) at the optimizer unit.
+            yield from sample_units(self.trainer, self.offload, index, planned,
+                                    planned.sample.weight, self._losses, self._ratios)
         self._optimizer_unit()
         yield "optimizer", None, None
 
-    def _sample_units(self, index: int, planned: PlannedSample):
-        t, off = self.trainer, self.offload
-        w, spec, s = t.weights, t.weights.spec, planned.sample
-        scale = s.weight / self.mean_weight / len(self.plans)
-        is_kto = s.kind == "negative" and t.config.objective_negative == "kto"
-        ref = s.ref_logprobs
-        if is_kto and ref is None:  # objectives.py, Note [Reference log-probs], option (2)
-            out: list[torch.Tensor] = []
-            yield from nograd_logprob_units(t, planned, index, None, out)
-            ref = torch.cat(out)
-        # Forward units: each layer from detached copies of both streams.
-        hidden, residual = embed_streams(t, planned)
-        graphs: list[tuple[Streams, Streams, Streams, Streams] | None] = []
-        for layer in range(spec.layers):
-            if layer > 0:
-                hidden, residual = _leaves(hidden), _leaves(residual)
-            with _saving(off, (index, layer)):
-                h_out, r_out = run_layer(t, layer, t.adapter, planned, hidden, residual)
-            if off is not None:  # forward order: layer 0 goes to host first
-                off.keep((index, layer), [*hidden, *residual, *h_out, *r_out])
-                off.offload((index, layer))
-            graphs.append((hidden, residual, h_out, r_out))
-            hidden, residual = h_out, r_out
-            yield "forward", index, layer
-        top_h, top_r = _leaves(hidden), _leaves(residual)
-        chunks = loss_chunks(planned, t.loss_chunk_rows)
-        n_resp = planned.input_ids.numel() - planned.prompt_len
-        coef = None
-        if is_kto:  # Note [Chunked loss]: the summed ratio first, without grad
-            logps = []
-            for lo, hi in chunks:
-                with torch.no_grad():
-                    logps.append(head_logprobs(w, planned, top_h, top_r, lo, hi))
-                yield "head", index, None
-            ratio = (torch.cat(logps) - ref.to(logps[0])).sum()
-            kto, coef = kto_loss_and_coefficient(ratio, t._kl_ema)
-            self._losses.append(kto * scale)
-            self._ratios.append(ratio)
-        for lo, hi in chunks:
-            logp = head_logprobs(w, planned, top_h, top_r, lo, hi)
-            if coef is None:
-                loss = token_loss_sum(s.kind, t.config.objective_negative, logp) * (scale / n_resp)
-                self._losses.append(loss.detach())
-            else:
-                loss = (coef * scale) * logp.sum()
-            loss.backward()
-            yield "head", index, None
-        # Backward units, top down; each frees its layer's graph.
-        grads_h, grads_r = _grads(top_h), _grads(top_r)
-        for layer in reversed(range(spec.layers)):
-            if off is not None:  # backward order, prefetching one layer ahead
-                off.prefetch((index, layer))
-                off.prefetch((index, layer - 1))
-            ins_h, ins_r, outs_h, outs_r = graphs[layer]
-            pairs = [(o, g) for o, g in zip(outs_h + outs_r, grads_h + grads_r)
-                     if g is not None and o is not None and o.requires_grad]
-            if pairs:
-                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-            grads_h, grads_r = _grads(ins_h), _grads(ins_r)
-            graphs[layer] = None
-            if off is not None:
-                off.release((index, layer))
-            yield "backward", index, layer
-
     def _optimizer_unit(self) -> None:
-        t = self.trainer
-        params = [p for p in t.adapter.parameters() if p.grad is not None]
-        if self._is_injected and params:
-            params[0].grad.view(-1)[0] = float("nan")
-        self.loss = float(torch.stack(self._losses).sum())  # host sync: once per step
-        grads = [p.grad.detach().float().norm() for p in params]
-        self.grad_norm = float(torch.stack(grads).norm()) if grads else 0.0  # host sync, once per step
-        if is_step_finite(self.loss, params):
-            t.optimizer.step()
-            t._is_published_current = False
-            t.update_kl([float(r) for r in self._ratios])
-        else:
-            self.is_nonfinite_skipped = True
-        t.optimizer.zero_grad(set_to_none=True)
+        self.loss, self.grad_norm, self.is_nonfinite_skipped = optimizer_unit(
+            self.trainer, self._losses, self._ratios, is_injected=self._is_injected,
+            grad_scale=self.grad_scale)
 
     def finish(self) -> "StepStats":
         """The step's stats (and the trainer's counters updated). All units must have run."""
@@ -271,11 +204,72 @@ def nograd_logprob_units(trainer: "ReplayTrainer", planned: PlannedSample, index
         yield "head", index, None
 
 
-def is_step_finite(loss: float, params: list[torch.Tensor]) -> bool:
-    """The loss and every ``.grad`` of ``params`` finite (one host sync for all gradients)."""
-    return math.isfinite(loss) and (not params or bool(
-        torch.stack([p.grad.isfinite().all() for p in params]).all()))
-
+def sample_units(t: "ReplayTrainer", off, index: int, planned: PlannedSample, scale: float,
+                 losses: list[torch.Tensor], ratios: list[torch.Tensor]
+                 ) -> Iterator[tuple[UnitKind, int | None, int | None]]:
+    """One sample's units (Note [Work units]): forward per layer, head chunks, backward per layer.
+    Its loss enters the adapter's ``.grad`` multiplied by ``scale``; the detached loss terms go to
+    ``losses`` (and KTO summed ratios to ``ratios``). ``off``: the saved-tensor offload or None."""
+    w, spec, s = t.weights, t.weights.spec, planned.sample
+    is_kto = s.kind == "negative" and t.config.objective_negative == "kto"
+    ref = s.ref_logprobs
+    if is_kto and ref is None:  # objectives.py, Note [Reference log-probs], option (2)
+        out: list[torch.Tensor] = []
+        yield from nograd_logprob_units(t, planned, index, None, out)
+        ref = torch.cat(out)
+    # Forward units: each layer from detached copies of both streams.
+    hidden, residual = embed_streams(t, planned)
+    graphs: list[tuple[Streams, Streams, Streams, Streams] | None] = []
+    for layer in range(spec.layers):
+        if layer > 0:
+            hidden, residual = _leaves(hidden), _leaves(residual)
+        with _saving(off, (index, layer)):
+            h_out, r_out = run_layer(t, layer, t.adapter, planned, hidden, residual)
+        if off is not None:  # forward order: layer 0 goes to host first
+            off.keep((index, layer), [*hidden, *residual, *h_out, *r_out])
+            off.offload((index, layer))
+        graphs.append((hidden, residual, h_out, r_out))
+        hidden, residual = h_out, r_out
+        yield "forward", index, layer
+    top_h, top_r = _leaves(hidden), _leaves(residual)
+    chunks = loss_chunks(planned, t.loss_chunk_rows)
+    n_resp = planned.input_ids.numel() - planned.prompt_len
+    coef = None
+    if is_kto:  # Note [Chunked loss]: the summed ratio first, without grad
+        logps = []
+        for lo, hi in chunks:
+            with torch.no_grad():
+                logps.append(head_logprobs(w, planned, top_h, top_r, lo, hi))
+            yield "head", index, None
+        ratio = (torch.cat(logps) - ref.to(logps[0])).sum()
+        kto, coef = kto_loss_and_coefficient(ratio, t._kl_ema)
+        losses.append(kto * scale)
+        ratios.append(ratio)
+    for lo, hi in chunks:
+        logp = head_logprobs(w, planned, top_h, top_r, lo, hi)
+        if coef is None:
+            loss = token_loss_sum(s.kind, t.config.objective_negative, logp) * (scale / n_resp)
+            losses.append(loss.detach())
+        else:
+            loss = (coef * scale) * logp.sum()
+        loss.backward()
+        yield "head", index, None
+    # Backward units, top down; each frees its layer's graph.
+    grads_h, grads_r = _grads(top_h), _grads(top_r)
+    for layer in reversed(range(spec.layers)):
+        if off is not None:  # backward order, prefetching one layer ahead
+            off.prefetch((index, layer))
+            off.prefetch((index, layer - 1))
+        ins_h, ins_r, outs_h, outs_r = graphs[layer]
+        pairs = [(o, g) for o, g in zip(outs_h + outs_r, grads_h + grads_r)
+                 if g is not None and o is not None and o.requires_grad]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        grads_h, grads_r = _grads(ins_h), _grads(ins_r)
+        graphs[layer] = None
+        if off is not None:
+            off.release((index, layer))
+        yield "backward", index, layer
 
 def _saving(off, key):
     return contextlib.nullcontext() if off is None else off.saving(key)

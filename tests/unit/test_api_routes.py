@@ -151,7 +151,7 @@ def test_admin_endpoints_are_marked_for_sglangs_key_middleware() -> None:
     router = build_router(_no_status, FakeCommands(), mark_admin_endpoint=mark)
     levels = {route.path: getattr(route.endpoint, "_auth_level", None) for route in router.routes}
     assert levels.pop("/alchemist/status") is None
-    assert set(levels.values()) == {"admin_optional"} and len(marked) == len(levels) == 6
+    assert set(levels.values()) == {"admin_optional"} and len(marked) == len(levels) == 7
 
 
 @pytest.mark.parametrize("error, status, body", [

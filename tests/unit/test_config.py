@@ -24,7 +24,9 @@ def test_shipped_configs_load() -> None:
     tiny = load_config(REPO / "configs/cpu-tiny.yaml")
     assert smol.server.model == "smollm2-135m-instruct"
     assert tiny.server.model == "tiny"
-    assert tiny.train.min_pending_samples == 1 and tiny.publish.every_steps == 1
+    assert tiny.train.round_max_samples == 1 and tiny.publish.every_steps == 1
+    assert (smol.train.round_s, smol.train.round_max_samples) == (60.0, 64)
+    assert smol.train.stale_max_age_s == 600.0
     for config in (smol, tiny):
         assert config.sglang["device"] == "cpu"
         assert config.sglang["max-total-tokens"] > 0, "the KV pool is bounded on CPU"
@@ -86,3 +88,17 @@ def test_json_round_trip_keeps_every_value() -> None:
     again = config_from_json(config_to_json(config))
     assert isinstance(again, Config)
     assert again == config
+
+
+@pytest.mark.parametrize("key, value, names", [
+    ("train.batch_samples", "4", "train.round_s and train.round_max_samples"),
+    ("train.min_pending_samples", "1", "train.round_s and train.round_max_samples"),
+    ("train.max_wait_s", "30", "train.round_s and train.round_max_samples"),
+    ("publish.every_s", "300", "train.round_s and train.round_max_samples"),
+    ("train.checkpoint_every_steps", "10", "train.checkpoint_every_s"),
+    ("publish.every_steps", "2", "train.round_s and train.round_max_samples"),
+])
+def test_keys_retired_by_rounds_stop_startup_naming_the_new_keys(key, value, names) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as e:
+        load_config(REPO / "configs/cpu-tiny.yaml", [f"{key}={value}"])
+    assert names in str(e.value)

@@ -100,8 +100,8 @@ def test_trained_rows_are_never_replaced_or_deleted(http, scheduler):
     assert rows[a.feedback_id]["retracted_as"] == "replaced"
     assert http.delete("c1") == 1  # b only
     assert states(http, "c1") == [(a.feedback_id, "trained"), (b.feedback_id, "deleted")]
-    assert http.counts_by_state() == {"pending": 0, "queued": 0, "trained": 1, "replaced": 0,
-                                      "deleted": 1}
+    assert http.counts_by_state() == {"pending": 0, "queued": 0, "deferred": 0, "trained": 1,
+                                      "replaced": 0, "deleted": 1}
 
 
 def test_retracted_while_queued_then_trained_is_recorded(http, scheduler):

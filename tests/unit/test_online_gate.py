@@ -7,7 +7,7 @@ import math
 import pytest
 
 from alchemist_sgl.errors import HeldoutInvalid
-from alchemist_sgl.online.cadence import should_checkpoint, should_publish
+from alchemist_sgl.online.cadence import should_checkpoint, should_close_round
 from alchemist_sgl.online.gate import decide, load_heldout
 
 
@@ -64,9 +64,11 @@ def test_heldout_from_a_file_and_bad_lines(tmp_path):
 
 
 def test_cadence():
-    assert not should_publish(0, 1e9, every_steps=1, every_s=300.0)  # nothing to publish
-    assert should_publish(1, 0.0, every_steps=1, every_s=300.0)
-    assert not should_publish(2, 10.0, every_steps=4, every_s=300.0)
-    assert should_publish(4, 10.0, every_steps=4, every_s=300.0)
-    assert should_publish(1, 300.0, every_steps=4, every_s=300.0)
-    assert not should_checkpoint(9, 10) and should_checkpoint(10, 10)
+    """A round closes at round_max_samples or round_s, whichever first, never empty."""
+    assert not should_close_round(0, 1e9, round_s=60.0, round_max_samples=64)
+    assert not should_close_round(3, 59.9, round_s=60.0, round_max_samples=64)
+    assert should_close_round(1, 60.0, round_s=60.0, round_max_samples=64)
+    assert should_close_round(64, 0.0, round_s=60.0, round_max_samples=64)
+    assert should_close_round(1, 0.0, round_s=60.0, round_max_samples=1)
+    assert not should_checkpoint(299.0, 300.0) and should_checkpoint(300.0, 300.0)
+    assert should_checkpoint(0.0, 0.0)  # 0: after every round

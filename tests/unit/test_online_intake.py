@@ -7,7 +7,7 @@ import json
 import pytest
 
 from alchemist_sgl.errors import QueueFull
-from alchemist_sgl.online.intake import PendingSample, SampleQueue
+from alchemist_sgl.online.intake import PendingSample, SampleQueue, pick_lane
 
 
 class Clock:
@@ -35,21 +35,31 @@ def test_offer_is_all_or_nothing_and_raises_queue_full():
     assert q.offer(iter([sample(4)])) == 1 and len(q) == 4
 
 
-def test_readiness_by_count_or_by_age_of_the_oldest():
+def test_lanes_fresh_oldest_then_newest_approximate_then_oldest_stale():
+    """intake.py, Note [Lanes]: lags of the queue oldest first (None: a branch)."""
+    assert pick_lane([], 1) == (None, "stale")
+    assert pick_lane([2, 0, 1, 0], 1) == (1, "fresh")           # the oldest fresh one
+    assert pick_lane([1, 3, 1, None], 1) == (2, "approximate")  # the newest within the bound
+    assert pick_lane([1, 3, 1, None], 0) == (0, "stale")        # bound 0: the oldest, recomputed
+    assert pick_lane([None, 5], 2) == (0, "stale")
+
+
+def test_take_next_removes_by_lane_and_wait_of_the_oldest():
     clock = Clock()
     q = SampleQueue(max_pending=10, clock=clock)
-    assert not q.is_ready(min_pending=1, max_wait_s=0.0)  # empty is never ready
-    assert q.oldest_wait_s() == 0.0
-    q.offer([sample(1, at=clock.t)])
+    assert q.oldest_wait_s() == 0.0 and q.take_next(lambda p: 0, 0) is None
+    q.offer([sample(1, at=clock.t), sample(2, at=clock.t), sample(3, at=clock.t)])
     clock.t += 5.0
-    q.offer([sample(2, at=clock.t)])
     assert q.oldest_wait_s() == 5.0
-    assert not q.is_ready(min_pending=3, max_wait_s=30.0)
-    assert q.is_ready(min_pending=2, max_wait_s=30.0)
-    clock.t += 24.9
-    assert not q.is_ready(min_pending=3, max_wait_s=30.0)
-    clock.t += 0.1
-    assert q.is_ready(min_pending=3, max_wait_s=30.0)
+    lags = {1: 1, 2: 0, 3: 1}
+    lag_of = lambda p: lags[p.prompt_ids[1]]  # noqa: E731
+    assert q.has_fresh(lag_of)
+    p, lane = q.take_next(lag_of, 1)
+    assert (p.prompt_ids[1], lane) == (2, "fresh") and not q.has_fresh(lag_of)
+    p, lane = q.take_next(lag_of, 1)
+    assert (p.prompt_ids[1], lane) == (3, "approximate")
+    gone = q.remove_where(lambda p: p.prompt_ids[1] == 1)
+    assert [g.prompt_ids[1] for g in gone] == [1] and len(q) == 0
 
 
 def test_take_oldest_first_and_requeue_front_keeps_order():

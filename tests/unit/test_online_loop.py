@@ -4,7 +4,7 @@ The loop is built by ``online.factory.build_loop`` from ``configs/cpu-tiny.yaml`
 tmp folder), over fp32 weights loaded from the tiny model folder; the publisher writes into those
 very tensors, which stand for the served model's parameters. The only fake is ``FakeHost`` (the
 ``ServingHost`` protocol: records announcements, ``can_publish`` toggled by the test) and a fake
-clock for ``train.max_wait_s`` / ``publish.every_s``. Checked against ``publish.merged_tensor`` over
+clock for ``train.round_s``. Checked against ``publish.merged_tensor`` over
 the master copy (MISSION.md "One version": serving at v means cast(W0 + s * B_v @ A_v)).
 """
 
@@ -229,69 +229,7 @@ def test_publish_waits_while_the_host_refuses_then_commits(rig: Rig) -> None:
     assert same(rig.live(), rig.expected_live()) and not same(rig.live(), rig.w0)
 
 
-# ---------------------------------------------------------------- cadence
-def test_every_steps_two_publishes_once_per_two_steps(tmp_path: Path) -> None:
-    rig = Rig(tmp_path / "ckpt", ("publish.every_steps=2",))
-    announced = []
-    for i in range(4):
-        rig.feed(SAMPLES[i])
-        rig.run_idle()
-        announced.append(list(rig.host.announced))
-        if i == 0:
-            assert same(rig.live(), rig.w0)  # one step trained, none published
-    assert announced == [["v0"], ["v0", "v1"], ["v0", "v1"], ["v0", "v1", "v2"]]
-    st = rig.status()
-    assert st["train"]["steps"] == 4 and st["publish"]["publishes"] == 2
-    assert rig.loop.registry.get("v1").step == 2 and rig.loop.registry.get("v2").step == 4
-    assert same(rig.live(), rig.expected_live())
-
-
-def test_every_s_publishes_at_the_next_step_after_the_time_passed(tmp_path: Path) -> None:
-    rig = Rig(tmp_path / "ckpt", ("publish.every_steps=100", "publish.every_s=10"))
-    rig.feed(SAMPLES[0])
-    rig.run_idle()
-    assert rig.host.announced == ["v0"] and rig.loop.counters.steps == 1
-    rig.clock.now += 10.0
-    rig.feed(SAMPLES[1])
-    rig.run_idle()
-    assert rig.host.announced == ["v0", "v1"]
-    assert rig.loop.registry.get("v1").step == 2
-    assert same(rig.live(), rig.expected_live())
-
-
-def test_every_s_publishes_a_pending_step_without_a_new_sample(tmp_path: Path) -> None:
-    rig = Rig(tmp_path / "ckpt", ("publish.every_steps=100", "publish.every_s=10"))
-    rig.feed(SAMPLES[0])
-    rig.run_idle()
-    assert rig.host.announced == ["v0"]
-    rig.clock.now += 11.0
-    rig.run_idle()
-    assert rig.host.announced == ["v0", "v1"]
-
-
-# ---------------------------------------------------------------- readiness, batch cap, pause
-def test_readiness_by_count_and_by_age_with_a_batch_cap(tmp_path: Path) -> None:
-    rig = Rig(tmp_path / "ckpt", ("train.min_pending_samples=3", "train.max_wait_s=5",
-                                  "train.batch_samples=2"))
-    loop = rig.loop
-    rig.feed(SAMPLES[0])
-    assert not loop.has_work
-    assert loop.run_slice(BIG_MS).units == 0
-    rig.clock.now += 4.9
-    assert not loop.has_work
-    rig.clock.now += 0.1  # the oldest sample has now waited max_wait_s
-    assert loop.has_work
-    rig.run_idle()
-    assert loop.counters.steps == 1 and loop.trainer.counters.samples_trained == 1
-    assert len(loop.queue) == 0 and not loop.has_work
-
-    rig.feed(*SAMPLES[1:4])  # three pending: ready by count; a step takes at most two
-    assert loop.has_work
-    rig.run_idle()
-    assert loop.counters.steps == 2 and loop.trainer.counters.samples_trained == 3
-    assert len(loop.queue) == 1 and not loop.has_work  # one left, too few and too young
-
-
+# ---------------------------------------------------------------- pause (rounds: test_online_rounds.py)
 def test_pause_stops_new_steps(rig: Rig) -> None:
     loop = rig.loop
     rig.feed(SAMPLES[0])
@@ -308,9 +246,10 @@ def test_pause_stops_new_steps(rig: Rig) -> None:
     assert loop.counters.steps == 1 and rig.host.announced == ["v0", "v1"]
 
 
-def test_pause_mid_step_finishes_that_step_and_starts_no_other(rig: Rig) -> None:
+def test_pause_mid_sample_finishes_that_sample_and_keeps_the_round_open(rig: Rig) -> None:
+    """Note [Rounds]: a pause keeps the round open at the same version; resume closes it."""
     loop = rig.loop
-    rig.feed(SAMPLES[0], SAMPLES[1])  # batch_samples 1: two steps' worth
+    rig.feed(SAMPLES[0], SAMPLES[1])  # round_max_samples 1: a round per sample
     for _ in range(3):
         loop.run_slice(TINY_MS)
     assert loop.has_step_in_progress and loop.counters.steps == 0
@@ -318,9 +257,13 @@ def test_pause_mid_step_finishes_that_step_and_starts_no_other(rig: Rig) -> None
     assert not loop.has_work
     for _ in range(50):
         loop.run_slice(BIG_MS)
-    assert loop.counters.steps == 1 and len(loop.queue) == 1
-    assert not loop.has_step_in_progress
-    assert rig.host.announced == ["v0", "v1"]
+    assert not loop.has_step_in_progress and len(loop.queue) == 1
+    st = rig.status()["train"]
+    assert st["samples_in_round"] == 1 and st["round"]["version"] == "v0" and st["steps"] == 0
+    assert rig.host.announced == ["v0"]
+    loop.is_paused = False
+    rig.run_idle()
+    assert loop.counters.steps == 2 and rig.host.announced == ["v0", "v1", "v2"]
 
 
 def test_a_tiny_slice_still_runs_one_unit(rig: Rig) -> None:

@@ -41,7 +41,7 @@ def test_gpu_check_smoke_on_cpu(capsys):
     assert "ratio" in printed.splitlines()[-1]
 
 
-@pytest.mark.parametrize("module", ["forward", "joint", "lora", "objectives", "ops", "samples", "spec", "units",
+@pytest.mark.parametrize("module", ["forward", "joint", "lora", "objectives", "ops", "samples", "spec", "units", "rounds", "optimizer_unit", "stats",
                                     "trainer", "weights", "layer", "warmup"])
 def test_train_modules_state_their_contract(module):
     import importlib

@@ -22,7 +22,10 @@ from tests.unit.test_train_hfref import (adapter_grads, build_hf_peft, hf_grads,
                                          random_adapter)
 from tests.unit.test_train_replay_grad import CASES, _build, _ids
 
-TOL_UNITS = 1e-5   # units vs whole-sample backward, fp32
+# Units vs whole-sample backward, fp32: the two paths round differently; the negative-objectives
+# case measured 1.15e-5 on a 2-core x86_64 CI-class machine (2026-12-07), identical before and
+# after the round normalisation, so the bound is 2e-5 rather than the 1e-5 it passed elsewhere.
+TOL_UNITS = 2e-5
 TOL_FP32 = 1e-4    # vs the HF + PEFT reference, fp32
 
 
@@ -64,7 +67,8 @@ def _run_to_optimizer(run: StepRun) -> list:
 def _unit_grads(trainer: ReplayTrainer, samples: list[Sample]):
     run = trainer.begin_step(samples)
     infos = _run_to_optimizer(run)
-    grads = {k: None if v is None else v.clone() for k, v in adapter_grads(trainer.adapter).items()}
+    grads = {k: None if v is None else v * run.grad_scale  # rounds.py, Note [Round normalisation]
+             for k, v in adapter_grads(trainer.adapter).items()}
     run.run_unit()  # the optimizer unit: totals the loss
     return run, infos, run.loss, grads
 
