@@ -118,8 +118,8 @@ def _dump_grads(loop: Any, admission: Any, payload: dict[str, Any], var_dir: Pat
     name = Path(str(payload.get("name") or "grads.pt")).name
     pending = admission.admit([payload["sample"]])
     trainer = loop.trainer
-    params = list(trainer.adapter.parameters())
-    kept = [p.grad for p in params]  # the open round's gradients (loop.py, Note [Rounds])
+    own = list(trainer.adapter.parameters())
+    kept = [p.grad for p in own]  # the open round's gradients (loop.py, Note [Rounds])
     try:
         trainer.version = loop.counters.train_state
         sample = loop._to_sample(pending[0])
@@ -146,7 +146,7 @@ def _dump_grads(loop: Any, admission: Any, payload: dict[str, Any], var_dir: Pat
         trainer.optimizer.zero_grad(set_to_none=True)
     finally:
         admission.release(pending)
-        for p, g in zip(params, kept):
+        for p, g in zip(own, kept):
             p.grad = g
     target = var_dir / "debug" / name
     target.parent.mkdir(parents=True, exist_ok=True)

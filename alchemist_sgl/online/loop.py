@@ -38,16 +38,19 @@ so lag 0 is exact.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator
 
 import torch
 
 from alchemist_sgl.log import get_logger
-from alchemist_sgl.online.accounting import RoundTally, SampleFates, TakenSample, percentiles
+from alchemist_sgl.online.accounting import RoundTally, SampleFates, TakenSample
 from alchemist_sgl.online.cadence import should_checkpoint, should_close_round
+from alchemist_sgl.online.gate_run import gate_units
 from alchemist_sgl.online.intake import PendingSample
 from alchemist_sgl.online.lifecycle import LoopLifecycle, without_handle
+from alchemist_sgl.online.loop_status import loop_status
+from alchemist_sgl.online.loop_types import (LoopCounters, OpenRound, RecordingSource, ServingHost,
+                                             SliceReport)
 from alchemist_sgl.online.publish import MasterWeights, Publisher
 from alchemist_sgl.online.writer import BackgroundWriter
 from alchemist_sgl.train.rounds import RoundRun
@@ -57,74 +60,6 @@ logger = get_logger(__name__)
 
 _WAIT = "wait"
 _STALE = 10**9  # a lag no max_version_lag accepts (a recording across a branch)
-
-
-class ServingHost(Protocol):
-    def can_publish(self) -> bool:
-        """True when the live weights may change now (no chunked prefill in flight)."""
-
-    def announce(self, version: str) -> None:
-        """The served weights are now ``version``: stamp new admissions, SGLang's weight_version."""
-
-
-class RecordingSource(Protocol):
-    def pin(self, prompt_ids: list[int], version: str) -> Any: ...
-    def segments(self, handle: Any) -> list[tuple[int, int, dict[str, torch.Tensor] | None]]: ...
-    def covered_tokens(self, handle: Any) -> int: ...
-    def unpin(self, handle: Any) -> None: ...
-    def release_versions(self, is_live: Callable[[str], bool]) -> int: ...
-
-
-@dataclass
-class LoopCounters:
-    """Cumulative numbers of the loop (checkpointed; ``train``/``publish`` status blocks)."""
-
-    steps: int = 0
-    attempts: int = 0             # rounds closed, skipped ones included (test injection counts these)
-    train_state: int = 0          # optimizer steps ever taken on this lineage (Note [Lag ...])
-    steps_since_publish: int = 0
-    units_run: int = 0
-    slices: int = 0
-    units_over_budget: int = 0
-    max_unit_ms: float = 0.0
-    max_unit_ms_by_kind: dict[str, float] = field(default_factory=dict)
-    max_slice_ms: float = 0.0
-    nonfinite_skipped: int = 0
-    publishes: int = 0
-    rejected: int = 0
-    busy_ms: float = 0.0          # work-unit time of all rounds (samples' units and optimizer)
-    last_step_ms: float | None = None
-    last_loss: float | None = None
-    last_step_tokens: int | None = None
-    last_grad_norm: float | None = None
-    last_publish_ms: float | None = None
-    last_stall_ms: float | None = None
-    last_publish_at: float = 0.0
-    last_checkpoint_at: float = 0.0
-    recent_publishes: list[dict[str, Any]] = field(default_factory=list)
-    window_cached_tokens: int = 0   # radix hits of requests finished since the last publish ...
-    window_prompt_tokens: int = 0   # ... over their prompt tokens (Note [Radix hit rate])
-
-
-@dataclass
-class OpenRound:
-    """The round under way (Note [Rounds]): its version, its run and the samples it took."""
-
-    version: str
-    opened_at: float
-    run: RoundRun
-    is_replay_enabled: bool
-    taken: list[PendingSample] = field(default_factory=list)
-    tally: list[TakenSample] = field(default_factory=list)
-    fresh: int = 0
-    stale: int = 0
-
-
-@dataclass(frozen=True)
-class SliceReport:
-    units: int
-    ms: float
-    units_over_budget: int
 
 
 class OnlineLoop(LoopLifecycle):
@@ -252,18 +187,8 @@ class OnlineLoop(LoopLifecycle):
         self._state = "idle"
 
     def note_finished_request(self, cached_tokens: int, prompt_tokens: int) -> None:
-        """Note [Radix hit rate]: every finished request adds to the current publish window; a
-        publish records the window's rate (``radix_hit_rate_before``) and opens a new one, so the
-        rate after publish k is the "before" of publish k+1, and ``radix_hit_rate_since_publish``
-        is the running one."""
-        self.counters.window_cached_tokens += int(cached_tokens)
-        self.counters.window_prompt_tokens += int(prompt_tokens)
-
-    def _close_radix_window(self) -> float | None:
-        c = self.counters
-        rate = c.window_cached_tokens / c.window_prompt_tokens if c.window_prompt_tokens else None
-        c.window_cached_tokens = c.window_prompt_tokens = 0
-        return rate
+        """A finished request's radix hits (loop_types.py, Note [Radix hit rate])."""
+        self.counters.add_finished_request(cached_tokens, prompt_tokens)
 
     # ------------------------------------------------------------------ rounds
     def _is_close_due(self) -> bool:
@@ -372,37 +297,31 @@ class OnlineLoop(LoopLifecycle):
     def _age_out_stale(self) -> None:
         """At publish: pins beyond the lag bound are released, and stale samples pending longer
         than ``train.stale_max_age_s`` leave the queue (deferred or dropped, Note [Rounds])."""
-        bound, now = self.config.train.max_version_lag, self.clock()
-        beyond = []
-        for p in self.queue:
-            lag = self.lag_of(p)
-            if lag is None or lag > bound:
-                beyond.append(p)
-        self._release(beyond)
-        max_age = self.config.train.stale_max_age_s
+        tc, now = self.config.train, self.clock()
+        bound, max_age = tc.max_version_lag, tc.stale_max_age_s
+        lags = {id(p): self.lag_of(p) for p in self.queue}
+        self._release([p for p in self.queue if lags[id(p)] is None or lags[id(p)] > bound])
         old = self.queue.remove_where(lambda p: now - p.enqueued_at > max_age
-                                      and (self.lag_of(p) is None or self.lag_of(p) > 0))
+                                      and (lags[id(p)] is None or lags[id(p)] > 0))
         self._release(old)
         deferred = [p.feedback_id for p in old if p.feedback_id is not None]
-        dropped = len(old) - len(deferred)
         if deferred and self.on_feedback_deferred is not None:
             self.on_feedback_deferred(deferred)
-            self.fates.deferred += len(deferred)
-        elif deferred:
-            dropped += len(deferred)
-        self.fates.dropped += dropped
+        else:
+            deferred = []
+        self.fates.deferred += len(deferred)
+        self.fates.dropped += len(old) - len(deferred)
         if old:
-            logger.info("stale backlog: %d feedback samples deferred, %d samples dropped "
-                        "(pending > train.stale_max_age_s %.0f s)", len(deferred), dropped, max_age)
+            logger.info("stale backlog: %d feedback samples deferred, %d samples dropped (pending "
+                        "> train.stale_max_age_s %.0f s)", len(deferred), len(old) - len(deferred),
+                        max_age)
 
     def _to_sample(self, p: Any, lane: str = "fresh", is_replay: bool = True) -> Sample:
         """A trainer ``Sample``; its recording's segments, labelled by lag (Note [Lag ...]), are
         read only when they will be replayed (never for the stale lane or with replay off)."""
         segments: tuple[PromptSegment, ...] = ()
         if p.handle is not None and self.recordings is not None and is_replay and lane != "stale":
-            lag = self.lag_of(p)
-            lag = _STALE if lag is None else lag
-            version = self.counters.train_state - lag
+            version = self.counters.train_state - (self.lag_of(p) if self.lag_of(p) is not None else _STALE)
             segments = tuple(
                 PromptSegment(s, e, None if t is None else Recording(version, t))
                 for s, e, t in self.recordings.segments(p.handle))
@@ -424,7 +343,7 @@ class OnlineLoop(LoopLifecycle):
         metric = None
         if gc.is_enabled and self.gate_pairs and (c.publishes + c.rejected) % gc.every == 0:
             self._state = "gating"
-            decision = yield from self._gate()
+            decision = yield from gate_units(self.trainer, self.registry, self.gate_pairs, gc)
             metric = decision.metric
             if not decision.is_accepted:
                 self._reject(decision, metric)
@@ -454,39 +373,13 @@ class OnlineLoop(LoopLifecycle):
         c.last_publish_ms, c.last_stall_ms = publish_ms, stall_ms
         c.recent_publishes = (c.recent_publishes + [
             {"version": version.name, "publish_ms": publish_ms, "stall_ms": stall_ms,
-             "radix_hit_rate_before": self._close_radix_window()}])[-64:]
+             "radix_hit_rate_before": c.close_radix_window()}])[-64:]
         logger.info("publish %s (step %d, parent %s): build+copy %.0f ms, stall %.1f ms",
                     version.name, c.steps, version.parent, publish_ms, stall_ms)
         if gc.is_enabled:
             self._accepted = self._trainer_snapshot()
         yield "publish.save"
         return True
-
-    def _gate(self) -> Iterator[str]:
-        from alchemist_sgl.online.gate import decide  # noqa: PLC0415
-
-        gc = self.config.publish.gate
-        if self.registry.v0_metric() is None and self.registry.serving.name == "v0":
-            v0 = yield from self._score("published")
-            self.registry.set_metric("v0", v0)
-        last = self.registry.last_accepted_metric()
-        if last is None:
-            last = yield from self._score("published")
-            self.registry.set_metric(self.registry.serving.name, last)
-        candidate = yield from self._score("trained")
-        v0 = self.registry.v0_metric()
-        decision = decide(candidate, last, v0 if v0 is not None else last,
-                          gc.max_regression, gc.max_regression_total)
-        logger.info("gate: candidate NLL %.4f, last accepted %.4f, v0 %s: %s", candidate, last,
-                    "%.4f" % v0 if v0 is not None else "n/a", decision.reason)
-        return decision
-
-    def _score(self, which: str) -> Iterator[str]:
-        run = self.trainer.begin_scoring(self.gate_pairs, which)
-        while not run.is_done:
-            run.run_unit()
-            yield "gate"
-        return run.result()
 
     def _reject(self, decision: Any, metric: float) -> None:
         c = self.counters
@@ -500,39 +393,6 @@ class OnlineLoop(LoopLifecycle):
         logger.warning("gate rejected %s: %s; trainer back at %s", rejected.name, decision.reason,
                        self.registry.serving.name)
 
-    # ------------------------------------------------------------------ status
     def status(self) -> dict[str, dict[str, Any]]:
-        c, t = self.counters, self.trainer.status()
-        train = {**t, "steps": c.steps, "samples_pending": len(self.queue),
-                 "paused": self.is_paused, "state": "paused" if self.is_paused else self._state,
-                 "units_run": c.units_run, "slices": c.slices,
-                 "units_over_budget": c.units_over_budget, "max_unit_ms": c.max_unit_ms,
-                 "max_unit_ms_by_kind": dict(c.max_unit_ms_by_kind),
-                 "max_slice_ms": c.max_slice_ms, "nonfinite_skipped": c.nonfinite_skipped,
-                 "last_step_ms": c.last_step_ms, "last_loss": c.last_loss,
-                 "last_step_tokens": c.last_step_tokens, "last_grad_norm": c.last_grad_norm,
-                 "learning_rate": self.trainer.optimizer.param_groups[0]["lr"],
-                 "writes_pending": self.writer.pending, "write_failures": self.writer.failures,
-                 **self._round_status()}
-        publish = {"publishes": c.publishes, "rejected": c.rejected,
-                   "last_publish_ms": c.last_publish_ms, "last_stall_ms": c.last_stall_ms,
-                   "master_bytes": self.master.bytes, "recent": list(c.recent_publishes),
-                   "radix_hit_rate_since_publish": (c.window_cached_tokens / c.window_prompt_tokens
-                                                    if c.window_prompt_tokens else None)}
-        return {"train": train, "publish": publish}
-
-    def _round_status(self) -> dict[str, Any]:
-        """The rounds keys of the ``train`` status block (Note [Rounds], accounting.py)."""
-        r, tc = self._round, self.config.train
-        now = self.clock()
-        block = None if r is None else {
-            "version": r.version, "opened_s_ago": now - r.opened_at, "fresh_samples": r.fresh,
-            "stale_samples": r.stale, "replay": r.is_replay_enabled,
-            "closes_in_s": max(0.0, tc.round_s - (now - r.opened_at)) if r.taken else None}
-        return {"round": block, "replay": self.is_replay_enabled,
-                "samples_fed": self.fates.fed, "samples_by_fate": self.fates.as_status(),
-                "samples_in_round": 0 if r is None else len(r.taken),
-                "samples_trained_by_lag": dict(self.tally.samples_trained_by_lag),
-                "prompt_tokens_by_fate": dict(self.tally.prompt_tokens_by_fate),
-                "feedback_to_publish_s": percentiles(self.tally.intake_to_publish_s),
-                "busy_ms": self.counters.busy_ms}
+        """The ``train`` and ``publish`` blocks of ``/alchemist/status`` (loop_status.py)."""
+        return loop_status(self)

@@ -24,8 +24,8 @@ import torch
 
 from alchemist_sgl.train.offload import long_lived_tensors
 from alchemist_sgl.train.samples import PlanCounts, Sample
-from alchemist_sgl.train.units import (_Run, _count_units, check_unit_support, optimizer_unit,
-                                       sample_units)
+from alchemist_sgl.train.optimizer_unit import optimizer_unit
+from alchemist_sgl.train.units import _Run, _count_units, check_unit_support, sample_units
 
 if TYPE_CHECKING:
     from alchemist_sgl.train.trainer import ReplayTrainer, StepStats

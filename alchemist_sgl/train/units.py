@@ -38,7 +38,7 @@ from alchemist_sgl.train.forward import Streams, head_logprobs
 from alchemist_sgl.train.layer import embed_streams, run_layer
 from alchemist_sgl.train.objectives import kto_loss_and_coefficient, token_loss_sum
 from alchemist_sgl.train.offload import long_lived_tensors
-from alchemist_sgl.train.optimizer_unit import is_step_finite, optimizer_unit  # noqa: F401 (re-export)
+from alchemist_sgl.train.optimizer_unit import optimizer_unit
 from alchemist_sgl.train.samples import PlanCounts, PlannedSample
 
 if TYPE_CHECKING:

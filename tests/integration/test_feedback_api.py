@@ -171,7 +171,7 @@ def test_api_key_rate_limit_and_kill9() -> None:
     with dedicated_server("configs/cpu-tiny.yaml", overrides) as again:
         rows = trained_rows(again)
         assert len(rows) == 1 and samples_trained(again) == 1, "acked before the kill: trained once"
-        # Killed after training, before the next checkpoint (train.checkpoint_every_steps: 10):
+        # Killed after training, before the next checkpoint (train.checkpoint_every_s: 300):
         # the step is lost with the weights, so the row goes back and trains once more, once.
         os.killpg(os.getpgid(again.proc.pid), signal.SIGKILL)
         again.proc.wait(timeout=30)

@@ -100,7 +100,7 @@ def _graceful_stop(server: RunningServer) -> None:
 
 
 def test_restart_continues_the_same_run_and_kill9_loses_only_unsaved_steps() -> None:
-    base = ("train.replay=false", "train.checkpoint_every_steps=1")
+    base = ("train.replay=false", "train.checkpoint_every_s=0")  # a checkpoint after every round
     with dedicated_server(TINY, (*base, f"train.checkpoint_dir={_folder()}")) as server:
         losses = [train_and_wait(server, [_sample(i)], publishes=1)["train"]["last_loss"] for i in range(3)]
     folder = _folder()

@@ -133,7 +133,7 @@ def test_learning_is_visible_and_rollback_is_bitwise(tiny_server: RunningServer)
 
 def test_learning_is_visible_on_smollm2_bf16(server_pool) -> None:
     server = server_pool.get("configs/cpu-smollm2.yaml", (
-        "train.min_pending_samples=1", "train.batch_samples=1", "train.learning_rate=0.001"))
+        "train.round_max_samples=1", "train.learning_rate=0.001"))
     gain = _learning_and_rollback(server, REPO / "var" / "models" / "smollm2-135m-instruct", steps=4)
     print(f"SmolLM2 bf16: served log-prob of the trained response rose by {gain:.3f} nats over 4 steps")
 

@@ -220,3 +220,29 @@ def test_concurrent_submit_from_four_threads_loses_nothing(db):
     assert len(contended) == 100 and [r["state"] for r in contended].count("pending") == 1
     assert contended[0]["state"] == "pending"  # the newest row wins
     assert stores[0].pending_count() == 100 + 1 + 1
+
+
+def test_deferred_rows_wait_out_a_restore_and_a_schema_1_file_migrates(http, scheduler, tmp_path):
+    """Note [exactly once]: queued -> deferred -> (taken again) queued -> trained; a restore's
+    ``requeue_after`` leaves deferred rows deferred. A file written by schema 1 (no 'deferred'
+    state) is rebuilt in place with its rows."""
+    from alchemist_sgl.feedback import db as dbmod
+
+    old = tmp_path / "v1.sqlite"
+    conn = sqlite3.connect(old)
+    conn.executescript(dbmod._SCHEMA.replace("'queued', 'deferred', 'trained'", "'queued', 'trained'"))
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    v1 = FeedbackStore(old, clock=Clock())
+    kept = v1.submit(up("c-old")).feedback_id
+    v1.mark_queued([kept])
+    assert v1.mark_deferred([kept]) == 1 and states(v1, "c-old") == [(kept, "deferred")]
+    assert sqlite3.connect(old).execute("PRAGMA user_version").fetchone()[0] == dbmod.SCHEMA_VERSION
+
+    a = http.submit(up("c1")).feedback_id
+    assert scheduler.mark_queued([a]) == 1 and scheduler.mark_deferred([a]) == 1
+    assert scheduler.pending(10) == [] and [r.feedback_id for r in scheduler.deferred(10)] == [a]
+    assert scheduler.requeue_after(0) == 0 and states(http, "c1") == [(a, "deferred")]
+    assert scheduler.mark_queued([a]) == 1 and scheduler.mark_trained([a], 4) == 1
+    assert states(http, "c1") == [(a, "trained")] and scheduler.deferred(10) == []

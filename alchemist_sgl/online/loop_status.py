@@ -1,0 +1,53 @@
+"""The online loop's status: the ``train`` and ``publish`` blocks of ``/alchemist/status``.
+
+Owns ``loop_status``, read-only over an ``OnlineLoop`` (its counters, the round under way, the
+sample fates and the round tally: accounting.py). Imports package modules only; never sglang.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from alchemist_sgl.online.accounting import percentiles
+
+if TYPE_CHECKING:
+    from alchemist_sgl.online.loop import OnlineLoop
+
+
+def loop_status(loop: "OnlineLoop") -> dict[str, dict[str, Any]]:
+    """The ``train`` and ``publish`` blocks of ``/alchemist/status`` (INTERFACES.md)."""
+    c, t = loop.counters, loop.trainer.status()
+    train = {**t, "steps": c.steps, "samples_pending": len(loop.queue),
+             "paused": loop.is_paused, "state": "paused" if loop.is_paused else loop._state,
+             "units_run": c.units_run, "slices": c.slices,
+             "units_over_budget": c.units_over_budget, "max_unit_ms": c.max_unit_ms,
+             "max_unit_ms_by_kind": dict(c.max_unit_ms_by_kind),
+             "max_slice_ms": c.max_slice_ms, "nonfinite_skipped": c.nonfinite_skipped,
+             "last_step_ms": c.last_step_ms, "last_loss": c.last_loss,
+             "last_step_tokens": c.last_step_tokens, "last_grad_norm": c.last_grad_norm,
+             "learning_rate": loop.trainer.optimizer.param_groups[0]["lr"],
+             "writes_pending": loop.writer.pending, "write_failures": loop.writer.failures,
+             **_round_status(loop)}
+    publish = {"publishes": c.publishes, "rejected": c.rejected,
+               "last_publish_ms": c.last_publish_ms, "last_stall_ms": c.last_stall_ms,
+               "master_bytes": loop.master.bytes, "recent": list(c.recent_publishes),
+               "radix_hit_rate_since_publish": (c.window_cached_tokens / c.window_prompt_tokens
+                                                if c.window_prompt_tokens else None)}
+    return {"train": train, "publish": publish}
+
+
+def _round_status(loop: "OnlineLoop") -> dict[str, Any]:
+    """The rounds keys of the ``train`` status block (Note [Rounds], accounting.py)."""
+    r, tc = loop._round, loop.config.train
+    now = loop.clock()
+    block = None if r is None else {
+        "version": r.version, "opened_s_ago": now - r.opened_at, "fresh_samples": r.fresh,
+        "stale_samples": r.stale, "replay": r.is_replay_enabled,
+        "closes_in_s": max(0.0, tc.round_s - (now - r.opened_at)) if r.taken else None}
+    return {"round": block, "replay": loop.is_replay_enabled,
+            "samples_fed": loop.fates.fed, "samples_by_fate": loop.fates.as_status(),
+            "samples_in_round": 0 if r is None else len(r.taken),
+            "samples_trained_by_lag": dict(loop.tally.samples_trained_by_lag),
+            "prompt_tokens_by_fate": dict(loop.tally.prompt_tokens_by_fate),
+            "feedback_to_publish_s": percentiles(loop.tally.intake_to_publish_s),
+            "busy_ms": loop.counters.busy_ms}

@@ -1,0 +1,99 @@
+"""The online loop's value types and the protocols it reaches the server through.
+
+Owns ``ServingHost`` and ``RecordingSource`` (built in ``integration/``), ``LoopCounters`` (the
+loop's checkpointed numbers), ``OpenRound`` (the round under way, loop.py Note [Rounds]) and
+``SliceReport``. Imports torch (type hints) and package value types only; never sglang.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import torch
+
+from alchemist_sgl.online.accounting import TakenSample
+from alchemist_sgl.online.intake import PendingSample
+from alchemist_sgl.train.rounds import RoundRun
+
+
+class ServingHost(Protocol):
+    def can_publish(self) -> bool:
+        """True when the live weights may change now (no chunked prefill in flight)."""
+
+    def announce(self, version: str) -> None:
+        """The served weights are now ``version``: stamp new admissions, SGLang's weight_version."""
+
+
+class RecordingSource(Protocol):
+    def pin(self, prompt_ids: list[int], version: str) -> Any: ...
+    def segments(self, handle: Any) -> list[tuple[int, int, dict[str, torch.Tensor] | None]]: ...
+    def covered_tokens(self, handle: Any) -> int: ...
+    def unpin(self, handle: Any) -> None: ...
+    def release_versions(self, is_live: Callable[[str], bool]) -> int: ...
+
+
+@dataclass
+class LoopCounters:
+    """Cumulative numbers of the loop (checkpointed; ``train``/``publish`` status blocks)."""
+
+    steps: int = 0
+    attempts: int = 0             # rounds closed, skipped ones included (test injection counts these)
+    train_state: int = 0          # optimizer steps ever taken on this lineage (Note [Lag ...])
+    steps_since_publish: int = 0
+    units_run: int = 0
+    slices: int = 0
+    units_over_budget: int = 0
+    max_unit_ms: float = 0.0
+    max_unit_ms_by_kind: dict[str, float] = field(default_factory=dict)
+    max_slice_ms: float = 0.0
+    nonfinite_skipped: int = 0
+    publishes: int = 0
+    rejected: int = 0
+    busy_ms: float = 0.0          # work-unit time of all rounds (samples' units and optimizer)
+    last_step_ms: float | None = None
+    last_loss: float | None = None
+    last_step_tokens: int | None = None
+    last_grad_norm: float | None = None
+    last_publish_ms: float | None = None
+    last_stall_ms: float | None = None
+    last_publish_at: float = 0.0
+    last_checkpoint_at: float = 0.0
+    recent_publishes: list[dict[str, Any]] = field(default_factory=list)
+    window_cached_tokens: int = 0   # radix hits of requests finished since the last publish ...
+    window_prompt_tokens: int = 0   # ... over their prompt tokens (Note [Radix hit rate])
+
+    def add_finished_request(self, cached_tokens: int, prompt_tokens: int) -> None:
+        """Note [Radix hit rate]: every finished request adds to the current publish window; a
+        publish records the window's rate (``radix_hit_rate_before``) and opens a new one, so the
+        rate after publish k is the "before" of publish k+1, and ``radix_hit_rate_since_publish``
+        is the running one."""
+        self.window_cached_tokens += int(cached_tokens)
+        self.window_prompt_tokens += int(prompt_tokens)
+
+    def close_radix_window(self) -> float | None:
+        rate = (self.window_cached_tokens / self.window_prompt_tokens
+                if self.window_prompt_tokens else None)
+        self.window_cached_tokens = self.window_prompt_tokens = 0
+        return rate
+
+
+@dataclass
+class OpenRound:
+    """The round under way (Note [Rounds]): its version, its run and the samples it took."""
+
+    version: str
+    opened_at: float
+    run: RoundRun
+    is_replay_enabled: bool
+    taken: list[PendingSample] = field(default_factory=list)
+    tally: list[TakenSample] = field(default_factory=list)
+    fresh: int = 0
+    stale: int = 0
+
+
+@dataclass(frozen=True)
+class SliceReport:
+    units: int
+    ms: float
+    units_over_budget: int
