@@ -109,7 +109,8 @@ def _dump_weights(loop: Any, payload: dict[str, Any], var_dir: Path) -> dict[str
 
 def _dump_grads(loop: Any, admission: Any, payload: dict[str, Any], var_dir: Path) -> dict[str, Any]:
     """Loss and LoRA gradients of one sample through the loop's own path (admission, pins, lag,
-    work units over the live weights), without the optimizer unit; for equivalence tests.
+    one sample of a round in work units over the live weights), without the optimizer unit; for
+    equivalence tests. The open round's gradients are kept aside and put back.
     Training must be idle (pause it first)."""
     from alchemist_sgl.train.lora import peft_name  # noqa: PLC0415
 
@@ -123,9 +124,11 @@ def _dump_grads(loop: Any, admission: Any, payload: dict[str, Any], var_dir: Pat
     try:
         trainer.version = loop.counters.train_state
         sample = loop._to_sample(pending[0])
-        run = trainer.begin_step([sample])
-        while run.units < run.units_total - 1:  # everything but the optimizer unit
-            run.run_unit()
+        run = trainer.begin_round()  # the loop's path: one sample of a round, all but the optimizer
+        units = run.add(sample)
+        while not units.is_done:
+            units.run_unit()
+        scale = 1.0 / run.weight_sum  # train/rounds.py, Note [Round normalisation]
         adapter = trainer.adapter
         grads = {}
         for layer in range(adapter.spec.layers):
@@ -133,9 +136,9 @@ def _dump_grads(loop: Any, admission: Any, payload: dict[str, Any], var_dir: Pat
                 for which, params in (("A", adapter.a), ("B", adapter.b)):
                     g = params[f"{layer}_{t}"].grad
                     grads[peft_name(layer, t, which)] = (
-                        None if g is None else g.detach() * run.grad_scale)
-        counts = run.plans[0].counts
-        loss = float(torch.stack(run._losses).sum()) * run.grad_scale
+                        None if g is None else g.detach() * scale)
+        counts = run.last_counts
+        loss = float(torch.stack(run._losses).sum()) * scale
         result = {"loss": loss, "grads": grads, "adapter": adapter.peft_state_dict(),
                   "rank": adapter.rank, "alpha": adapter.alpha,
                   "prompt_ids": list(sample.prompt_ids), "response_ids": list(sample.response_ids),
@@ -143,7 +146,7 @@ def _dump_grads(loop: Any, admission: Any, payload: dict[str, Any], var_dir: Pat
                   "recomputed_tokens": counts.recomputed_tokens,
                   "stale_recomputes": counts.stale_recomputes,
                   "reuse_by_lag": dict(counts.reuse_by_lag), "serving": loop.registry.serving.name}
-        trainer.optimizer.zero_grad(set_to_none=True)
+        run.abandon()
     finally:
         admission.release(pending)
         for p, g in zip(own, kept):

@@ -159,3 +159,27 @@ def test_replay_switch_applies_from_the_next_round(tmp_path: Path) -> None:
     assert loop.set_replay(False) == {"replay": False, "current_round_replay": True}
     rig.run_idle()
     assert rig.status()["train"]["round"]["replay"] is False and rig.host.announced[-1] == "v1"
+
+
+def test_the_grads_dump_leaves_the_open_rounds_gradients_as_they_were(tmp_path: Path) -> None:
+    from alchemist_sgl.online.commands import _dump_grads
+
+    rig = Rig(tmp_path / "ckpt", ("train.round_max_samples=64",))
+    rig.loop.offer(rig.admission.admit([{"prompt": "Hi", "response": "Yo", "rating": "up"}]))
+    rig.run_idle()
+    before = [None if p.grad is None else p.grad.clone()
+              for p in rig.loop.trainer.adapter.parameters()]
+    assert any(g is not None for g in before)
+    out = _dump_grads(rig.loop, rig.admission, {"sample": {"prompt": "Hello", "response": "there",
+                                                           "rating": "up"}}, tmp_path / "var")
+    assert out["loss"] > 0 and out["recomputed_tokens"] == len(tokenize_ids("Hello"))
+    after = [p.grad for p in rig.loop.trainer.adapter.parameters()]
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(before, after))
+    rig.clock.now += 60.0
+    rig.run_idle()
+    assert rig.status()["train"]["steps"] == 1 and rig.status()["train"]["samples_trained"] == 1
+
+
+def tokenize_ids(text: str) -> list[int]:
+    from tests.unit.test_online_loop import tokenize
+    return tokenize(text)
