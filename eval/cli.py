@@ -19,6 +19,14 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_CONFIG = Path("configs/cpu-smollm2.yaml")
+WORKLOADS = ("chitchat", "prompt-heavy")
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0.0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
 
 
 def _json_default(obj: Any) -> Any:
@@ -65,9 +73,11 @@ def run_experiment(args: argparse.Namespace) -> int:
     ctx = RunContext(name=args.name, config_path=config_path,
                      dataset_path=Path(args.dataset_path) if args.dataset_path else None,
                      url=args.url.rstrip("/") if args.url else None, out_dir=out_dir, quick=args.quick,
-                     seed=args.seed, progress=not args.no_progress)
+                     seed=args.seed, progress=not args.no_progress, workload_name=args.workload,
+                     feedback_delay_s=args.feedback_delay)
     meta: dict[str, Any] = {
         "experiment": args.name, "quick": args.quick, "argv": sys.argv, "seed": args.seed,
+        "workload": args.workload, "feedback_delay_s": args.feedback_delay,
         "config_path": str(config_path), "dataset_path": args.dataset_path, "url": ctx.url,
         "config": resolve_config(config_path) if config_path.exists() else None,
         "environment": environment(),
@@ -119,8 +129,7 @@ def convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m eval", description="alchemist-sgl eval harness")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one experiment, write DIR/NAME.json and print a table")
@@ -131,6 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--out", default=None, help="output folder (default eval/results/<timestamp>)")
     run.add_argument("--quick", action="store_true", help="a few minutes on 2 CPU cores")
     run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--workload", choices=WORKLOADS, default=WORKLOADS[0],
+                     help="chitchat: multi-turn conversations (default); prompt-heavy: single-turn prompts of "
+                          "~400-600 tokens built from them, short answers")
+    run.add_argument("--feedback-delay", type=_non_negative, default=0.0, metavar="MEAN",
+                     help="experiments that rate completions: exponential delay per completion with this mean "
+                          "in seconds (default 0: at once)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     rep = sub.add_parser("report", help="markdown + PNG plots from the JSON files in DIR")
     rep.add_argument("dir")
@@ -138,7 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     conv = sub.add_parser("convert", help="write a workload as a ShareGPT file (for sglang.benchmark.serving)")
     conv.add_argument("source", help="chitchat | mtbench-questions | mtbench-sharegpt | a file")
     conv.add_argument("output")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    args = build_parser().parse_args(argv)
     if args.command == "run":
         return run_experiment(args)
     if args.command == "report":

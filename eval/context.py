@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 from eval.loadgen.feedback import FeedbackPolicy
 from eval.loadgen.runner import LoadResult, LoadSpec, run_load_sync
 from eval.loadgen.stats import latency_samples
-from eval.loadgen.workloads import Conversation, default_workload, load_workload
+from eval.loadgen.workloads import Conversation, default_workload, load_workload, prompt_heavy
 from eval.monitor import Monitor, merge_timelines, throughput_timeline
 from eval.server import ManagedServer, validate_overrides
 
@@ -46,6 +46,8 @@ class RunContext:
     quick: bool
     seed: int = 0
     progress: bool = True
+    workload_name: str = "chitchat"  # --workload: chitchat | prompt-heavy
+    feedback_delay_s: float = 0.0  # --feedback-delay: mean delay of simulated users' feedback
     servers: list[dict[str, Any]] = field(default_factory=list)
     last_timeline: list[dict[str, float]] = field(default_factory=list, repr=False)
     _pids: dict[str, int] = field(default_factory=dict, repr=False)
@@ -76,10 +78,17 @@ class RunContext:
             entry.update(srv.describe())
 
     def workload(self, min_turns: int = 2) -> list[Conversation]:
-        """``--dataset-path`` (ShareGPT, chitchat or MT-Bench file) or the packaged default."""
+        """``--dataset-path`` (ShareGPT, chitchat or MT-Bench file) or the packaged default; with
+        ``--workload prompt-heavy``, single-turn long prompts built from those conversations."""
         if self.dataset_path is not None:
-            return load_workload(self.dataset_path)
-        return default_workload(min_turns=min_turns, seed=self.seed)
+            convs = load_workload(self.dataset_path)
+        else:
+            convs = default_workload(min_turns=min_turns, seed=self.seed)
+        if self.workload_name == "prompt-heavy":
+            return prompt_heavy(convs, seed=self.seed)
+        if self.workload_name != "chitchat":
+            raise ValueError(f"unknown workload {self.workload_name!r} (chitchat | prompt-heavy)")
+        return convs
 
     def load(
         self, base_url: str, workload: Sequence[Conversation], spec: LoadSpec,

@@ -18,6 +18,9 @@ Attributes (read-only by convention):
   ``quick``         bool: ``--quick``; must finish in a few minutes on 2 CPU cores
   ``seed``          int: seed every RNG from it (default 0)
   ``progress``      bool: show tqdm progress bars
+  ``workload_name`` str: ``--workload`` (``chitchat``, the default, or ``prompt-heavy``)
+  ``feedback_delay_s`` float: ``--feedback-delay``, the mean delay of simulated users' feedback
+      (0: at once), for experiments that rate completions (``online``)
 Methods:
   ``with ctx.server(config_path=None, overrides=()) as base_url:`` yields ``http://127.0.0.1:PORT``
       (no ``/v1``). Without ``--url`` it starts ``alchemist-sgl serve --config FILE --port N --set a.b=c``
@@ -25,7 +28,8 @@ Methods:
       resolved config, port, readiness time and server CPU seconds in ``meta.servers``. With
       ``--url`` it yields that URL (config/overrides are recorded as ignored): an experiment that
       needs two differently configured servers should say so in its result when ``ctx.url`` is set.
-  ``ctx.workload(min_turns=2)`` -> list[Conversation]: ``--dataset-path`` or the packaged default.
+  ``ctx.workload(min_turns=2)`` -> list[Conversation]: ``--dataset-path`` or the packaged default;
+      with ``--workload prompt-heavy``, single-turn long prompts built from them.
   ``ctx.load(base_url, workload, spec, feedback=None, poll_status=False)`` -> ``LoadResult``: one
       monitored load-generator session (``eval.loadgen.runner.LoadSpec``); afterwards
       ``ctx.last_timeline`` holds throughput, load average and (for servers ctx started) server

@@ -1,66 +1,111 @@
-"""online: training beside serving, on one server: what it trains, what it publishes, what serving pays.
+"""online: training beside serving on one server: what replay buys live, what serving pays.
 
-One server (``--config``, default SmolLM2 bf16 on CPU; or ``--url``). Two arms alternate on it in
-ABBA blocks (``eval.loadgen.ab.run_ab``; round 0 runs off, on; round 1 on, off; ...), each block an
-open-loop Poisson session of multi-turn chitchat conversations (``ctx.workload()``, up to 3 turns,
-32 new tokens):
-  ``training_off``: ``POST /alchemist/train/pause`` is in force; no sample is fed.
-  ``training_on``: ``POST /alchemist/train/resume`` at the block start, ``pause`` at its end; every
-      completion served in the block is fed back at once (``POST /alchemist/train/samples``
-      ``{"completion_id": id, "rating": "up"}``, 429 = back off and retry), so the server trains
-      on its own fresh responses and can replay their prefill recordings.
-The radix cache is flushed before every block (training paused at that moment; recordings live in
-the store, not in the radix tree), so each arm starts cold and the only difference between arms is
-the trainer running (and publishing: each publish is a new version, i.e. a new radix namespace).
-Bounded by count (``samples`` accepted in total, ``per_block`` requests a block) and time (each
-block's ``duration_s`` + ``drain_s``). A line is printed per block and per 10 samples accepted.
+One server (``--config``, default SmolLM2 bf16 on CPU; or ``--url``), started with
+``train.round_s`` set to the run's round length (quick 12 s, full 30 s), and its own checkpoint
+folder and feedback database under the output folder. Three arms alternate on it in blocks, all at
+the same serving load (the same conversations and arrival times for every arm of a round; the
+radix cache is flushed before every block). Round orders are cyclic rotations each followed by its
+mirror (``eval.loadgen.ab.rotation_orders``): SRC, CRS, RCS, SCR, ... (S ``serving_only``, R
+``replay``, C ``recompute``), so every pair of arms meets in both orders.
+  ``serving_only``: ``POST /alchemist/train/pause`` in force; nothing is fed.
+  ``replay`` / ``recompute``: while still paused, ``POST /alchemist/train/replay {"enabled": true
+      / false}`` (it applies from the next round), then ``resume``; every completion served in the
+      block is rated ``up`` through ``POST /v1/feedback`` after a delay (``--feedback-delay MEAN``:
+      exponential per completion, mean MEAN s; 0, the default, = as soon as it finished), and the
+      feedback not yet due when the block ends is dropped (``feeder.unsent``); ``pause`` at the
+      end. Feeding every completion is meant to keep a backlog, so that the trainer is saturated
+      in both training arms (``saturated_share`` says whether it was; ``notes`` if not).
+A block is one open-loop Poisson session (``WORKLOADS``): ``--workload chitchat`` (default: multi-
+turn chitchat conversations, up to 3 turns, 32 new tokens, 0.6 requests/s) or ``--workload
+prompt-heavy`` (single-turn prompts of about 400-600 tokens, a chitchat transcript plus a short
+request, 16 new tokens, 0.5 requests/s; ``eval.loadgen.workloads.prompt_heavy``), ``duration_s``
+long plus up to ``drain_s`` for requests in flight.
 
-Fields (INTERFACES.md ``online``), deltas of ``/alchemist/status`` over the run:
-  ``samples_per_s``        samples trained during the on blocks / wall time of the on blocks (at most
-                           the feed rate, ~``rate_rps``: what the loop keeps up with, not its peak)
-  ``prompt_coverage``      prompt tokens replayed at lag 0 / all prompt tokens trained (replayed +
-                           recomputed); 1.0 = every prompt came from its recording, none recomputed.
-                           ``prompt_coverage_any_lag`` counts replays at any lag (equal when
-                           ``train.max_version_lag`` is 0)
-  ``reuse_by_lag``         replayed prompt tokens by version lag ({"0": n, "1": n, ...})
-  ``publish_ms``, ``publish_stall_ms``  medians over the ``publish.recent`` entries made in the run
-                           (stall = time serving was held while the merged weights were swapped in)
-  ``radix_hit_rate_training_on/off``  sum cached_tokens / sum prompt_tokens per arm: a publish
-                           changes the radix namespace, so "on" loses the hits of earlier turns
-  ``ttft_p50/p95_training_on/off``, ``tpot_p50_training_on/off`` (ms): what training costs serving
-  ``failed_requests``, ``samples`` (accepted by the server), ``publishes`` (delta)
-Also ``requests_per_arm``, ``latency_samples`` (CDF plots), ``timeline`` per block (train steps and
-pending samples over time), ``per_block`` (one row per block), ``samples_trained_while_off``
-(should be 0: pause works), the feeder's counts (429 retries, rejections), version and loss_ema at
-start and end. Read ``ttft_*_training_on`` against ``_off`` for the serving cost, and coverage +
-``reuse_by_lag`` for how much of the prompt work replay saved. ``--quick`` (~30 samples, 2 rounds)
-only shows the pipeline works; the full run feeds ~200.
+Counting only whole rounds of the arm's setting: ``/alchemist/status`` is polled every ``poll_s``
+in every block. A training block's window runs from the first to the last round that opened after
+its resume (so with the arm's replay setting, checked against ``train.round.replay``); the
+trainer's counters move only at round closes, so the window holds whole rounds trained with that
+setting and none of the round left open by the block before (``_online_rounds``).
+
+Fields per arm (``arms.serving_only|replay|recompute``):
+  ``trained_tokens_per_s``, ``samples_trained_per_s``: ``tokens_trained`` / ``samples_trained``
+      added in the arm's windows / the windows' seconds (pooled over blocks); round close,
+      optimizer, gate and publish time all count, as they do live.
+  ``train_busy_ms_per_token``: ``train.busy_ms`` added (work-unit ms of rounds) / tokens trained.
+  ``ttft_p50``, ``ttft_p95``, ``tpot_p50`` (ms), ``radix_hit_rate`` (sum cached_tokens / sum
+      prompt_tokens): every request of the arm's blocks.
+  ``breakdown_ms_per_token`` ({gather, projections, attention, pointwise, lora, autograd_other}):
+      null: ``/alchemist/status`` reports no per-part time of the trainer yet (it would be read as
+      cumulative ms from ``train.breakdown_ms`` and divided by tokens trained).
+  Also ``saturated_share`` (share of polls in the windows with ``samples_pending`` > 0, stale
+  samples included: the trainer had work), ``lag0_share_samples``, ``samples_trained_by_lag``,
+  ``prompt_tokens_by_fate``, ``reuse_by_lag``, ``prompt_coverage``, ``coverage_ceiling`` (as below,
+  for that arm; in the recompute arm the server counts prompt tokens by fate where they would have
+  come from, and ``reuse_by_lag`` stays empty), window seconds and rounds.
+Top level:
+  ``live_ratio``: median over rounds of blocks of (replay / recompute trained tokens per second);
+      ``live_ratio_spread`` {min, max} of those ratios (``live_ratios``: all of them).
+  ``feedback_delay_s``: the mean delay asked for (``feeder.delay_drawn_mean_s``: drawn).
+  ``lag0_share_samples``: samples trained at lag 0 / samples trained, replay arm's windows
+      (``samples_trained_by_lag`` deltas); ``samples_trained_by_lag``, ``prompt_tokens_by_fate``
+      (lag0, approximate, stale_recomputed, hole, evicted) and ``reuse_by_lag`` are the replay arm's.
+  ``prompt_coverage``: lag0 prompt tokens / all prompt tokens trained; ``coverage_ceiling``: 1 -
+      hole / all prompt tokens trained (replay arm).
+  ``stamp_to_feedback_s`` {p50, p90}: a completion's end (its last chunk read) to the start of
+      its accepted feedback POST, on this process's clock (the drawn delay plus the posting lag).
+  ``feedback_to_publish_s`` {p50, p90}: the server's own (intake to publish, its last 512
+      samples) at the end of the run.
+  ``publish_interval_s``: median seconds between round openings in training blocks (one publish
+      per round); ``publish_share``: sum of ``publish_ms`` of the run's publishes / training blocks'
+      wall seconds.
+  ``store_retention_s``: the store's ``host_capacity_bytes`` / (``bytes_recorded_total`` added /
+      run wall seconds): seconds until recordings at this load (all arms) would fill the host pool
+      with nothing released (null without a ``store`` status block); ``recorded_bytes_per_s``.
+  ``samples_by_fate``, ``samples_fed``: deltas over the run; ``deferred``, ``dropped`` from them.
+  Older fields: ``samples_per_s`` (replay arm's samples_trained_per_s), ``reuse_by_lag``,
+  ``publish_ms``, ``publish_stall_ms`` (medians over the run's ``publish.recent`` entries),
+  ``radix_hit_rate_training_on/off``, ``ttft_p50/p95_training_on/off``,
+  ``tpot_p50_training_on/off`` (on = replay arm, off = serving_only arm), ``failed_requests``
+  (all arms), ``samples`` (feedback accepted by the server), ``publishes`` (delta).
+Also ``per_block`` (one row per block), ``block_order``, ``requests_per_arm``, ``feeder``,
+``samples_trained_while_serving_only`` (should be 0), versions and loss_ema at start and end,
+``latency_samples`` and ``timeline`` for the report, and ``notes`` (unsaturated arms, blocks
+without a whole round, a server given by ``--url``). Progress: a line per block, per round closed
+and per 20 feedback accepted. ``--quick``: 2 rounds of 3 blocks of 50 s (sized for ~10 min with the
+server's start and compile; it shows the pipeline works, with one or two whole rounds per training
+block); the full run: 4 rounds of 3 blocks of 110 s (sized for ~30 min).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any, Callable
 
-from eval.loadgen.ab import ABResult, Arm, run_ab
+import httpx
+
+from eval.experiments import _online_rounds as rr
+from eval.loadgen.ab import ABResult, Arm, rotation_orders, run_ab
 from eval.loadgen.arrivals import ArrivalSpec
+from eval.loadgen.feedback_feeder import FeedbackFeeder
 from eval.loadgen.runner import LoadSpec
-from eval.loadgen.training import (CompletionSink, PublishLog, SampleFeeder, counter_delta, coverage, get_status,
-                                   lag_delta, radix_hit_rate, train_control)
+from eval.loadgen.stats import latency_samples, percentile
+from eval.loadgen.training import CompletionSink, PublishLog, counter_delta, get_status, set_replay, train_control
 
 NAME = "online"
 
-QUICK = {"rounds": 2, "per_block": 15, "rate_rps": 0.5, "max_tokens": 32, "samples": 30,
-         "duration_s": 90.0, "drain_s": 120.0}
-FULL = {"rounds": 4, "per_block": 50, "rate_rps": 0.5, "max_tokens": 32, "samples": 200,
-        "duration_s": 240.0, "drain_s": 300.0}
-MAX_TURNS = 3
-ARMS = ("off", "on")
-LABELS = {"on": "training_on", "off": "training_off"}
+ARMS = ("serving_only", "replay", "recompute")
+REPLAY = {"replay": True, "recompute": False}
+QUICK = {"rounds": 2, "duration_s": 50.0, "drain_s": 60.0, "round_s": 12.0, "poll_s": 1.0}
+FULL = {"rounds": 4, "duration_s": 110.0, "drain_s": 120.0, "round_s": 30.0, "poll_s": 1.0}
+WORKLOADS = {"chitchat": {"rate_rps": 0.6, "max_turns": 3, "max_tokens": 32},
+             "prompt-heavy": {"rate_rps": 0.5, "max_turns": 1, "max_tokens": 16}}
+PROGRESS_SAMPLES = 20
+SATURATED = 0.9  # below this share of polls with a backlog, an arm is reported as not saturated
 
 
-def _train(status: dict[str, Any]) -> dict[str, Any]:
-    return status.get("train") or {}
+def log(text: str) -> None:
+    print(f"online {text}", flush=True)
 
 
 def check_server(status: dict[str, Any], url: str) -> None:
@@ -68,144 +113,265 @@ def check_server(status: dict[str, Any], url: str) -> None:
     if not isinstance(train, dict) or "samples_trained" not in train:
         raise RuntimeError(f"the server at {url} reports no train section in /alchemist/status "
                            f"(disabled: {status.get('disabled')}); is the training loop wired?")
+    if "busy_ms" not in train or "samples_by_fate" not in train:
+        raise RuntimeError(f"the server at {url} reports no round counters (train.busy_ms, "
+                           "train.samples_by_fate): a server from before rounds?")
+
+
+class Poller:
+    """Polls ``/alchemist/status`` every ``interval_s`` on a thread while in a ``with``, once more
+    on entry and exit: ``rows`` (``_online_rounds.status_row``, ``t`` = answer arrived on
+    ``clock``) and the publish entries into ``publishes``."""
+
+    def __init__(self, url: str, interval_s: float, clock: Callable[[], float], publishes: PublishLog,
+                 on_row: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.url, self.interval_s, self.clock, self.publishes, self.on_row = url, interval_s, clock, publishes, on_row
+        self.rows: list[dict[str, Any]] = []
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="eval-online-poller", daemon=True)
+
+    def poll(self) -> None:
+        try:
+            status = get_status(self.url, timeout_s=10.0)
+        except Exception:  # noqa: BLE001 - a missed poll is counted, the trace goes on
+            self.errors += 1
+            return
+        row = rr.status_row(status, self.clock())
+        self.rows.append(row)
+        self.publishes.add(status.get("publish"))
+        if self.on_row is not None:
+            self.on_row(row)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.poll()
+
+    def __enter__(self) -> "Poller":
+        self.poll()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60.0)
+        self.poll()
 
 
 class OnlineRun:
     """The state one run accumulates; ``run_block`` is handed to ``run_ab``."""
 
     def __init__(self, ctx: Any, url: str, p: dict[str, Any], post: Callable | None = None,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.ctx, self.url, self.p, self.clock = ctx, url, p, clock
         self.t_start = clock()
-        self.arm = "off"
-        self.on_wall_s = 0.0
-        self.trained = {"on": 0.0, "off": 0.0}
-        self.timeline: dict[str, Any] = {}
-        self.per_block: dict[str, dict[str, Any]] = {}
-        self.feeder = SampleFeeder(url, p["samples"], post=post, on_accepted=self._accepted)
-        self.sink = CompletionSink(sink=self.feeder.put)
+        self.arm = ARMS[0]
+        self.blocks: list[dict[str, Any]] = []
         self.start = get_status(url)
         check_server(self.start, url)
         self.publishes = PublishLog.starting_at(self.start.get("publish"))
-        self._printed = 0
+        self.feeder = FeedbackFeeder(url, p["feedback_delay_s"], seed=ctx.seed, clock=clock, post=post,
+                                     on_accepted=self._fed)
+        self.sink = CompletionSink(sink=self.feeder.put)
 
     def log(self, text: str) -> None:
-        print(f"online [{self.clock() - self.t_start:7.1f} s] {text}", flush=True)
+        log(f"[{self.clock() - self.t_start:7.1f} s] {text}")
 
-    def _accepted(self, total: int) -> None:
-        if total // 10 > self._printed // 10 or total >= self.p["samples"] > self._printed:
-            self.log(f"{total}/{self.p['samples']} samples accepted")
-        self._printed = total
+    def _fed(self, total: int) -> None:
+        if total % PROGRESS_SAMPLES == 0:
+            self.log(f"{total} feedback accepted")
 
     def set_arm(self, arm: str) -> None:
         self.arm = arm
 
-    def run_block(self, base_url: str, convs: Any, spec: LoadSpec) -> Any:
-        arm = self.arm
-        if arm == "on":
-            train_control(base_url, "resume")
-            t0, before = self.clock(), get_status(base_url)
-            self.feeder.start()
-            try:
-                result = self.ctx.load(base_url, convs, spec, feedback=self.sink, poll_status=True)
-            finally:
-                self.feeder.stop()
+    def _on_row(self, label: str, first: list[dict[str, Any]]) -> Callable[[dict[str, Any]], None]:
+        last_key: list[Any] = [None]
+
+        def on_row(row: dict[str, Any]) -> None:
+            if not first:
+                first.append(row)
+            if last_key[0] is not None and row["key"] != last_key[0]:
+                self.log(f"{label}: round closed, now {row['version']} (replay {row['round_replay']}); "
+                         f"+{row['samples_trained'] - first[0]['samples_trained']:g} samples, "
+                         f"+{row['tokens_trained'] - first[0]['tokens_trained']:g} tokens trained in the block, "
+                         f"{row['pending']} pending")
+            last_key[0] = row["key"]
+        return on_row
+
+    def _session(self, base_url: str, convs: Any, spec: LoadSpec, training: bool) -> tuple[Any, Poller]:
+        poller = Poller(base_url, self.p["poll_s"], self.clock, self.publishes, self._on_row(spec.label, []))
+        try:
+            with poller:  # its last poll comes after the feedback due and before the pause
+                try:
+                    result = self.ctx.load(base_url, convs, spec, feedback=self.sink if training else None)
+                finally:
+                    if training:
+                        self.feeder.stop()
+        finally:
+            if training:
                 train_control(base_url, "pause")
-            self.on_wall_s += self.clock() - t0
-        else:
-            before = get_status(base_url)
-            result = self.ctx.load(base_url, convs, spec, poll_status=True)
-        after = get_status(base_url)
-        self.publishes.add(after.get("publish"))
-        b, a = _train(before), _train(after)
-        trained = counter_delta(b, a, "samples_trained")
-        self.trained[arm] += trained
-        self.timeline[spec.label] = list(getattr(self.ctx, "last_timeline", []) or [])
-        failed = sum(1 for r in result.records if r.get("error") is not None)
-        row = {"arm": LABELS[arm], "requests": len(result.records), "failed": failed,
-               "samples_trained": trained, "steps": counter_delta(b, a, "steps"),
-               "weight_version": after.get("weight_version"), "samples_pending": a.get("samples_pending"),
-               "hit_rate": radix_hit_rate(result.records)}
-        self.per_block[spec.label] = row
-        self.log(f"block {len(self.per_block)} {spec.label} ({LABELS[arm]}): {row['requests']} requests "
-                 f"({failed} failed), +{trained:g} samples trained, +{row['steps']:g} steps, "
-                 f"{row['weight_version']}, {row['samples_pending']} pending")
+        return result, poller
+
+    def run_block(self, base_url: str, convs: Any, spec: LoadSpec) -> Any:
+        arm, training = self.arm, self.arm in REPLAY
+        fed0, unsent0 = self.feeder.accepted, self.feeder.unsent
+        if training:
+            set_replay(base_url, REPLAY[arm])  # paused: applies to the first round opened after resume
+        t_from = self.clock()
+        if training:
+            train_control(base_url, "resume")
+            self.feeder.start()
+        result, poller = self._session(base_url, convs, spec, training)
+        block = {"arm": arm, "label": spec.label, "round": int(spec.label.rsplit("#", 1)[1]),
+                 "records": result.records, "wall_s": self.clock() - t_from,
+                 "window": rr.training_window(poller.rows, REPLAY[arm], t_from) if training else None,
+                 "intervals": rr.publish_intervals(poller.rows, t_from) if training else [],
+                 "trained": (poller.rows[-1]["samples_trained"] - poller.rows[0]["samples_trained"]) if poller.rows
+                 else 0.0,
+                 "fed": self.feeder.accepted - fed0, "unsent": self.feeder.unsent - unsent0,
+                 "poll_errors": poller.errors,
+                 "timeline": _timeline(getattr(self.ctx, "last_timeline", []) or [], poller.rows, t_from)}
+        self.blocks.append(block)
+        row = block_row(block)
+        self.log(f"block {len(self.blocks)} {spec.label}: {row['requests']} requests ({row['failed']} failed), "
+                 f"TTFT p50 {row['ttft_p50']:.0f} ms, {row['fed']} fed, {row['samples_trained']:g} samples trained, "
+                 f"window {row['window_s']:.0f} s / {row['rounds']} rounds, {row['trained_tokens_per_s']} tokens/s")
         return result
 
 
-def assemble(run: OnlineRun, ab: ABResult, end: dict[str, Any]) -> dict[str, Any]:
-    """The result dict from a finished run (pure given its inputs)."""
-    b, a = _train(run.start), _train(end)
-    cov = coverage(b, a)
-    on, off = ab.summary("on"), ab.summary("off")
-    samples = ab.samples()
+def _timeline(load: list[dict[str, Any]], rows: list[dict[str, Any]], t_from: float) -> list[dict[str, Any]]:
+    polled = [{"t_s": r["t"] - t_from, "train_steps": r["key"][0], "train_samples_pending": r["pending"],
+               "tokens_trained": r["tokens_trained"]} for r in rows]
+    return sorted(list(load) + polled, key=lambda r: r["t_s"])
+
+
+def block_row(b: dict[str, Any]) -> dict[str, Any]:
+    """One row of ``per_block`` (scalars only)."""
+    w = b["window"] or {}
+    lat = rr.latency_numbers(b["records"])
+    rate = rr.share(w.get("tokens_trained", 0.0), w.get("seconds", 0.0))
+    return {"arm": b["arm"], "round": b["round"], "requests": lat["requests"], "failed": lat["failed_requests"],
+            "ttft_p50": lat["ttft_p50"], "radix_hit_rate": lat["radix_hit_rate"], "fed": b["fed"],
+            "unsent": b["unsent"], "samples_trained": b["trained"], "window_s": w.get("seconds", 0.0),
+            "rounds": w.get("rounds", 0), "trained_tokens_per_s": None if rate is None else round(rate, 2),
+            "saturated_share": w.get("saturated_share"), "wall_s": b["wall_s"], "poll_errors": b["poll_errors"]}
+
+
+def _notes(arms: dict[str, dict[str, Any]], blocks: list[dict[str, Any]], url_given: bool) -> list[str]:
+    notes = []
+    for name in REPLAY:
+        sat = arms[name]["saturated_share"]
+        if sat is not None and sat < SATURATED:
+            notes.append(f"{name}: the trainer had no backlog in {1 - sat:.0%} of the polls (not saturated)")
+    missing = [b["label"] for b in blocks if b["arm"] in REPLAY and b["window"] is None]
+    if missing:
+        notes.append(f"no whole round with the arm's replay setting in blocks {missing} (blocks too short "
+                     "for train.round_s?)")
+    if url_given:
+        notes.append("used --url as given: train.round_s, the checkpoint folder and the feedback database "
+                     "were not set by the experiment")
+    return notes
+
+
+def assemble(run: OnlineRun, ab: ABResult, end: dict[str, Any], wall: float) -> dict[str, Any]:
+    """The result dict from a finished run, ``wall`` seconds long (pure given its inputs)."""
+    b, a = run.start.get("train") or {}, end.get("train") or {}
+    by_arm = {arm: [blk for blk in run.blocks if blk["arm"] == arm] for arm in ARMS}
+    arms = {arm: rr.arm_summary(blocks) for arm, blocks in by_arm.items()}
+    on, off = arms["replay"], arms["serving_only"]
+    ratios = rr.live_ratios(run.blocks, "replay", "recompute")
+    ratio, spread = rr.median_and_spread(ratios)
+    fates = rr.fate_delta(b.get("samples_by_fate") or {}, a.get("samples_by_fate") or {}, rr.SAMPLE_FATES)
+    train_wall = sum(blk["wall_s"] for arm in REPLAY for blk in by_arm[arm])
+    publish_ms = [float(e["publish_ms"]) for e in run.publishes.entries.values() if e.get("publish_ms") is not None]
     feeder = run.feeder.summary()
     return {
-        "samples_per_s": run.trained["on"] / run.on_wall_s if run.on_wall_s > 0 else float("nan"),
-        "prompt_coverage": cov["lag0"],
-        "reuse_by_lag": lag_delta(b.get("reuse_by_lag"), a.get("reuse_by_lag")),
-        "publish_ms": run.publishes.median("publish_ms"),
-        "publish_stall_ms": run.publishes.median("stall_ms"),
-        "radix_hit_rate_training_on": radix_hit_rate(ab.records["on"]),
-        "radix_hit_rate_training_off": radix_hit_rate(ab.records["off"]),
-        "ttft_p50_training_on": on["ttft_ms_p50"], "ttft_p50_training_off": off["ttft_ms_p50"],
-        "ttft_p95_training_on": on["ttft_ms_p95"], "ttft_p95_training_off": off["ttft_ms_p95"],
-        "tpot_p50_training_on": on["tpot_ms_p50"], "tpot_p50_training_off": off["tpot_ms_p50"],
-        "failed_requests": on["failed_requests"] + off["failed_requests"],
+        "arms": arms, "live_ratio": ratio, "live_ratio_spread": spread, "live_ratios": ratios,
+        "feedback_delay_s": run.p["feedback_delay_s"],
+        "lag0_share_samples": on["lag0_share_samples"], "samples_trained_by_lag": on["samples_trained_by_lag"],
+        "prompt_tokens_by_fate": on["prompt_tokens_by_fate"], "coverage_ceiling": on["coverage_ceiling"],
+        "prompt_coverage": on["prompt_coverage"], "stamp_to_feedback_s": feeder["stamp_to_feedback_s"],
+        "feedback_to_publish_s": a.get("feedback_to_publish_s"),
+        "publish_interval_s": percentile([x for blk in run.blocks for x in blk["intervals"]], 50),
+        "publish_share": rr.share(sum(publish_ms) / 1000.0, train_wall),
+        **rr.store_retention_s(run.start, end, wall),
+        "samples_by_fate": fates,
+        "samples_fed": counter_delta(b, a, "samples_fed"),
+        "deferred": fates.get("deferred", 0), "dropped": fates.get("dropped", 0),
+        "samples_per_s": on["samples_trained_per_s"], "reuse_by_lag": on["reuse_by_lag"],
+        "publish_ms": run.publishes.median("publish_ms"), "publish_stall_ms": run.publishes.median("stall_ms"),
+        "radix_hit_rate_training_on": on["radix_hit_rate"], "radix_hit_rate_training_off": off["radix_hit_rate"],
+        "ttft_p50_training_on": on["ttft_p50"], "ttft_p50_training_off": off["ttft_p50"],
+        "ttft_p95_training_on": on["ttft_p95"], "ttft_p95_training_off": off["ttft_p95"],
+        "tpot_p50_training_on": on["tpot_p50"], "tpot_p50_training_off": off["tpot_p50"],
+        "failed_requests": sum(x["failed_requests"] for x in arms.values()),
         "samples": feeder["accepted"],
         "publishes": int(counter_delta(run.start.get("publish") or {}, end.get("publish") or {}, "publishes")),
-        "requests_per_arm": min(on["completed_requests"], off["completed_requests"]),
-        "prompt_coverage_any_lag": cov["any_lag"],
-        "prompt_tokens_trained": cov["prompt_tokens"],
-        "samples_trained": counter_delta(b, a, "samples_trained"),
-        "samples_trained_while_off": run.trained["off"],
-        "train_steps": counter_delta(b, a, "steps"),
-        "tokens_trained": counter_delta(b, a, "tokens_trained"),
-        "stale_recomputes": counter_delta(b, a, "stale_recomputes"),
-        "publishes_rejected": counter_delta(run.start.get("publish") or {}, end.get("publish") or {}, "rejected"),
-        "publish_entries_seen": len(run.publishes.entries),
-        "training_on_wall_s": run.on_wall_s,
-        "samples_pending_end": a.get("samples_pending"),
+        "requests_per_arm": min(x["requests"] for x in arms.values()),
+        "samples_trained_while_serving_only": sum(blk["trained"] for blk in by_arm["serving_only"]),
+        "block_order": list(ab.order), "radix_flushed_between_arms": ab.radix_flushed_between_arms,
         "weight_version_start": run.start.get("weight_version"), "weight_version_end": end.get("weight_version"),
-        "loss_ema_start": b.get("loss_ema"), "loss_ema_end": a.get("loss_ema"),
-        "radix_flushed_between_arms": ab.radix_flushed_between_arms,
-        "block_order": list(ab.order),
-        "feeder": {k: v for k, v in feeder.items() if k != "errors"},
-        "feeder_errors": feeder["errors"],
-        "per_block": run.per_block,
-        "latency_samples": {LABELS[arm]: samples[arm] for arm in ARMS},
-        "timeline": run.timeline,
+        "loss_ema_start": b.get("loss_ema"), "loss_ema_end": a.get("loss_ema"), "run_wall_s": wall,
+        "feeder": {k: v for k, v in feeder.items() if k != "errors"}, "feeder_errors": feeder["errors"],
+        "per_block": {blk["label"]: block_row(blk) for blk in run.blocks},
+        "notes": _notes(arms, run.blocks, bool(getattr(run.ctx, "url", None))),
+        "latency_samples": {arm: latency_samples([r for blk in by_arm[arm] for r in blk["records"]]) for arm in ARMS},
+        "timeline": {blk["label"]: blk["timeline"] for blk in run.blocks},
     }
 
 
-def measure(ctx: Any, url: str, p: dict[str, Any], post: Callable | None = None) -> dict[str, Any]:
-    run = OnlineRun(ctx, url, p, post=post)
-    was_paused = bool(_train(run.start).get("paused"))
-    spec = LoadSpec(ArrivalSpec(p["rate_rps"]), p["per_block"], duration_s=p["duration_s"], drain_s=p["drain_s"],
-                    max_turns=MAX_TURNS, max_tokens=p["max_tokens"], seed=ctx.seed)
-    arms = [Arm(arm, url, (lambda a=arm: run.set_arm(a))) for arm in ARMS]
-    run.log(f"{p['rounds']} rounds x {len(arms)} blocks of {p['per_block']} requests at {p['rate_rps']:g} rps, "
-            f"up to {p['samples']} samples; server at {run.start.get('weight_version')}")
-    train_control(url, "pause")  # nothing trains before the first on block
+def _leave_as_found(run: OnlineRun, was_replay: bool, was_paused: bool) -> None:
+    """Puts ``train.replay`` and the pause back as the run found them; a failure is logged, so it
+    never hides the error that ended a run early."""
     try:
-        ab = run_ab(arms, ctx.workload(min_turns=2), spec, p["rounds"], run.run_block)
-    finally:
+        set_replay(run.url, was_replay)
         if not was_paused:
-            train_control(url, "resume")  # leave the server as found
+            train_control(run.url, "resume")
+    except (httpx.HTTPError, RuntimeError) as exc:
+        run.log(f"could not leave the server as found (replay {was_replay}, paused {was_paused}): {exc}")
+
+
+def load_spec(p: dict[str, Any], seed: int) -> LoadSpec:
+    w = WORKLOADS[p["workload"]]
+    per_block = int(w["rate_rps"] * p["duration_s"] * 2) + 10  # the duration bounds a block, not the count
+    return LoadSpec(ArrivalSpec(w["rate_rps"]), per_block, duration_s=p["duration_s"], drain_s=p["drain_s"],
+                    max_turns=w["max_turns"], max_tokens=w["max_tokens"], seed=seed)
+
+
+def measure(ctx: Any, url: str, p: dict[str, Any], post: Callable | None = None,
+            clock: Callable[[], float] = time.monotonic) -> dict[str, Any]:
+    run = OnlineRun(ctx, url, p, post=post, clock=clock)
+    was_paused = bool((run.start.get("train") or {}).get("paused"))
+    was_replay = bool((run.start.get("train") or {}).get("replay", True))
+    spec = load_spec(p, ctx.seed)
+    orders = rotation_orders(ARMS, p["rounds"])
+    run.log(f"{p['rounds']} rounds of {'/'.join(ARMS)} blocks of {p['duration_s']:g} s, {p['workload']} at "
+            f"{spec.arrivals.rate_rps:g} requests/s, feedback delay {p['feedback_delay_s']:g} s; orders "
+            f"{[''.join(n[0].upper() for n in o) for o in orders]}; server at {run.start.get('weight_version')}")
+    train_control(url, "pause")  # nothing trains outside the training blocks
+    arms = [Arm(arm, url, (lambda a=arm: run.set_arm(a))) for arm in ARMS]
+    try:
+        ab = run_ab(arms, ctx.workload(min_turns=2), spec, p["rounds"], run.run_block, orders=orders)
+    finally:
+        _leave_as_found(run, was_replay, was_paused)
     end = get_status(url)
     run.publishes.add(end.get("publish"))
-    if run.feeder.accepted == 0:
-        raise RuntimeError(f"no training sample was accepted by {url}: {run.feeder.summary()}")
-    result = assemble(run, ab, end)
-    if not result["samples_trained"]:
-        result["note"] = "the server accepted samples but trained none during the run (trainer not running?)"
-        run.log(f"WARNING: {result['note']}")
-    run.log(f"done: {result['samples']} samples, {result['publishes']} publishes, "
-            f"coverage {result['prompt_coverage']:.3f}, {result['samples_per_s']:.3f} samples/s")
+    result = assemble(run, ab, end, run.clock() - run.t_start)
+    result.update(workload=p["workload"], round_s=None if getattr(ctx, "url", None) else p["round_s"],
+                  rounds=p["rounds"], block_duration_s=p["duration_s"], rate_rps=spec.arrivals.rate_rps,
+                  max_tokens=spec.max_tokens, max_turns=spec.max_turns)
+    for note in result["notes"]:
+        run.log(f"NOTE: {note}")
+    run.log(f"done: live_ratio {result['live_ratio']} (spread {result['live_ratio_spread']}), lag0 share "
+            f"{result['lag0_share_samples']}, {result['samples']} feedback accepted, {result['publishes']} publishes")
     return result
 
 
 def run(ctx: Any) -> dict[str, Any]:
-    p = QUICK if ctx.quick else FULL
-    with ctx.server() as url:
-        return measure(ctx, url, dict(p))
+    p = dict(QUICK if ctx.quick else FULL, workload=getattr(ctx, "workload_name", "chitchat"),
+             feedback_delay_s=float(getattr(ctx, "feedback_delay_s", 0.0)))
+    out = ctx.out_dir.resolve()
+    overrides = [f"train.round_s={p['round_s']}", f"train.checkpoint_dir={out / 'online-checkpoints'}",
+                 f"feedback.db_path={out / 'online-feedback.sqlite'}"]
+    with ctx.server(overrides=overrides) as url:
+        return measure(ctx, url, p)

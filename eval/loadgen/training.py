@@ -1,6 +1,6 @@
 """Driving the server's online training loop over HTTP (``/alchemist/train/*``, ``/alchemist/status``).
 
-Owns: ``get_status`` / ``train_control`` (pause, resume), ``CompletionSink`` (a ``FeedbackPolicy``
+Owns: ``get_status`` / ``train_control`` (pause, resume) / ``set_replay``, ``CompletionSink`` (a ``FeedbackPolicy``
 that posts nothing to ``/v1/feedback`` and instead hands each served completion id to a callback,
 so ``run_load`` reports completions as they finish), ``SampleFeeder`` (a thread that posts those ids
 to ``POST /alchemist/train/samples`` in small batches, backing off on 429, bounded by a count) and
@@ -38,6 +38,16 @@ def train_control(base_url: str, action: str, timeout_s: float = 60.0) -> None:
     if reply.status_code == 404:
         raise RuntimeError(f"{base_url} has no POST /alchemist/train/{action} (is training wired?)")
     reply.raise_for_status()
+
+
+def set_replay(base_url: str, enabled: bool, timeout_s: float = 60.0) -> dict[str, Any]:
+    """``POST /alchemist/train/replay {"enabled": enabled}``: ``train.replay`` from the server's next
+    round on. Returns its answer (``{"replay": bool, "current_round_replay": bool}``)."""
+    reply = httpx.post(f"{base_url}/alchemist/train/replay", json={"enabled": bool(enabled)}, timeout=timeout_s)
+    if reply.status_code == 404:
+        raise RuntimeError(f"{base_url} has no POST /alchemist/train/replay (a server from before rounds?)")
+    reply.raise_for_status()
+    return reply.json()
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 Owns the ``Conversation`` value type, the ShareGPT reader (``[{"conversations": [{"from":
 "human"|"gpt"|"system", "value": ...}]}]``, JSON or JSONL), converters from chitchat-dataset and
 MT-Bench's ``question.jsonl`` into ShareGPT, the packaged default workload (built from
-chitchat-dataset at run time, no network), the synthetic shared-system-prompt workload, and
+chitchat-dataset at run time, no network), the synthetic shared-system-prompt workload, the
+prompt-heavy single-turn workload (``prompt_heavy``: long transcripts, short answers), and
 ``messages_for_turn`` which builds a turn's OpenAI ``messages`` from the history so far.
 Must not import the server runtime or sglang.
 """
@@ -200,4 +201,52 @@ def shared_system_prompt(
         for g in range(num_groups):
             question = " ".join(rng.choice(_WORDS) for _ in range(question_words)) + "?"
             out.append(Conversation(f"sys{g}-q{p}", (f"Question {p}: {question}",), (), systems[g], {"group": g}))
+    return out
+
+
+# ----------------------------------------------------------------------------------------- prompt-heavy
+PROMPT_HEAVY_SYSTEM = ("You are a helpful assistant in a messaging app. The user pastes a chat transcript "
+                       "between A and B and asks about it. Answer in one short sentence.")
+PROMPT_HEAVY_ASKS = (
+    "Summarize this chat in one sentence.",
+    "What is the main topic of this chat? Answer briefly.",
+    "Write B's next reply to the last message, in one sentence.",
+    "How does A feel in this chat? One sentence.",
+)
+
+
+def _transcript_lines(conv: Conversation) -> list[str]:
+    lines = []
+    for i, human in enumerate(conv.human_turns):
+        lines.append(f"A: {human}")
+        if i < len(conv.reference_replies):
+            lines.append(f"B: {conv.reference_replies[i]}")
+    return lines
+
+
+def prompt_heavy(source: Sequence[Conversation], count: int = 512, min_words: int = 290,
+                 max_words: int = 400, seed: int = 0) -> list[Conversation]:
+    """``count`` single-turn conversations whose user prompt is long and whose answer is short: a
+    transcript of ``source`` conversations (their human turns and reference replies as ``A:``/``B:``
+    lines, consecutive conversations joined) cut at a word budget drawn uniformly from
+    [``min_words``, ``max_words``], then one short request (``PROMPT_HEAVY_ASKS``), under the
+    ``PROMPT_HEAVY_SYSTEM`` system prompt. Every prompt is different past the system prompt.
+    Deterministic for a seed; ``source`` needs reference replies to give long prompts quickly."""
+    lines = [line for conv in source for line in _transcript_lines(conv)]
+    if not lines or count < 1 or not 0 < min_words <= max_words:
+        raise ValueError(f"prompt_heavy needs source text, count >= 1 and 0 < min_words <= max_words "
+                         f"(got {len(lines)} lines, count {count}, words {min_words}..{max_words})")
+    rng = random.Random(seed)
+    out: list[Conversation] = []
+    at = rng.randrange(len(lines))
+    for i in range(count):
+        budget, words, picked = rng.randint(min_words, max_words), 0, []
+        while words < budget:  # every line has at least its speaker tag
+            line = lines[at % len(lines)].split()[: budget - words]
+            picked.append(" ".join(line))
+            words += len(line)
+            at += 1
+        ask = PROMPT_HEAVY_ASKS[i % len(PROMPT_HEAVY_ASKS)]
+        prompt = "Transcript:\n" + "\n".join(picked) + f"\n\n{ask}"
+        out.append(Conversation(f"heavy{i}", (prompt,), (), PROMPT_HEAVY_SYSTEM, {"words": words}))
     return out

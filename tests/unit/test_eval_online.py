@@ -1,12 +1,12 @@
-"""The ``online`` experiment's pure parts (status deltas, coverage, publish medians, radix hit rate),
-its sample feeder (429 back-off, 422, limit) and its block alternation, against a fake server and a
-fake ``ctx`` (no HTTP, no model)."""
+"""The ``online`` experiment's pure parts (status rows, round windows, per-arm numbers, ratios,
+retention) and the whole three-arm run against a fake server that trains in rounds and a fake
+``ctx`` (no HTTP, no model; waits are on conditions, never on time). Its inputs (delayed
+feedback, the prompt-heavy workload, block orders, CLI options): test_eval_online_inputs.py."""
 
 from __future__ import annotations
 
 import copy
 import json
-import math
 import random
 import threading
 from typing import Any
@@ -15,216 +15,327 @@ import pytest
 
 import eval.loadgen.ab as ab_module
 from eval.cli import _clean
-from eval.experiments import discover
-from eval.experiments import online
+from eval.experiments import _online_rounds as rr
+from eval.experiments import discover, online
 from eval.loadgen.runner import LoadResult
-from eval.loadgen.training import (CompletionSink, PublishLog, SampleFeeder, counter_delta, coverage, lag_delta,
-                                   radix_hit_rate)
 from eval.loadgen.workloads import Conversation
 
-ONLINE_FIELDS = ("samples_per_s", "prompt_coverage", "reuse_by_lag", "publish_ms", "publish_stall_ms",
-                 "radix_hit_rate_training_on", "radix_hit_rate_training_off", "ttft_p50_training_on",
-                 "ttft_p50_training_off", "ttft_p95_training_on", "ttft_p95_training_off", "tpot_p50_training_on",
-                 "tpot_p50_training_off", "failed_requests", "samples", "publishes")
+ONLINE_FIELDS = (
+    "live_ratio", "live_ratio_spread", "feedback_delay_s", "lag0_share_samples", "samples_trained_by_lag",
+    "prompt_tokens_by_fate", "coverage_ceiling", "prompt_coverage", "stamp_to_feedback_s",
+    "feedback_to_publish_s", "publish_interval_s", "publish_share", "store_retention_s", "samples_by_fate",
+    "deferred", "dropped", "samples_per_s", "reuse_by_lag", "publish_ms", "publish_stall_ms",
+    "radix_hit_rate_training_on", "radix_hit_rate_training_off", "ttft_p50_training_on", "ttft_p50_training_off",
+    "ttft_p95_training_on", "ttft_p95_training_off", "tpot_p50_training_on", "tpot_p50_training_off",
+    "failed_requests", "samples", "publishes")
+ARM_FIELDS = ("trained_tokens_per_s", "samples_trained_per_s", "train_busy_ms_per_token", "ttft_p50", "ttft_p95",
+              "tpot_p50", "radix_hit_rate", "breakdown_ms_per_token")
 
 
-# ------------------------------------------------------------------------------------------ pure parts
-def test_lag_delta_uses_string_keys_sorted_and_drops_zeros() -> None:
-    before = {"0": 100, "1": 5}
-    after = {"0": 160, "1": 5, "2": 7, "10": 1}
-    assert lag_delta(before, after) == {"0": 60, "2": 7, "10": 1}
-    assert list(lag_delta(None, {"10": 1, "2": 3})) == ["2", "10"]
-    assert lag_delta({0: 1}, {0: 4}) == {"0": 3}  # int keys (in-process) normalize to strings
+class Clock:
+    """A settable clock shared by the fake server, the feeder and the experiment."""
 
-
-def test_coverage_is_lag0_replayed_over_all_prompt_tokens_trained() -> None:
-    b = {"replayed_tokens": 100, "recomputed_tokens": 50, "reuse_by_lag": {"0": 90, "1": 10}}
-    a = {"replayed_tokens": 400, "recomputed_tokens": 150, "reuse_by_lag": {"0": 330, "1": 70}}
-    cov = coverage(b, a)
-    assert cov["prompt_tokens"] == 400
-    assert cov["lag0"] == pytest.approx(240 / 400)
-    assert cov["any_lag"] == pytest.approx(300 / 400)
-    assert coverage({"replayed_tokens": 0}, {"replayed_tokens": 30, "recomputed_tokens": 10})["lag0"] == 0.75
-    assert math.isnan(coverage({}, {})["lag0"])
-    assert counter_delta({"steps": 2}, {"steps": 5}, "steps") == 3 and counter_delta({}, {}, "x") == 0
-
-
-def test_publish_log_keeps_only_entries_made_after_the_baseline() -> None:
-    log = PublishLog.starting_at({"recent": [{"version": "v1", "publish_ms": 999.0, "stall_ms": 999.0}]})
-    log.add({"recent": [{"version": "v1", "publish_ms": 999.0, "stall_ms": 999.0},
-                        {"version": "v2", "publish_ms": 10.0, "stall_ms": 1.0}]})
-    log.add({"recent": [{"version": "v2", "publish_ms": 10.0, "stall_ms": 1.0},
-                        {"version": "v3", "publish_ms": 30.0, "stall_ms": 3.0},
-                        {"version": "v4", "publish_ms": 20.0, "stall_ms": 2.0}]})
-    assert sorted(log.entries) == ["v2", "v3", "v4"]
-    assert log.median("publish_ms") == 20.0 and log.median("stall_ms") == 2.0
-    assert math.isnan(PublishLog().median("publish_ms"))
-
-
-def test_radix_hit_rate_sums_tokens_over_successful_requests() -> None:
-    recs = [{"prompt_tokens": 100, "cached_tokens": 80, "error": None},
-            {"prompt_tokens": 300, "cached_tokens": 0, "error": None},
-            {"prompt_tokens": 50, "cached_tokens": 50, "error": "boom"},
-            {"prompt_tokens": 50, "cached_tokens": None, "error": None}]
-    assert radix_hit_rate(recs) == pytest.approx(80 / 400)
-    assert math.isnan(radix_hit_rate([]))
-
-
-def test_completion_sink_hands_over_ids_and_posts_no_feedback() -> None:
-    seen: list[str] = []
-    sink = CompletionSink(sink=seen.append)
-    assert sink.body("c1", "hello", random.Random(0)) is None
-    assert seen == ["c1"]
-
-
-# ------------------------------------------------------------------------------------------ feeder
-def test_feeder_backs_off_on_429_then_counts_accepted() -> None:
-    answers = [(429, {}), (429, {}), (200, {"accepted": 2})]
-    calls: list[list[dict]] = []
-
-    def post(samples: list[dict]) -> tuple[int, Any]:
-        calls.append(samples)
-        return answers.pop(0)
-
-    f = SampleFeeder("http://x", limit=10, post=post, backoff_s=0.001)
-    f.send(["a", "b"])
-    assert f.accepted == 2 and f.retries_429 == 2 and len(calls) == 3
-    assert calls[0] == [{"completion_id": "a", "rating": "up"}, {"completion_id": "b", "rating": "up"}]
-
-
-def test_feeder_counts_422_and_respects_the_limit() -> None:
-    f = SampleFeeder("http://x", limit=3, post=lambda s: (422, {"detail": "completion_id: unknown"}))
-    f.send(["a"])
-    assert f.rejected == 1 and f.accepted == 0 and "completion_id" in f.errors[0]
-    g = SampleFeeder("http://x", limit=3, post=lambda s: (200, {"accepted": len(s)}))
-    g.send(["a", "b"])
-    g.send(["c", "d", "e"])
-    assert g.accepted == 3
-    g.send(["f"])
-    assert g.accepted == 3
-
-
-def test_feeder_thread_posts_what_was_put_before_stop() -> None:
-    got: list[str] = []
-
-    def post(samples: list[dict]) -> tuple[int, Any]:
-        got.extend(x["completion_id"] for x in samples)
-        return 200, {"accepted": len(samples)}
-
-    f = SampleFeeder("http://x", limit=100, post=post)
-    f.start()
-    for i in range(20):
-        f.put(f"c{i}")
-    f.stop(drain_s=5.0)
-    assert sorted(got) == sorted(f"c{i}" for i in range(20)) and f.accepted == 20 and f.dropped == 0
-
-
-# ------------------------------------------------------------------------------------------ orchestration
-class FakeServer:
-    """Counters of /alchemist/status; trains a sample the moment it is accepted while not paused."""
-
-    def __init__(self) -> None:
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
         self.lock = threading.Lock()
-        self.paused = False
+
+    def __call__(self) -> float:
+        with self.lock:
+            return self.t
+
+    def advance(self, s: float) -> None:
+        with self.lock:
+            self.t += s
+
+
+# ------------------------------------------------------------------------------------------ rows, windows
+def row(t: float, steps: int, replay: bool | None, opened_s_ago: float | None, tokens: float = 0.0,
+        pending: int = 1, **extra: Any) -> dict[str, Any]:
+    train = {"steps": steps, "nonfinite_skipped": 0, "samples_pending": pending, "tokens_trained": tokens,
+             "samples_trained": tokens / 100, "busy_ms": tokens * 2, "replayed_tokens": 0, "recomputed_tokens": 0,
+             "round": None if opened_s_ago is None else {"replay": replay, "opened_s_ago": opened_s_ago},
+             "samples_trained_by_lag": {"0": tokens / 100}, "reuse_by_lag": {},
+             "prompt_tokens_by_fate": {"lag0": tokens * 0.8, "hole": tokens * 0.1, "stale_recomputed": tokens * 0.1}}
+    train.update(extra)
+    return rr.status_row({"weight_version": f"v{steps}", "train": train}, t)
+
+
+def test_round_openings_date_each_round_once_from_its_first_row() -> None:
+    rows = [row(10.0, 1, True, 4.0), row(11.0, 1, True, 5.0), row(12.0, 1, None, None),
+            row(13.0, 2, False, 0.5), row(20.0, 2, False, 7.5), row(30.0, 3, False, 2.0)]
+    opens = rr.round_openings(rows)
+    assert [o["t_open"] for o in opens] == [6.0, 12.5, 28.0]
+    assert [o["replay"] for o in opens] == [True, False, False]
+    assert [o["t_open"] for o in rr.round_openings(rows, t_from=7.0)] == [12.5, 28.0]
+
+
+def test_training_window_counts_whole_rounds_of_the_arm_opened_after_resume() -> None:
+    # Resume at t=100. The round open since before it (replay on, steps 4) closes at ~105; rounds
+    # opened after: 105 (off), 125 (off), 146 (off). Only 105 -> 146 counts.
+    rows = [row(100.0, 4, True, 60.0, tokens=1000), row(103.0, 4, True, 63.0, tokens=1000),
+            row(106.0, 5, False, 1.0, tokens=1300), row(126.0, 6, False, 1.0, tokens=1500, pending=0),
+            row(147.0, 7, False, 1.0, tokens=1800), row(150.0, 7, False, 4.0, tokens=1800)]
+    w = rr.training_window(rows, replay=False, t_from=100.0)
+    assert w is not None
+    assert (w["t_start"], w["t_end"], w["seconds"], w["rounds"]) == (105.0, 146.0, 41.0, 2)
+    assert w["tokens_trained"] == 500 and w["samples_trained"] == 5 and w["busy_ms"] == 1000
+    assert w["samples_trained_by_lag"] == {"0": 5}
+    assert w["prompt_tokens_by_fate"] == {"lag0": 400, "approximate": 0, "stale_recomputed": 50, "hole": 50,
+                                          "evicted": 0}
+    assert w["saturated_share"] == pytest.approx(1 / 2)  # the polls at 106 and 126 (queue empty) fall inside
+    assert w["breakdown_ms"] is None
+    assert rr.training_window(rows, replay=True, t_from=100.0) is None  # the old round opened before resume
+    assert rr.training_window(rows[:4], replay=False, t_from=100.0)["rounds"] == 1
+    assert rr.training_window(rows[:3], replay=False, t_from=100.0) is None  # one opening: no whole round
+
+
+def test_arm_summary_pools_windows_and_derives_shares() -> None:
+    w1 = {"seconds": 40.0, "rounds": 2, "tokens_trained": 4000.0, "samples_trained": 8.0, "busy_ms": 6000.0,
+          "saturated_share": 1.0, "samples_trained_by_lag": {"0": 6, "1": 2}, "reuse_by_lag": {"0": 3000},
+          "prompt_tokens_by_fate": {"lag0": 3000, "hole": 300, "stale_recomputed": 700}, "breakdown_ms": None}
+    w2 = dict(w1, seconds=60.0, tokens_trained=2000.0, samples_trained=4.0, busy_ms=2000.0, saturated_share=0.5,
+              samples_trained_by_lag={"0": 4}, prompt_tokens_by_fate={"lag0": 1000, "hole": 0})
+    recs = [{"error": None, "ttft_s": 0.1 * i, "tpot_s": 0.02, "e2e_s": 1.0, "prompt_tokens": 100,
+             "cached_tokens": 25, "start_s": 0.0} for i in range(1, 6)]
+    s = rr.arm_summary([{"records": recs, "window": w1}, {"records": [], "window": w2},
+                        {"records": [], "window": None}])
+    assert s["trained_tokens_per_s"] == pytest.approx(6000 / 100)
+    assert s["samples_trained_per_s"] == pytest.approx(12 / 100)
+    assert s["train_busy_ms_per_token"] == pytest.approx(8000 / 6000)
+    assert s["saturated_share"] == pytest.approx((40 * 1.0 + 60 * 0.5) / 100)
+    assert s["lag0_share_samples"] == pytest.approx(10 / 12)
+    assert s["prompt_coverage"] == pytest.approx(4000 / 5000)
+    assert s["coverage_ceiling"] == pytest.approx(1 - 300 / 5000)
+    assert s["ttft_p50"] == pytest.approx(300.0) and s["radix_hit_rate"] == pytest.approx(0.25)
+    assert s["breakdown_ms_per_token"] is None and s["blocks"] == 3 and s["blocks_with_window"] == 2
+    empty = rr.arm_summary([{"records": recs, "window": None}])
+    assert empty["trained_tokens_per_s"] is None and empty["lag0_share_samples"] is None
+    parts = {k: 10.0 for k in rr.BREAKDOWN_PARTS}
+    with_parts = rr.arm_summary([{"records": [], "window": dict(w1, breakdown_ms=parts)}])
+    assert with_parts["breakdown_ms_per_token"] == {k: pytest.approx(10 / 4000) for k in rr.BREAKDOWN_PARTS}
+
+
+def test_live_ratios_pair_the_arms_within_each_round() -> None:
+    def blk(arm: str, r: int, tokens: float, seconds: float) -> dict[str, Any]:
+        return {"arm": arm, "round": r, "window": {"tokens_trained": tokens, "seconds": seconds}}
+    blocks = [blk("replay", 0, 300, 10), blk("recompute", 0, 200, 10), blk("recompute", 1, 100, 10),
+              blk("replay", 1, 120, 10), blk("replay", 2, 50, 10), {"arm": "recompute", "round": 2, "window": None},
+              blk("serving_only", 0, 0, 10)]
+    ratios = rr.live_ratios(blocks, "replay", "recompute")
+    assert ratios == pytest.approx([1.5, 1.2])
+    assert rr.median_and_spread(ratios) == (pytest.approx(1.35), {"min": pytest.approx(1.2), "max": pytest.approx(1.5)})
+    assert rr.median_and_spread([]) == (None, None)
+
+
+def test_store_retention_and_publish_intervals() -> None:
+    start = {"store": {"bytes_recorded_total": 1000, "host_capacity_bytes": 2**30}}
+    end = {"store": {"bytes_recorded_total": 1000 + 2**20 * 100, "host_capacity_bytes": 2**30}}
+    got = rr.store_retention_s(start, end, wall_s=100.0)
+    assert got["recorded_bytes_per_s"] == pytest.approx(2**20)
+    assert got["store_retention_s"] == pytest.approx(1024.0)
+    assert rr.store_retention_s({}, end, 100.0)["store_retention_s"] is None
+    assert rr.store_retention_s(start, start, 100.0)["store_retention_s"] is None
+    rows = [row(10.0, 1, True, 1.0), row(40.0, 2, True, 9.0), row(60.0, 3, True, 0.0)]
+    assert rr.publish_intervals(rows, t_from=0.0) == pytest.approx([22.0, 29.0])
+    assert rr.fate_delta({"trained": 2, "deferred": 3}, {"trained": 7, "deferred": 1}, rr.SAMPLE_FATES) == {
+        "trained": 5, "deferred": -2, "dropped": 0, "expired": 0}
+
+
+# ------------------------------------------------------------------------------------------ the whole run
+class FakeServer:
+    """Trains in rounds when polled: a poll while resumed with ``ROUND`` samples queued closes the
+    open round (it takes them) and opens the next at the replay setting asked for. Replay rounds
+    count 150 tokens a sample, recompute rounds 100 (so replay / recompute = 1.5 per second). A
+    stale backlog of ``BACKLOG`` samples is always pending (the trainer is saturated)."""
+
+    ROUND, BACKLOG = 4, 5
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock, self.cond = clock, threading.Condition()
+        self.paused, self.replay_next, self.polls, self.posted = False, True, 0, 0
+        self.round: dict[str, Any] | None = None
+        self.queue: list[str] = []
         self.version = 3
-        self.train = {"steps": 0, "samples_trained": 0, "tokens_trained": 0, "samples_pending": 0,
-                      "replayed_tokens": 0, "recomputed_tokens": 0, "stale_recomputes": 0,
-                      "reuse_by_lag": {}, "loss_ema": None, "paused": False}
-        self.publish = {"publishes": 0, "rejected": 0,
-                        "recent": [{"version": "v3", "publish_ms": 1e6, "stall_ms": 1e6}]}
+        self.train = {"steps": 0, "nonfinite_skipped": 0, "samples_trained": 0, "tokens_trained": 0, "busy_ms": 0.0,
+                      "replayed_tokens": 0, "recomputed_tokens": 0, "samples_fed": 0, "loss_ema": None,
+                      "samples_by_fate": {"trained": 0, "deferred": 0, "dropped": 0, "expired": 0},
+                      "samples_trained_by_lag": {}, "reuse_by_lag": {}, "replay": True,
+                      "prompt_tokens_by_fate": {"lag0": 0, "approximate": 0, "stale_recomputed": 0, "hole": 0,
+                                                "evicted": 0}, "feedback_to_publish_s": {"p50": 1.0, "p90": 2.0}}
+        self.publish = {"publishes": 0, "recent": [{"version": "v3", "publish_ms": 1e6, "stall_ms": 1e6}]}
+        self.store = {"bytes_recorded_total": 0, "host_capacity_bytes": 10**9}
         self.controls: list[str] = []
-        self.flushes = 0
+        self.replays: list[bool] = []
+
+    def _close_round(self) -> None:
+        r, t, n = self.round, self.train, self.ROUND
+        per = 150 if r["replay"] else 100
+        t["steps"] += 1
+        t["samples_trained"] += n
+        t["tokens_trained"] += per * n
+        t["busy_ms"] += per * n * (1.0 if r["replay"] else 2.0)
+        t["samples_by_fate"]["trained"] += n
+        t["samples_trained_by_lag"]["0"] = t["samples_trained_by_lag"].get("0", 0) + n
+        for fate, tokens in (("lag0", 80), ("hole", 10), ("stale_recomputed", 10)):
+            t["prompt_tokens_by_fate"][fate] += tokens * n
+        self.queue = self.queue[n:]
+        self.version += 1
+        self.publish["publishes"] += 1
+        self.publish["recent"] = (self.publish["recent"] + [
+            {"version": f"v{self.version}", "publish_ms": 500.0, "stall_ms": 5.0}])[-64:]
+
+    def _advance(self) -> None:
+        if self.paused or len(self.queue) < self.ROUND:
+            return
+        if self.round is None:
+            self.round = {"replay": self.replay_next, "opened_at": self.clock()}
+        self._close_round()
+        self.round = {"replay": self.replay_next, "opened_at": self.clock()}
 
     def status(self, url: str, timeout_s: float = 30.0) -> dict[str, Any]:
-        with self.lock:
-            return {"weight_version": f"v{self.version}", "train": dict(copy.deepcopy(self.train), paused=self.paused),
-                    "publish": copy.deepcopy(self.publish)}
+        with self.cond:
+            self._advance()
+            self.store["bytes_recorded_total"] += 1000
+            r = self.round
+            rnd = None if r is None else {"replay": r["replay"], "opened_s_ago": self.clock() - r["opened_at"],
+                                          "version": f"v{self.version}"}
+            train = dict(copy.deepcopy(self.train), paused=self.paused, samples_pending=len(self.queue) + self.BACKLOG,
+                         samples_in_round=0, replay=self.replay_next, round=rnd)
+            out = {"weight_version": f"v{self.version}", "train": train, "publish": copy.deepcopy(self.publish),
+                   "store": dict(self.store)}
+            self.polls += 1
+            self.cond.notify_all()
+            return out
 
     def control(self, url: str, action: str, timeout_s: float = 60.0) -> None:
-        self.controls.append(action)
-        self.paused = action == "pause"
+        with self.cond:
+            self.controls.append(action)
+            self.paused = action == "pause"
 
-    def post(self, samples: list[dict]) -> tuple[int, Any]:
-        assert not self.paused, "samples are fed during training-on blocks only"
-        with self.lock:
-            for _ in samples:
-                self.train["samples_trained"] += 1
-                self.train["steps"] += 1
-                self.train["replayed_tokens"] += 90
-                self.train["recomputed_tokens"] += 10
-                self.train["reuse_by_lag"]["0"] = self.train["reuse_by_lag"].get("0", 0) + 90
-                self.version += 1
-                self.publish["publishes"] += 1
-                self.publish["recent"] = (self.publish["recent"] + [
-                    {"version": f"v{self.version}", "publish_ms": 40.0, "stall_ms": 4.0}])[-64:]
-        return 200, {"accepted": len(samples)}
+    def set_replay(self, url: str, enabled: bool, timeout_s: float = 60.0) -> dict[str, Any]:
+        with self.cond:
+            self.replays.append(enabled)
+            self.replay_next = enabled
+            return {"replay": enabled, "current_round_replay": None if self.round is None else self.round["replay"]}
+
+    def post(self, body: dict[str, Any]) -> tuple[int, Any]:
+        with self.cond:
+            assert not self.paused, "feedback is sent in training blocks only"
+            self.queue.append(body["completion_id"])
+            self.train["samples_fed"] += 1
+            self.posted += 1
+            self.cond.notify_all()
+        return 200, {"feedback_id": body["completion_id"]}
+
+    def wait(self, what: str, at_least: int) -> None:
+        with self.cond:
+            assert self.cond.wait_for(lambda: getattr(self, what) >= at_least, timeout=30.0), (what, at_least)
 
 
 class FakeCtx:
-    seed = 0
-    quick = True
+    seed, quick, url = 0, True, None
+    workload_name, feedback_delay_s = "chitchat", 0.0
+    PHASES, PER_PHASE = 3, 4
 
-    def __init__(self, server: FakeServer) -> None:
-        self.server_ = server
-        self.blocks: list[tuple[str, bool, bool]] = []  # (label, paused during the block, fed)
+    def __init__(self, server: FakeServer, clock: Clock) -> None:
+        self.srv, self.clock = server, clock
+        self.blocks: list[tuple[str, bool, bool]] = []  # (label, paused, fed)
         self.last_timeline: list[dict[str, float]] = []
 
     def workload(self, min_turns: int = 2) -> list[Conversation]:
         return [Conversation(f"c{i}", ("hi", "more")) for i in range(10)]
 
     def load(self, url: str, convs: Any, spec: Any, feedback: Any = None, poll_status: bool = False) -> LoadResult:
-        on = not self.server_.paused
-        self.blocks.append((spec.label, self.server_.paused, feedback is not None))
+        on = not self.srv.paused
+        self.blocks.append((spec.label, self.srv.paused, feedback is not None))
         records = []
-        for i in range(spec.max_requests):
-            cid = f"{spec.label}-{i}"
-            records.append({"index": i, "start_s": float(i), "ttft_s": 0.2 if on else 0.1, "tpot_s": 0.02,
-                            "e2e_s": 1.0, "itl_s": [0.02], "prompt_tokens": 100, "cached_tokens": 10 if on else 50,
-                            "output_tokens": 32, "completion_id": cid, "error": None})
+        for phase in range(self.PHASES):  # each phase: time passes, completions end, the poller sees it
+            self.clock.advance(20.0)
+            for i in range(self.PER_PHASE):
+                cid = f"{spec.label}-{phase}-{i}"
+                records.append({"index": len(records), "start_s": 0.0, "ttft_s": 0.2 if on else 0.1, "tpot_s": 0.02,
+                                "e2e_s": 1.0, "itl_s": [0.02], "prompt_tokens": 100, "cached_tokens": 10 if on else 50,
+                                "output_tokens": 32, "completion_id": cid, "error": None})
+                if feedback is not None:
+                    feedback.body(cid, "text", random.Random(0))
             if feedback is not None:
-                feedback.body(cid, "text", random.Random(0))
-        self.last_timeline = [{"t_s": 1.0, "train_steps": float(self.server_.train["steps"])}]
-        return LoadResult(spec.label, records, 10.0, spec.max_requests, None)
+                self.srv.wait("posted", _expected_posts(self.blocks, phase))
+            self.srv.wait("polls", self.srv.polls + 2)  # a poll that began after the feedback landed
+        return LoadResult(spec.label, records, 60.0, len(records), None)
 
 
-def test_online_alternates_blocks_feeds_only_while_training_and_reports_every_field(monkeypatch) -> None:
-    srv = FakeServer()
+def _expected_posts(blocks: list[tuple[str, bool, bool]], phase: int) -> int:
+    fed_blocks = sum(1 for _, _, fed in blocks if fed)
+    return (fed_blocks - 1) * FakeCtx.PHASES * FakeCtx.PER_PHASE + (phase + 1) * FakeCtx.PER_PHASE
+
+
+def test_online_runs_three_arms_counts_only_whole_rounds_and_reports_every_field(monkeypatch) -> None:
+    clock = Clock()
+    srv = FakeServer(clock)
     monkeypatch.setattr(online, "get_status", srv.status)
     monkeypatch.setattr(online, "train_control", srv.control)
-    monkeypatch.setattr(ab_module, "flush_cache", lambda url: setattr(srv, "flushes", srv.flushes + 1) or 1)
-    ctx = FakeCtx(srv)
-    p = dict(online.QUICK, rounds=2, per_block=5, samples=8)
-    result = online.measure(ctx, "http://fake", p, post=srv.post)
+    monkeypatch.setattr(online, "set_replay", srv.set_replay)
+    flushes: list[str] = []
 
-    assert result["block_order"] == ["off", "on", "on", "off"]  # ABBA
-    assert [(paused, fed) for _, paused, fed in ctx.blocks] == [(True, False), (False, True),
-                                                                (False, True), (True, False)]
-    assert srv.controls == ["pause", "resume", "pause", "resume", "pause", "resume"]  # last: left as found
-    assert srv.flushes == 4 and result["radix_flushed_between_arms"] is True
+    def flush(url: str) -> int:  # time passes between blocks: a round left open is dated before the resume
+        flushes.append(url)
+        clock.advance(5.0)
+        return 1
+
+    monkeypatch.setattr(ab_module, "flush_cache", flush)
+    ctx = FakeCtx(srv, clock)
+    p = dict(online.QUICK, poll_s=0.001, workload="chitchat", feedback_delay_s=0.0)
+    result = online.measure(ctx, "http://fake", p, post=srv.post, clock=clock)
+
+    assert result["block_order"] == ["serving_only", "replay", "recompute", "recompute", "replay", "serving_only"]
+    assert [(paused, fed) for _, paused, fed in ctx.blocks] == [(True, False), (False, True), (False, True),
+                                                                (False, True), (False, True), (True, False)]
+    assert srv.replays == [True, False, False, True, True]  # per training block, then left as found
+    assert srv.controls == ["pause"] + ["resume", "pause"] * 4 + ["resume"]
+    assert len(flushes) == 6 and result["radix_flushed_between_arms"] is True
 
     for key in ONLINE_FIELDS:
         assert key in result, key
-    assert result["samples"] == 8 and result["publishes"] == 8 and result["samples_trained_while_off"] == 0
-    assert result["prompt_coverage"] == pytest.approx(0.9)
-    assert result["reuse_by_lag"] == {"0": 8 * 90}
-    assert result["publish_ms"] == 40.0 and result["publish_stall_ms"] == 4.0  # the baseline v3 entry excluded
-    assert result["radix_hit_rate_training_on"] == pytest.approx(0.1)
-    assert result["radix_hit_rate_training_off"] == pytest.approx(0.5)
+    for arm in online.ARMS:
+        for key in ARM_FIELDS:
+            assert key in result["arms"][arm], (arm, key)
+    rep, rec = result["arms"]["replay"], result["arms"]["recompute"]
+    # Each training block: phase 1's samples close the round left open before (the other arm's
+    # setting or the previous block's), then two whole rounds of 4 samples in 40 s.
+    assert rep["trained_tokens_per_s"] == pytest.approx(2 * 4 * 150 / 40.0)
+    assert rec["trained_tokens_per_s"] == pytest.approx(2 * 4 * 100 / 40.0)
+    assert rep["samples_trained_per_s"] == pytest.approx(8 / 40.0) == result["samples_per_s"]
+    assert rep["train_busy_ms_per_token"] == pytest.approx(1.0) and rec["train_busy_ms_per_token"] == pytest.approx(2.0)
+    assert result["live_ratio"] == pytest.approx(1.5) and result["live_ratios"] == pytest.approx([1.5, 1.5])
+    assert result["live_ratio_spread"] == {"min": pytest.approx(1.5), "max": pytest.approx(1.5)}
+    assert rep["breakdown_ms_per_token"] is None and rep["saturated_share"] == 1.0
+    assert result["lag0_share_samples"] == 1.0 and result["samples_trained_by_lag"] == {"0": 16}
+    assert result["prompt_coverage"] == pytest.approx(0.8) and result["coverage_ceiling"] == pytest.approx(0.9)
+    assert result["arms"]["serving_only"]["trained_tokens_per_s"] is None
+    assert result["samples_trained_while_serving_only"] == 0
+    assert result["samples"] == 4 * 12 and result["samples_by_fate"]["trained"] == 48 and result["deferred"] == 0
+    assert result["publishes"] == 4 * 3 and result["publish_ms"] == 500.0 and result["publish_stall_ms"] == 5.0
+    assert result["publish_interval_s"] == pytest.approx(20.0)
+    assert result["feedback_to_publish_s"] == {"p50": 1.0, "p90": 2.0}
+    assert result["stamp_to_feedback_s"]["p50"] == 0.0 and result["feedback_delay_s"] == 0.0
     assert result["ttft_p50_training_on"] == pytest.approx(200.0)
     assert result["ttft_p50_training_off"] == pytest.approx(100.0)
-    assert result["tpot_p50_training_on"] == pytest.approx(20.0)
-    assert result["failed_requests"] == 0 and result["requests_per_arm"] == 10
-    assert result["samples_per_s"] == pytest.approx(8 / result["training_on_wall_s"])
-    assert set(result["latency_samples"]) == {"training_on", "training_off"}
-    assert len(result["latency_samples"]["training_on"]["ttft_s"]) == 10
-    assert set(result["timeline"]) == set(result["per_block"]) == {"off#0", "on#0", "on#1", "off#1"}
+    assert result["radix_hit_rate_training_on"] == pytest.approx(0.1)
+    assert result["radix_hit_rate_training_off"] == pytest.approx(0.5)
+    assert result["failed_requests"] == 0 and result["requests_per_arm"] == 24
+    assert result["store_retention_s"] is not None and result["notes"] == []
+    assert set(result["per_block"]) == set(result["timeline"]) == {
+        "serving_only#0", "replay#0", "recompute#0", "recompute#1", "replay#1", "serving_only#1"}
     json.dumps(_clean(result), allow_nan=False)
 
 
-def test_online_refuses_a_server_without_training(monkeypatch) -> None:
+def test_online_refuses_a_server_without_rounds(monkeypatch) -> None:
     monkeypatch.setattr(online, "get_status", lambda url: {"weight_version": "v0", "disabled": {"train": "off"}})
     with pytest.raises(RuntimeError, match="train section"):
-        online.measure(FakeCtx(FakeServer()), "http://fake", dict(online.QUICK))
+        online.measure(FakeCtx(FakeServer(Clock()), Clock()), "http://fake", dict(online.QUICK))
+    monkeypatch.setattr(online, "get_status", lambda url: {"train": {"samples_trained": 0, "steps": 0}})
+    with pytest.raises(RuntimeError, match="before rounds"):
+        online.measure(FakeCtx(FakeServer(Clock()), Clock()), "http://fake", dict(online.QUICK))
 
 
 def test_online_is_registered() -> None:
