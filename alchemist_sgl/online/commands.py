@@ -2,7 +2,7 @@
 
 Owns the handlers behind the admin routes: ``versions.list``, ``versions.rollback``,
 ``train.pause``, ``train.resume``, ``train.samples``, ``train.replay``, and with debug commands on,
-``debug.weights`` (writes the live target tensors and the master copy to a file under the server's
+``debug.round_s`` (the round length, for experiments), ``debug.weights`` (writes the live target tensors and the master copy to a file under the server's
 ``var/`` folder, for tests). A handler raises an error carrying ``http_status`` (and ``field``)
 for answers other than 200; the runtime passes them to the HTTP side. Imports package modules only.
 """
@@ -79,6 +79,7 @@ def register(runtime: Any, loop: Any, admission: Any, *, var_dir: Path) -> None:
     if runtime.config.server.enable_debug_commands:
         runtime.register_command("debug.weights", lambda payload: _dump_weights(loop, payload, var_dir))
         runtime.register_command("debug.checkpoint", lambda payload: (loop.checkpoint(is_blocking=True), {"ok": True})[1])
+        runtime.register_command("debug.round_s", lambda payload: _set_round_s(loop, payload))
         runtime.register_command("debug.grads",
                                  lambda payload: _dump_grads(loop, admission, payload, var_dir))
 
@@ -89,6 +90,16 @@ def _set_replay(loop: Any, payload: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(enabled, bool):
         raise CommandError("enabled: must be true or false", 422, "enabled")
     return loop.set_replay(enabled)
+
+
+def _set_round_s(loop: Any, payload: dict[str, Any]) -> dict[str, Any]:
+    """``train.round_s`` of this process from now on (the cadence experiment's cells on one
+    server); the open round closes by the new value."""
+    value = payload.get("round_s")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise CommandError("round_s: must be a number > 0", 422, "round_s")
+    loop.round_s = float(value)
+    return {"round_s": loop.round_s}
 
 
 def _dump_weights(loop: Any, payload: dict[str, Any], var_dir: Path) -> dict[str, Any]:

@@ -85,6 +85,7 @@ class OnlineLoop(LoopLifecycle):
         self.on_feedback_deferred: Callable[[list[str]], None] | None = None
         self.is_paused = False
         self.is_replay_enabled = bool(config.train.replay)  # from the next round on (set_replay)
+        self.round_s = float(config.train.round_s)  # debug.round_s may change it (experiments)
         self.inject_nonfinite_steps: set[int] = set()  # tests: 1-based round numbers to poison
         self._work: Iterator[str] | None = None
         self._round: OpenRound | None = None
@@ -194,7 +195,7 @@ class OnlineLoop(LoopLifecycle):
     def _is_close_due(self) -> bool:
         r, tc = self._round, self.config.train
         return r is not None and should_close_round(len(r.taken), self.clock() - r.opened_at,
-                                                    tc.round_s, tc.round_max_samples)
+                                                    self.round_s, tc.round_max_samples)
 
     def _open_round(self) -> OpenRound:
         """Note [Rounds]: a round at the serving version; the trainer's weights are its weights."""

@@ -38,12 +38,13 @@ def loop_status(loop: "OnlineLoop") -> dict[str, dict[str, Any]]:
 
 def _round_status(loop: "OnlineLoop") -> dict[str, Any]:
     """The rounds keys of the ``train`` status block (Note [Rounds], accounting.py)."""
-    r, tc = loop._round, loop.config.train
+    r = loop._round
     now = loop.clock()
     block = None if r is None else {
         "version": r.version, "opened_s_ago": now - r.opened_at, "fresh_samples": r.fresh,
         "stale_samples": r.stale, "replay": r.is_replay_enabled,
-        "closes_in_s": max(0.0, tc.round_s - (now - r.opened_at)) if r.taken else None}
+        "round_s": loop.round_s,
+        "closes_in_s": max(0.0, loop.round_s - (now - r.opened_at)) if r.taken else None}
     return {"round": block, "replay": loop.is_replay_enabled,
             "samples_fed": loop.fates.fed, "samples_by_fate": loop.fates.as_status(),
             "samples_in_round": 0 if r is None else len(r.taken),

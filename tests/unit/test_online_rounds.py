@@ -13,6 +13,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from alchemist_sgl.online.intake import PendingSample
@@ -183,3 +184,20 @@ def test_the_grads_dump_leaves_the_open_rounds_gradients_as_they_were(tmp_path: 
 def tokenize_ids(text: str) -> list[int]:
     from tests.unit.test_online_loop import tokenize
     return tokenize(text)
+
+
+def test_debug_round_s_changes_when_the_open_round_closes(tmp_path: Path) -> None:
+    from alchemist_sgl.online.commands import CommandError, _set_round_s
+
+    rig = Rig(tmp_path / "ckpt", ("train.round_max_samples=64", "train.round_s=60"))
+    rig.loop.offer(rig.admission.admit([{"prompt": "Hi", "response": "Yo", "rating": "up"}]))
+    rig.run_idle()
+    rig.clock.now += 20.0
+    assert not rig.loop.has_work
+    assert _set_round_s(rig.loop, {"round_s": 15}) == {"round_s": 15.0}
+    assert rig.loop.has_work and rig.status()["train"]["round"]["round_s"] == 15.0
+    rig.run_idle()
+    assert rig.host.announced == ["v0", "v1"]
+    for bad in (0, -1, "15", True, None):
+        with pytest.raises(CommandError):
+            _set_round_s(rig.loop, {"round_s": bad})
