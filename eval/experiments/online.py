@@ -229,7 +229,7 @@ class OnlineRun:
                  "trained": (poller.rows[-1]["samples_trained"] - poller.rows[0]["samples_trained"]) if poller.rows
                  else 0.0,
                  "fed": self.feeder.accepted - fed0, "unsent": self.feeder.unsent - unsent0,
-                 "poll_errors": poller.errors,
+                 "poll_errors": poller.errors, "rows": poller.rows,
                  "timeline": _timeline(getattr(self.ctx, "last_timeline", []) or [], poller.rows, t_from)}
         self.blocks.append(block)
         row = block_row(block)

@@ -61,6 +61,7 @@ class FeedbackFeeder:
     errors: list[str] = field(default_factory=list)
     delays_s: list[float] = field(default_factory=list)
     stamp_to_feedback_s: list[float] = field(default_factory=list)
+    accepted_at: list[float] = field(default_factory=list)  # clock() at the start of each accepted POST
     _heap: list[_Item] = field(default_factory=list, repr=False)
     _seq: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -127,6 +128,7 @@ class FeedbackFeeder:
         if code == 200:
             self.accepted += 1
             self.stamp_to_feedback_s.append(sent - item.stamped)
+            self.accepted_at.append(sent)
             if self.on_accepted is not None:
                 self.on_accepted(self.accepted)
         elif code == 429:
