@@ -15,6 +15,10 @@ Families (counters end in ``_total``):
   alchemist_train_replayed_tokens_total, alchemist_train_recomputed_tokens_total,
   alchemist_train_stale_recomputes_total, alchemist_train_nonfinite_skipped_total
   alchemist_train_queue_depth, alchemist_train_paused, alchemist_train_units_over_budget_total
+  alchemist_train_samples_by_fate{fate}      samples that ended trained, deferred (now), dropped,
+                                             expired (online/accounting.py, Note [Sample fates])
+  alchemist_train_samples_fed_total, alchemist_train_samples_in_round
+  alchemist_train_samples_by_lag{lag}        trained samples by version lag
   alchemist_store_bytes, alchemist_store_pages
   alchemist_versions_published_total, alchemist_versions_rejected_total,
   alchemist_publish_stall_ms (last), alchemist_publish_ms (last)
@@ -53,6 +57,10 @@ _HELP = {
     "alchemist_train_units_over_budget_total": ("counter", "work units longer than their slice budget"),
     "alchemist_train_queue_depth": ("gauge", "samples pending for training"),
     "alchemist_train_paused": ("gauge", "1 while training is paused by the admin route"),
+    "alchemist_train_samples_by_fate": ("gauge", "samples by fate: trained, deferred, dropped, expired"),
+    "alchemist_train_samples_fed_total": ("counter", "samples fed to training (each once)"),
+    "alchemist_train_samples_in_round": ("gauge", "samples in the open round (not stepped yet)"),
+    "alchemist_train_samples_by_lag": ("gauge", "trained samples by version lag"),
     "alchemist_store_bytes": ("gauge", "bytes of recorded activations stored"),
     "alchemist_store_pages": ("gauge", "pages in the activation store"),
     "alchemist_versions_published_total": ("counter", "versions published"),
@@ -128,6 +136,7 @@ def _samples(status: dict[str, Any] | None, labels: dict[str, int],
             yield name, {}, value
     if "paused" in train:
         yield "alchemist_train_paused", {}, 1.0 if train["paused"] else 0.0
+    yield from _round_samples(train, num)
     tokens, ms = num(train, "last_step_tokens"), num(train, "last_step_ms")
     if tokens is not None and ms:
         yield "alchemist_train_tokens_per_second", {}, tokens / (ms / 1000.0)
@@ -146,6 +155,19 @@ def _samples(status: dict[str, Any] | None, labels: dict[str, int],
         if ttft is not None:
             yield "alchemist_arbiter_recent_ttft_ms", {}, ttft
     yield from _memory_samples(status.get("memory") or {}, num)
+
+
+def _round_samples(train: dict[str, Any], num: Any) -> Iterable[tuple[str, dict[str, str], float]]:
+    """The rounds keys of the ``train`` status block (online/loop_status.py), the same numbers."""
+    for fate, value in (train.get("samples_by_fate") or {}).items():
+        yield "alchemist_train_samples_by_fate", {"fate": str(fate)}, float(value)
+    for lag, value in (train.get("samples_trained_by_lag") or {}).items():
+        yield "alchemist_train_samples_by_lag", {"lag": str(lag)}, float(value)
+    for name, key in (("alchemist_train_samples_fed_total", "samples_fed"),
+                      ("alchemist_train_samples_in_round", "samples_in_round")):
+        value = num(train, key)
+        if value is not None:
+            yield name, {}, value
 
 
 def _memory_samples(memory: dict[str, Any], num: Any) -> Iterable[tuple[str, dict[str, str], float]]:

@@ -6,6 +6,7 @@ sample fates and the round tally: accounting.py). Imports package modules only; 
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 from alchemist_sgl.online.accounting import percentiles
@@ -41,7 +42,8 @@ def _round_status(loop: "OnlineLoop") -> dict[str, Any]:
     r = loop._round
     now = loop.clock()
     block = None if r is None else {
-        "version": r.version, "opened_s_ago": now - r.opened_at, "fresh_samples": r.fresh,
+        "version": r.version, "opened_s_ago": now - r.opened_at,
+        "opened_at": time.time() - (now - r.opened_at), "fresh_samples": r.fresh,
         "stale_samples": r.stale, "replay": r.is_replay_enabled,
         "round_s": loop.round_s,
         "closes_in_s": max(0.0, loop.round_s - (now - r.opened_at)) if r.taken else None}

@@ -35,3 +35,15 @@ def test_status_and_feedback_counts_become_families() -> None:
 def test_missing_status_still_renders_feedback() -> None:
     fam = _families(render_alchemist_metrics(None, {"up": 1}, {}))
     assert set(fam) == {"alchemist_feedback"}
+
+
+def test_round_accounting_becomes_families() -> None:
+    status = {"train": {"samples_by_fate": {"trained": 7, "deferred": 1, "dropped": 2, "expired": 0},
+                        "samples_trained_by_lag": {"0": 6, "1": 1}, "samples_fed": 12,
+                        "samples_in_round": 2}}
+    fam = _families(render_alchemist_metrics(status, {}, {}))
+    assert {s.labels["fate"]: s.value for s in fam["alchemist_train_samples_by_fate"]} == {
+        "trained": 7.0, "deferred": 1.0, "dropped": 2.0, "expired": 0.0}
+    assert {s.labels["lag"]: s.value for s in fam["alchemist_train_samples_by_lag"]} == {"0": 6.0, "1": 1.0}
+    assert fam["alchemist_train_samples_fed"][0].value == 12.0
+    assert fam["alchemist_train_samples_in_round"][0].value == 2.0
