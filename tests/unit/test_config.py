@@ -27,6 +27,9 @@ def test_shipped_configs_load() -> None:
     assert tiny.train.round_max_samples == 1 and tiny.publish.every_steps == 1
     assert (smol.train.round_s, smol.train.round_max_samples) == (60.0, 64)
     assert smol.train.stale_max_age_s == 600.0
+    fp32 = load_config(REPO / "configs/cpu-smollm2-fp32.yaml")
+    assert fp32.sglang["dtype"] == "float32" and fp32.server.model == smol.server.model
+    assert fp32.store.host_bytes == 3 * smol.store.host_bytes
     for config in (smol, tiny):
         assert config.sglang["device"] == "cpu"
         assert config.sglang["max-total-tokens"] > 0, "the KV pool is bounded on CPU"
