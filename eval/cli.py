@@ -74,10 +74,10 @@ def run_experiment(args: argparse.Namespace) -> int:
                      dataset_path=Path(args.dataset_path) if args.dataset_path else None,
                      url=args.url.rstrip("/") if args.url else None, out_dir=out_dir, quick=args.quick,
                      seed=args.seed, progress=not args.no_progress, workload_name=args.workload,
-                     feedback_delay_s=args.feedback_delay)
+                     feedback_delay_s=args.feedback_delay, rate_rps=args.rate)
     meta: dict[str, Any] = {
         "experiment": args.name, "quick": args.quick, "argv": sys.argv, "seed": args.seed,
-        "workload": args.workload, "feedback_delay_s": args.feedback_delay,
+        "workload": args.workload, "feedback_delay_s": args.feedback_delay, "rate_rps": args.rate,
         "config_path": str(config_path), "dataset_path": args.dataset_path, "url": ctx.url,
         "config": resolve_config(config_path) if config_path.exists() else None,
         "environment": environment(),
@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--feedback-delay", type=_non_negative, default=0.0, metavar="MEAN",
                      help="experiments that rate completions: exponential delay per completion with this mean "
                           "in seconds (default 0: at once)")
+    run.add_argument("--rate", type=_non_negative, default=None, metavar="RPS",
+                     help="online, cadence: the request rate instead of the workload's default (size the "
+                          "load to the machine: a CPU without bf16/AMX units prefills ~10x slower)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     rep = sub.add_parser("report", help="markdown + PNG plots from the JSON files in DIR")
     rep.add_argument("dir")

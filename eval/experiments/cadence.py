@@ -89,7 +89,8 @@ def run_cell(ctx: Any, url: str, round_s: float, delay_s: float, index: int) -> 
     duration = cell_duration_s(round_s, ctx.quick)
     run = OnlineRun(ctx, url, {"feedback_delay_s": delay_s, "poll_s": 1.0})
     run.set_arm("replay")
-    spec = LoadSpec(ArrivalSpec(RATE_RPS), int(RATE_RPS * duration * 2) + 10, duration_s=duration,
+    rate = getattr(ctx, "rate_rps", None) or RATE_RPS
+    spec = LoadSpec(ArrivalSpec(rate), int(rate * duration * 2) + 10, duration_s=duration,
                     drain_s=max(60.0, round_s + 30.0), max_turns=3, max_tokens=32,
                     seed=ctx.seed + index, label=f"replay#{index}")
     log(f"cell {index}: round_s {round_s:g}, feedback delay {delay_s:g} s, {duration:.0f} s of load")
@@ -123,7 +124,7 @@ def run(ctx: Any) -> dict[str, Any]:
     with ctx.server(overrides=[*base, f"train.checkpoint_dir={out / 'cadence-approx-ckpt'}",
                                "train.max_version_lag=1"]) as url:
         approx = run_cell(ctx, url, 60.0, 20.0, len(cells))
-    return {"cells": cells, "rate_rps": RATE_RPS, "workload": getattr(ctx, "workload_name", "chitchat"),
+    return {"cells": cells, "rate_rps": getattr(ctx, "rate_rps", None) or RATE_RPS, "workload": getattr(ctx, "workload_name", "chitchat"),
             "approximate": {"max_version_lag": 1, "round_s": 60.0, "feedback_delay": 20.0,
                             "lag0_share_samples": approx["lag0_share_samples"],
                             "lag_le1_share": approx["lag_le1_share"], "cell": approx}}

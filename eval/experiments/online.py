@@ -333,8 +333,9 @@ def _leave_as_found(run: OnlineRun, was_replay: bool, was_paused: bool) -> None:
 
 def load_spec(p: dict[str, Any], seed: int) -> LoadSpec:
     w = WORKLOADS[p["workload"]]
-    per_block = int(w["rate_rps"] * p["duration_s"] * 2) + 10  # the duration bounds a block, not the count
-    return LoadSpec(ArrivalSpec(w["rate_rps"]), per_block, duration_s=p["duration_s"], drain_s=p["drain_s"],
+    rate = p.get("rate_rps") or w["rate_rps"]
+    per_block = int(rate * p["duration_s"] * 2) + 10  # the duration bounds a block, not the count
+    return LoadSpec(ArrivalSpec(rate), per_block, duration_s=p["duration_s"], drain_s=p["drain_s"],
                     max_turns=w["max_turns"], max_tokens=w["max_tokens"], seed=seed)
 
 
@@ -369,7 +370,8 @@ def measure(ctx: Any, url: str, p: dict[str, Any], post: Callable | None = None,
 
 def run(ctx: Any) -> dict[str, Any]:
     p = dict(QUICK if ctx.quick else FULL, workload=getattr(ctx, "workload_name", "chitchat"),
-             feedback_delay_s=float(getattr(ctx, "feedback_delay_s", 0.0)))
+             feedback_delay_s=float(getattr(ctx, "feedback_delay_s", 0.0)),
+             rate_rps=getattr(ctx, "rate_rps", None))
     out = ctx.out_dir.resolve()
     overrides = [f"train.round_s={p['round_s']}", f"train.checkpoint_dir={out / 'online-checkpoints'}",
                  f"feedback.db_path={out / 'online-feedback.sqlite'}"]
