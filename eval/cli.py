@@ -74,10 +74,11 @@ def run_experiment(args: argparse.Namespace) -> int:
                      dataset_path=Path(args.dataset_path) if args.dataset_path else None,
                      url=args.url.rstrip("/") if args.url else None, out_dir=out_dir, quick=args.quick,
                      seed=args.seed, progress=not args.no_progress, workload_name=args.workload,
-                     feedback_delay_s=args.feedback_delay, rate_rps=args.rate)
+                     feedback_delay_s=args.feedback_delay, rate_rps=args.rate, round_s=args.round_s)
     meta: dict[str, Any] = {
         "experiment": args.name, "quick": args.quick, "argv": sys.argv, "seed": args.seed,
         "workload": args.workload, "feedback_delay_s": args.feedback_delay, "rate_rps": args.rate,
+        "round_s": args.round_s,
         "config_path": str(config_path), "dataset_path": args.dataset_path, "url": ctx.url,
         "config": resolve_config(config_path) if config_path.exists() else None,
         "environment": environment(),
@@ -149,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--rate", type=_non_negative, default=None, metavar="RPS",
                      help="online, cadence: the request rate instead of the workload's default (size the "
                           "load to the machine: a CPU without bf16/AMX units prefills ~10x slower)")
+    run.add_argument("--round-s", type=_non_negative, default=None, metavar="S",
+                     help="online: train.round_s of its server (default: quick 12, full 30); its blocks "
+                          "last at least 2.5 round lengths")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     rep = sub.add_parser("report", help="markdown + PNG plots from the JSON files in DIR")
     rep.add_argument("dir")

@@ -372,6 +372,8 @@ def run(ctx: Any) -> dict[str, Any]:
     p = dict(QUICK if ctx.quick else FULL, workload=getattr(ctx, "workload_name", "chitchat"),
              feedback_delay_s=float(getattr(ctx, "feedback_delay_s", 0.0)),
              rate_rps=getattr(ctx, "rate_rps", None))
+    if getattr(ctx, "round_s", None):  # --round-s: blocks hold at least two whole rounds
+        p.update(round_s=float(ctx.round_s), duration_s=max(p["duration_s"], 2.5 * float(ctx.round_s)))
     out = ctx.out_dir.resolve()
     overrides = [f"train.round_s={p['round_s']}", f"train.checkpoint_dir={out / 'online-checkpoints'}",
                  f"feedback.db_path={out / 'online-feedback.sqlite'}"]
