@@ -78,13 +78,13 @@ block); the full run: 4 rounds of 3 blocks of 110 s (sized for ~30 min).
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any, Callable
 
 import httpx
 
 from eval.experiments import _online_rounds as rr
+from eval.loadgen.polling import BackgroundPoller
 from eval.loadgen.ab import ABResult, Arm, rotation_orders, run_ab
 from eval.loadgen.arrivals import ArrivalSpec
 from eval.loadgen.feedback_feeder import FeedbackFeeder
@@ -118,7 +118,7 @@ def check_server(status: dict[str, Any], url: str) -> None:
                            "train.samples_by_fate): a server from before rounds?")
 
 
-class Poller:
+class Poller(BackgroundPoller):
     """Polls ``/alchemist/status`` every ``interval_s`` on a thread while in a ``with``, once more
     on entry and exit: ``rows`` (``_online_rounds.status_row``, ``t`` = answer arrived on
     ``clock``) and the publish entries into ``publishes``."""
@@ -128,8 +128,7 @@ class Poller:
         self.url, self.interval_s, self.clock, self.publishes, self.on_row = url, interval_s, clock, publishes, on_row
         self.rows: list[dict[str, Any]] = []
         self.errors = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="eval-online-poller", daemon=True)
+        super().__init__(interval_s, "eval-online-poller")
 
     def poll(self) -> None:
         try:
@@ -143,19 +142,6 @@ class Poller:
         if self.on_row is not None:
             self.on_row(row)
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.poll()
-
-    def __enter__(self) -> "Poller":
-        self.poll()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=60.0)
-        self.poll()
 
 
 class OnlineRun:

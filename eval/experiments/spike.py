@@ -45,11 +45,11 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import threading
 import time
 from typing import Any, Callable
 
 from eval.experiments import _spike_trace as tr
+from eval.loadgen.polling import BackgroundPoller
 from eval.loadgen.ab import Arm, run_ab
 from eval.loadgen.runner import LoadSpec
 from eval.loadgen.stats import latency_samples, percentile
@@ -82,7 +82,7 @@ class StampingSink(CompletionSink):
         return super().body(completion_id, text, rng)
 
 
-class StatusPoller:
+class StatusPoller(BackgroundPoller):
     """A thread polling ``/alchemist/status`` every ``interval_s`` (plus the answer's latency):
     ``rows`` (``trace_row``, ``t`` = wall time the answer arrived), the publish entries
     (``publish.recent``) and versions seen, and the latencies."""
@@ -94,8 +94,7 @@ class StatusPoller:
         self.versions: dict[str, dict[str, Any]] = {}
         self.errors = 0
         self.latencies: list[float] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="eval-spike-poller", daemon=True)
+        super().__init__(interval_s, "eval-spike-poller")
 
     def poll(self) -> None:
         sent = time.time()
@@ -115,19 +114,6 @@ class StatusPoller:
         if self.on_row is not None:
             self.on_row(row)
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.poll()
-
-    def __enter__(self) -> "StatusPoller":
-        self.poll()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=60.0)
-        self.poll()
 
 
 def log(text: str) -> None:

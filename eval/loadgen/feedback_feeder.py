@@ -21,9 +21,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import httpx
-
 from eval.loadgen.feedback import ROUTE_NOT_FOUND_BODY
+from eval.loadgen.training import post_json
 from eval.loadgen.stats import percentile
 
 Post = Callable[[dict[str, Any]], tuple[int, Any]]  # body -> (HTTP status, 0 on transport error; payload)
@@ -92,14 +91,7 @@ class FeedbackFeeder:
             return len(self._heap)
 
     def _http_post(self, body: dict[str, Any]) -> tuple[int, Any]:
-        try:
-            reply = httpx.post(f"{self.base_url}/v1/feedback", json=body, timeout=30.0)
-        except httpx.HTTPError as exc:
-            return 0, f"{type(exc).__name__}: {exc}"
-        try:
-            return reply.status_code, reply.json()
-        except ValueError:
-            return reply.status_code, reply.text
+        return post_json(f"{self.base_url}/v1/feedback", body)
 
     def _due(self, now: float) -> list[_Item]:
         with self._lock:

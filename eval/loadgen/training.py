@@ -50,7 +50,21 @@ def set_replay(base_url: str, enabled: bool, timeout_s: float = 60.0) -> dict[st
     return reply.json()
 
 
+def post_json(url: str, body: dict[str, Any], timeout_s: float = 30.0) -> tuple[int, Any]:
+    """POSTs ``body``: (status code, the JSON answer or its text); (0, the error) when the request
+    itself failed."""
+    try:
+        reply = httpx.post(url, json=body, timeout=timeout_s)
+    except httpx.HTTPError as exc:
+        return 0, f"{type(exc).__name__}: {exc}"
+    try:
+        return reply.status_code, reply.json()
+    except ValueError:
+        return reply.status_code, reply.text
+
+
 @dataclass(frozen=True)
+
 class CompletionSink(FeedbackPolicy):
     """Every successful completion's id goes to ``sink``; no ``/v1/feedback`` post is made
     (``body`` returns None, so records carry ``feedback: None``)."""
@@ -97,14 +111,7 @@ class SampleFeeder:
         return self.accepted >= self.limit
 
     def _http_post(self, samples: list[dict[str, Any]]) -> tuple[int, Any]:
-        try:
-            reply = httpx.post(f"{self.base_url}/alchemist/train/samples", json={"samples": samples}, timeout=30.0)
-        except httpx.HTTPError as exc:
-            return 0, f"{type(exc).__name__}: {exc}"
-        try:
-            return reply.status_code, reply.json()
-        except ValueError:
-            return reply.status_code, reply.text
+        return post_json(f"{self.base_url}/alchemist/train/samples", {"samples": samples})
 
     def _take(self, wait_s: float) -> list[str]:
         ids: list[str] = []
