@@ -287,7 +287,10 @@ class StoreRecordings:
         return pin
 
     def segments(self, handle: Any) -> list:
-        return self.store.segments(handle)
+        """The pinned recording's segments, read by the trainer one layer at a time straight from
+        the pages (store/readout.py, Note [Per-layer read-out]): the loop unpins only after the
+        sample's last unit."""
+        return self.store.segments(handle, is_lazy=True)
 
     def covered_tokens(self, handle: Any) -> int:
         """Prompt tokens the pinned recording covers (no data read)."""

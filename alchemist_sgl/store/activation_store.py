@@ -322,13 +322,15 @@ class ActivationStore:
         """
         return readout.gather(self._index, pin.coverage, self.plan.shape.layers, self._dtype)
 
-    def segments(self, pin: Pin) -> list[tuple[int, int, dict[str, torch.Tensor] | None]]:
+    def segments(self, pin: Pin, *, is_lazy: bool = False) -> list[readout.Segment]:
         """(start, end, tensors or None) tiling [0, length) in order: the shape of the trainer's
         ``PromptSegment`` list (train/samples.py). Covered ranges carry per tensor their pages
         hold [layers, end - start, width] (cut where demotion changed that); missing ranges
-        (to recompute) carry None.
+        (to recompute) carry None. ``is_lazy``: ``readout.PagedRows`` read one layer at a time
+        by the trainer, valid until ``unpin`` (readout.py, Note [Per-layer read-out]); else copies.
         """
-        return readout.segments(self._index, pin.coverage, self.plan.shape.layers, self._dtype)
+        return readout.segments(self._index, pin.coverage, self.plan.shape.layers, self._dtype,
+                                is_lazy)
 
     def release_namespaces(self, is_live: Callable[[Namespace], bool]) -> int:
         """Frees the pages of every namespace ``is_live`` rejects (Note [Store lifetime]); returns

@@ -6,12 +6,16 @@ projection outputs replayed where the plan says so, the LoRA correction of forwa
 (units.py): one copy of the layer code. Imports only torch.
 
 Note [Joint layer]: every op runs once over all T rows, exactly as the recompute baseline (which
-is this code with nothing recorded); only the four base projections differ. When a projection's
-recorded rows form a prefix [0, n) of the input (the normal case: a prompt is covered from its
-start, the response never is), ``_PrefixReplayed`` returns cat(recording, x[n:] @ W.T) and its
-backward is ONE matmul over all rows, dL/dx = dL/dy @ W (exact for recorded and computed rows
-alike: W is frozen). Other coverings (a hole inside the prompt) go through ops.py's
-``row_replayed_linear``, eager only.
+is this code with nothing recorded); only the four base projections differ. Eager, ops.py's
+``row_replayed_linear`` writes each projection into one [T, d] output: recorded rows copied in
+(from a ``PagedRows``, straight from the store's pinned pages: the only copy of the recording),
+the other rows computed by a matmul into their rows; its backward is ONE matmul over all rows,
+dL/dx = dL/dy @ W (exact for recorded and computed rows alike: W is frozen). Compiled, a
+recording that is a prefix [0, n) of the input (the normal case: a prompt is covered from its
+start, the response never is) is read into one [n, d] tensor first (profiler region
+``READOUT_REGION``, as the store's read-out), and ``_PrefixReplayed`` returns
+cat(recording, x[n:] @ W.T) with the same backward. Other coverings (a hole inside the prompt)
+run eager.
 
 Note [Compiled layer]: ``train.compile`` runs the layer through ``torch.compile`` (inductor, CPU
 or CUDA) with dynamic shapes. The compiled function takes only tensors and tuples of tensors;
@@ -44,6 +48,8 @@ if TYPE_CHECKING:
 
 # How many joint_layer calls took the compiled path and the eager one (status and tests).
 CALLS = {"compiled": 0, "eager": 0}
+# Profiler region of a read-out of recorded rows (store/readout.py has the same name).
+READOUT_REGION = "alchemist::replay_readout"
 
 
 class _PrefixReplayed(torch.autograd.Function):
@@ -180,27 +186,27 @@ def _core_for(s: LayerShape, is_compiled: bool) -> Callable:
     return torch.compile(fn, dynamic=True)
 
 
-def layer_recordings(planned: PlannedSample, layer: int, device) -> tuple[tuple, bool]:
-    """Per projection (PROJECTIONS order): None, a [n, d] prefix recording, or a ranges list for
-    ``row_replayed_linear``; and whether every one is compile-friendly (None or prefix)."""
+def layer_recordings(planned: PlannedSample, layer: int, device, is_compiled: bool = False
+                     ) -> tuple[tuple, bool]:
+    """Per projection (PROJECTIONS order): None or the recorded rows of ``layer`` (Note [Joint
+    layer]); and whether every recording is a prefix. Eager (``is_compiled`` False): a ranges list
+    for ``row_replayed_linear`` whose recorded entries fill the output's rows in place (one copy,
+    straight from the store's pages for a ``PagedRows``: store/readout.py, Note [Per-layer
+    read-out]). Compiled: a [n, d] prefix tensor where every recording is a prefix."""
     out, is_prefix_only = [], True
     for name in PROJECTIONS:
-        recs, ranges, prefix_open = [], [], True
+        ranges, recorded = [], 0
         for seg in planned.segments:
             rec = seg.replay.get(name)
-            rec = None if rec is None else rec[layer].to(device, non_blocking=True)
             ranges.append((seg.start, seg.end, rec))
             if rec is not None:
-                prefix_open = prefix_open and seg.start == sum(r.shape[0] for r in recs)
-                recs.append(rec)
-        if not recs:
-            out.append(None)
-        elif prefix_open:
-            out.append(recs[0] if len(recs) == 1 else torch.cat(recs))
-        else:
-            out.append(_merge(ranges))
-            is_prefix_only = False
-    return tuple(out), is_prefix_only
+                is_prefix_only = is_prefix_only and seg.start == recorded
+                recorded += seg.end - seg.start
+        out.append(ranges if recorded else None)
+    if is_compiled and is_prefix_only:
+        return tuple(None if r is None else _prefix_rows(r, layer, device) for r in out), True
+    return tuple(None if r is None else _merge([(a, b, None if rec is None else _filler(rec, layer))
+                                                for a, b, rec in r]) for r in out), is_prefix_only
 
 
 def _merge(ranges):
@@ -213,6 +219,27 @@ def _merge(ranges):
     return merged
 
 
+def _filler(rec, layer: int):
+    """The recording's rows of ``layer``: a tensor view, or a function that copies them into the
+    output rows it is given (a ``PagedRows``)."""
+    if isinstance(rec, torch.Tensor):
+        return rec[layer]
+    return functools.partial(rec.copy_layer, layer)
+
+
+def _prefix_rows(ranges, layer: int, device) -> torch.Tensor:
+    """The recorded prefix rows [n, d] of ``layer`` as one tensor on ``device``."""
+    recs = [(a, b, rec) for a, b, rec in ranges if rec is not None]
+    if len(recs) == 1 and isinstance(recs[0][2], torch.Tensor):
+        return recs[0][2][layer].to(device, non_blocking=True)
+    out = torch.empty((recs[-1][1], recs[0][2].shape[2]), dtype=recs[0][2].dtype, device=device)
+    with torch.profiler.record_function(READOUT_REGION):
+        for a, b, rec in recs:
+            fill = _filler(rec, layer)
+            fill(out[a:b]) if callable(fill) else out[a:b].copy_(fill, non_blocking=True)
+    return out
+
+
 def joint_layer(weights: BaseWeights, layer: int, adapter, published, is_lag0: bool,
                 is_training: bool, planned: PlannedSample, rope, hidden: torch.Tensor,
                 residual: torch.Tensor | None, *, is_compiled: bool = False):
@@ -222,7 +249,6 @@ def joint_layer(weights: BaseWeights, layer: int, adapter, published, is_lag0: b
     Note [Published adapter]. ``is_compiled``: Note [Compiled layer] (falls back to eager where
     it does not apply)."""
     spec, lw = weights.spec, weights.layers[layer]
-    recs, is_prefix_only = layer_recordings(planned, layer, weights.device)
     parts, lt = lora_tensors(adapter, published, layer, is_lag0 and published is not None)
     has_lora = adapter is not None
     s = LayerShape(spec.rms_norm_eps, spec.heads, spec.kv_heads, spec.head_dim, spec.q_size,
@@ -236,7 +262,9 @@ def joint_layer(weights: BaseWeights, layer: int, adapter, published, is_lag0: b
     if has_lora and published is not None and not is_lag0 and (
             published.rank, published.targets) != (adapter.rank, adapter.targets):
         raise ValueError("the published adapter must have the trained adapter's rank and targets")
-    use_compiled = is_compiled and residual is not None and is_prefix_only and s.dropout == 0.0
+    can_compile = is_compiled and residual is not None and s.dropout == 0.0
+    recs, is_prefix_only = layer_recordings(planned, layer, weights.device, can_compile)
+    use_compiled = can_compile and is_prefix_only
     cos, sin = rope.get(0, hidden.shape[0])
     CALLS["compiled" if use_compiled else "eager"] += 1
     return _core_for(s, use_compiled)(hidden, residual, lw.input_layernorm,

@@ -159,7 +159,8 @@ class _RowReplayed(torch.autograd.Function):
 def row_replayed_linear(x: torch.Tensor, weight: torch.Tensor,
                         ranges: list[tuple[int, int, torch.Tensor | None]]) -> torch.Tensor:
     """x [T, d_in] -> [T, d_out]; ``ranges`` tile [0, T): (start, end, recording [end - start,
-    d_out] in x's dtype, or None to compute). See Note [Row-replayed linear]."""
+    d_out] in x's dtype, a function that writes those rows into the [end - start, d_out] view
+    it is given, or None to compute). See Note [Row-replayed linear]."""
     if all(rec is None for _, _, rec in ranges):
         return F.linear(x, weight)
     if torch.is_grad_enabled() and x.requires_grad:
@@ -172,6 +173,8 @@ def _row_replayed_nograd(x: torch.Tensor, weight: torch.Tensor, ranges) -> torch
     for start, end, rec in ranges:
         if rec is None:
             torch.matmul(x[start:end], weight.t(), out=out[start:end])
+        elif callable(rec):
+            rec(out[start:end])
         else:
-            out[start:end].copy_(rec)
+            out[start:end].copy_(rec, non_blocking=True)
     return out

@@ -13,7 +13,10 @@ Data format the runtime must produce (one ``Sample`` per trained completion):
   * ``Recording(version, tensors)``: ``tensors[name]`` for any subset of ``qkv``, ``o``,
     ``gate_up``, ``down`` holds the BASE projection outputs [layers, end - start, out_dim] in the
     training dtype, on any device (moved to the trainer's device per layer slice when used);
-    ``qkv`` is [q | k | v] pre-RoPE, ``gate_up`` is [gate | up] (SGLang's fused layouts).
+    ``qkv`` is [q | k | v] pre-RoPE, ``gate_up`` is [gate | up] (SGLang's fused layouts). A
+    ``LayerRows`` (the store's ``PagedRows``) may stand in for such a tensor: the trainer then
+    reads one layer at a time straight into its projection outputs, so it must stay readable
+    until the step is done (the store's pin).
   * ``kind``: ``"positive"`` (thumbs-up, correction: SFT) or ``"negative"`` (thumbs-down: the
     ``train.objective_negative`` objective); ``weight`` > 0 scales the sample's loss (e.g. |score|);
     ``ref_logprobs``: optional [len(response)] reference log-probs for the KTO objective
@@ -34,11 +37,24 @@ its tokens are recomputed and counted in ``stale_recomputes`` (segments) and ``r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Mapping, Sequence
+from typing import Literal, Mapping, Protocol, Sequence
 
 import torch
 
 from alchemist_sgl.train.spec import PROJECTIONS, LlamaSpec
+
+
+class LayerRows(Protocol):
+    """A recording [layers, tokens, out_dim] read one layer at a time (module docstring)."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+
+    def copy_layer(self, layer: int, out: torch.Tensor) -> torch.Tensor: ...
+
+    def rows(self, lo: int, hi: int) -> "LayerRows": ...
+
+    def __getitem__(self, layer: int) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -46,7 +62,7 @@ class Recording:
     """Recorded base projection outputs of one prompt range (see module docstring)."""
 
     version: int
-    tensors: Mapping[str, torch.Tensor]  # name -> [layers, tokens, out_dim]
+    tensors: Mapping[str, torch.Tensor | LayerRows]  # name -> [layers, tokens, out_dim]
 
 
 @dataclass(frozen=True)
@@ -73,7 +89,7 @@ class PlannedSegment:
 
     start: int
     end: int
-    replay: Mapping[str, torch.Tensor]
+    replay: Mapping[str, torch.Tensor | LayerRows]
     lag: int = 0
 
 
@@ -169,9 +185,11 @@ def _split_grad_rows(planned: list[PlannedSegment], p: int, r: int) -> None:
     last = planned.pop()
     if last.start < p - 1:  # cut the last prompt segment at P - 1
         n = p - 1 - last.start
-        planned.append(PlannedSegment(last.start, p - 1,
-                                      {k: v[:, :n] for k, v in last.replay.items()}, last.lag))
-        last = PlannedSegment(p - 1, p, {k: v[:, n:] for k, v in last.replay.items()}, last.lag)
+        rows = {k: (lambda a, b, v=v: v[:, a:b]) if isinstance(v, torch.Tensor) else v.rows
+                for k, v in last.replay.items()}
+        planned.append(PlannedSegment(last.start, p - 1, {k: f(0, n) for k, f in rows.items()},
+                                      last.lag))
+        last = PlannedSegment(p - 1, p, {k: f(n, n + 1) for k, f in rows.items()}, last.lag)
     if last.replay:
         planned.extend([last, PlannedSegment(p, p + r, {}, 0)])
     else:

@@ -127,8 +127,9 @@ def substitute_all_rows(trainer, rows: Mapping[tuple[int, ...], Mapping[str, tor
 
 def peak_saved_bytes(trainer, builds: Sequence[Build], exclude: set[int]) -> int:
     """Max over single-sample steps of the bytes of unique storages autograd saved (storages in
-    ``exclude``: base weights and adapter, not counted), plus the recordings the sample reads
-    (counted once whether or not autograd also saved them). Trainer restored afterwards."""
+    ``exclude``: base weights and adapter, not counted), plus the copied recordings the sample
+    holds (counted once whether or not autograd also saved them; none for recordings read a layer
+    at a time from the store's pages, which the store owns). Trainer restored afterwards."""
     state = snapshot(trainer)
     peak = 0
     try:
@@ -139,6 +140,8 @@ def peak_saved_bytes(trainer, builds: Sequence[Build], exclude: set[int]) -> int
                 for seg in s.segments:
                     if seg.recording is not None:
                         for t in seg.recording.tensors.values():
+                            if not isinstance(t, torch.Tensor):
+                                continue  # read a layer at a time from the store's pages
                             st = t.untyped_storage()
                             records[st.data_ptr()] = st.nbytes()
             seen: dict[int, int] = {}

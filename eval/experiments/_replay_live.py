@@ -4,10 +4,12 @@ Owns ``build_chat_samples`` (prompt-heavy (prompt ids, response ids) pairs from 
 conversations), ``live_recordings`` (a real ``alchemist-sgl serve`` prefills each prompt, and
 each prompt + response, sent as token ids over HTTP; the ``debug.recording`` control command
 reads every recording back out of the server's store into a file under its var/debug/),
-``fill_store`` (the exported rows written into an in-process ``ActivationStore`` through its
+``local_recordings`` (the same exports made in this process, no server), ``fill_store`` (the
+exported rows written into an in-process ``ActivationStore`` through its
 ordinary write path, one extend per covered range, as the scheduler writes them) and
-``sample_from_store`` (what the online loop does for a queued completion: pin, gather the
-segments, label them with a version, build the trainer's ``Sample``). Imports no sglang: it talks
+``sample_from_store`` (what the online loop does for a queued completion: pin, take the
+segments (read a layer at a time during the step), label them with a version, build the
+trainer's ``Sample``). Imports no sglang: it talks
 HTTP to the server only.
 """
 
@@ -106,6 +108,35 @@ def live_recordings(base_url: str, texts: Sequence[tuple[list[int], list[int]]],
     return out, status["record_plan"]
 
 
+def local_recordings(folder, texts: Sequence[tuple[list[int], list[int]]], dtype: torch.dtype
+                     ) -> list[dict[str, Any]]:
+    """Per sample ``{"prompt": export, "all": export}`` as ``live_recordings`` gives them, made in
+    this process by the trainer's own no-grad forward of the base weights with ``capture`` (no
+    server; ``ALCHEMIST_REPLAY_RECORDINGS=local``). Exact for the benchmark's fresh adapter
+    (B = 0); not a check of the server's recording path."""
+    from alchemist_sgl.train import Sample, load_fused_weights
+    from alchemist_sgl.train.forward import forward_logprobs
+    from alchemist_sgl.train.ops import RopeCache
+    from alchemist_sgl.train.samples import plan_sample
+
+    weights = load_fused_weights(folder, dtype=dtype)
+    spec = weights.spec
+    rope = RopeCache(spec.head_dim, spec.rope_theta, dtype, weights.device)
+    out = []
+    for prompt, response in texts:
+        planned = plan_sample(Sample(prompt, response), spec, version=0, max_version_lag=0,
+                              is_replay_enabled=False, dtype=dtype)
+        capture: dict[str, list[torch.Tensor]] = {}
+        with torch.no_grad():
+            forward_logprobs(weights, None, rope, planned, capture=capture)
+        rows = {k: torch.stack(v) for k, v in capture.items()}  # [layers, P + R, width]
+        out.append({part: {"tokens": (prompt + response)[:n], "namespace": ["local", None],
+                           "covered": [[0, n]],
+                           "segments": [(0, n, {k: v[:, :n].contiguous() for k, v in rows.items()})]}
+                    for part, n in (("prompt", len(prompt)), ("all", len(prompt) + len(response)))})
+    return out
+
+
 def rows_of(export: dict[str, Any], names: Sequence[str]) -> dict[str, torch.Tensor]:
     """Every row of a fully covered export as one tensor per name [layers, tokens, width]."""
     segments = export["segments"]
@@ -142,11 +173,12 @@ def fill_store(exports: Sequence[dict[str, Any]], shape, tensors: Sequence[str],
 
 
 def sample_from_store(store, namespace, prompt: list[int], response: list[int], version: int):
-    """(trainer ``Sample``, pin): the pinned pages gathered into segments labelled ``version``, as
-    the online loop builds a queued sample; release the pin with ``store.unpin`` after the step."""
+    """(trainer ``Sample``, pin): the pinned pages as segments labelled ``version``, read a layer
+    at a time by the trainer (store/readout.py, Note [Per-layer read-out]), as the online loop
+    builds a queued sample; release the pin with ``store.unpin`` after the step."""
     from alchemist_sgl.train import PromptSegment, Recording, Sample
 
     pin = store.pin(prompt, namespace)
     segments = tuple(PromptSegment(s, e, None if t is None else Recording(version, t))
-                     for s, e, t in store.segments(pin))
+                     for s, e, t in store.segments(pin, is_lazy=True))
     return Sample(prompt, response, segments), pin

@@ -10,7 +10,8 @@ fast smoke run) on this machine's CPU:
     prefills each prompt sent as token ids over HTTP; ``debug.recording`` exports them from its
     store; the server is stopped before anything is timed. The rows are written into an
     in-process ``ActivationStore`` per plan (_replay_live.py), and the TIMED replay arm builds
-    its samples from that store as the online loop does: pin, gather, copy, label, step, unpin.
+    its samples from that store as the online loop does: pin, label, step (the trainer reads
+    each layer's rows from the pinned pages), unpin.
   * arms, one AdamW step each over the batch, interleaved with a rotating order over
     ``repetitions``: ``recompute`` (``train.replay=false``), ``replay`` per plan
     (``train.replay=true``), both trainers from the same train config (the benchmark config's
@@ -33,6 +34,13 @@ fast smoke run) on this machine's CPU:
     and replay's gradient on the recordings of the fresh adapter (lag k), k = 1, 2, 4, 8.
   * ``peak_mem_*_bytes`` (``"logical-cpu"``): max over single-sample steps of the storages
     autograd saved (base and adapter excluded), plus for replay the recordings it reads.
+  * ``breakdown_ms_per_token`` per arm (ours; not HF): two more steps of the arm under
+    ``torch.profiler``, the faster one's time per token in gather, projections, attention, pointwise, lora and
+    autograd_other (_replay_breakdown.py, Note [Step breakdown]); ``replay_overhead_share``:
+    gather / the profiled step; ``breakdown_profiled_step_s``: that step's wall time.
+  * ``ALCHEMIST_REPLAY_RECORDINGS=local`` (``"recordings_source": "local"``): the recordings are
+    made in this process by the trainer's own forward (_replay_live.py ``local_recordings``), no
+    server is started: for measuring the trainer alone.
 Top level: the plan the config records by default (``record.plan``, or the greedy choice under
 ``record.budget_bytes_per_token`` at the config's own dtype), in fp32; ``per_plan``: ``full`` and ``down``; ``bf16``: the same in bfloat16
 (skipped with --quick). ``ALCHEMIST_BENCH_THREADS`` (default 1) sets torch threads;
@@ -55,6 +63,7 @@ from typing import Any
 import torch
 
 from eval.experiments import _replay_arms as arms
+from eval.experiments import _replay_breakdown as breakdown
 from eval.experiments import _replay_hf as hf
 from eval.experiments import _replay_live as live
 from eval.experiments import _replay_metrics as metrics
@@ -94,7 +103,10 @@ def run(ctx: Any) -> dict[str, Any]:
     from alchemist_sgl.config import load_config
     from alchemist_sgl.prepare import resolve_model
 
-    if ctx.url is not None:
+    source = os.environ.get("ALCHEMIST_REPLAY_RECORDINGS", "live")
+    if source not in ("live", "local"):
+        raise ValueError(f"ALCHEMIST_REPLAY_RECORDINGS={source!r}: live | local")
+    if ctx.url is not None and source == "live":
         raise ValueError("replay starts its own servers (one per dtype); --url is not supported")
     torch.set_num_threads(int(os.environ.get("ALCHEMIST_BENCH_THREADS", "1")))
     log = Progress()
@@ -117,7 +129,11 @@ def run(ctx: Any) -> dict[str, Any]:
     results: dict[torch.dtype, dict[str, Any]] = {}
     ref = None
     for dtype in p["dtypes"]:  # fp32 first: its HF gradients are the reference for bf16 too
-        exports, served_plan = _record_live(ctx, config_path, cfg, dtype, texts, log)
+        if source == "local":
+            exports, served_plan = live.local_recordings(folder, texts, dtype), {"tensors": PLANS["full"]}
+            log(f"{_DTYPE[dtype][0]}: recordings made in-process (no server)")
+        else:
+            exports, served_plan = _record_live(ctx, config_path, cfg, dtype, texts, log)
         missing = [t for v in plans.values() for t in v if t not in served_plan["tensors"]]
         if missing:
             raise RuntimeError(f"the server recorded {served_plan['tensors']}, not {missing}")
@@ -130,7 +146,7 @@ def run(ctx: Any) -> dict[str, Any]:
         out["bf16"] = results[torch.bfloat16]
     import resource
     out.update({"process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                "recordings_source": "live", "model": model, "config_path": str(config_path),
+                "recordings_source": source, "model": model, "config_path": str(config_path),
                 "threads": torch.get_num_threads(), "samples_per_step": p["samples"],
                 "load_avg_1m": os.getloadavg()[0]})
     return out
@@ -197,7 +213,8 @@ def measure(folder, cfg, hf_config, texts, exports, plans, label, dtype, repetit
     def stored(p: str, version: int = 0):
         def build() -> tuple[list[Any], Any]:
             store, ns = stores[p]
-            made = [live.sample_from_store(store, ns, a, b, version) for a, b in texts]
+            with torch.profiler.record_function(breakdown.READOUT_REGION):  # gather: pin, read-out
+                made = [live.sample_from_store(store, ns, a, b, version) for a, b in texts]
             return [s for s, _ in made], lambda: [store.unpin(pin) for _, pin in made]
         return build
 
@@ -238,24 +255,11 @@ def measure(folder, cfg, hf_config, texts, exports, plans, label, dtype, repetit
     for p in plans:
         runners[f"replay:{p}"] = lambda p=p: arms.timed_step(replay[p], stored(p))
         runners[f"ceiling:{p}"] = lambda p=p: arms.timed_step(ceiling[p], plain)
-    for name, fn in runners.items():  # warm-up, untimed
-        fn()
-        restore()
-    log(f"{dname}: warm-up done")
-    times: dict[str, list[float]] = {k: [] for k in runners}
-    shares: list[float] = []
-    order = list(runners)
-    for rep in range(repetitions):
-        for name in order[rep % len(order):] + order[:rep % len(order)]:
-            seconds, start, events = runners[name]()
-            times[name].append(seconds)
-            if name == "recompute":
-                shares.append(metrics.forward_seconds(start, events, len(texts)) / seconds)
-            restore()
-            _trim()
-            log(f"{dname}: rep {rep + 1}/{repetitions} {name:<14} {seconds:.3f} s")
-
+    times, shares = _time_arms(runners, restore, repetitions, len(texts), log, dname)
     tokens = sum(len(a) + len(b) for a, b in texts)
+    dims = breakdown.MatmulDims.from_spec(weights.spec, cfg.train.lora.rank)
+    profiled = {k: _profiled(fn, restore, tokens, dims, log, f"{dname}: {k}")
+                for k, fn in runners.items() if not k.startswith("hf")}
     share = statistics.median(shares)
     token_share = sum(len(a) for a, _ in texts) / tokens
     lc = cfg.train.lora
@@ -276,9 +280,46 @@ def measure(folder, cfg, hf_config, texts, exports, plans, label, dtype, repetit
            "hf_compile_s": compile_s, "hf_compile_error": compile_err,
            "peak_mem_measurement": "logical-cpu", "grad_tensors_compared": compared,
            "tokens_per_step": tokens, "step_s_median": med, "step_s_all": times,
+           "breakdown_ms_per_token": {k: v["ms_per_token"] for k, v in profiled.items()},
+           "replay_overhead_share": {k: breakdown.replay_overhead_share(v["ms_per_token"])
+                                     for k, v in profiled.items()},
+           "breakdown_profiled_step_s": {k: v["profiled_step_s"] for k, v in profiled.items()},
            "layout": getattr(recompute, "layout", None), "compile": bool(getattr(cfg.train, "compile", False)),
            "learning_rate": cfg.train.learning_rate, "lora_rank": lc.rank}
     return out, ref
+
+
+def _time_arms(runners, restore, repetitions: int, samples: int, log, dname: str
+               ) -> tuple[dict[str, list[float]], list[float]]:
+    """One untimed warm-up per arm, then ``repetitions`` rounds over the arms in a rotating order:
+    (step seconds per arm, recompute's forward share per repetition)."""
+    for fn in runners.values():
+        fn()
+        restore()
+    log(f"{dname}: warm-up done")
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    shares: list[float] = []
+    order = list(runners)
+    for rep in range(repetitions):
+        for name in order[rep % len(order):] + order[:rep % len(order)]:
+            seconds, start, events = runners[name]()
+            times[name].append(seconds)
+            if name == "recompute":
+                shares.append(metrics.forward_seconds(start, events, samples) / seconds)
+            restore()
+            _trim()
+            log(f"{dname}: rep {rep + 1}/{repetitions} {name:<14} {seconds:.3f} s")
+    return times, shares
+
+
+def _profiled(fn, restore, tokens: int, dims, log, label: str) -> dict[str, Any]:
+    """Two more steps of an arm under the profiler, the faster one broken down
+    (_replay_breakdown.py, Note [Step breakdown])."""
+    out = breakdown.profile_breakdown(fn, tokens, dims, steps=2, after=restore)
+    _trim()
+    ms = out["ms_per_token"]
+    log(f"{label} breakdown ms/token: " + ", ".join(f"{k} {v:.3f}" for k, v in ms.items()))
+    return out
 
 
 def _one(build_all, i: int):

@@ -116,11 +116,141 @@ def test_store_round_trip_gives_the_exported_rows() -> None:
     assert sum(s.end - s.start for s in got) == 37 and sample.segments[0].start == 0
     for seg in got:
         assert seg.recording.version == 3 and set(seg.recording.tensors) == {"qkv", "down"}
-        for k, t in seg.recording.tensors.items():
-            assert torch.equal(t, rows[k][:, seg.start:seg.end])
+        for k, t in seg.recording.tensors.items():  # read a layer at a time from the pages
+            assert not isinstance(t, torch.Tensor) and t.shape == rows[k][:, seg.start:seg.end].shape
+            assert torch.equal(t.materialize(), rows[k][:, seg.start:seg.end])
     store.unpin(pin)
     all_rows = replay_live.rows_of(export, ("o",))
     assert torch.equal(all_rows["o"], rows["o"])
     with pytest.raises(RuntimeError):
         replay_live.rows_of({**export, "segments": [(0, 37, None)]}, ("o",))
     assert math.isfinite(float(store.status()["bytes_stored"]))
+
+
+def _smol_dims():
+    from alchemist_sgl.train.spec import LlamaSpec  # noqa: F401 (the spec's field names)
+    from eval.experiments import _replay_breakdown as bd
+
+    class Spec:  # SmolLM2-135M's dims, as LlamaSpec names them
+        hidden, heads, kv_heads, head_dim, intermediate, vocab = 576, 9, 3, 64, 1536, 49152
+    return bd, bd.MatmulDims.from_spec(Spec, rank=16)
+
+
+@pytest.mark.parametrize("shapes,kind", [
+    ([[515, 576], [576, 960]], "projections"),       # qkv forward: x W^T
+    ([[515, 960], [960, 576]], "projections"),       # qkv input gradient: g W
+    ([[515, 1536], [1536, 576]], "projections"),     # down forward
+    ([[100, 576], [576, 49152]], "projections"),     # LM head on the loss rows
+    ([[515, 576], [515, 576], [576, 576]], "projections"),  # addmm (compiled): bias first
+    ([[515, 576], [576, 48]], "lora"),               # x A^T, qkv's three A's stacked
+    ([[515, 16], [16, 576]], "lora"),                # (x A^T) B^T
+    ([[48, 515], [515, 576]], "lora"),               # grad of the stacked A's
+    ([[576, 515], [515, 16]], "lora"),               # grad of B
+    ([[515, 576], [576, 100]], None),                # neither
+    ([[100, 576], [576, 3072], [100, 3072]], "projections"),  # mm into ``out`` rows
+    ([[100, 1536], [1536, 576], [100, 576]], "projections"),  # not read as (576, 576): o's pair
+    ([[100, 16], [16, 1536], [100, 1536]], "lora"),
+])
+def test_matmuls_are_told_apart_by_shape(shapes, kind) -> None:
+    _, dims = _smol_dims()
+    assert dims.matmul_kind(shapes) == kind
+
+
+def test_operators_are_classified_by_name_shape_and_ancestors() -> None:
+    bd, dims = _smol_dims()
+    op = bd.OpRecord
+    cases = [
+        (op("aten::index_select", 1.0, (), ("alchemist::replay_readout", "_RowReplayed")), "gather"),
+        (op("aten::copy_", 1.0, (), ("alchemist::replay_readout",)), "gather"),
+        (op("aten::cat", 1.0, (), ("_PrefixReplayed",)), "gather"),
+        (op("aten::cat", 1.0, (), ("_Rope",)), "pointwise"),          # not a replay copy
+        (op("aten::copy_", 1.0, (), ()), "pointwise"),                # a cast or contiguous copy
+        (op("aten::mm", 1.0, ((515, 576), (576, 3072)), ("_RowReplayed",)), "projections"),
+        (op("aten::mm", 1.0, ((515, 3072), (3072, 576)), ("_RowReplayedBackward",)), "projections"),
+        (op("aten::mm", 1.0, ((515, 576), (576, 32)), ()), "lora"),
+        (op("aten::_scaled_dot_product_flash_attention_for_cpu_backward", 1.0), "attention"),
+        (op("aten::_softmax", 1.0), "attention"),
+        (op("aten::silu_backward", 1.0), "pointwise"),
+        (op("aten::add_", 1.0), "pointwise"),
+        (op("aten::_to_copy", 1.0), "pointwise"),
+        (op("## Call CompiledFxGraph abc ##", 1.0), "pointwise"),
+        (op("aten::add_", 1.0, (), ("Optimizer.step#AdamW.step",)), "autograd_other"),
+        (op("aten::add_", 1.0, (), ("torch::autograd::AccumulateGrad",)), "autograd_other"),
+        (op("aten::_log_softmax", 1.0, (), ("aten::log_softmax", "aten::cross_entropy_loss")),
+         "autograd_other"),
+        (op("aten::mm", 1.0, ((515, 576), (576, 100)), ()), "autograd_other"),
+        (op("_RowReplayed", 1.0), "autograd_other"),                # its own Python time
+    ]
+    for record, want in cases:
+        assert bd.classify(record, dims) == want, record
+
+
+def test_breakdown_sums_to_the_step_per_token() -> None:
+    bd, dims = _smol_dims()
+    ops = [bd.OpRecord("aten::mm", 600.0, ((515, 576), (576, 960))),
+           bd.OpRecord("aten::copy_", 20.0, (), ("alchemist::replay_readout",)),
+           bd.OpRecord("aten::_scaled_dot_product_flash_attention_for_cpu", 150.0),
+           bd.OpRecord("aten::mul", 50.0), bd.OpRecord("aten::mm", 30.0, ((515, 16), (16, 576))),
+           bd.OpRecord("aten::add_", 40.0, (), ("Optimizer.step#AdamW.step",))]
+    got = bd.breakdown(ops, 1000.0, 100, dims)
+    assert tuple(got) == bd.CATEGORIES
+    assert got == pytest.approx({"gather": 0.2, "projections": 6.0, "attention": 1.5,
+                                 "pointwise": 0.5, "lora": 0.3, "autograd_other": 1.5})
+    assert sum(got.values()) == pytest.approx(10.0)
+    assert bd.replay_overhead_share(got) == pytest.approx(0.02)
+    # profiler overhead can make the classified ops exceed the step: the rest is 0, not negative
+    assert bd.breakdown(ops, 500.0, 100, dims)["autograd_other"] == 0.0
+    with pytest.raises(ValueError):
+        bd.breakdown(ops, 1000.0, 0, dims)
+
+
+def test_readout_region_names_agree() -> None:
+    from alchemist_sgl.store import readout
+    from alchemist_sgl.train import layer
+    from eval.experiments import _replay_breakdown as bd
+
+    assert bd.READOUT_REGION == layer.READOUT_REGION == readout.READOUT_REGION
+
+
+def test_profiled_step_attributes_a_store_readout_to_gather() -> None:
+    """A real profile: a read-out of pinned pages into a buffer, a matmul of a projection's shape
+    and an elementwise op land in gather, projections and pointwise."""
+    from alchemist_sgl.prefix import Namespace
+    from alchemist_sgl.record.plan import RecordPlan
+    from alchemist_sgl.records import RequestExtend
+    from alchemist_sgl.store import ActivationStore
+
+    bd, _ = _smol_dims()
+    plan = RecordPlan(TINY, ("o",), page_tokens=4)
+    store = ActivationStore(plan, host_bytes=8 * plan.slot_bytes, dtype=torch.float32)
+    ns, tokens = Namespace("v0"), list(range(10, 22))
+    batch = store.open_batch([RequestExtend("r", ns, tokens, 0, len(tokens), 0)])
+    for layer in range(TINY.layers):
+        store.write(batch, "o", layer, torch.randn(len(tokens), plan.widths["o"]))
+    store.close_batch(batch)
+    pin = store.pin(tokens, ns)
+    (_, _, rows), = store.segments(pin, is_lazy=True)
+    dims = bd.MatmulDims(frozenset({(64, 192)}), rank=4)
+    x, w = torch.randn(300, 64), torch.randn(64, 192)
+
+    def step() -> None:
+        out = torch.empty(len(tokens), plan.widths["o"])
+        for layer in range(TINY.layers):
+            rows["o"].copy_layer(layer, out)
+        torch.mm(x, w).mul(2.0)
+
+    after_calls = []
+    got = bd.profile_breakdown(step, 10, dims, steps=2, after=lambda: after_calls.append(1))
+    store.unpin(pin)
+    assert after_calls == [1, 1] and len(got["profiled_steps_s"]) == 2
+    assert got["profiled_step_s"] == min(got["profiled_steps_s"])
+    ms = got["ms_per_token"]
+    assert ms["gather"] > 0 and ms["projections"] > 0 and ms["pointwise"] > 0
+    assert ms["lora"] == 0 and ms["attention"] == 0
+    assert sum(ms.values()) == pytest.approx(got["profiled_step_s"] * 100.0)
+
+
+def test_linear_weight_is_read_as_d_out_by_d_in() -> None:
+    bd, dims = _smol_dims()
+    assert bd.classify(bd.OpRecord("aten::linear", 1.0, ((515, 576), (960, 576))), dims) == "projections"
+    assert bd.classify(bd.OpRecord("aten::linear", 1.0, ((515, 576), (48, 576))), dims) == "lora"

@@ -14,6 +14,8 @@ from alchemist_sgl.train import layer as layer_mod
 from alchemist_sgl.train.warmup import warm_up_compiled
 from tests.unit.test_train_hfref import (adapter_grads, build_hf_peft, max_rel_err, model_dir,
                                          random_adapter)
+from tests.unit.test_store_paged_rows import _samples as _store_samples
+from tests.unit.test_store_paged_rows import stored_samples  # noqa: F401 (fixture)
 from tests.unit.test_train_replay_grad import CASES, _build
 
 TOL = 1e-5  # compiled vs eager, fp32 (inductor may reorder reductions)
@@ -77,3 +79,25 @@ def test_compiled_step_matches_eager(compiled_pair, form):
     assert abs(loss_c - loss_e) <= TOL * abs(loss_e)
     assert max_rel_err(grads_c, grads_e) <= TOL
     compiled.set_published(None)
+
+
+def test_compiled_step_reads_lazy_recordings(compiled_pair, stored_samples):
+    """Recordings read a layer at a time from the store (store/readout.py, Note [Per-layer
+    read-out]) through the compiled layer equal copied recordings through the eager one."""
+    weights, _, compiled, _, _ = compiled_pair
+    _, adapter, store, pairs = stored_samples
+    eager = _trainer(weights, adapter, False)
+    compiled.adapter.load_state_dict(adapter.state_dict())
+    compiled.optimizer.state.clear()
+    lazy, pins_l = _store_samples(store, pairs, is_lazy=True)
+    copied, pins_c = _store_samples(store, pairs, is_lazy=False)
+    calls = dict(layer_mod.CALLS)
+    loss_c, grads_c = _step_grads(compiled, lazy)
+    n_compiled = layer_mod.CALLS["compiled"] - calls["compiled"]
+    loss_e, grads_e = _step_grads(eager, copied)
+    for pin in pins_l + pins_c:
+        store.unpin(pin)
+    # the fully recorded prompt ran compiled past layer 0; the one with a hole runs eager
+    assert n_compiled == weights.spec.layers - 1
+    assert abs(loss_c - loss_e) <= TOL * abs(loss_e)
+    assert max_rel_err(grads_c, grads_e) <= TOL
