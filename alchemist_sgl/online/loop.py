@@ -240,10 +240,6 @@ class OnlineLoop(LoopLifecycle):
         r.taken.append(p)
         r.tally.append(TakenSample(lane, lag, len(p.prompt_ids), covered, has_recording,
                                    p.enqueued_at))
-        if lane == "fresh":
-            r.fresh += 1
-        else:
-            r.stale += 1
 
     def _close_round(self) -> Iterator[str]:
         """The optimizer unit, then gate, publish and (by time) a checkpoint; a new round opens."""
@@ -322,7 +318,8 @@ class OnlineLoop(LoopLifecycle):
         read only when they will be replayed (never for the stale lane or with replay off)."""
         segments: tuple[PromptSegment, ...] = ()
         if p.handle is not None and self.recordings is not None and is_replay and lane != "stale":
-            version = self.counters.train_state - (self.lag_of(p) if self.lag_of(p) is not None else _STALE)
+            lag = self.lag_of(p)  # one walk of the lineage
+            version = self.counters.train_state - (_STALE if lag is None else lag)
             segments = tuple(
                 PromptSegment(s, e, None if t is None else Recording(version, t))
                 for s, e, t in self.recordings.segments(p.handle))

@@ -88,8 +88,15 @@ class OpenRound:
     is_replay_enabled: bool
     taken: list[PendingSample] = field(default_factory=list)
     tally: list[TakenSample] = field(default_factory=list)
-    fresh: int = 0
-    stale: int = 0
+
+    @property
+    def fresh(self) -> int:
+        """Samples of the fresh lane the round took (the rest came from the stale lanes)."""
+        return sum(1 for t in self.tally if t.lane == "fresh")
+
+    @property
+    def stale(self) -> int:
+        return len(self.tally) - self.fresh
 
 
 @dataclass(frozen=True)
