@@ -18,9 +18,9 @@ from typing import Any, Callable
 
 from alchemist_sgl import __version__
 from alchemist_sgl.config import Config
-from alchemist_sgl.control import ControlQueue
+from alchemist_sgl.api.control import ControlQueue
 from alchemist_sgl.log import get_logger
-from alchemist_sgl.memory import TtftWindow
+from alchemist_sgl.memory.arbiter import TtftWindow
 from alchemist_sgl.feedback.completion_log import SqliteCompletionLog
 
 logger = get_logger(__name__)

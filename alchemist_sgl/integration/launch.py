@@ -16,15 +16,15 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from alchemist_sgl.api import build_router
-from alchemist_sgl.api_feedback import build_feedback_router
-from alchemist_sgl.api_metrics import build_metrics_router
-from alchemist_sgl.api_guards import guard_request_fields, pin_model_names, refuse_weight_routes
+from alchemist_sgl.api.app import build_router
+from alchemist_sgl.api.feedback_routes import build_feedback_router
+from alchemist_sgl.api.metrics_route import build_metrics_router
+from alchemist_sgl.api.guards import guard_request_fields, pin_model_names, refuse_weight_routes
 from alchemist_sgl.feedback.completion_log import SqliteCompletionLog
 from alchemist_sgl.feedback.store import FeedbackStore
 from alchemist_sgl.online.versions import ServingVersionReader
 from alchemist_sgl.config import Config
-from alchemist_sgl.control import CommandResult, ControlQueue
+from alchemist_sgl.api.control import CommandResult, ControlQueue
 from alchemist_sgl.errors import ConfigError
 from alchemist_sgl.integration.environment import CONTROL_DB_ENV, check_environment_switches, is_cpu_run
 from alchemist_sgl.integration.manifest import check_manifest

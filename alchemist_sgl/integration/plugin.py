@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from alchemist_sgl.config import Config, config_from_json
-from alchemist_sgl.control import ControlQueue
+from alchemist_sgl.api.control import ControlQueue
 from alchemist_sgl.integration import capture_hooks, training
 from alchemist_sgl.integration.environment import CONFIG_ENV, CONTROL_DB_ENV, MODEL_PATH_ENV, is_cpu_run
 from alchemist_sgl.log import get_logger
 from alchemist_sgl.online import commands
-from alchemist_sgl.prefix import Namespace
+from alchemist_sgl.core.prefix import Namespace
 from alchemist_sgl.record.export import export_recording
 from alchemist_sgl.runtime import Runtime, SchedulerInfo
 

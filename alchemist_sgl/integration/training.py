@@ -220,7 +220,7 @@ def _force_logprobs(rt: Any, sched: Any, recv_req: Any, *args: Any, **kwargs: An
 def serving_pressure(sched: Any, rt: Any) -> Any:
     """The arbiter's input from the scheduler: queue, running batch, KV free fraction counting the
     radix cache's evictable tokens as free (a full cache is not pressure), arrivals."""
-    from alchemist_sgl.memory import ServingPressure, kv_free_fraction  # noqa: PLC0415
+    from alchemist_sgl.memory.arbiter import ServingPressure, kv_free_fraction  # noqa: PLC0415
 
     waiting = sched.waiting_queue
     running = sched.running_batch
@@ -234,7 +234,7 @@ def serving_pressure(sched: Any, rt: Any) -> Any:
 
 def kv_pool_view(sched: Any, *, with_bytes: bool = True) -> Any:
     """SGLang's token KV pool as plain numbers (online/memory_status.py ``KvPoolView``)."""
-    from alchemist_sgl.online.memory_status import KvPoolView  # noqa: PLC0415
+    from alchemist_sgl.memory.status import KvPoolView  # noqa: PLC0415
 
     allocator = sched.token_to_kv_pool_allocator
     pool_bytes = None
@@ -278,7 +278,7 @@ class StoreRecordings:
         self.store = store
 
     def pin(self, prompt_ids: list[int], version: str) -> Any:
-        from alchemist_sgl.prefix import Namespace  # noqa: PLC0415
+        from alchemist_sgl.core.prefix import Namespace  # noqa: PLC0415
 
         pin = self.store.pin(list(prompt_ids), Namespace(version, None))
         if not pin.coverage.covered:
@@ -351,12 +351,12 @@ def install(scheduler: Any, runtime: Any) -> Any:
     loop.on_feedback_trained = runtime.feedback.on_trained
     loop.on_feedback_deferred = runtime.feedback.on_deferred
     if config.memory.is_enabled:
-        from alchemist_sgl.memory import MemoryArbiter  # noqa: PLC0415
+        from alchemist_sgl.memory.arbiter import MemoryArbiter  # noqa: PLC0415
 
         runtime.arbiter = MemoryArbiter(config.memory, busy_slice_ms=config.train.slice_budget_ms,
                                         idle_slice_ms=config.train.idle_slice_ms, clock=time.monotonic)
         runtime.pressure = lambda: serving_pressure(scheduler, runtime)
-    from alchemist_sgl.online.memory_status import memory_status  # noqa: PLC0415
+    from alchemist_sgl.memory.status import memory_status  # noqa: PLC0415
 
     served = tuple(model.parameters())
     runtime.add_status_section("memory", lambda: memory_status(

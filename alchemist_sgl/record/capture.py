@@ -46,7 +46,7 @@ import torch
 from alchemist_sgl.log import get_logger
 from alchemist_sgl.record.plan import RecordPlan
 from alchemist_sgl.record.staging import HostStaging
-from alchemist_sgl.records import RequestExtend
+from alchemist_sgl.core.records import RequestExtend
 from alchemist_sgl.store import ActivationStore, BatchWrite
 
 logger = get_logger(__name__)

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
-from alchemist_sgl.prefix import Namespace
+from alchemist_sgl.core.prefix import Namespace
 from alchemist_sgl.store import ActivationStore
 
 

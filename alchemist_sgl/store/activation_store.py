@@ -40,9 +40,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from alchemist_sgl.prefix import Namespace, PageKey, chain_keys, page_key, tail_key
+from alchemist_sgl.core.prefix import Namespace, PageKey, chain_keys, page_key, tail_key
 from alchemist_sgl.record.plan import RecordPlan
-from alchemist_sgl.records import Coverage, RequestExtend, complement, merge_ranges
+from alchemist_sgl.core.records import Coverage, RequestExtend, complement, merge_ranges
 from alchemist_sgl.store import readout
 from alchemist_sgl.store.index import PageIndex
 from alchemist_sgl.store.pool import SlotPool

@@ -34,7 +34,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator
 
-from alchemist_sgl.prefix import Namespace, PageKey
+from alchemist_sgl.core.prefix import Namespace, PageKey
 from alchemist_sgl.store.pool import SlotPool
 
 if TYPE_CHECKING:

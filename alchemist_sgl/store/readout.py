@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from alchemist_sgl.records import Coverage
+from alchemist_sgl.core.records import Coverage
 from alchemist_sgl.store.index import Page, PageIndex
 
 # Profiler region of every read-out of recorded rows (train/layer.py has the same name).

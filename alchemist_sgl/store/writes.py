@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from alchemist_sgl.prefix import Namespace, PageKey
+from alchemist_sgl.core.prefix import Namespace, PageKey
 from alchemist_sgl.store.pool import SlotPool
 
 

@@ -149,9 +149,9 @@ def fill_store(exports: Sequence[dict[str, Any]], shape, tensors: Sequence[str],
     """An in-process ``ActivationStore`` for the plan ``tensors`` holding the exported prompt
     recordings, written through ``open_batch``/``write``/``close_batch``; returns (store,
     namespace). Sized to hold every page with room to spare (nothing is evicted)."""
-    from alchemist_sgl.prefix import Namespace
+    from alchemist_sgl.core.prefix import Namespace
     from alchemist_sgl.record.plan import RecordPlan
-    from alchemist_sgl.records import RequestExtend
+    from alchemist_sgl.core.records import RequestExtend
     from alchemist_sgl.store import ActivationStore
 
     plan = RecordPlan(shape, tuple(tensors), page_tokens=16)

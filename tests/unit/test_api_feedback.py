@@ -12,8 +12,8 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from alchemist_sgl.api_feedback import SlidingWindowLimiter, build_feedback_router
-from alchemist_sgl.api_feedback_schema import FeedbackResult
+from alchemist_sgl.api.feedback_routes import SlidingWindowLimiter, build_feedback_router
+from alchemist_sgl.api.feedback_schema import FeedbackResult
 from alchemist_sgl.errors import FeedbackInvalid
 
 KEY = "secret-key"

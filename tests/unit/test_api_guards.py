@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.testclient import TestClient
 
-from alchemist_sgl.api_guards import REFUSED_WEIGHT_ROUTES, ModelNamePins, pin_model_names, refuse_weight_routes
+from alchemist_sgl.api.guards import REFUSED_WEIGHT_ROUTES, ModelNamePins, pin_model_names, refuse_weight_routes
 
 
 def _sglang_like_app() -> tuple[FastAPI, list[dict[str, Any]]]:

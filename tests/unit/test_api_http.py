@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from starlette.requests import Request
 
-from alchemist_sgl.api_http import REFUSED_BODY_DRAIN_BYTES, Refusal, read_body
+from alchemist_sgl.api.http import REFUSED_BODY_DRAIN_BYTES, Refusal, read_body
 
 CHUNK_BYTES = 64 * 1024
 LIMIT_BYTES = 1 << 20  # 1 MiB, feedback.max_body_bytes' default

@@ -8,8 +8,8 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from alchemist_sgl.api import build_router
-from alchemist_sgl.control import CommandResult
+from alchemist_sgl.api.app import build_router
+from alchemist_sgl.api.control import CommandResult
 
 KEY = "secret-admin"
 AUTH = {"Authorization": f"Bearer {KEY}"}

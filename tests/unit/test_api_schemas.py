@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from alchemist_sgl.api_schemas import MAX_SAMPLES_PER_REQUEST, SAMPLE_KEYS, FieldError, bounded_int, normalize_samples
+from alchemist_sgl.api.schemas import MAX_SAMPLES_PER_REQUEST, SAMPLE_KEYS, FieldError, bounded_int, normalize_samples
 
 GOOD = {"prompt": "hi", "response": "hello", "rating": "up"}
 

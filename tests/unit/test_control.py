@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from alchemist_sgl.config import load_config
-from alchemist_sgl.control import ControlQueue
+from alchemist_sgl.api.control import ControlQueue
 from alchemist_sgl.runtime import Runtime, SchedulerInfo
 
 

@@ -215,9 +215,9 @@ def test_readout_region_names_agree() -> None:
 def test_profiled_step_attributes_a_store_readout_to_gather() -> None:
     """A real profile: a read-out of pinned pages into a buffer, a matmul of a projection's shape
     and an elementwise op land in gather, projections and pointwise."""
-    from alchemist_sgl.prefix import Namespace
+    from alchemist_sgl.core.prefix import Namespace
     from alchemist_sgl.record.plan import RecordPlan
-    from alchemist_sgl.records import RequestExtend
+    from alchemist_sgl.core.records import RequestExtend
     from alchemist_sgl.store import ActivationStore
 
     bd, _ = _smol_dims()

@@ -12,7 +12,7 @@ import pytest
 
 from alchemist_sgl.config import MemoryConfig, load_config
 from alchemist_sgl.errors import ConfigError
-from alchemist_sgl.memory import (
+from alchemist_sgl.memory.arbiter import (
     WINDOW_S, ArbiterDecision, MemoryArbiter, ServingPressure, kv_free_fraction)
 
 BUSY_MS, IDLE_MS, BUDGET = 30.0, 500.0, 1000

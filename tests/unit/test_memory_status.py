@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from alchemist_sgl.memory import kv_free_fraction
-from alchemist_sgl.metrics import render_alchemist_metrics
-from alchemist_sgl.online.memory_status import KvPoolView, memory_status, storage_bytes
+from alchemist_sgl.memory.arbiter import kv_free_fraction
+from alchemist_sgl.api.metrics_text import render_alchemist_metrics
+from alchemist_sgl.memory.status import KvPoolView, memory_status, storage_bytes
 from tests.unit.test_memory_yield import OFFLOAD, PAIRS
 from tests.unit.test_online_loop import TINY_MS, Rig
 

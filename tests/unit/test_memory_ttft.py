@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 
-from alchemist_sgl.memory import MemoryArbiter, ServingPressure, TtftWindow
+from alchemist_sgl.memory.arbiter import MemoryArbiter, ServingPressure, TtftWindow
 from tests.unit.test_memory_arbiter import BASE, BUSY_MS, IDLE_MS, FakeClock
 
 

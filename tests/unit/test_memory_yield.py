@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from alchemist_sgl.memory import MemoryArbiter, ServingPressure
+from alchemist_sgl.memory.arbiter import MemoryArbiter, ServingPressure
 from alchemist_sgl.runtime import Runtime, SchedulerInfo
 from tests.unit.test_memory_arbiter import FakeClock
 from tests.unit.test_online_loop import TINY_MS, Rig, adam_state, adapter_state

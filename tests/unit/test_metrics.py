@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from alchemist_sgl.metrics import render_alchemist_metrics
+from alchemist_sgl.api.metrics_text import render_alchemist_metrics
 
 
 def _families(text: str) -> dict[str, list]:

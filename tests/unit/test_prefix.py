@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from alchemist_sgl.prefix import Namespace, chain_keys, page_key, tail_key
+from alchemist_sgl.core.prefix import Namespace, chain_keys, page_key, tail_key
 
 NS = Namespace("v0")
 

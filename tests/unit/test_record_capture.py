@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from alchemist_sgl.prefix import Namespace
+from alchemist_sgl.core.prefix import Namespace
 from alchemist_sgl.record.capture import Capture
 from alchemist_sgl.record.plan import ModelShape, choose_plan
-from alchemist_sgl.records import RequestExtend
+from alchemist_sgl.core.records import RequestExtend
 from alchemist_sgl.store import ActivationStore
 
 torch.set_num_threads(1)

@@ -19,11 +19,11 @@ from alchemist_sgl.config import load_config  # noqa: E402
 from alchemist_sgl.errors import ConfigError  # noqa: E402
 from alchemist_sgl.integration.environment import (check_recording_flags,  # noqa: E402
                                                    prefill_graph_backend)
-from alchemist_sgl.prefix import Namespace  # noqa: E402
+from alchemist_sgl.core.prefix import Namespace  # noqa: E402
 from alchemist_sgl.record.capture import Capture  # noqa: E402
 from alchemist_sgl.record.plan import ModelShape, choose_plan  # noqa: E402
 from alchemist_sgl.record.staging import HostStaging  # noqa: E402
-from alchemist_sgl.records import RequestExtend  # noqa: E402
+from alchemist_sgl.core.records import RequestExtend  # noqa: E402
 from alchemist_sgl.store import ActivationStore  # noqa: E402
 
 torch.set_num_threads(1)

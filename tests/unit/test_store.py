@@ -12,9 +12,9 @@ import random
 import pytest
 import torch
 
-from alchemist_sgl.prefix import Namespace
+from alchemist_sgl.core.prefix import Namespace
 from alchemist_sgl.record.plan import ModelShape, choose_plan
-from alchemist_sgl.records import RequestExtend
+from alchemist_sgl.core.records import RequestExtend
 from alchemist_sgl.store import ActivationStore
 
 torch.set_num_threads(1)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from alchemist_sgl.prefix import Namespace
+from alchemist_sgl.core.prefix import Namespace
 from tests.unit.test_store import NS, PAGE, SHAPE, expected, forward, make_store
 
 torch.set_num_threads(1)

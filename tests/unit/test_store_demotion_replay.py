@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from alchemist_sgl.config import LoraConfig, TrainConfig
-from alchemist_sgl.prefix import Namespace
+from alchemist_sgl.core.prefix import Namespace
 from alchemist_sgl.record.plan import ModelShape, choose_plan
-from alchemist_sgl.records import RequestExtend
+from alchemist_sgl.core.records import RequestExtend
 from alchemist_sgl.store import ActivationStore
 from alchemist_sgl.train import PromptSegment, Recording, ReplayTrainer, Sample, load_fused_weights
 from tests.unit.test_train_hfref import (adapter_grads, build_hf_peft, hf_grads, hf_record,

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from alchemist_sgl.integration.training import StoreRecordings
-from alchemist_sgl.prefix import Namespace
+from alchemist_sgl.core.prefix import Namespace
 from alchemist_sgl.record.plan import ModelShape, choose_plan
-from alchemist_sgl.records import RequestExtend
+from alchemist_sgl.core.records import RequestExtend
 from alchemist_sgl.store import ActivationStore
 from alchemist_sgl.config import load_config
 from alchemist_sgl.online.factory import build_loop

@@ -25,9 +25,9 @@ from typing import Any, Awaitable, Callable
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from alchemist_sgl.api_http import Refusal, has_bearer, parse_json, read_body, refused
-from alchemist_sgl.api_schemas import FieldError, bounded_int, check_keys, normalize_samples, version_name
-from alchemist_sgl.control import CommandResult
+from alchemist_sgl.api.http import Refusal, has_bearer, parse_json, read_body, refused
+from alchemist_sgl.api.schemas import FieldError, bounded_int, check_keys, normalize_samples, version_name
+from alchemist_sgl.api.control import CommandResult
 
 FetchSchedulerState = Callable[[], Awaitable[dict[str, Any] | None]]
 RunCommand = Callable[[str, dict[str, Any]], Awaitable[CommandResult]]

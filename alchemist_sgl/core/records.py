@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from alchemist_sgl.prefix import Namespace
+from alchemist_sgl.core.prefix import Namespace
 
 Range = tuple[int, int]  # [start, end) in token positions of one sequence
 

@@ -41,12 +41,12 @@ from typing import Any, Callable, Iterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from alchemist_sgl.api_feedback_schema import (CompletionLookup, CompletionState, Detokenize, FeedbackInput,
+from alchemist_sgl.api.feedback_schema import (CompletionLookup, CompletionState, Detokenize, FeedbackInput,
                                                FeedbackResult,
                                                FeedbackStore, check_completion_id,
                                                normalize_batch, normalize_feedback)
-from alchemist_sgl.api_http import Refusal, has_bearer, read_json, refused
-from alchemist_sgl.api_schemas import FieldError
+from alchemist_sgl.api.http import Refusal, has_bearer, read_json, refused
+from alchemist_sgl.api.schemas import FieldError
 from alchemist_sgl.errors import FeedbackInvalid
 
 EndpointMarker = Callable[[Callable[..., Any]], Callable[..., Any]]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterator, Literal, Protocol
 
-from alchemist_sgl.api_schemas import FieldError, check_keys
+from alchemist_sgl.api.schemas import FieldError, check_keys
 from alchemist_sgl.feedback.rows import FeedbackInput, FeedbackResult  # noqa: F401 (re-exported)
 
 CompletionState = Literal["running", "finished", "expired"]

@@ -26,7 +26,7 @@ from typing import Any, AsyncIterator, NoReturn
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from alchemist_sgl.api_schemas import FieldError
+from alchemist_sgl.api.schemas import FieldError
 
 # How much of a refused body is read and discarded past max_body_bytes (Note [refused bodies]).
 REFUSED_BODY_DRAIN_BYTES = 16 << 20  # 16 MiB

@@ -16,7 +16,7 @@ from typing import Any, Awaitable, Callable
 from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse
 
-from alchemist_sgl.metrics import render_alchemist_metrics
+from alchemist_sgl.api.metrics_text import render_alchemist_metrics
 
 _CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
