@@ -23,6 +23,8 @@ def _serve(tmp_path: Path, text: str, *extra: str) -> subprocess.CompletedProces
     ("base: %s\nsglang:\n  no-such-flag: 3\n" % (REPO / "configs/cpu-tiny.yaml"), "sglang.no-such-flag"),
     ("base: %s\npublish:\n  mode: sometimes\n" % (REPO / "configs/cpu-tiny.yaml"), "publish.mode"),
     ("base: %s\npublish:\n  mode: adapter\n" % (REPO / "configs/cpu-tiny.yaml"), "publish.mode"),
+    ("base: %s\ntrain:\n  gradient_mode: response_only\n" % (REPO / "configs/cpu-tiny.yaml"),
+     "train.gradient_mode"),
     ("base: %s\ntrain:\n  lora:\n    dropout: 0.1\n" % (REPO / "configs/cpu-tiny.yaml"), "train.lora.dropout"),
     ("base: %s\nsglang:\n  disable-overlap-schedule: false\n" % (REPO / "configs/cpu-tiny.yaml"),
      "sglang.disable-overlap-schedule"),

@@ -1,4 +1,4 @@
-"""config.py, record section: the full default, named plans, the optional byte budget, errors."""
+"""config/, record section: the full default, named plans, the optional byte budget, errors."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ SHAPE = ModelShape(hidden=8, heads=2, kv_heads=1, head_dim=4, intermediate=16, l
 
 
 def test_config_names_the_plan_tensors() -> None:
-    assert RECORD_TENSORS == TENSOR_ORDER  # config.py may not import record/plan.py
+    assert RECORD_TENSORS == TENSOR_ORDER  # config/ may not import record/plan.py
 
 
 @pytest.mark.parametrize("path", [None, *sorted((REPO / "configs").glob("*.yaml"))])
