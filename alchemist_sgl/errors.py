@@ -23,10 +23,6 @@ class ModelPrepareError(AlchemistError):
     """An offline model folder could not be built."""
 
 
-class StandInNotImplemented(AlchemistError, NotImplementedError):
-    """A CPU stand-in under patches/ was called for a function it does not provide."""
-
-
 class QueueFull(AlchemistError):
     """The training queue cannot take a whole offer (offers are all-or-nothing); answer 429."""
 

@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from alchemist_sgl.errors import ModelPrepareError
 from alchemist_sgl.log import get_logger
@@ -98,8 +99,8 @@ def _build_smollm2(out: Path) -> None:
     config_dict = loaded.config.to_dict()
     config_dict.pop("quantization_config", None)
     config = LlamaConfig.from_dict(config_dict)
-    config.torch_dtype = torch.float32
-    clean = LlamaForCausalLM(config)
+    config.dtype = torch.float32  # what the deprecated ``torch_dtype`` setter sets
+    clean = LlamaForCausalLM(config)  # type: ignore[no-untyped-call]  # transformers: untyped __init__
     missing, unexpected = clean.load_state_dict(loaded.state_dict(), strict=False)
     missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embedding
     if missing or unexpected:
@@ -115,6 +116,9 @@ def _build_tiny(out: Path, cache_dir: Path) -> None:
 
     smol = prepare("smollm2-135m-instruct", cache_dir)
     smol_config = json.loads((smol / "config.json").read_text())
+    # Keys LlamaConfig takes through **kwargs only (its backward-compatible rope handling).
+    legacy: dict[str, Any] = {"rope_theta": smol_config.get("rope_theta", 100000.0),
+                              "rope_scaling": smol_config.get("rope_scaling")}
     config = LlamaConfig(
         vocab_size=smol_config["vocab_size"],
         hidden_size=64,
@@ -125,20 +129,19 @@ def _build_tiny(out: Path, cache_dir: Path) -> None:
         head_dim=16,
         max_position_embeddings=smol_config.get("max_position_embeddings", 8192),
         rms_norm_eps=smol_config.get("rms_norm_eps", 1e-5),
-        rope_theta=smol_config.get("rope_theta", 100000.0),
-        rope_scaling=smol_config.get("rope_scaling"),
         tie_word_embeddings=True,
         bos_token_id=smol_config.get("bos_token_id"),
         eos_token_id=smol_config.get("eos_token_id"),
         pad_token_id=smol_config.get("pad_token_id"),
         hidden_act="silu",
-        torch_dtype="float32",
+        dtype="float32",
+        **legacy,
     )
     if "rope_parameters" in smol_config:
         config.rope_parameters = smol_config["rope_parameters"]
     torch.manual_seed(TINY_SEED)
     generator_state = torch.random.get_rng_state()
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config)  # type: ignore[no-untyped-call]  # transformers: untyped __init__
     with torch.no_grad():
         gen = torch.Generator().manual_seed(TINY_SEED)
         for _, param in sorted(model.named_parameters()):

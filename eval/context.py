@@ -3,8 +3,11 @@
 
 Owns the per-run facts (name, config, dataset, url, out_dir, quick, seed), the ``server`` context
 manager that starts/stops managed servers (or yields ``--url``), workload loading, load sessions
-with monitoring, and the record of every server used (resolved config, port, readiness, CPU)
-that ends up in the result's ``meta``. Must not import the server runtime or sglang; the pure
+with monitoring, and the record of every server used (resolved config, port, readiness, CPU,
+state folder) that ends up in the result's ``meta``. Every server it starts keeps its state under
+``out_dir/state/server-K/`` (K counts the run's servers; ``eval/server.py``, ``STATE_KEYS``), or
+where the experiment's overrides say, which must also be under ``out_dir``: a benchmark never
+writes the ``var/`` state a user's ``make run`` resumes. Must not import the server runtime or sglang; the pure
 ``alchemist_sgl.config`` is used only to record resolved configs.
 """
 
@@ -21,7 +24,7 @@ from eval.loadgen.runner import LoadResult, LoadSpec, run_load_sync
 from eval.loadgen.stats import latency_samples
 from eval.loadgen.workloads import Conversation, default_workload, load_workload, prompt_heavy
 from eval.monitor import Monitor, merge_timelines, throughput_timeline
-from eval.server import ManagedServer, validate_overrides
+from eval.server import STATE_KEYS, ManagedServer, validate_overrides
 
 
 def resolve_config(config_path: Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
@@ -34,6 +37,22 @@ def resolve_config(config_path: Path, overrides: Sequence[str] = ()) -> dict[str
         return config_to_dict(load_config(config_path, list(overrides)))
     except Exception as exc:  # noqa: BLE001 - a config error is recorded; starting the server reports it loudly
         return {"unresolved": "".join(traceback.format_exception_only(exc)).strip(), "path": str(config_path)}
+
+
+def check_state_under(resolved: dict[str, Any], root: Path) -> None:
+    """Raises ``ValueError`` naming the first state key (``STATE_KEYS``) of a resolved config whose
+    path is not under ``root`` (a relative path counts from the current folder, as the server
+    started from here resolves it). An unresolved config is left to the server to refuse."""
+    if "unresolved" in resolved:
+        return
+    top = root.resolve()
+    for key in STATE_KEYS:
+        section, name = key.split(".", 1)
+        value = str(resolved[section][name])
+        if not Path(value).resolve().is_relative_to(top):
+            raise ValueError(f"{key}={value} is outside this run's folder {top}: a server that eval "
+                             "starts keeps its state under the run's folder, never in the var/ "
+                             "state that `make run` resumes")
 
 
 @dataclass
@@ -59,7 +78,9 @@ class RunContext:
         """Yields a base URL (``http://127.0.0.1:PORT``, no ``/v1``). With ``--url`` it yields that URL
         and ignores ``config_path``/``overrides`` (recorded as ignored). Otherwise starts
         ``alchemist-sgl serve --config (config_path or ctx.config_path) --port N --set ...``, waits
-        for health, and stops the process group on exit."""
+        for health, and stops the process group on exit. The server's state goes under
+        ``out_dir/state/server-K/`` unless ``overrides`` name a state key (under ``out_dir`` too,
+        else ``ValueError``)."""
         cfg = Path(config_path) if config_path is not None else self.config_path
         overrides = validate_overrides(overrides)
         if self.url is not None:
@@ -67,8 +88,11 @@ class RunContext:
                                  "ignored_overrides": list(overrides)})
             yield self.url
             return
-        srv = ManagedServer(cfg, overrides, log_dir=self.out_dir / "logs")
-        entry: dict[str, Any] = {"resolved_config": resolve_config(cfg, overrides)}
+        srv = ManagedServer(cfg, overrides, log_dir=self.out_dir / "logs",
+                            state_dir=self.out_dir / "state" / f"server-{len(self.servers)}")
+        resolved = resolve_config(cfg, srv.overrides)
+        check_state_under(resolved, self.out_dir)
+        entry: dict[str, Any] = {"resolved_config": resolved}
         self.servers.append(entry)
         try:
             url = srv.start()

@@ -3,8 +3,11 @@
 Owns ``ManagedServer``: picks a free 127.0.0.1 port, runs ``.venv/bin/alchemist-sgl serve
 --config FILE --port N --set a.b=c ...`` in its own process group (stdout/stderr to a log file),
 waits until ``GET /health`` answers 200 (and ``/v1/models`` lists a model), and on stop sends
-SIGTERM then SIGKILL to the whole group, so SGLang's scheduler and detokenizer go too. Also owns
-``flush_cache`` (SGLang's ``POST /flush_cache`` answers 400 while requests run: retry until 200).
+SIGTERM then SIGKILL to the whole group, so SGLang's scheduler and detokenizer go too. Given a
+``state_dir``, the server keeps its state there (``STATE_KEYS``: checkpoints, adapters, versions,
+feedback and completion database), never in the ``var/`` folder a user's ``make run`` resumes.
+Also owns ``flush_cache`` (SGLang's ``POST /flush_cache`` answers 400 while requests run: retry
+until 200).
 Must not import the server runtime or sglang: it only spawns the CLI and talks HTTP.
 """
 
@@ -23,6 +26,21 @@ from typing import Sequence
 
 import httpx
 import psutil
+
+
+# The config keys under which a server keeps state that outlives it, each with its name inside a
+# state folder: train.checkpoint_dir holds the checkpoints, versions.json and adapters/;
+# feedback.db_path the feedback and completion log. The two travel together: a fresh checkpoint
+# folder over an older database gives every row trained after its step 0 back to training
+# (feedback/store.py, Note [exactly once]), with completions of the other server's versions.
+# (The control queue is a fresh temporary file per server process tree; nothing resumes it.)
+STATE_KEYS: dict[str, str] = {"train.checkpoint_dir": "checkpoints", "feedback.db_path": "feedback.sqlite"}
+
+
+def with_state_dir(overrides: Sequence[str], state_dir: Path) -> tuple[str, ...]:
+    """``overrides`` plus ``KEY=state_dir/NAME`` for each state key they do not name already."""
+    named = {item.split("=", 1)[0].strip() for item in overrides}
+    return (*overrides, *(f"{key}={state_dir / name}" for key, name in STATE_KEYS.items() if key not in named))
 
 
 class ServerStartError(RuntimeError):
@@ -128,6 +146,13 @@ class ManagedServer:
     ready_s: float | None = None
     cpu_s_at_stop: float | None = None
     extra_env: dict[str, str] = field(default_factory=dict)  # added to the server's environment
+    # Where the server keeps its state (``with_state_dir``, made absolute); None: the config's own.
+    state_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.state_dir is not None:
+            self.state_dir = self.state_dir.resolve()
+            self.overrides = with_state_dir(self.overrides, self.state_dir)
 
     @property
     def api_key(self) -> str | None:
@@ -198,7 +223,8 @@ class ManagedServer:
 
     def describe(self) -> dict[str, object]:
         return {"config_path": str(self.config_path), "overrides": list(self.overrides), "port": self.port,
-                "ready_s": self.ready_s, "cpu_s": self.cpu_s_at_stop, "log": str(self.log_path)}
+                "ready_s": self.ready_s, "cpu_s": self.cpu_s_at_stop, "log": str(self.log_path),
+                "state_dir": str(self.state_dir) if self.state_dir is not None else None}
 
 
 def validate_overrides(overrides: Sequence[str]) -> tuple[str, ...]:

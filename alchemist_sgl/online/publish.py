@@ -78,10 +78,6 @@ class Publisher:
         self._frozen, self._next_layer = frozen, 0
 
     @property
-    def is_building(self) -> bool:
-        return self._frozen is not None
-
-    @property
     def is_built(self) -> bool:
         return self._frozen is not None and self._next_layer >= len(self.master.tensors)
 

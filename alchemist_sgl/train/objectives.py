@@ -41,17 +41,22 @@ def sft_loss(logprobs: torch.Tensor) -> torch.Tensor:
     return -logprobs.mean()
 
 
+def unlikelihood_terms(logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token -log(1 - p) of response tokens (p clamped below 1 for a finite loss); the one
+    formula of ``unlikelihood_loss`` and ``token_loss_sum``. logprobs [R] fp32 -> [R]."""
+    return -torch.log1p(-logprobs.exp().clamp(max=1.0 - 1e-6))
+
+
 def unlikelihood_loss(logprobs: torch.Tensor) -> torch.Tensor:
-    """Mean -log(1 - p) over response tokens (p clamped below 1 for a finite loss)."""
-    p = logprobs.exp().clamp(max=1.0 - 1e-6)
-    return -torch.log1p(-p).mean()
+    """Mean -log(1 - p) over response tokens."""
+    return unlikelihood_terms(logprobs).mean()
 
 
 def kto_negative_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kl_estimate: float,
                       beta: float = KTO_BETA) -> torch.Tensor:
     """KTO's undesirable-example loss: 1 - sigmoid(beta * (z_ref - r)), r the summed log ratio."""
     ratio = (logprobs - ref_logprobs.to(logprobs)).sum()
-    return 1.0 - torch.sigmoid(beta * (max(kl_estimate, 0.0) - ratio))
+    return kto_loss_and_coefficient(ratio, kl_estimate, beta)[0]
 
 
 def sample_loss(kind: str, objective_negative: str, logprobs: torch.Tensor,
@@ -77,12 +82,13 @@ def token_loss_sum(kind: str, objective_negative: str, logprobs: torch.Tensor) -
     if kind == "positive":
         return -logprobs.sum()
     if kind == "negative" and objective_negative == "unlikelihood":
-        return -torch.log1p(-logprobs.exp().clamp(max=1.0 - 1e-6)).sum()
+        return unlikelihood_terms(logprobs).sum()
     raise ValueError(f"no per-token loss for kind {kind!r} with objective {objective_negative!r}")
 
 
 def kto_loss_and_coefficient(ratio: torch.Tensor, kl_estimate: float,
                              beta: float = KTO_BETA) -> tuple[torch.Tensor, torch.Tensor]:
-    """(KTO loss, dL/dr) for a summed log ratio ``ratio`` (0-d, no grad needed)."""
+    """(KTO loss, dL/dr) for a summed log ratio ``ratio`` (0-d; the loss carries the ratio's grad
+    when it has one); the one KTO formula of ``kto_negative_loss`` and the work units."""
     sig = torch.sigmoid(beta * (max(kl_estimate, 0.0) - ratio))
     return 1.0 - sig, beta * sig * (1.0 - sig)

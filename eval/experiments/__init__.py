@@ -25,7 +25,10 @@ Methods:
   ``with ctx.server(config_path=None, overrides=()) as base_url:`` yields ``http://127.0.0.1:PORT``
       (no ``/v1``). Without ``--url`` it starts ``alchemist-sgl serve --config FILE --port N --set a.b=c``
       on a free port, waits for ``/health``, stops it and its children on exit, and records the
-      resolved config, port, readiness time and server CPU seconds in ``meta.servers``. With
+      resolved config, port, readiness time, server CPU seconds and state folder in
+      ``meta.servers``. The server keeps its state (checkpoints, adapters, versions, feedback and
+      completion database) in ``out_dir/state/server-K/``, never in the ``var/`` folder that
+      ``make run`` resumes; overrides may name other state paths only under ``out_dir``. With
       ``--url`` it yields that URL (config/overrides are recorded as ignored): an experiment that
       needs two differently configured servers should say so in its result when ``ctx.url`` is set.
   ``ctx.workload(min_turns=2)`` -> list[Conversation]: ``--dataset-path`` or the packaged default;

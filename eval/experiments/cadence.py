@@ -114,20 +114,15 @@ def _command(url: str, kind: str, payload: dict[str, Any]) -> Any:
 
 
 def run(ctx: Any) -> dict[str, Any]:
-    out = ctx.out_dir.resolve()
-    # Each server gets its own checkpoint folder AND feedback database: a fresh checkpoint over an
-    # older database would give every row trained after its step 0 back to training (feedback/
-    # store.py, Note [exactly once]), with completions of the other server's versions.
+    # Each server keeps its own checkpoint folder AND feedback database (the harness gives each one
+    # its own state folder, eval/server.py STATE_KEYS).
     base = ["server.enable_debug_commands=true"]
     cells = []
-    with ctx.server(overrides=[*base, f"train.checkpoint_dir={out / 'cadence-ckpt'}",
-                               f"feedback.db_path={out / 'cadence-feedback.sqlite'}"]) as url:
+    with ctx.server(overrides=base) as url:
         for round_s in ROUND_S:
             for delay in DELAYS_S:
                 cells.append(run_cell(ctx, url, round_s, delay, len(cells)))
-    with ctx.server(overrides=[*base, f"train.checkpoint_dir={out / 'cadence-approx-ckpt'}",
-                               f"feedback.db_path={out / 'cadence-approx-feedback.sqlite'}",
-                               "train.max_version_lag=1"]) as url:
+    with ctx.server(overrides=[*base, "train.max_version_lag=1"]) as url:
         approx = run_cell(ctx, url, 60.0, 20.0, len(cells))
     return {"cells": cells, "rate_rps": getattr(ctx, "rate_rps", None) or RATE_RPS, "workload": getattr(ctx, "workload_name", "chitchat"),
             "approximate": {"max_version_lag": 1, "round_s": 60.0, "feedback_delay": 20.0,

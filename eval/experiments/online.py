@@ -360,8 +360,5 @@ def run(ctx: Any) -> dict[str, Any]:
              rate_rps=getattr(ctx, "rate_rps", None))
     if getattr(ctx, "round_s", None):  # --round-s: blocks hold at least two whole rounds
         p.update(round_s=float(ctx.round_s), duration_s=max(p["duration_s"], 2.5 * float(ctx.round_s)))
-    out = ctx.out_dir.resolve()
-    overrides = [f"train.round_s={p['round_s']}", f"train.checkpoint_dir={out / 'online-checkpoints'}",
-                 f"feedback.db_path={out / 'online-feedback.sqlite'}"]
-    with ctx.server(overrides=overrides) as url:
+    with ctx.server(overrides=[f"train.round_s={p['round_s']}"]) as url:  # its state: under ctx.out_dir
         return measure(ctx, url, p)

@@ -309,8 +309,5 @@ def measure(ctx: Any, url: str, p: dict[str, Any], post: Callable | None = None)
 
 def run(ctx: Any) -> dict[str, Any]:
     p = dict(QUICK if ctx.quick else FULL)
-    out = ctx.out_dir.resolve()
-    overrides = ["memory.enabled=true", f"train.checkpoint_dir={out / 'spike-checkpoints'}",
-                 f"feedback.db_path={out / 'spike-feedback.sqlite'}"]
-    with ctx.server(overrides=overrides) as url:
+    with ctx.server(overrides=["memory.enabled=true"]) as url:  # its state: under ctx.out_dir
         return measure(ctx, url, p)
