@@ -3,7 +3,7 @@
 Adding an experiment = adding ONE module ``eval/experiments/<name>.py`` exposing::
 
     NAME: str                    # what `python -m eval run NAME` calls it (e.g. "record-overhead")
-    def run(ctx) -> dict: ...    # returns the JSON fields of INTERFACES.md for that experiment
+    def run(ctx) -> dict: ...    # returns the JSON fields of docs/results.md for that experiment
 
 Modules whose name starts with ``_`` are helpers, not experiments. Nothing else is registered.
 

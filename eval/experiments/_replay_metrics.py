@@ -143,7 +143,7 @@ def plan_fields(*, tokens: int, times: Mapping[str, Sequence[float]], forward_sh
                 fractions: tuple[float, float], ceiling: Sequence[float] | None,
                 errors: tuple[float, float], peak: tuple[int | None, int | None],
                 stale: Mapping[int, float]) -> dict[str, Any]:
-    """One plan's fields (INTERFACES.md ``replay``). ``times``: ``replay`` and ``recompute`` step
+    """One plan's fields (docs/results.md ``replay``). ``times``: ``replay`` and ``recompute`` step
     seconds per repetition (same repetitions); ``errors``: (replay, recompute) max rel errors."""
     ratio, spread = ratio_stats(times["recompute"], times["replay"])
     f, f_tokens = fractions

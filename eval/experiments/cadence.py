@@ -9,7 +9,7 @@ conversations (or ``--workload prompt-heavy``) at ``RATE_RPS``, a rate the train
 every completion rated ``up`` through ``POST /v1/feedback`` at once or after its drawn delay; the
 cell's numbers come from the whole rounds that opened inside the block (``_online_rounds``).
 
-Per cell (INTERFACES.md ``cadence``): ``lag0_share_samples`` (trained samples at lag 0 / trained
+Per cell (docs/results.md ``cadence``): ``lag0_share_samples`` (trained samples at lag 0 / trained
 samples), ``lag0_share_tokens`` (prompt tokens replayed at lag 0 / prompt tokens trained),
 ``lag_le1_share`` (samples at lag 0 or 1 / trained), ``reuse_by_lag``,
 ``feedback_to_publish_s_p50`` (client side: from each accepted feedback POST to the first publish

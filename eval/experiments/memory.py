@@ -1,4 +1,4 @@
-"""Training's device memory with and without saved-tensor offload (INTERFACES.md, ``memory``).
+"""Training's device memory with and without saved-tensor offload (docs/results.md, ``memory``).
 
 No server: the trainer the server runs (``ReplayTrainer``, one step as work units, units.py) on
 real chat text tokenized with the model's tokenizer, with ``trainer.residency`` set to a

@@ -12,12 +12,12 @@ cost of having them installed is not in the ratio; compare against a ``record.en
 server for that). Requests go one at a time (no queueing in the latencies); multi-turn chitchat
 conversations give ~100-600-token prompts.
 
-Fields (INTERFACES.md): ``ttft_p50_off/on``, ``ttft_p95_off/on``, ``tpot_p50_off/on`` (ms),
+Fields (docs/results.md): ``ttft_p50_off/on``, ``ttft_p95_off/on``, ``tpot_p50_off/on`` (ms),
 ``ttft_p50_ratio``, ``tpot_p50_ratio`` (on / off), ``requests_per_arm``, ``bytes_stored_off/on``
 (bytes published into the store during that arm's blocks, from ``store.bytes_recorded_total``),
 ``radix_flushed_between_arms``, ``plan`` (tensors recorded), for the default plan at the top level
 and for every plan under ``per_plan``. ``latency_samples`` feeds the report's CDF plots.
-PLATFORM.md: a do-nothing hook varied by up to x1.047 at 30 requests per arm, so the full run uses
+docs/results.md: a do-nothing hook varied by up to x1.047 at 30 requests per arm, so the full run uses
 120 per arm; ``--quick`` (16 per arm) only shows that the pipeline works.
 With ``--url`` only that server is measured (its own plan), and ``per_plan`` says so.
 """

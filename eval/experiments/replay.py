@@ -1,4 +1,4 @@
-"""Training throughput with replay vs recompute, on recordings from a LIVE server (INTERFACES.md,
+"""Training throughput with replay vs recompute, on recordings from a LIVE server (docs/results.md,
 experiment ``replay``).
 
 What it measures, on SmolLM2-135M-Instruct (``ALCHEMIST_REPLAY_MODEL=tiny``: the tiny model, a

@@ -21,7 +21,7 @@ train steps and units run, the serving version; a poll is dated when its answer 
 answer comes through the scheduler: ``per_block.poll_latency_ms_p50`` is the trace's resolution). Clock: request times are seconds of the session;
 the session's start on the wall clock comes from the times completions were handed over
 (``clock_origin``), so polls and versions' ``created_at`` line up with requests to about a ms.
-Fields (INTERFACES.md ``spike``):
+Fields (docs/results.md ``spike``):
   ``ttft_p95_serving_only``, ``ttft_p95_with_training`` (ms, all requests of the arm), ``ratio``
   (with training / serving only), ``failed_requests`` (both arms), ``requests_per_arm`` (the
   smaller arm), ``train_steps_during_run`` (train.steps deltas over the with-training blocks),

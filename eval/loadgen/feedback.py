@@ -2,7 +2,7 @@
 
 Owns ``RewardRule`` (keyword / brevity rewards in [-1, 1]), ``FeedbackPolicy`` (probability of
 giving feedback, and whether it is a rating, a score or a correction) which builds the
-``POST /v1/feedback`` body of INTERFACES.md ("Feedback API"), and ``FeedbackTally`` which counts
+``POST /v1/feedback`` body of docs/api.md ("Feedback"), and ``FeedbackTally`` which counts
 the answers. A 404 from the route itself (FastAPI's ``{"detail": "Not Found"}``: the server has no
 such route) is counted as ``route_unavailable``; a 404 with any other body is the route saying
 "unknown completion" and is counted under its status. Pure except ``FeedbackTally.post``, which
