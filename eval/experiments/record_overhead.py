@@ -17,8 +17,8 @@ Fields (docs/results.md): ``ttft_p50_off/on``, ``ttft_p95_off/on``, ``tpot_p50_o
 (bytes published into the store during that arm's blocks, from ``store.bytes_recorded_total``),
 ``radix_flushed_between_arms``, ``plan`` (tensors recorded), for the default plan at the top level
 and for every plan under ``per_plan``. ``latency_samples`` feeds the report's CDF plots.
-docs/results.md: a do-nothing hook varied by up to x1.047 at 30 requests per arm, so the full run uses
-120 per arm; ``--quick`` (16 per arm) only shows that the pipeline works.
+docs/results.md: a do-nothing hook varied by up to x1.047 at 30 requests per arm, so the full run
+uses 120 per arm; ``--quick`` (16 per arm) only shows that the pipeline works.
 With ``--url`` only that server is measured (its own plan), and ``per_plan`` says so.
 """
 
