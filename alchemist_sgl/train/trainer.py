@@ -128,8 +128,8 @@ class ReplayTrainer:
                                           is_compiled=self.is_compiled, is_training=is_training,
                                           published=self.published, is_published_current=current)
         return forward_logprobs(self.weights, adapter, self.rope, planned,
-                                gradient_mode=self.config.gradient_mode, is_training=is_training, published=self.published,
-                                is_published_current=current)
+                                gradient_mode=self.config.gradient_mode, is_training=is_training,
+                                published=self.published, is_published_current=current)
 
     def begin_step(self, samples: Sequence[Sample]) -> StepRun:
         """Plans ``samples`` (raises ValueError on a malformed one, before any work) and returns
