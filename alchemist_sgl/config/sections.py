@@ -38,7 +38,7 @@ _BUDGET = Rule(lambda b: b is None or b == "full" or (isinstance(b, int) and b >
 @dataclass(frozen=True)
 class RecordConfig(Section):
     is_enabled: bool = key(True)
-    # "full" (default), one name or a list of RECORD_TENSORS; see record/plan.py for why full.
+    # "full" (default), one name or a list of RECORD_TENSORS; see core/plan.py for why full.
     plan: str | tuple[str, ...] = key("full", _PLAN)
     # Greedy by bytes/token instead; null: ``plan``.
     budget_bytes_per_token: int | str | None = key(None, _BUDGET)

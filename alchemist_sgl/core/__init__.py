@@ -1,1 +1,4 @@
-"""Value types shared by recording, the store and the trainer: page keys and recorded rows (pure)."""
+"""Value types shared by recording, the store and the trainer (pure): page keys (``prefix``),
+recorded-row views (``records``) and the record plan (``plan``). Imports nothing of the package
+but ``errors``.
+"""

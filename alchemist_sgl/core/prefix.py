@@ -102,7 +102,3 @@ def chain_keys(tokens: Sequence[int], page_tokens: int, namespace: Namespace,
         keys.append(parent)
     return keys
 
-
-def parent_of_page(keys: Sequence[PageKey], page_index: int, namespace: Namespace) -> PageKey:
-    """The parent key of page ``page_index`` given the chain ``keys`` of the earlier full pages."""
-    return namespace.root if page_index == 0 else keys[page_index - 1]

@@ -6,7 +6,8 @@
     rows.py): idempotent, last-wins feedback rows, the pending poll, trained-step bookkeeping,
     the KTO export.
   * ``FeedbackDb`` (db.py): the schema and connection settings both share.
-Nothing here imports torch or sglang (``online.completions`` is imported for ``CompletionEntry``).
+  * ``CompletionEntry`` (completion_entry.py): one finished choice, the value type both logs keep.
+Nothing here imports torch, sglang or online/.
 """
 
 from alchemist_sgl.feedback.completion_log import SqliteCompletionLog

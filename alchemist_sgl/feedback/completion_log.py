@@ -3,8 +3,8 @@ processes.
 
 Owns the ``completions`` and ``completion_tombstones`` rows of the feedback database (db.py), their
 encoding, the running -> finished -> expired life of a completion, and its TTL purge. Imports only
-the standard library, alchemist_sgl.errors, alchemist_sgl.online.completions (the value type and
-protocol) and feedback.db; never torch or sglang directly.
+the standard library, alchemist_sgl.errors, feedback.completion_entry (the value type) and
+feedback.db; never torch, sglang or online/.
 
 Encoding: token ids are ``array('i')`` bytes (int32, little-endian); log-probs ``array('f')``
 bytes (float32, little-endian: what SGLang computes, so a round trip rounds a Python float to
@@ -33,7 +33,7 @@ from typing import Callable, Iterable, Literal
 
 from alchemist_sgl.errors import CompletionEntryInvalid
 from alchemist_sgl.feedback.db import FeedbackDb
-from alchemist_sgl.online.completions import CompletionEntry
+from alchemist_sgl.feedback.completion_entry import CompletionEntry
 
 CompletionState = Literal["running", "finished", "expired"]
 

@@ -49,7 +49,7 @@ import torch
 from alchemist_sgl.log import get_logger
 from alchemist_sgl.core.prefix import Namespace
 from alchemist_sgl.record.capture import Capture
-from alchemist_sgl.record.plan import ModelShape, RecordPlan, choose_plan
+from alchemist_sgl.core.plan import ModelShape, RecordPlan, choose_plan
 from alchemist_sgl.core.records import RequestExtend
 from alchemist_sgl.store import ActivationStore
 

@@ -1,40 +1,19 @@
 """The completion log: served completions that may still get feedback, keyed by (rid, choice).
 
-Owns ``CompletionEntry`` (token ids, the prefill version and SGLang's weight-version spans, the
-serving log-probs), the ``CompletionLog`` protocol, and ``BoundedCompletionLog`` (in memory,
-bounded by count and TTL on an injected clock). The durable log lives in feedback/; this one is
-what the scheduler process keeps. Imports only the standard library; never torch, sglang, or
-alchemist_sgl.feedback / train.
+Owns the ``CompletionLog`` protocol and ``BoundedCompletionLog`` (in memory, bounded by count and
+TTL on an injected clock) over ``CompletionEntry`` (feedback/completion_entry.py: token ids, the
+prefill version and SGLang's weight-version spans, the serving log-probs). The durable log lives in
+feedback/; this one is what the scheduler process keeps. Imports only the standard library and
+feedback/completion_entry.py; never torch, sglang or train.
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Callable, Protocol, runtime_checkable
 
-
-@dataclass(frozen=True)
-class CompletionEntry:
-    """One finished choice of a served request.
-
-    ``prefill_version`` names the version whose weights prefilled the prompt (the radix namespace
-    the request was admitted under); ``weight_versions`` are SGLang's spans over the output, as
-    dicts, in order. ``output_logprobs`` (one per output token) are the serving version's.
-    Times are seconds on the server's wall clock.
-    """
-
-    rid: str
-    choice_index: int
-    prompt_ids: tuple[int, ...]
-    output_ids: tuple[int, ...]
-    prefill_version: str | None
-    weight_versions: tuple[dict, ...]
-    finish_reason: str | None
-    created_at: float
-    finished_at: float
-    output_logprobs: tuple[float, ...] | None = None
+from alchemist_sgl.feedback.completion_entry import CompletionEntry as CompletionEntry  # re-export
 
 
 @runtime_checkable

@@ -1,6 +1,6 @@
-"""Recording: the record plan (which projections to keep per token) and the capture protocol.
+"""Recording: the capture protocol that copies planned projection outputs into the store.
 
-``plan.choose_plan`` records all four projections by default (a named subset or a byte budget on
-request); ``capture.Capture`` copies their outputs from prefill forwards into the activation
-store. Must not import sglang.
+``capture.Capture`` copies the outputs the record plan chooses (``core/plan.py``: all four
+projections by default, a named subset or a byte budget on request) from prefill forwards into the
+activation store; ``export`` reads a request's recording back out. Must not import sglang.
 """

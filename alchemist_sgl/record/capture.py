@@ -44,12 +44,13 @@ from typing import Callable, Sequence
 import torch
 
 from alchemist_sgl.log import get_logger
-from alchemist_sgl.record.plan import RecordPlan
+from alchemist_sgl.core.plan import RecordPlan
 from alchemist_sgl.record.staging import HostStaging
 from alchemist_sgl.core.records import RequestExtend
 from alchemist_sgl.store import ActivationStore, BatchWrite
 
 logger = get_logger(__name__)
+_Tag = tuple[BatchWrite, str, int]  # a staged copy: (routes, tensor name, layer)
 
 
 class InjectedRecordFault(RuntimeError):
@@ -102,7 +103,7 @@ class Capture:
         self._outputs_seen = 0
         self._staging_mode = staging
         self._staging_depth = staging_depth
-        self._staging: HostStaging | None = None
+        self._staging: HostStaging[_Tag] | None = None
         self._split: _SplitBatch | None = None
         self._fault_after = fault_after_forwards
         self._dump_dir = Path(dump_dir) if dump_dir else None
@@ -229,7 +230,7 @@ class Capture:
         self._split = _SplitBatch(BatchWrite(direct, [], []), staged)
         return self._split
 
-    def _staging_for(self, output: torch.Tensor) -> HostStaging:
+    def _staging_for(self, output: torch.Tensor) -> HostStaging[_Tag]:
         staging = self._staging
         if staging is None or staging.dtype != output.dtype or staging.device != output.device:
             if staging is not None:
@@ -238,7 +239,7 @@ class Capture:
                                                   output.device, self._write_staged)
         return staging
 
-    def _write_staged(self, tag: tuple[BatchWrite, str, int], rows: torch.Tensor) -> None:
+    def _write_staged(self, tag: _Tag, rows: torch.Tensor) -> None:
         compact, name, layer = tag
         self.store.write(compact, name, layer, rows)
 

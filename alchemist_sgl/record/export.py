@@ -17,6 +17,7 @@ import torch
 
 from alchemist_sgl.core.prefix import Namespace
 from alchemist_sgl.store import ActivationStore
+from alchemist_sgl.store.readout import PagedRows
 
 
 def export_recording(store: ActivationStore, tokens: Sequence[int], namespace: Namespace,
@@ -29,7 +30,8 @@ def export_recording(store: ActivationStore, tokens: Sequence[int], namespace: N
     target = Path(path)
     pin = store.pin(list(tokens), namespace)
     try:
-        segments = [(start, end, {k: v.clone() for k, v in tensors.items()} if tensors is not None else None)
+        segments = [(start, end, {k: _tensor(v).clone() for k, v in tensors.items()}
+                     if tensors is not None else None)
                     for start, end, tensors in store.segments(pin)]
         covered = [list(r) for r in pin.coverage.covered]
     finally:
@@ -41,3 +43,8 @@ def export_recording(store: ActivationStore, tokens: Sequence[int], namespace: N
     tmp.rename(target)
     return {"path": str(target), "covered": covered, "tokens": len(tokens),
             "covered_tokens": sum(b - a for a, b in covered)}
+
+
+def _tensor(rows: torch.Tensor | PagedRows) -> torch.Tensor:
+    assert isinstance(rows, torch.Tensor)  # store.segments copies unless asked for lazy rows
+    return rows

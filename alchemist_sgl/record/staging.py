@@ -46,23 +46,23 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable, Generic, TypeVar
 
 import torch
 
-Sink = Callable[[Any, torch.Tensor], None]  # (tag, host rows [rows, width]) -> None
+Tag = TypeVar("Tag")  # what the caller tags a copy with (capture.py: (batch, tensor name, layer))
 
 
 @dataclass
-class _InFlight:
-    tag: Any
+class _InFlight(Generic[Tag]):
+    tag: Tag
     buffer: int                      # index into HostStaging._buffers
     rows: torch.Tensor               # [rows, width] view of the buffer (host)
     snapshot: torch.Tensor | None    # keep-alive of the device snapshot until the copy is done
-    event: Any                       # torch.cuda.Event recorded after the copy (None on CPU)
+    event: torch.cuda.Event | None   # recorded after the copy (None on CPU)
 
 
-class HostStaging:
+class HostStaging(Generic[Tag]):
     """A ring of ``depth`` reused host buffers that device outputs are copied into.
 
     ``put(tag, output, index)`` copies ``output[index]`` (``output`` [rows, width]; ``index`` a
@@ -73,7 +73,7 @@ class HostStaging:
     """
 
     def __init__(self, depth: int, dtype: torch.dtype, device: torch.device | str,
-                 sink: Sink) -> None:
+                 sink: Callable[[Tag, torch.Tensor], None]) -> None:
         if depth < 1:
             raise ValueError(f"staging depth must be >= 1, got {depth}")
         self.depth = depth
@@ -81,10 +81,11 @@ class HostStaging:
         self.device = torch.device(device)
         self.is_async = self.device.type == "cuda"
         self._sink = sink
-        self._stream = torch.cuda.Stream(device=self.device) if self.is_async else None
+        self._stream = (torch.cuda.Stream(device=self.device)  # type: ignore[no-untyped-call]  # torch: Stream() is unannotated
+                        if self.is_async else None)
         self._buffers: list[torch.Tensor] = []   # flat [capacity elements] each
         self._free: list[int] = []
-        self._in_flight: deque[_InFlight] = deque()
+        self._in_flight: deque[_InFlight[Tag]] = deque()
         self.copies = 0
         self.ring_full_waits = 0   # retirements forced by a full ring (host waited mid-forward)
         self.buffer_growths = 0
@@ -97,7 +98,7 @@ class HostStaging:
     def capacity_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self._buffers)
 
-    def put(self, tag: Any, output: torch.Tensor, index: slice | torch.Tensor) -> None:
+    def put(self, tag: Tag, output: torch.Tensor, index: slice | torch.Tensor) -> None:
         if output.dim() != 2:
             raise ValueError(f"staging expects a [rows, width] output, got shape {tuple(output.shape)}")
         if output.dtype != self.dtype:
@@ -123,10 +124,11 @@ class HostStaging:
         snapshot = output[index].clone() if isinstance(index, slice) else \
             torch.index_select(output, 0, index)
         side = self._stream
+        assert side is not None  # made at construction when is_async
         side.wait_stream(forward_stream)
         with torch.cuda.stream(side):
             rows.copy_(snapshot, non_blocking=True)
-            event = torch.cuda.Event()
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]  # torch: Event() is unannotated
             event.record(side)
         snapshot.record_stream(side)
         self._in_flight.append(_InFlight(tag, slot, rows, snapshot, event))

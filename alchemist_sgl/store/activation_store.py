@@ -1,7 +1,7 @@
 """ActivationStore: recorded projection outputs, deduplicated by chained page keys.
 
 Owns recorded activations between the prefill that produced them and the training step that
-replays them. Must not import sglang; imports torch, ``prefix``, ``records``, ``record.plan``.
+replays them. Must not import sglang; imports torch and ``core`` (``prefix``, ``records``, ``plan``).
 
 Note [Page alignment]: a page is ``page_tokens`` (<= 16) consecutive prompt positions starting at
 a multiple of ``page_tokens``. The server runs SGLang with ``--page-size`` equal to
@@ -41,12 +41,14 @@ from typing import Callable, Sequence
 import torch
 
 from alchemist_sgl.core.prefix import Namespace, PageKey, chain_keys, page_key, tail_key
-from alchemist_sgl.record.plan import RecordPlan
+from alchemist_sgl.core.plan import RecordPlan
 from alchemist_sgl.core.records import Coverage, RequestExtend, complement, merge_ranges
 from alchemist_sgl.store import readout
-from alchemist_sgl.store.index import PageIndex
+from alchemist_sgl.store.index import Page, PageIndex
 from alchemist_sgl.store.pool import SlotPool
 from alchemist_sgl.store.writes import BatchWrite, OpenPage, Writer
+
+_PerPool = dict[int, tuple[SlotPool, list[int], list[int], list[int]]]  # id(pool) -> (pool, src, slots, rows)
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,7 @@ class ActivationStore:
         """Routes each recording request's rows to slots; allocates (and may evict) slots."""
         start_s = self._timer()
         self._forget_idle_writers()
-        per_pool: dict[int, tuple[SlotPool, list[int], list[int], list[int]]] = {}
+        per_pool: _PerPool = {}
         batch = BatchWrite([], [], [])
         for ext in extends:
             lo, hi = ext.recorded_range
@@ -196,7 +198,7 @@ class ActivationStore:
         return writer
 
     def _route(self, writer: Writer, ext: RequestExtend, lo: int, hi: int,
-               per_pool: dict, batch: BatchWrite) -> None:
+               per_pool: _PerPool, batch: BatchWrite) -> None:
         size, n_prompt = self.page_tokens, len(writer.tokens)
         pos = lo
         while pos < hi:
@@ -298,7 +300,7 @@ class ActivationStore:
         """Strong reference on the pages covering ``tokens`` now (Note [References])."""
         coverage = self.coverage(tokens, namespace)
         for key, _, _ in coverage.pages:
-            self._index.get(key, touch=False).pins += 1
+            self._pinned_page(key).pins += 1
         self._pin_serial += 1
         self._pinned.add(self._pin_serial)
         return Pin(coverage, namespace, self._pin_serial)
@@ -308,11 +310,16 @@ class ActivationStore:
             raise ValueError(f"pin {pin.serial} was already released")
         self._pinned.discard(pin.serial)
         for key, _, _ in pin.coverage.pages:
-            page = self._index.get(key, touch=False)
+            page = self._pinned_page(key)
             page.pins -= 1
             if page.pins == 0 and page.namespace in self._released:
                 self._index.free(page)
                 self.released_pages += 1
+
+    def _pinned_page(self, key: PageKey) -> Page:
+        page = self._index.get(key, touch=False)
+        assert page is not None  # a covered (or pinned) page is held by the index until unpinned
+        return page
 
     def gather(self, pin: Pin) -> dict[str, torch.Tensor]:
         """Copies of the pinned pages: per tensor [layers, covered_tokens, width] (readout.py:

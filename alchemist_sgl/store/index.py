@@ -14,7 +14,7 @@ moved, so a pin's coverage stays readable with the tensors it had when pinned.
 
 Note [Demote before evict]: when the last tier is full, the least recently used unpinned full page
 is DEMOTED: it keeps only the plan's ``keep_on_demotion`` tensor (``down``: the most FLOPs saved
-per byte, record/plan.py) and drops the others, which the trainer recomputes; what it keeps still
+per byte, core/plan.py) and drops the others, which the trainer recomputes; what it keeps still
 replays exactly. Demoted pages are packed ``kept_per_slot`` to a slot (a "container": 9 for
 SmolLM2, 11 for Llama-3.2-1B), so each demotion into an open container frees one whole slot. With
 no open container, the oldest unpinned full page's own slot becomes one (its kept block moves to

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from alchemist_sgl.record.plan import RecordPlan
+from alchemist_sgl.core.plan import RecordPlan
 
 
 class SlotPool:
@@ -57,10 +57,6 @@ class SlotPool:
             self.kept_views = self.buffer[:, :self.kept_per_slot * block].view(
                 self.num_slots, self.kept_per_slot, layers, page, plan.widths[self.kept_name])
         self._free = list(range(self.num_slots - 1, -1, -1))
-
-    @property
-    def free_slots(self) -> int:
-        return len(self._free)
 
     @property
     def used_bytes(self) -> int:

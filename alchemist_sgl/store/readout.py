@@ -24,7 +24,7 @@ import torch
 from alchemist_sgl.core.records import Coverage
 from alchemist_sgl.store.index import Page, PageIndex
 
-# Profiler region of every read-out of recorded rows (train/layer.py has the same name).
+# Profiler region of every read-out of recorded rows (train/replay_rows.py has the same name).
 READOUT_REGION = "alchemist::replay_readout"
 Segment = tuple[int, int, "dict[str, torch.Tensor] | dict[str, PagedRows] | None"]
 Piece = tuple[Page, int, int]  # (page, first row in the page, rows)

@@ -50,7 +50,7 @@ the zero-value identity: the trainer refuses a published adapter when dropout > 
 from __future__ import annotations
 
 import contextlib
-from typing import Literal
+from typing import ContextManager, Literal
 
 import torch
 import torch.nn.functional as F
@@ -157,7 +157,7 @@ def decoder_layer(weights: BaseWeights, layer: int, lora: _LayerLora, planned: P
     eps, heads, kvh, hd = spec.rms_norm_eps, spec.heads, spec.kv_heads, spec.head_dim
     splits, f, p_len = [spec.q_size, spec.kv_size, spec.kv_size], spec.intermediate, planned.prompt_len
 
-    def grad_ctx(seg: PlannedSegment):  # Note [Response-only gradients]: constants before P - 1
+    def grad_ctx(seg: PlannedSegment) -> ContextManager[None]:  # Note [Response-only gradients]: constants before P - 1
         if is_response_only and seg.end <= p_len - 1:
             return torch.no_grad()
         return contextlib.nullcontext()
@@ -165,26 +165,29 @@ def decoder_layer(weights: BaseWeights, layer: int, lora: _LayerLora, planned: P
     hid, res = list(hidden), list(residual)
     qs, ks, vs = [], [], []
     for i, seg in enumerate(segs):
-        n_tok = seg.end - seg.start
+        n_tok, h, r = seg.end - seg.start, hid[i], res[i]
+        assert h is not None  # a segment's hidden stream always holds a tensor
         with grad_ctx(seg):
-            if res[i] is None:
-                res[i] = hid[i]
-                x = rmsnorm(hid[i], lw.input_layernorm, eps)
+            if r is None:
+                res[i] = h
+                x = rmsnorm(h, lw.input_layernorm, eps)
             else:
-                x, res[i] = add_rmsnorm(hid[i], res[i], lw.input_layernorm, eps)
+                x, res[i] = add_rmsnorm(h, r, lw.input_layernorm, eps)
             qkv = _base(x, lw.qkv, seg, "qkv", layer, capture)
-            q, k, v = lora.add("qkv", x, list(qkv.split(splits, -1)))
+            q, k, v = lora.add("qkv", x, list(torch.split(qkv, splits, -1)))
             cos, sin = rope.get(seg.start, seg.end)
             qs.append(apply_rope(q.view(n_tok, heads, hd), cos, sin))
             ks.append(apply_rope(k.view(n_tok, kvh, hd), cos, sin))
             vs.append(v.reshape(n_tok, kvh, hd))
     attn = _attention(qs, ks, vs, segs, hd ** -0.5, p_len if is_response_only else None)
     for i, seg in enumerate(segs):
+        r = res[i]
+        assert r is not None  # set by the first loop
         with grad_ctx(seg):
             (o,) = lora.add("o", attn[i], [_base(attn[i], lw.o, seg, "o", layer, capture)])
-            x, res[i] = add_rmsnorm(o, res[i], lw.post_attention_layernorm, eps)
+            x, res[i] = add_rmsnorm(o, r, lw.post_attention_layernorm, eps)
             gate_up = _base(x, lw.gate_up, seg, "gate_up", layer, capture)
-            g, u = lora.add("gate_up", x, list(gate_up.split([f, f], -1)))
+            g, u = lora.add("gate_up", x, list(torch.split(gate_up, [f, f], -1)))
             m = F.silu(g) * u
             (hid[i],) = lora.add("down", m, [_base(m, lw.down, seg, "down", layer, capture)])
     return hid, res
@@ -193,11 +196,14 @@ def decoder_layer(weights: BaseWeights, layer: int, lora: _LayerLora, planned: P
 def gather_rows(planned: PlannedSample, tensors: Streams, lo: int, hi: int) -> torch.Tensor:
     """Rows [lo, hi) of the model input (absolute positions) out of per-segment tensors."""
     if len(tensors) == 1:  # one tensor over the whole input (joint layout or one segment)
-        return tensors[0][lo:hi]
+        only = tensors[0]
+        assert only is not None  # streams hold tensors after layer 0
+        return only[lo:hi]
     rows = []
     for seg, t in zip(planned.segments, tensors):
         a, b = max(seg.start, lo), min(seg.end, hi)
         if a < b:
+            assert t is not None  # streams hold tensors after layer 0
             rows.append(t[a - seg.start:b - seg.start])
     return rows[0] if len(rows) == 1 else torch.cat(rows)
 
@@ -252,7 +258,7 @@ def _attention(qs: list[torch.Tensor], ks: list[torch.Tensor], vs: list[torch.Te
     sizes = [s.end - s.start for s in segs]
     if response_only_prompt_len is None:
         out = causal_attention(cat(qs), cat(ks), cat(vs), scale)
-        return [out] if len(segs) == 1 else list(out.split(sizes))
+        return [out] if len(segs) == 1 else list(torch.split(out, sizes))
     # Response-only (Note [Response-only gradients]): the segments ending by P - 1 are constants.
     n_const = sum(1 for s in segs if s.end <= response_only_prompt_len - 1)
     if segs[n_const].start != response_only_prompt_len - 1:
@@ -260,12 +266,12 @@ def _attention(qs: list[torch.Tensor], ks: list[torch.Tensor], vs: list[torch.Te
                          "(plan with is_response_separate=True)")
     if n_const == 0:  # a one-token prompt: nothing is constant, response-only is exact here
         out = causal_attention(cat(qs), cat(ks), cat(vs), scale)
-        return [out] if len(segs) == 1 else list(out.split(sizes))
+        return [out] if len(segs) == 1 else list(torch.split(out, sizes))
     with torch.no_grad():
         kc, vc = cat(ks[:n_const]), cat(vs[:n_const])
-        const_out = causal_attention(cat(qs[:n_const]), kc, vc, scale).split(sizes[:n_const])
+        const_out = torch.split(causal_attention(cat(qs[:n_const]), kc, vc, scale), sizes[:n_const])
     grad_out = causal_attention(cat(qs[n_const:]), torch.cat([kc] + ks[n_const:]),
                                 torch.cat([vc] + vs[n_const:]), scale,
                                 key_offset=segs[n_const].start)
-    tail = [grad_out] if len(segs) == n_const + 1 else list(grad_out.split(sizes[n_const:]))
+    tail = [grad_out] if len(segs) == n_const + 1 else list(torch.split(grad_out, sizes[n_const:]))
     return list(const_out) + tail

@@ -18,12 +18,12 @@ Imports only torch.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 
-from alchemist_sgl.train.spec import ALL_TARGETS, TARGET_TO_PROJECTION, LlamaSpec, layer_key
+from alchemist_sgl.train.spec import ALL_TARGETS, TARGET_TO_PROJECTION, LlamaSpec
 from alchemist_sgl.train.weights import BaseWeights
 
 _PEFT_MODULE = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
@@ -73,7 +73,7 @@ class LoraAdapter(nn.Module):
 
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
         """Detached tensors under PEFT's saved names (no adapter name in the key)."""
-        out = {}
+        out: dict[str, torch.Tensor] = {}
         for layer in range(self.spec.layers):
             for t in self.targets:
                 out[peft_name(layer, t, "A")] = self.a[f"{layer}_{t}"].detach()
@@ -89,7 +89,7 @@ class LoraAdapter(nn.Module):
                 self.a[f"{layer}_{t}"].copy_(state[peft_name(layer, t, "A")])
                 self.b[f"{layer}_{t}"].copy_(state[peft_name(layer, t, "B")])
 
-    def peft_config_dict(self) -> dict:
+    def peft_config_dict(self) -> dict[str, Any]:
         """The ``adapter_config.json`` fields PEFT and SGLang need."""
         return {"peft_type": "LORA", "r": self.rank, "lora_alpha": self.alpha,
                 "lora_dropout": self.dropout, "bias": "none", "task_type": "CAUSAL_LM",
@@ -144,7 +144,8 @@ class FrozenLora:
         missing tensor and ValueError on a wrong shape. Tensors are copied to fp32."""
         state = {k.replace(".default.weight", ".weight"): v for k, v in state.items()}
         targets = tuple(targets)
-        a, b = {}, {}
+        a: dict[str, torch.Tensor] = {}
+        b: dict[str, torch.Tensor] = {}
         for layer in range(spec.layers):
             for t in targets:
                 for which, out in (("A", a), ("B", b)):
@@ -164,13 +165,13 @@ class FrozenLora:
         return {peft_name(layer, t, w): (self.a if w == "A" else self.b)[f"{layer}_{t}"]
                 for layer in range(self.spec.layers) for t in self.targets for w in ("A", "B")}
 
-    def state(self) -> dict:
+    def state(self) -> dict[str, Any]:
         """A checkpointable dict (rank, alpha, targets, PEFT-named tensors); ``from_state`` inverts."""
         return {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets),
                 "tensors": self.peft_state_dict()}
 
     @classmethod
-    def from_state(cls, spec: LlamaSpec, state: dict) -> "FrozenLora":
+    def from_state(cls, spec: LlamaSpec, state: dict[str, Any]) -> "FrozenLora":
         return cls.from_peft_state_dict(spec, state["rank"], state["alpha"], state["targets"],
                                         state["tensors"])
 
@@ -208,8 +209,3 @@ def merge_adapter_into_base(weights: BaseWeights, adapter: "LoraAdapter | Frozen
             b = adapter.b[f"{layer}_{t}"].float()
             rows = w[start:end]
             rows.copy_((rows.float() + adapter.scale * (b @ a)).to(w.dtype))
-
-
-def base_tensor_name(layer: int, target: str) -> str:
-    """SGLang name of the fused base tensor a target merges into."""
-    return layer_key(layer, TARGET_TO_PROJECTION[target])

@@ -4,7 +4,7 @@ Owns ``SavedTensorOffload``: per forward unit (key = (sample, layer), units.py N
 it registers every tensor autograd saves in a ``ResidencyAccount`` (residency.py), moves a unit's
 saved storages to host after its forward (``offload``), brings them back before its backward
 (``prefetch``; an unpack that finds them on host reloads at once) and drops them after it
-(``release``). Imports only torch.
+(``release``). Imports only torch and lower train/ modules.
 
 Note [Saved-tensor offload]:
   * What is tracked: ``saving(key)`` installs ``torch.autograd.graph.saved_tensors_hooks`` for the
@@ -56,16 +56,32 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Hashable, Iterable, Iterator
+from typing import Any, Hashable, Iterable, Iterator, Protocol
 
 import torch
 
+from alchemist_sgl.train.lora import FrozenLora, LoraAdapter
+from alchemist_sgl.train.ops import RopeCache
 from alchemist_sgl.train.residency import HostPool, ResidencyAccount
+from alchemist_sgl.train.weights import BaseWeights
 
 Key = Hashable  # (sample, layer) in units.py
 
 
-def long_lived_tensors(trainer: Any) -> list[torch.Tensor]:
+class LongLived(Protocol):
+    """The trainer's long-lived parts (``ReplayTrainer`` has them)."""
+
+    @property
+    def weights(self) -> BaseWeights: ...
+    @property
+    def rope(self) -> RopeCache: ...
+    @property
+    def adapter(self) -> LoraAdapter: ...
+    @property
+    def published(self) -> FrozenLora | None: ...
+
+
+def long_lived_tensors(trainer: LongLived) -> list[torch.Tensor]:
     """What a ``ReplayTrainer`` keeps across steps and autograd may save: the base weights, the
     adapter's parameters, the published adapter's tensors and the RoPE tables (for ``protect``;
     the RoPE cache can grow, so protect again at each step)."""
@@ -91,8 +107,18 @@ class _Stored:
     device: torch.UntypedStorage | None
     is_movable: bool
     host: torch.Tensor | None = None       # uint8 host buffer while offloaded
-    ready: Any = None                      # CUDA event: the reload into ``device`` is done
-    host_event: Any = None                 # CUDA event: the last copy touching ``host``
+    ready: torch.cuda.Event | None = None  # CUDA event: the reload into ``device`` is done
+    host_event: torch.cuda.Event | None = None  # CUDA event: the last copy touching ``host``
+
+
+def _on_device(s: _Stored) -> torch.UntypedStorage:
+    assert s.device is not None  # callers move only resident storages
+    return s.device
+
+
+def _on_host(s: _Stored) -> torch.Tensor:
+    assert s.host is not None  # callers reload only offloaded storages
+    return s.host
 
 
 @dataclass
@@ -128,7 +154,8 @@ class SavedTensorOffload:
         self.host_pool = host_pool or HostPool(account)
         self._protected: set[int] = set()
         self._units: dict[Key, _Unit] = {}  # insertion order = forward order
-        self._side = torch.cuda.Stream(self.device) if account.is_cuda else None
+        self._side = (torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]  # torch: Stream() is unannotated
+                      if account.is_cuda else None)
         self.late_reloads = 0  # unpacks that found their storage on host (no prefetch in time)
         self.yields = 0  # yield_memory calls (Note [Yield moves memory])
         self.yield_moved_bytes = 0  # bytes those calls moved to host
@@ -137,9 +164,6 @@ class SavedTensorOffload:
         """Sets the storages never tracked: long-lived tensors (weights, adapter parameters,
         caches). Replaces the previous set, so a freed cache's address is not protected forever."""
         self._protected = {t.untyped_storage().data_ptr() for t in tensors}
-
-    def is_tracked(self, key: Key) -> bool:
-        return key in self._units
 
     @contextlib.contextmanager
     def saving(self, key: Key) -> Iterator[None]:
@@ -169,19 +193,19 @@ class SavedTensorOffload:
             return 0
         if self._side is None:
             for s in moving:
-                s.host = self.host_pool.take(s.nbytes)
-                s.host[:s.nbytes].copy_(_u8(s.device, self.device))
+                host = s.host = self.host_pool.take(s.nbytes)
+                host[:s.nbytes].copy_(_u8(_on_device(s), self.device))
                 self._drop_device(s)
         else:
             self._side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self._side):
                 for s in moving:
-                    s.host = self.host_pool.take(s.nbytes)
-                    src = _u8(s.device, self.device)
-                    s.host[:s.nbytes].copy_(src, non_blocking=True)
+                    host = s.host = self.host_pool.take(s.nbytes)
+                    src = _u8(_on_device(s), self.device)
+                    host[:s.nbytes].copy_(src, non_blocking=True)
                     src.record_stream(self._side)  # the allocator waits for the copy
                     self._drop_device(s)
-                event = torch.cuda.Event()
+                event = torch.cuda.Event()  # type: ignore[no-untyped-call]  # torch: Event() is unannotated
                 event.record(self._side)
             for s in moving:
                 s.host_event = event
@@ -244,16 +268,16 @@ class SavedTensorOffload:
 
     # -- hooks ---------------------------------------------------------------------------------
 
-    def _pack(self, unit: _Unit, t: torch.Tensor) -> Any:
+    def _pack(self, unit: _Unit, t: torch.Tensor) -> torch.Tensor | _Handle:
         if t.device != self.device or t.layout != torch.strided:
             return t
         storage = t.untyped_storage()
         if storage.data_ptr() in self._protected or storage.nbytes() == 0:
             return t
         stored = self._record(unit, storage, is_movable=True)
-        return _Handle(stored, t.dtype, t.storage_offset(), t.size(), t.stride())
+        return _Handle(stored, t.dtype, int(t.storage_offset()), t.size(), t.stride())
 
-    def _unpack(self, packed: Any) -> torch.Tensor:
+    def _unpack(self, packed: torch.Tensor | _Handle) -> torch.Tensor:
         if not isinstance(packed, _Handle):
             return packed
         s = packed.stored
@@ -264,7 +288,7 @@ class SavedTensorOffload:
             self._reload(s)
             self.account.moved_to_device_bytes += s.nbytes
         t = torch.empty(0, dtype=packed.dtype, device=self.device).set_(
-            s.device, packed.offset, packed.size, packed.stride)
+            _on_device(s), packed.offset, packed.size, packed.stride)
         if s.ready is not None:
             compute = torch.cuda.current_stream(self.device)
             compute.wait_event(s.ready)
@@ -284,21 +308,22 @@ class SavedTensorOffload:
         return stored
 
     def _drop_device(self, s: _Stored) -> None:
-        self.account.remove("device", s.device)
+        self.account.remove("device", _on_device(s))
         s.device = None  # the last reference: the storage is freed (CUDA: once the copy is done)
 
     def _reload(self, s: _Stored) -> None:
+        host = _on_host(s)
         if self._side is None:
             dst = torch.empty(s.nbytes, dtype=torch.uint8, device=self.device)
             self.account.add("device", dst.untyped_storage())
-            dst.copy_(s.host[:s.nbytes])
-            self.host_pool.give(s.host)
+            dst.copy_(host[:s.nbytes])
+            self.host_pool.give(host)
         else:
             with torch.cuda.stream(self._side):
                 dst = torch.empty(s.nbytes, dtype=torch.uint8, device=self.device)
                 self.account.add("device", dst.untyped_storage())
-                dst.copy_(s.host[:s.nbytes], non_blocking=True)
-                s.ready = torch.cuda.Event()
+                dst.copy_(host[:s.nbytes], non_blocking=True)
+                s.ready = torch.cuda.Event()  # type: ignore[no-untyped-call]  # torch: Event() is unannotated
                 s.ready.record(self._side)
-            self.host_pool.give(s.host, s.ready)
+            self.host_pool.give(host, s.ready)
         s.device, s.host, s.host_event = dst.untyped_storage(), None, None

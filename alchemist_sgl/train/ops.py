@@ -20,8 +20,25 @@ the same x (Note [Staleness] in samples.py), in the compute dtype.
 
 from __future__ import annotations
 
+from typing import Callable, Protocol
+
 import torch
 import torch.nn.functional as F
+
+# One row range's source in ``row_replayed_linear``: a recording [rows, d_out], a function that
+# writes those rows into the view it is given (a store ``PagedRows``), or None (computed).
+RowSource = torch.Tensor | Callable[[torch.Tensor], object] | None
+RowRanges = list[tuple[int, int, RowSource]]  # (start, end, source), tiling [0, T)
+
+
+class AutogradCtx(Protocol):
+    """The ``ctx`` torch hands a custom autograd function's forward and backward (torch types it
+    as Any): the two members these functions use."""
+
+    @property
+    def saved_tensors(self) -> tuple[torch.Tensor, ...]: ...
+
+    def save_for_backward(self, *tensors: torch.Tensor) -> None: ...
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -75,12 +92,13 @@ class _Rope(torch.autograd.Function):
     """Neox RoPE with a hand-written backward (the transpose rotation): saves only cos/sin."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: AutogradCtx, x: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(cos, sin)
         return _rope(x, cos, sin)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx: AutogradCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         cos, sin = ctx.saved_tensors
         g1, g2 = torch.chunk(grad, 2, dim=-1)
         return torch.cat((g1 * cos + g2 * sin, g2 * cos - g1 * sin), dim=-1), None, None
@@ -89,7 +107,8 @@ class _Rope(torch.autograd.Function):
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [n, heads, head_dim] (may be a strided view) -> rotated, contiguous, same dtype."""
     if torch.is_grad_enabled() and x.requires_grad:
-        return _Rope.apply(x, cos, sin)
+        out: torch.Tensor = _Rope.apply(x, cos, sin)  # type: ignore[no-untyped-call]  # torch: apply is unannotated
+        return out
     return _rope(x, cos, sin)
 
 
@@ -97,12 +116,13 @@ class _Replayed(torch.autograd.Function):
     """Note [Replayed linear]: forward returns the recording, backward dL/dx = dL/dy @ W."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, recorded: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: AutogradCtx, x: torch.Tensor, recorded: torch.Tensor,
+                weight: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(weight)
         return recorded.view_as(recorded)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx: AutogradCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (weight,) = ctx.saved_tensors
         return grad.matmul(weight), None, None
 
@@ -114,7 +134,8 @@ def replayed_linear(x: torch.Tensor, recorded: torch.Tensor, weight: torch.Tenso
         raise ValueError(f"recording {tuple(recorded.shape)} {recorded.dtype} does not fit input "
                          f"{tuple(x.shape)} {x.dtype} and weight {tuple(weight.shape)}")
     if torch.is_grad_enabled() and x.requires_grad:
-        return _Replayed.apply(x, recorded, weight)
+        out: torch.Tensor = _Replayed.apply(x, recorded, weight)  # type: ignore[no-untyped-call]  # torch: apply is unannotated
+        return out
     return recorded
 
 
@@ -146,29 +167,30 @@ class _RowReplayed(torch.autograd.Function):
     recorded and computed rows alike (W is frozen)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, ranges) -> torch.Tensor:
+    def forward(ctx: AutogradCtx, x: torch.Tensor, weight: torch.Tensor,
+                ranges: RowRanges) -> torch.Tensor:
         ctx.save_for_backward(weight)
         return _row_replayed_nograd(x, weight, ranges)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx: AutogradCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (weight,) = ctx.saved_tensors
         return grad.matmul(weight), None, None
 
 
-def row_replayed_linear(x: torch.Tensor, weight: torch.Tensor,
-                        ranges: list[tuple[int, int, torch.Tensor | None]]) -> torch.Tensor:
+def row_replayed_linear(x: torch.Tensor, weight: torch.Tensor, ranges: RowRanges) -> torch.Tensor:
     """x [T, d_in] -> [T, d_out]; ``ranges`` tile [0, T): (start, end, recording [end - start,
     d_out] in x's dtype, a function that writes those rows into the [end - start, d_out] view
     it is given, or None to compute). See Note [Row-replayed linear]."""
     if all(rec is None for _, _, rec in ranges):
         return F.linear(x, weight)
     if torch.is_grad_enabled() and x.requires_grad:
-        return _RowReplayed.apply(x, weight, ranges)
+        out: torch.Tensor = _RowReplayed.apply(x, weight, ranges)  # type: ignore[no-untyped-call]  # torch: apply is unannotated
+        return out
     return _row_replayed_nograd(x, weight, ranges)
 
 
-def _row_replayed_nograd(x: torch.Tensor, weight: torch.Tensor, ranges) -> torch.Tensor:
+def _row_replayed_nograd(x: torch.Tensor, weight: torch.Tensor, ranges: RowRanges) -> torch.Tensor:
     out = x.new_empty(x.shape[0], weight.shape[0])
     for start, end, rec in ranges:
         if rec is None:

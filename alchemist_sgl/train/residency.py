@@ -155,7 +155,7 @@ class HostPool:
     def __init__(self, account: ResidencyAccount, *, max_free_bytes: int = 1 << 30) -> None:
         self.account, self.max_free_bytes = account, max_free_bytes
         self._is_pinned = account.is_cuda
-        self._free: dict[int, list[tuple[torch.Tensor, Any]]] = {}
+        self._free: dict[int, list[tuple[torch.Tensor, torch.cuda.Event | None]]] = {}
         self.free_bytes = 0
         self.allocated_buffers = 0  # buffers created (a reused one is not counted again)
 
@@ -163,7 +163,7 @@ class HostPool:
         size = _bucket(nbytes)
         bucket = self._free.get(size, [])
         for i, (buf, event) in enumerate(bucket):
-            if event is None or event.query():  # no host sync: a busy buffer is skipped
+            if event is None or event.query():  # type: ignore[no-untyped-call]  # torch: query() is unannotated; no host sync: a busy buffer is skipped
                 del bucket[i]
                 self.free_bytes -= size
                 self.account.add("host", buf.untyped_storage())
@@ -173,7 +173,7 @@ class HostPool:
         self.account.add("host", buf.untyped_storage())
         return buf
 
-    def give(self, buf: torch.Tensor, event: Any = None) -> None:
+    def give(self, buf: torch.Tensor, event: torch.cuda.Event | None = None) -> None:
         self.account.remove("host", buf.untyped_storage())
         size = buf.numel()
         if self.free_bytes + size <= self.max_free_bytes:

@@ -2,7 +2,8 @@
 
 Owns ``RoundRun`` (``ReplayTrainer.begin_round``): the online loop adds samples one at a time as
 they arrive, runs each sample's work units (units.py, Note [Work units]) and closes the round with
-one optimizer unit. Imports only torch and train/ modules.
+one optimizer unit. Imports only torch and lower train/ modules: the trainer is a ``UnitTrainer``
+(context.py), never imported.
 
 Note [Round normalisation]: a batch step scales sample i's loss by w_i / sum(w) before its
 backward. A round does not know sum(w) until it closes, so each sample's loss enters the adapter's
@@ -18,23 +19,20 @@ must not change, and no other step may run: gradients accumulate in the adapter'
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
+from alchemist_sgl.train.context import UnitTrainer
 from alchemist_sgl.train.offload import long_lived_tensors
 from alchemist_sgl.train.samples import PlanCounts, Sample
 from alchemist_sgl.train.optimizer_unit import optimizer_unit
+from alchemist_sgl.train.stats import StepStats
 from alchemist_sgl.train.units import _Run, _count_units, check_unit_support, sample_units
-
-if TYPE_CHECKING:
-    from alchemist_sgl.train.trainer import ReplayTrainer, StepStats
 
 
 class RoundRun:
     """One open optimizer step; samples join with ``add`` until ``close``."""
 
-    def __init__(self, trainer: "ReplayTrainer", *, is_replay_enabled: bool | None = None) -> None:
+    def __init__(self, trainer: UnitTrainer, *, is_replay_enabled: bool | None = None) -> None:
         check_unit_support(trainer.config, trainer.layout)
         self.trainer, self.is_replay_enabled = trainer, is_replay_enabled
         trainer.adapter.train()
@@ -48,7 +46,7 @@ class RoundRun:
         self._ratios: list[torch.Tensor] = []
         self._runs: list[_Run] = []
         self.last_counts = PlanCounts()  # the plan counts of the sample added last
-        self.offload = getattr(trainer, "residency", None)
+        self.offload = trainer.residency
         if self.offload is not None:
             self.offload.release_all()
             self.offload.protect(long_lived_tensors(trainer))
@@ -78,7 +76,7 @@ class RoundRun:
         """Test hook: a NaN goes into one adapter gradient just before the optimizer unit."""
         self._is_injected = True
 
-    def close(self) -> "StepStats":
+    def close(self) -> StepStats:
         """The optimizer unit over every sample added (Note [Round normalisation]); the step's
         stats, the trainer's counters updated. ValueError when no sample was added."""
         if self.samples == 0:

@@ -148,7 +148,7 @@ def plan_sample(sample: Sample, spec: LlamaSpec, *, version: int, max_version_la
             raise ValueError(f"segments must tile [0, {p}) in order; got [{seg.start}, {seg.end}) at {pos}")
         pos = seg.end
         n = seg.end - seg.start
-        replay: dict[str, torch.Tensor] = {}
+        replay: dict[str, torch.Tensor | LayerRows] = {}
         lag = 0
         if seg.recording is not None:
             _check_recording(seg.recording, spec, n, dtype)

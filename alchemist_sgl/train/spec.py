@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-# The four large projections of a decoder layer, in layer order (same names as record/plan.py).
+# The four large projections of a decoder layer, in layer order (same names as core/plan.py).
 PROJECTIONS = ("qkv", "o", "gate_up", "down")
 # LoRA targets (PEFT module names without "_proj") and the fused SGLang projection each lives in.
 TARGET_TO_PROJECTION = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o",

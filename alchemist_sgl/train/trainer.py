@@ -2,7 +2,8 @@
 
 Owns ``ReplayTrainer`` (adapter, optimizer, the published snapshot, RoPE cache, version, cumulative
 counters; ``StepStats`` and ``TrainCounters`` live in stats.py).
-Imports only torch; the config is duck-typed (``alchemist_sgl.config.TrainConfig``'s attributes).
+Imports only torch and train/ modules; the config is a ``TrainSettings`` (context.py: the
+attributes of ``alchemist_sgl.config.TrainConfig`` it reads).
 
 Contract: a step must run with no concurrent writer of the base tensors (it reads them, and in
 merge mode they are the live served weights W_pub; forward.py, Note [Published adapter]); it
@@ -19,19 +20,22 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 
+from alchemist_sgl.train.context import LayerContext, Layout, TrainSettings
 from alchemist_sgl.train.forward import forward_logprobs
 from alchemist_sgl.train.joint import joint_forward_logprobs
 from alchemist_sgl.train.lora import FrozenLora, LoraAdapter
 from alchemist_sgl.train.objectives import sample_loss
+from alchemist_sgl.train.offload import SavedTensorOffload
 from alchemist_sgl.train.ops import RopeCache
 from alchemist_sgl.train.rounds import RoundRun
 from alchemist_sgl.train.samples import PlanCounts, PlannedSample, Sample, plan_sample
 from alchemist_sgl.train.optimizer_unit import is_step_finite
-from alchemist_sgl.train.stats import StepStats, TrainCounters  # noqa: F401 (re-export)
+from alchemist_sgl.train.stats import StepStats as StepStats  # re-export
+from alchemist_sgl.train.stats import TrainCounters as TrainCounters  # re-export
 from alchemist_sgl.train.units import ScoreRun, StepRun, check_unit_support
 from alchemist_sgl.train.weights import BaseWeights
 
@@ -49,13 +53,19 @@ class ReplayTrainer:
     round away most AdamW updates (|A| ~ 0.04 has a bf16 spacing of ~1.6e-4 > lr).
     """
 
-    def __init__(self, weights: BaseWeights, config: Any, *, version: int = 0, seed: int = 0,
-                 layout: str = "joint", adapter_dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, weights: BaseWeights, config: TrainSettings, *, version: int = 0,
+                 seed: int = 0, layout: Layout = "joint",
+                 adapter_dtype: torch.dtype = torch.float32,
+                 residency: SavedTensorOffload | None = None) -> None:
         if layout not in ("segments", "joint"):
             raise ValueError(f"unknown layout {layout!r} (segments | joint)")
-        self.weights, self.config, self.version, self.layout = weights, config, version, layout
+        self.weights, self.config, self.version = weights, config, version
+        self.layout: Layout = layout
         self.is_compiled = bool(getattr(config, "compile", False))
-        self.compile_info: dict | None = None  # set by the warm-up (warmup.py), shown in status
+        # Set by the warm-up (warmup.py; an "error" string when it failed), shown in status.
+        self.compile_info: Mapping[str, float | str] | None = None
+        # memory.offload's saved-tensor offload (offload.py), run by the work units; None: no hooks.
+        self.residency = residency
         self.seed, self.loss_chunk_rows = seed, int(getattr(config, "loss_chunk_rows", 256))
         lc = config.lora
         self.adapter = LoraAdapter(weights.spec, lc.rank, lc.alpha, lc.dropout, lc.targets,
@@ -69,6 +79,16 @@ class ReplayTrainer:
         self._is_published_current = False
         self._kl_ema = 0.0
         self._last_ratios: list[float] = []
+
+    @property
+    def kl_ema(self) -> float:
+        """The KTO KL estimate (``update_kl``)."""
+        return self._kl_ema
+
+    def layer_context(self) -> LayerContext:
+        """What a decoder layer reads now (context.py; the published adapter as it is now)."""
+        return LayerContext(self.weights, self.layout, self.rope, self.published,
+                            self.is_published_current, self.is_compiled)
 
     @property
     def is_published_current(self) -> bool:
@@ -102,13 +122,14 @@ class ReplayTrainer:
         tensors as they are); with grad when grad is enabled and the adapter is on. Whole sample;
         ``layout="joint"`` (exact mode only) uses joint.py, Note [Joint layout]."""
         adapter = self.adapter if is_adapter_enabled else None
-        kw = dict(is_training=self.adapter.training, published=self.published,
-                  is_published_current=self.is_published_current)
+        is_training, current = self.adapter.training, self.is_published_current
         if self.layout == "joint" and self.config.gradient_mode == "exact":
             return joint_forward_logprobs(self.weights, adapter, self.rope, planned,
-                                          is_compiled=self.is_compiled, **kw)
+                                          is_compiled=self.is_compiled, is_training=is_training,
+                                          published=self.published, is_published_current=current)
         return forward_logprobs(self.weights, adapter, self.rope, planned,
-                                gradient_mode=self.config.gradient_mode, **kw)
+                                gradient_mode=self.config.gradient_mode, is_training=is_training,
+                                published=self.published, is_published_current=current)
 
     def begin_step(self, samples: Sequence[Sample]) -> StepRun:
         """Plans ``samples`` (raises ValueError on a malformed one, before any work) and returns
@@ -151,7 +172,7 @@ class ReplayTrainer:
             for planned in plans:
                 loss, ratio = self._sample_loss(planned)
                 loss = loss * planned.sample.weight  # rounds.py, Note [Round normalisation]
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]  # torch: Tensor.backward is unannotated
                 loss_sum += float(loss.detach()) * grad_scale  # host sync: once per sample
                 ratios += [] if ratio is None else [ratio]
                 counts.add(planned.counts)
@@ -179,11 +200,11 @@ class ReplayTrainer:
         self.adapter.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss, counts, tokens = self.accumulate(samples)
-        is_finite = is_step_finite(loss, [p for p in self.adapter.parameters() if p.grad is not None])
+        grads = [p.grad for p in self.adapter.parameters() if p.grad is not None]
+        is_finite = is_step_finite(loss, grads)
         if is_finite:
             self.optimizer.step()
-            self._is_published_current = False
-            self.update_kl(self._last_ratios)
+            self.on_optimizer_step(self._last_ratios)
         self.optimizer.zero_grad(set_to_none=True)
         ms = (time.perf_counter() - t0) * 1000.0
         return self.record_step(loss, len(samples), tokens, counts, ms, ms, len(samples) + 1,
@@ -202,6 +223,11 @@ class ReplayTrainer:
         loss = sample_loss(s.kind, self.config.objective_negative, logp, ref, self._kl_ema)
         ratio = None if ref is None else float((logp.detach() - ref.to(logp)).sum())  # host sync
         return loss, ratio
+
+    def on_optimizer_step(self, ratios: list[float]) -> None:
+        """After an optimizer step: the adapter left the published one; the KL estimate moves."""
+        self._is_published_current = False
+        self.update_kl(ratios)
 
     def update_kl(self, ratios: list[float]) -> None:
         """The KTO KL estimate: an EMA of the batch mean summed log ratio, clamped at 0."""

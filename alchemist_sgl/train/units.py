@@ -2,7 +2,8 @@
 
 Owns ``StepRun`` (``ReplayTrainer.begin_step``), ``ScoreRun`` (``ReplayTrainer.begin_scoring``) and
 ``UnitInfo``. Both runs follow one protocol: ``run_unit()`` runs exactly one unit and returns its
-``UnitInfo``; ``is_done`` says when none is left. Imports only torch.
+``UnitInfo``; ``is_done`` says when none is left. Imports only torch and lower train/ modules: the
+trainer is a ``UnitTrainer`` (context.py), never imported.
 
 Note [Work units]: a step over samples s = 0..n-1 (a micro-batch is one sample) runs, per sample,
   * one ``forward`` unit per decoder layer (``run_layer``: layer.py's ``joint_layer`` over all
@@ -30,21 +31,22 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Literal
+from typing import ContextManager, Iterator, Literal
 
 import torch
 
+from alchemist_sgl.train.context import TrainSettings, UnitTrainer
 from alchemist_sgl.train.forward import Streams, head_logprobs
 from alchemist_sgl.train.layer import embed_streams, run_layer
+from alchemist_sgl.train.lora import LoraAdapter
 from alchemist_sgl.train.objectives import kto_loss_and_coefficient, token_loss_sum
-from alchemist_sgl.train.offload import long_lived_tensors
+from alchemist_sgl.train.offload import Key, SavedTensorOffload, long_lived_tensors
 from alchemist_sgl.train.optimizer_unit import optimizer_unit
 from alchemist_sgl.train.samples import PlanCounts, PlannedSample
-
-if TYPE_CHECKING:
-    from alchemist_sgl.train.trainer import ReplayTrainer, StepStats
+from alchemist_sgl.train.stats import StepStats
 
 UnitKind = Literal["forward", "head", "backward", "optimizer"]
+Units = Iterator[tuple[UnitKind, int | None, int | None]]  # (kind, sample, layer) per unit
 
 
 @dataclass(frozen=True)
@@ -65,8 +67,7 @@ class _Run:
     """The shared protocol: a generator does one unit per ``next`` and yields (kind, sample,
     layer); the number of units is known up front, so ``is_done`` needs no look-ahead."""
 
-    def __init__(self, units: Iterator[tuple[UnitKind, int | None, int | None]], total: int,
-                 is_grad: bool) -> None:
+    def __init__(self, units: Units, total: int, is_grad: bool) -> None:
         self._units, self._total, self._is_grad = units, total, is_grad
         self.units, self.busy_ms, self.max_unit_ms = 0, 0.0, 0.0
 
@@ -93,7 +94,7 @@ class _Run:
         return UnitInfo(kind, sample, layer, ms)
 
 
-def _count_units(trainer: "ReplayTrainer", planned: PlannedSample, is_grad: bool) -> int:
+def _count_units(trainer: UnitTrainer, planned: PlannedSample, is_grad: bool) -> int:
     layers, s = trainer.weights.spec.layers, planned.sample
     chunks = len(loss_chunks(planned, trainer.loss_chunk_rows))
     if not is_grad:
@@ -110,7 +111,7 @@ class StepRun(_Run):
     base tensors must not change. ``finish()`` only after ``is_done``.
     """
 
-    def __init__(self, trainer: "ReplayTrainer", plans: list[PlannedSample]) -> None:
+    def __init__(self, trainer: UnitTrainer, plans: list[PlannedSample]) -> None:
         self.trainer, self.plans = trainer, plans
         self.weight_sum = sum(p.sample.weight for p in plans)
         self.loss, self.tokens = 0.0, 0  # loss: set by the optimizer unit
@@ -120,7 +121,7 @@ class StepRun(_Run):
         self.is_nonfinite_skipped = self._is_injected = False
         total = sum(_count_units(trainer, p, True) for p in plans) + 1
         # memory.offload (offload.py, Note [Saved-tensor offload]); None: no hooks.
-        self.offload = getattr(trainer, "residency", None)
+        self.offload = trainer.residency
         if self.offload is not None:
             self.offload.release_all()  # units an abandoned step left tracked
             self.offload.protect(long_lived_tensors(trainer))
@@ -136,7 +137,7 @@ class StepRun(_Run):
         ``.grad`` and loss terms by (rounds.py, Note [Round normalisation])."""
         return 1.0 / self.weight_sum
 
-    def _step_units(self) -> Iterator[tuple[UnitKind, int | None, int | None]]:
+    def _step_units(self) -> Units:
         for index, planned in enumerate(self.plans):
             self.counts.add(planned.counts)
             self.tokens += planned.input_ids.numel()
@@ -151,7 +152,7 @@ class StepRun(_Run):
             self.trainer, self._losses, self._ratios, is_injected=self._is_injected,
             grad_scale=self.grad_scale)
 
-    def finish(self) -> "StepStats":
+    def finish(self) -> StepStats:
         """The step's stats (and the trainer's counters updated). All units must have run."""
         if not self.is_done:
             raise RuntimeError(f"{self._total - self.units} units of this step have not run")
@@ -166,7 +167,7 @@ class ScoreRun(_Run):
     (y = W_pub x); ``"trained"``: W0 + s*BA of the current adapter (forward.py, Note [Published
     adapter]). ``result()`` = mean NLL per response token over all pairs."""
 
-    def __init__(self, trainer: "ReplayTrainer", plans: list[PlannedSample],
+    def __init__(self, trainer: UnitTrainer, plans: list[PlannedSample],
                  which: Literal["trained", "published"]) -> None:
         if which not in ("trained", "published"):
             raise ValueError(f"unknown scoring target {which!r} (trained | published)")
@@ -175,7 +176,7 @@ class ScoreRun(_Run):
         total = sum(_count_units(trainer, p, False) for p in plans)
         super().__init__(self._score_units(), total, is_grad=False)
 
-    def _score_units(self) -> Iterator[tuple[UnitKind, int | None, int | None]]:
+    def _score_units(self) -> Units:
         adapter = self.trainer.adapter if self.which == "trained" else None
         for index, planned in enumerate(self.plans):
             yield from nograd_logprob_units(self.trainer, planned, index, adapter, self._logps)
@@ -188,15 +189,16 @@ class ScoreRun(_Run):
         return -float(logp.sum()) / logp.numel()  # host sync: once per scoring
 
 
-def nograd_logprob_units(trainer: "ReplayTrainer", planned: PlannedSample, index: int,
-                         adapter, out: list[torch.Tensor]):
+def nograd_logprob_units(trainer: UnitTrainer, planned: PlannedSample, index: int,
+                         adapter: LoraAdapter | None, out: list[torch.Tensor]) -> Units:
     """A no-grad forward in units: one per layer, then one per loss chunk, appending each chunk's
     log-probs [hi - lo] to ``out``. ``adapter=None`` computes the served weights as they are."""
     w = trainer.weights
-    hidden, residual = embed_streams(trainer, planned)
+    hidden, residual = embed_streams(trainer.layer_context(), planned)
     for layer in range(w.spec.layers):
         with torch.no_grad():
-            hidden, residual = run_layer(trainer, layer, adapter, planned, hidden, residual)
+            hidden, residual = run_layer(trainer.layer_context(), layer, adapter, planned, hidden,
+                                         residual)
         yield "forward", index, layer
     for lo, hi in loss_chunks(planned, trainer.loss_chunk_rows):
         with torch.no_grad():
@@ -204,9 +206,9 @@ def nograd_logprob_units(trainer: "ReplayTrainer", planned: PlannedSample, index
         yield "head", index, None
 
 
-def sample_units(t: "ReplayTrainer", off, index: int, planned: PlannedSample, scale: float,
-                 losses: list[torch.Tensor], ratios: list[torch.Tensor]
-                 ) -> Iterator[tuple[UnitKind, int | None, int | None]]:
+def sample_units(t: UnitTrainer, off: SavedTensorOffload | None, index: int,
+                 planned: PlannedSample, scale: float, losses: list[torch.Tensor],
+                 ratios: list[torch.Tensor]) -> Units:
     """One sample's units (Note [Work units]): forward per layer, head chunks, backward per layer.
     Its loss enters the adapter's ``.grad`` multiplied by ``scale``; the detached loss terms go to
     ``losses`` (and KTO summed ratios to ``ratios``). ``off``: the saved-tensor offload or None."""
@@ -218,13 +220,14 @@ def sample_units(t: "ReplayTrainer", off, index: int, planned: PlannedSample, sc
         yield from nograd_logprob_units(t, planned, index, None, out)
         ref = torch.cat(out)
     # Forward units: each layer from detached copies of both streams.
-    hidden, residual = embed_streams(t, planned)
+    hidden, residual = embed_streams(t.layer_context(), planned)
     graphs: list[tuple[Streams, Streams, Streams, Streams] | None] = []
     for layer in range(spec.layers):
         if layer > 0:
             hidden, residual = _leaves(hidden), _leaves(residual)
         with _saving(off, (index, layer)):
-            h_out, r_out = run_layer(t, layer, t.adapter, planned, hidden, residual)
+            h_out, r_out = run_layer(t.layer_context(), layer, t.adapter, planned, hidden,
+                                     residual)
         if off is not None:  # forward order: layer 0 goes to host first
             off.keep((index, layer), [*hidden, *residual, *h_out, *r_out])
             off.offload((index, layer))
@@ -236,13 +239,14 @@ def sample_units(t: "ReplayTrainer", off, index: int, planned: PlannedSample, sc
     n_resp = planned.input_ids.numel() - planned.prompt_len
     coef = None
     if is_kto:  # Note [Chunked loss]: the summed ratio first, without grad
+        assert ref is not None  # given, or just computed above
         logps = []
         for lo, hi in chunks:
             with torch.no_grad():
                 logps.append(head_logprobs(w, planned, top_h, top_r, lo, hi))
             yield "head", index, None
         ratio = (torch.cat(logps) - ref.to(logps[0])).sum()
-        kto, coef = kto_loss_and_coefficient(ratio, t._kl_ema)
+        kto, coef = kto_loss_and_coefficient(ratio, t.kl_ema)
         losses.append(kto * scale)
         ratios.append(ratio)
     for lo, hi in chunks:
@@ -252,7 +256,7 @@ def sample_units(t: "ReplayTrainer", off, index: int, planned: PlannedSample, sc
             losses.append(loss.detach())
         else:
             loss = (coef * scale) * logp.sum()
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]  # torch: Tensor.backward is unannotated
         yield "head", index, None
     # Backward units, top down; each frees its layer's graph.
     grads_h, grads_r = _grads(top_h), _grads(top_r)
@@ -260,7 +264,9 @@ def sample_units(t: "ReplayTrainer", off, index: int, planned: PlannedSample, sc
         if off is not None:  # backward order, prefetching one layer ahead
             off.prefetch((index, layer))
             off.prefetch((index, layer - 1))
-        ins_h, ins_r, outs_h, outs_r = graphs[layer]
+        graph = graphs[layer]
+        assert graph is not None  # each layer's backward runs once
+        ins_h, ins_r, outs_h, outs_r = graph
         pairs = [(o, g) for o, g in zip(outs_h + outs_r, grads_h + grads_r)
                  if g is not None and o is not None and o.requires_grad]
         if pairs:
@@ -271,7 +277,7 @@ def sample_units(t: "ReplayTrainer", off, index: int, planned: PlannedSample, sc
             off.release((index, layer))
         yield "backward", index, layer
 
-def _saving(off, key):
+def _saving(off: SavedTensorOffload | None, key: Key) -> ContextManager[None]:
     return contextlib.nullcontext() if off is None else off.saving(key)
 
 
@@ -284,7 +290,7 @@ def _grads(streams: Streams) -> list[torch.Tensor | None]:
     return [None if t is None or not t.requires_grad else t.grad for t in streams]
 
 
-def check_unit_support(config, layout: str) -> None:
+def check_unit_support(config: TrainSettings, layout: str) -> None:
     """Work units cover both layouts in exact mode; raises ValueError otherwise."""
     if layout not in ("joint", "segments") or config.gradient_mode != "exact":
         raise ValueError(f"work units need train.gradient_mode='exact' (got {layout!r}, "

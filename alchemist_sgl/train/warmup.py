@@ -40,7 +40,7 @@ def _synthetic(trainer: "ReplayTrainer", names: Sequence[str], is_replay: bool,
 
 def warm_up_compiled(trainer: "ReplayTrainer", names: Sequence[str] = PROJECTIONS, *,
                      prompt_len: int = 48, response_len: int = 16,
-                     is_frozen: bool = True) -> dict:
+                     is_frozen: bool = True) -> dict[str, float]:
     """Compiles the loop's graphs (module docstring); returns {"compile_s", "steps"}. A no-op
     returning compile_s 0 when the trainer does not compile."""
     if not trainer.is_compiled:

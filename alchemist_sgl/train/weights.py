@@ -39,7 +39,8 @@ class LayerWeights:
     post_attention_layernorm: torch.Tensor
 
     def projection(self, name: str) -> torch.Tensor:
-        return getattr(self, name)
+        tensor: torch.Tensor = getattr(self, name)
+        return tensor
 
 
 @dataclass

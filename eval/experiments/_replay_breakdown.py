@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 CATEGORIES = ("gather", "projections", "attention", "pointwise", "lora", "autograd_other")
-READOUT_REGION = "alchemist::replay_readout"  # alchemist_sgl/train/layer.py READOUT_REGION
+READOUT_REGION = "alchemist::replay_readout"  # alchemist_sgl/train/replay_rows.py READOUT_REGION
 _REPLAY_FORWARDS = ("_RowReplayed", "_PrefixReplayed", "_Replayed")
 _REPLAY_COPIES = ("aten::copy_", "aten::index_select", "aten::cat")
 _OTHER_ANCESTORS = ("Optimizer.", "AccumulateGrad", "aten::cross_entropy_loss", "aten::nll_loss",

@@ -150,7 +150,7 @@ def fill_store(exports: Sequence[dict[str, Any]], shape, tensors: Sequence[str],
     recordings, written through ``open_batch``/``write``/``close_batch``; returns (store,
     namespace). Sized to hold every page with room to spare (nothing is evicted)."""
     from alchemist_sgl.core.prefix import Namespace
-    from alchemist_sgl.record.plan import RecordPlan
+    from alchemist_sgl.core.plan import RecordPlan
     from alchemist_sgl.core.records import RequestExtend
     from alchemist_sgl.store import ActivationStore
 

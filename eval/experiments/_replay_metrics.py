@@ -4,12 +4,12 @@ Owns what the benchmark computes from its measurements (no timing, no servers, n
 ``prompt_fractions`` (the FLOPs and token shares replay removes), ``lora_flops_per_token``,
 ``cosine`` and ``max_rel_err`` over named gradient tensors, ``ceiling_ratios``,
 ``forward_seconds`` (a step's forward time from its gradient-accumulation events) and
-``plan_fields`` (one plan's JSON fields). Imports torch and ``alchemist_sgl.record.plan`` only.
+``plan_fields`` (one plan's JSON fields). Imports torch and ``alchemist_sgl.core.plan`` only.
 
 Note [FLOPs share]: ``prompt_fraction`` f = FLOPs of the replayed projections over the replayed
 prompt rows / forward FLOPs of every row trained. The denominator is the whole training forward of
 prompt + response: the four base projections, attention at the sample's length (mean causal
-span), the elementwise ops (all three from ``forward_flops_per_token`` in record/plan.py), the
+span), the elementwise ops (all three from ``forward_flops_per_token`` in core/plan.py), the
 LoRA branch on every target (trained, so always computed) and the LM head on the loss rows only
 (the R rows [P - 1, P + R - 1)). The numerator uses ``RecordPlan.prompt_forward_flops_avoided``:
 its ratio times the per-token forward FLOPs at the same length is the replayed projections'
@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from alchemist_sgl.record.plan import ModelShape, RecordPlan, forward_flops_per_token
+from alchemist_sgl.core.plan import ModelShape, RecordPlan, forward_flops_per_token
 
 _TARGET_DIMS = {  # target -> (d_in, d_out) as functions of the shape
     "q": lambda s: (s.hidden, s.heads * s.head_dim),

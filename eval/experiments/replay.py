@@ -86,7 +86,7 @@ class Progress:
 
 def default_tensors(cfg, hf_config: dict[str, Any]) -> tuple[str, ...]:
     """The projections the config's record plan keeps at the config's own serving dtype."""
-    from alchemist_sgl.record.plan import ModelShape, choose_plan
+    from alchemist_sgl.core.plan import ModelShape, choose_plan
 
     name = str(cfg.sglang.get("dtype", "auto"))
     if name == "auto":
@@ -183,7 +183,7 @@ def _trim() -> None:
 def measure(folder, cfg, hf_config, texts, exports, plans, label, dtype, repetitions, seed, ref, log):
     """One dtype's fields; ``ref``: the fp32 HF + PEFT gradients (computed here when None, which
     requires fp32), returned for the next dtype."""
-    from alchemist_sgl.record.plan import ModelShape
+    from alchemist_sgl.core.plan import ModelShape
     from alchemist_sgl.train import ReplayTrainer, Sample, load_fused_weights
 
     dname, nbytes = _DTYPE[dtype]

@@ -8,7 +8,7 @@ import pytest
 
 from alchemist_sgl.config import RECORD_TENSORS, load_config
 from alchemist_sgl.errors import ConfigError
-from alchemist_sgl.record.plan import TENSOR_ORDER, ModelShape, choose_plan
+from alchemist_sgl.core.plan import TENSOR_ORDER, ModelShape, choose_plan
 
 REPO = Path(__file__).resolve().parents[2]
 SHAPE = ModelShape(hidden=8, heads=2, kv_heads=1, head_dim=4, intermediate=16, layers=3,
@@ -16,7 +16,7 @@ SHAPE = ModelShape(hidden=8, heads=2, kv_heads=1, head_dim=4, intermediate=16, l
 
 
 def test_config_names_the_plan_tensors() -> None:
-    assert RECORD_TENSORS == TENSOR_ORDER  # config/ may not import record/plan.py
+    assert RECORD_TENSORS == TENSOR_ORDER  # config/ may not import core/plan.py
 
 
 @pytest.mark.parametrize("path", [None, *sorted((REPO / "configs").glob("*.yaml"))])

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from alchemist_sgl.record.plan import ModelShape, TENSOR_ORDER, forward_flops_per_token
+from alchemist_sgl.core.plan import ModelShape, TENSOR_ORDER, forward_flops_per_token
 from eval.experiments import _replay_live as replay_live, _replay_metrics as m
 
 torch.set_num_threads(1)
@@ -206,17 +206,17 @@ def test_breakdown_sums_to_the_step_per_token() -> None:
 
 def test_readout_region_names_agree() -> None:
     from alchemist_sgl.store import readout
-    from alchemist_sgl.train import layer
+    from alchemist_sgl.train import replay_rows
     from eval.experiments import _replay_breakdown as bd
 
-    assert bd.READOUT_REGION == layer.READOUT_REGION == readout.READOUT_REGION
+    assert bd.READOUT_REGION == replay_rows.READOUT_REGION == readout.READOUT_REGION
 
 
 def test_profiled_step_attributes_a_store_readout_to_gather() -> None:
     """A real profile: a read-out of pinned pages into a buffer, a matmul of a projection's shape
     and an elementwise op land in gather, projections and pointwise."""
     from alchemist_sgl.core.prefix import Namespace
-    from alchemist_sgl.record.plan import RecordPlan
+    from alchemist_sgl.core.plan import RecordPlan
     from alchemist_sgl.core.records import RequestExtend
     from alchemist_sgl.store import ActivationStore
 

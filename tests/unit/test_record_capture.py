@@ -6,7 +6,7 @@ import torch
 
 from alchemist_sgl.core.prefix import Namespace
 from alchemist_sgl.record.capture import Capture
-from alchemist_sgl.record.plan import ModelShape, choose_plan
+from alchemist_sgl.core.plan import ModelShape, choose_plan
 from alchemist_sgl.core.records import RequestExtend
 from alchemist_sgl.store import ActivationStore
 

@@ -21,7 +21,7 @@ from alchemist_sgl.integration.environment import (check_recording_flags,  # noq
                                                    prefill_graph_backend)
 from alchemist_sgl.core.prefix import Namespace  # noqa: E402
 from alchemist_sgl.record.capture import Capture  # noqa: E402
-from alchemist_sgl.record.plan import ModelShape, choose_plan  # noqa: E402
+from alchemist_sgl.core.plan import ModelShape, choose_plan  # noqa: E402
 from alchemist_sgl.record.staging import HostStaging  # noqa: E402
 from alchemist_sgl.core.records import RequestExtend  # noqa: E402
 from alchemist_sgl.store import ActivationStore  # noqa: E402

@@ -13,7 +13,7 @@ import torch
 from alchemist_sgl.integration.capture_hooks import _BatchViewBuilder
 from alchemist_sgl.core.prefix import Namespace
 from alchemist_sgl.record.capture import Capture
-from alchemist_sgl.record.plan import ModelShape, choose_plan
+from alchemist_sgl.core.plan import ModelShape, choose_plan
 from alchemist_sgl.store import ActivationStore
 
 torch.set_num_threads(1)

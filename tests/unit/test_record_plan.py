@@ -1,4 +1,4 @@
-"""record/plan.py: the full default, named plans, greedy choice by FLOPs per byte, the kept tensor,
+"""core/plan.py: the full default, named plans, greedy choice by FLOPs per byte, the kept tensor,
 bytes per token, FLOPs avoided."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from alchemist_sgl.errors import ConfigError
-from alchemist_sgl.record.plan import ModelShape, choose_plan, forward_flops_per_token
+from alchemist_sgl.core.plan import ModelShape, choose_plan, forward_flops_per_token
 
 SMOLLM2_HF = {"hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3,
               "intermediate_size": 1536, "num_hidden_layers": 30}

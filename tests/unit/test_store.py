@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from alchemist_sgl.core.prefix import Namespace
-from alchemist_sgl.record.plan import ModelShape, choose_plan
+from alchemist_sgl.core.plan import ModelShape, choose_plan
 from alchemist_sgl.core.records import RequestExtend
 from alchemist_sgl.store import ActivationStore
 

@@ -159,7 +159,7 @@ def test_release_frees_versions_that_can_no_longer_replay() -> None:
 
 
 def test_containers_per_slot_for_real_shapes() -> None:
-    from alchemist_sgl.record.plan import ModelShape, choose_plan
+    from alchemist_sgl.core.plan import ModelShape, choose_plan
     from alchemist_sgl.store.pool import SlotPool
     from tests.unit.test_record_plan import LLAMA_1B_HF, SMOLLM2_HF
 

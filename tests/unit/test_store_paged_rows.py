@@ -19,7 +19,7 @@ import torch
 
 from alchemist_sgl.config import LoraConfig, TrainConfig
 from alchemist_sgl.core.prefix import Namespace
-from alchemist_sgl.record.plan import ModelShape, choose_plan
+from alchemist_sgl.core.plan import ModelShape, choose_plan
 from alchemist_sgl.core.records import RequestExtend
 from alchemist_sgl.store import ActivationStore
 from alchemist_sgl.train import PromptSegment, Recording, ReplayTrainer, Sample, load_fused_weights

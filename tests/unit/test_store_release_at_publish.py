@@ -17,7 +17,7 @@ import torch
 
 from alchemist_sgl.integration.training import StoreRecordings
 from alchemist_sgl.core.prefix import Namespace
-from alchemist_sgl.record.plan import ModelShape, choose_plan
+from alchemist_sgl.core.plan import ModelShape, choose_plan
 from alchemist_sgl.core.records import RequestExtend
 from alchemist_sgl.store import ActivationStore
 from alchemist_sgl.config import load_config

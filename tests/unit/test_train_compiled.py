@@ -10,8 +10,8 @@ import torch
 
 from alchemist_sgl.config import LoraConfig, TrainConfig
 from alchemist_sgl.train import ReplayTrainer, load_fused_weights
-from alchemist_sgl.train import layer as layer_mod
 from alchemist_sgl.train.warmup import warm_up_compiled
+from tests.support.layer_calls import layer_calls
 from tests.unit.test_train_hfref import (adapter_grads, build_hf_peft, max_rel_err, model_dir,
                                          random_adapter)
 from tests.unit.test_store_paged_rows import _samples as _store_samples
@@ -70,10 +70,10 @@ def test_compiled_step_matches_eager(compiled_pair, form):
     for t in (eager, compiled):
         if form != "plain":  # published = the adapter itself (lag 0) or forced full form
             t.set_published(t.adapter.snapshot(), allow_lag0_form=form == "lag0")
-    calls = dict(layer_mod.CALLS)
-    loss_e, grads_e = _step_grads(eager, samples)
-    loss_c, grads_c = _step_grads(compiled, samples)
-    n_compiled = layer_mod.CALLS["compiled"] - calls["compiled"]
+    with layer_calls() as calls:
+        loss_e, grads_e = _step_grads(eager, samples)
+        loss_c, grads_c = _step_grads(compiled, samples)
+    n_compiled = calls["compiled"]
     # every layer but layer 0 of every sample ran compiled (Note [Compiled layer])
     assert n_compiled == len(samples) * (weights.spec.layers - 1)
     assert abs(loss_c - loss_e) <= TOL * abs(loss_e)
@@ -91,9 +91,9 @@ def test_compiled_step_reads_lazy_recordings(compiled_pair, stored_samples):
     compiled.optimizer.state.clear()
     lazy, pins_l = _store_samples(store, pairs, is_lazy=True)
     copied, pins_c = _store_samples(store, pairs, is_lazy=False)
-    calls = dict(layer_mod.CALLS)
-    loss_c, grads_c = _step_grads(compiled, lazy)
-    n_compiled = layer_mod.CALLS["compiled"] - calls["compiled"]
+    with layer_calls() as calls:
+        loss_c, grads_c = _step_grads(compiled, lazy)
+    n_compiled = calls["compiled"]
     loss_e, grads_e = _step_grads(eager, copied)
     for pin in pins_l + pins_c:
         store.unpin(pin)

@@ -30,7 +30,7 @@ training computes logits only for response rows.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from alchemist_sgl.errors import ConfigError
 
@@ -55,10 +55,10 @@ class ModelShape:
     dtype_bytes: int
 
     @classmethod
-    def from_hf_config(cls, config: Mapping[str, Any] | Any, dtype_bytes: int) -> ModelShape:
+    def from_hf_config(cls, config: Mapping[str, Any] | object, dtype_bytes: int) -> ModelShape:
         """From a HF ``config.json`` mapping or a ``PretrainedConfig``-like object."""
-        get = (config.get if isinstance(config, Mapping)
-               else lambda k, d=None: getattr(config, k, d))
+        get: Callable[..., Any] = (config.get if isinstance(config, Mapping)
+                                   else lambda k, d=None: getattr(config, k, d))
         hidden = int(get("hidden_size"))
         heads = int(get("num_attention_heads"))
         return cls(hidden=hidden, heads=heads,
