@@ -30,6 +30,7 @@ from alchemist_sgl.train.objectives import sample_loss
 from alchemist_sgl.train.ops import RopeCache
 from alchemist_sgl.train.rounds import RoundRun
 from alchemist_sgl.train.samples import PlanCounts, PlannedSample, Sample, plan_sample
+from alchemist_sgl.train.offload import SavedTensorOffload
 from alchemist_sgl.train.optimizer_unit import is_step_finite
 from alchemist_sgl.train.stats import StepStats, TrainCounters  # noqa: F401 (re-export)
 from alchemist_sgl.train.units import ScoreRun, StepRun, check_unit_support
@@ -50,7 +51,8 @@ class ReplayTrainer:
     """
 
     def __init__(self, weights: BaseWeights, config: Any, *, version: int = 0, seed: int = 0,
-                 layout: str = "joint", adapter_dtype: torch.dtype = torch.float32) -> None:
+                 layout: str = "joint", adapter_dtype: torch.dtype = torch.float32,
+                 residency: SavedTensorOffload | None = None) -> None:
         if layout not in ("segments", "joint"):
             raise ValueError(f"unknown layout {layout!r} (segments | joint)")
         self.weights, self.config, self.version, self.layout = weights, config, version, layout
@@ -65,6 +67,8 @@ class ReplayTrainer:
         self.rope = RopeCache(weights.spec.head_dim, weights.spec.rope_theta, weights.dtype,
                               weights.device)
         self.counters = TrainCounters()
+        # memory.offload: the work units move their saved tensors (offload.py); None: no hooks.
+        self.residency = residency
         self.published: FrozenLora | None = None
         self._is_published_current = False
         self._kl_ema = 0.0
