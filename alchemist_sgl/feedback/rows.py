@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from alchemist_sgl.errors import FeedbackInvalid
 
@@ -79,7 +79,7 @@ class FeedbackResult:
     feedback_id: str
     completion_id: str
     status: Literal["accepted", "replaced", "duplicate"]
-    answer: dict
+    answer: dict[str, Any]
 
 
 @dataclass(frozen=True)

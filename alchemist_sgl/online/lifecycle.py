@@ -11,6 +11,7 @@ loop: scheduler thread only, between iterations. Imports package modules only; n
 from __future__ import annotations
 
 import copy
+import functools
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,7 +88,7 @@ class VersionKeeper:
             path = self.registry.get(name).adapter_path
             if path:
                 self.registry.set_adapter_path(name, None)  # no rollback to it from now on
-                self.writer.submit(lambda p=path: shutil.rmtree(p, ignore_errors=True))
+                self.writer.submit(functools.partial(shutil.rmtree, path, ignore_errors=True))
 
     # ------------------------------------------------------------------ rollback
     def rollback_target(self, to: str) -> VersionInfo:

@@ -328,10 +328,10 @@ class OnlineLoop:
         than ``train.stale_max_age_s`` leave the queue (deferred or dropped, Note [Rounds])."""
         tc, now = self.config.train, self.clock()
         bound, max_age = tc.max_version_lag, tc.stale_max_age_s
-        lags = {id(p): self.lag_of(p) for p in self.queue}
-        self._release([p for p in self.queue if lags[id(p)] is None or lags[id(p)] > bound])
-        old = self.queue.remove_where(lambda p: now - p.enqueued_at > max_age
-                                      and (lags[id(p)] is None or lags[id(p)] > 0))
+        # A lag of None (a branch, never served) is beyond every bound.
+        lags = {id(p): _STALE if (lag := self.lag_of(p)) is None else lag for p in self.queue}
+        self._release([p for p in self.queue if lags[id(p)] > bound])
+        old = self.queue.remove_where(lambda p: now - p.enqueued_at > max_age and lags[id(p)] > 0)
         self._release(old)
         deferred = [p.feedback_id for p in old if p.feedback_id is not None]
         if deferred and self.feedback is not None:
