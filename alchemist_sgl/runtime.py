@@ -56,8 +56,8 @@ from alchemist_sgl.train.weights import BaseWeights
 
 logger = get_logger(__name__)
 
-StatusSection = Callable[[], object]
-Command = Callable[[dict[str, Any]], object]
+StatusSection = Callable[[], object]  # a block of /alchemist/status
+Command = Callable[[dict[str, Any]], object]  # a control command: payload -> JSON answer
 
 
 @dataclass(frozen=True)
@@ -268,15 +268,11 @@ class Runtime:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.config, self.info, self.control, self.clock = config, info, control, clock
         self.state = state if state is not None else RuntimeState()
-        # Durable completion log (feedback/), shared with the HTTP process through SQLite.
-        self.completions = completions
-        # The online loop, its sample admission and feedback poller (online/); None while
-        # training is off or failed to build.
+        self.completions = completions  # shared with the HTTP process through SQLite
+        # The online loop, its admission and feedback poller; None: training off or failed.
         self.training = training
         self.loop = training.loop if training is not None else None
-        # The memory arbiter (memory/arbiter.py) and the serving pressure it reads; None while
-        # the arbiter is off.
-        self.arbiter, self.pressure = arbiter, pressure
+        self.arbiter, self.pressure = arbiter, pressure  # None while the arbiter is off
         # Extra status sections, each produced by a part: name -> callable returning its block.
         self._status_sections: dict[str, StatusSection] = dict(status_sections or {})
         # Control commands: kind -> handler(payload) -> JSON value (api/control.py).
@@ -391,14 +387,12 @@ class Runtime:
 def _error_answer(kind: str, exc: Exception) -> dict[str, Any]:
     """A failed command's answer: a ``CommandError``'s status and field (online/commands.py),
     else the exception's type and message (logged with its traceback)."""
-    status = getattr(exc, "http_status", None)
-    if status is None:
+    if (status := getattr(exc, "http_status", None)) is None:
         logger.exception("control command %s failed", kind)
     message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
     answer: dict[str, Any] = {"error": message if status else f"{type(exc).__name__}: {exc}"}
     if status is not None:
         answer["http_status"] = int(status)
-    field_name = getattr(exc, "field", None)
-    if field_name:
+    if field_name := getattr(exc, "field", None):
         answer["field"] = field_name
     return answer

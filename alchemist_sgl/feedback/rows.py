@@ -23,7 +23,7 @@ class FeedbackInput:
     """One feedback as the route hands it over (``choice_index`` range is the route's check).
 
     At least one of ``rating``, ``score`` or ``correction``; not both ``rating`` and ``score``
-    (INTERFACES.md "Feedback API" asks for exactly one; a bare correction is accepted here).
+    (docs/api.md, "Feedback", asks for exactly one; a bare correction is accepted here).
     """
 
     completion_id: str

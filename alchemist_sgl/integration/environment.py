@@ -60,7 +60,7 @@ def prepare_environment(config: Config, model_path: Path) -> None:
     """Sets every variable the run needs; call before importing sglang."""
     if is_cpu_run(config):
         os.environ["SGLANG_USE_CPU_ENGINE"] = "1"
-        # Spin-waiting OpenMP threads collapse when another process shares the cores (PLATFORM.md).
+        # Spin-waiting OpenMP threads collapse when another process shares the cores.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         activate_cpu_stand_ins()
     os.environ[CONFIG_ENV] = config_to_json(config)

@@ -54,6 +54,7 @@ from alchemist_sgl.online.lifecycle import VersionKeeper, without_handle
 from alchemist_sgl.online.loop_status import loop_status
 from alchemist_sgl.online.loop_types import (FeedbackSink, LoopCounters, OpenRound,
                                              RecordingSource, ServingHost, SliceReport)
+from alchemist_sgl.online.work import WAIT, Work, WorkSlot
 from alchemist_sgl.online.publish import MasterWeights, Publisher
 from alchemist_sgl.online.versions import VersionRegistry
 from alchemist_sgl.online.writer import BackgroundWriter
@@ -62,7 +63,6 @@ from alchemist_sgl.train.trainer import ReplayTrainer
 
 logger = get_logger(__name__)
 
-_WAIT = "wait"
 _STALE = 10**9  # a lag no max_version_lag accepts (a recording across a branch)
 
 
@@ -95,7 +95,7 @@ class OnlineLoop:
         self.is_replay_enabled = bool(config.train.replay)  # from the next round on (set_replay)
         self.round_s = float(config.train.round_s)  # debug.round_s may change it (experiments)
         self.inject_nonfinite_steps = inject_nonfinite_steps
-        self._work: Generator[str, None, None] | None = None
+        self.work = WorkSlot(self.counters)  # Note [Work as a generator]
         self._round: OpenRound | None = None
         self._inflight: list[PendingSample] = []
         self._state = "idle"
@@ -106,11 +106,11 @@ class OnlineLoop:
         """True while not paused and a unit could run now (then SGLang's idle sleep is skipped)."""
         if self.is_paused:
             return False
-        return self._work is not None or len(self.queue) > 0 or self._is_close_due()
+        return self.work.current is not None or len(self.queue) > 0 or self._is_close_due()
 
     @property
     def has_step_in_progress(self) -> bool:
-        return self._work is not None
+        return self.work.current is not None
 
     def offer(self, samples: list[PendingSample]) -> int:
         """Queues new samples (all or none; ``QueueFull``) and counts them fed."""
@@ -136,50 +136,20 @@ class OnlineLoop:
         host and releases workspace (train/offload.py, Note [Yield moves memory]); its backward
         reloads them when training resumes. Bytes moved (0 without ``memory.offload`` or work)."""
         off = self.trainer.residency
-        if off is None or self._work is None:
+        if off is None or self.work.current is None:
             return 0
         return off.yield_memory()
 
     def run_slice(self, budget_ms: float) -> SliceReport:
         """Runs work units until ``budget_ms`` is spent (at least one unit when work is ready)."""
-        c = self.counters
         self.writer.drain()
-        t0 = time.perf_counter()
-        units = over = 0
-        while units == 0 or (time.perf_counter() - t0) * 1000.0 < budget_ms:
-            if self._work is None:
-                self._work = None if self.is_paused else self._next_work()
-                if self._work is None:
-                    break
-            u0 = time.perf_counter()
-            try:
-                kind = next(self._work)
-            except StopIteration:
-                self._work = None
-                continue
-            if kind == _WAIT:
-                break
-            unit_ms = (time.perf_counter() - u0) * 1000.0
-            units += 1
-            c.max_unit_ms = max(c.max_unit_ms, unit_ms)
-            c.max_unit_ms_by_kind[kind] = max(c.max_unit_ms_by_kind.get(kind, 0.0), unit_ms)
-            if unit_ms > budget_ms:
-                over += 1
-        if units:
-            ms = (time.perf_counter() - t0) * 1000.0
-            c.slices += 1
-            c.units_run += units
-            c.units_over_budget += over
-            c.max_slice_ms = max(c.max_slice_ms, ms)
-            return SliceReport(units, ms, over)
-        return SliceReport(0, 0.0, 0)
+        return self.work.run_slice(budget_ms,
+                                   lambda: None if self.is_paused else self._next_work())
 
     def abandon_step(self) -> None:
         """Drops the round under way (rollback, shutdown): its samples, and the one in progress,
         go back to the queue front (their recordings are recomputed)."""
-        if self._work is not None:
-            self._work.close()
-            self._work = None
+        self.work.close()
         self.publisher.abandon()
         back: list[PendingSample] = []
         if self._round is not None:
@@ -200,9 +170,8 @@ class OnlineLoop:
 
     # ------------------------------------------------------------------ versions (lifecycle.py)
     def rollback(self, to: str) -> dict[str, Any]:
-        """Serves ``to``'s weights, adapter and AdamW state under a new id (one call). Raises
-        KeyError (unknown), LookupError (no adapter kept), ValueError (rejected by the gate) or
-        RuntimeError (retry later)."""
+        """Serves ``to``'s weights, adapter and AdamW state under a new id (one call); raises as
+        ``VersionKeeper.rollback_target`` and ``serve_again`` do."""
         target = self.versions.rollback_target(to)
         self.abandon_step()
         version, stall_ms = self.versions.serve_again(target, self.counters)
@@ -238,7 +207,7 @@ class OnlineLoop:
                                 self.is_replay_enabled)
         return self._round
 
-    def _next_work(self) -> Generator[str, None, None] | None:
+    def _next_work(self) -> Work | None:
         """The close of a due round, else the next sample by lane, else None."""
         if self._round is None:
             self._open_round()
@@ -249,7 +218,7 @@ class OnlineLoop:
             return None
         return self._train_sample(*taken)
 
-    def _train_sample(self, p: PendingSample, lane: str) -> Generator[str, None, None]:
+    def _train_sample(self, p: PendingSample, lane: str) -> Work:
         r = self._round
         assert r is not None, "a sample is trained inside an open round"
         self._inflight = [p]
@@ -274,7 +243,7 @@ class OnlineLoop:
         r.tally.append(TakenSample(lane, lag, len(p.prompt_ids), covered, has_recording,
                                    p.enqueued_at))
 
-    def _close_round(self) -> Generator[str, None, None]:
+    def _close_round(self) -> Work:
         """The optimizer unit, then gate, publish and (by time) a checkpoint; a new round opens."""
         tc, c, r = self.config.train, self.counters, self._round
         assert r is not None and r.taken, "a round never closes empty"
@@ -384,7 +353,7 @@ class OnlineLoop:
             self.publisher.run_unit()
             yield "publish.build"
         while not self.host.can_publish():
-            yield _WAIT
+            yield WAIT
         stall_ms = self.publisher.commit()
         self.trainer.set_published(frozen)
         steps = self.trainer.counters.steps
