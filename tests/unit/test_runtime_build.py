@@ -13,6 +13,8 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,7 +23,11 @@ from alchemist_sgl.api.control import ControlQueue
 from alchemist_sgl.config import Config, load_config
 from alchemist_sgl.memory.arbiter import ServingPressure
 from alchemist_sgl.memory.status import KvPoolView
+from alchemist_sgl.record.capture import Capture
+from alchemist_sgl.record.plan import ModelShape, RecordPlan, choose_plan
 from alchemist_sgl.runtime import RuntimeState, SchedulerInfo, ServedModel, build_runtime
+from alchemist_sgl.store import ActivationStore
+from alchemist_sgl.store.recordings import StoreRecordings
 from alchemist_sgl.train import load_fused_weights
 from tests.unit.test_online_loop import EOS, TINY_CONFIG, chat, model_dir, tokenize
 
@@ -109,3 +115,29 @@ def test_a_part_that_fails_to_build_disables_training_only(tmp_path: Path) -> No
     reason = runtime.status()["disabled"]["train"]
     assert reason.startswith("install failed: FileExistsError")
     assert runtime.status()["version"]  # status still answers
+
+
+@dataclass(frozen=True)
+class InstalledRecording:
+    """What integration/capture_hooks.py ``install`` hands the root, minus the hooks."""
+
+    capture: Capture
+    store: ActivationStore
+    plan: RecordPlan
+
+
+def test_recording_feeds_status_and_the_loop_reads_its_store(tmp_path: Path) -> None:
+    shape = ModelShape.from_hf_config(
+        json.loads((Path(model_dir("tiny")) / "config.json").read_text()), 4)
+    plan = choose_plan(shape, "full", page_tokens=16)
+    store = ActivationStore(plan, host_bytes=64 * plan.slot_bytes, dtype=torch.float32)
+    state = RuntimeState()
+    recording = InstalledRecording(Capture(store, plan), store, plan)
+    runtime = build_runtime(_config(tmp_path), INFO, state, control=None, recording=recording,
+                            served=_served(state))
+    assert runtime.loop is not None
+    source = runtime.loop.recordings
+    assert isinstance(source, StoreRecordings) and source.store is store
+    status = runtime.status()
+    assert status["record_plan"] == plan.as_status() and status["store"] == store.status()
+    assert status["record"] == recording.capture.status()
