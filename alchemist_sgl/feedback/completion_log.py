@@ -29,7 +29,7 @@ import os
 import sys
 import time
 from array import array
-from typing import Callable, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 from alchemist_sgl.errors import CompletionEntryInvalid
 from alchemist_sgl.feedback.db import FeedbackDb
@@ -42,7 +42,7 @@ _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 _SWAP = sys.byteorder == "big"  # stored little-endian, whatever the host
 
 
-def _pack(typecode: str, values: Iterable, field: str) -> bytes:
+def _pack(typecode: str, values: Iterable[float], field: str) -> bytes:
     try:
         arr = array(typecode, values)
     except (OverflowError, TypeError) as e:
@@ -53,7 +53,7 @@ def _pack(typecode: str, values: Iterable, field: str) -> bytes:
     return arr.tobytes()
 
 
-def _unpack(typecode: str, data: bytes) -> tuple:
+def _unpack(typecode: str, data: bytes) -> tuple[Any, ...]:
     arr = array(typecode)
     arr.frombytes(data)
     if _SWAP:
@@ -61,7 +61,7 @@ def _unpack(typecode: str, data: bytes) -> tuple:
     return tuple(arr)
 
 
-def _row_of(e: CompletionEntry) -> tuple:
+def _row_of(e: CompletionEntry) -> tuple[Any, ...]:
     if not isinstance(e.rid, str) or not e.rid:
         raise CompletionEntryInvalid("rid", f"must be a non-empty string, got {e.rid!r}")
     choice = e.choice_index
@@ -82,7 +82,7 @@ def _row_of(e: CompletionEntry) -> tuple:
             float(e.created_at), float(e.finished_at), logprobs)
 
 
-def _entry_of(row: tuple) -> CompletionEntry:
+def _entry_of(row: tuple[Any, ...]) -> CompletionEntry:
     (rid, choice, prompt, output, prefill, spans, reason, created, finished, logprobs) = row
     return CompletionEntry(rid=rid, choice_index=choice, prompt_ids=_unpack("i", prompt),
                            output_ids=_unpack("i", output), prefill_version=prefill,
@@ -173,9 +173,10 @@ class SqliteCompletionLog:
 
     def choices(self, rid: str) -> int:
         """How many choices of ``rid`` are logged and not expired (running or finished)."""
-        return self._db.connection().execute(
+        count: int = self._db.connection().execute(
             "SELECT COUNT(*) FROM completions WHERE rid = ? AND touched_at > ?",
             (rid, self._cutoff())).fetchone()[0]
+        return count
 
     def purge_expired(self) -> int:
         """Deletes the expired rows, running or finished, leaving a tombstone for each, and the
@@ -186,7 +187,7 @@ class SqliteCompletionLog:
             conn.execute("INSERT OR REPLACE INTO completion_tombstones (rid, choice_index, "
                          "purged_at) SELECT rid, choice_index, ? FROM completions "
                          "WHERE touched_at <= ?", (now, cutoff))
-            purged = conn.execute("DELETE FROM completions WHERE touched_at <= ?",
+            purged: int = conn.execute("DELETE FROM completions WHERE touched_at <= ?",
                                   (cutoff,)).rowcount
             if self.tombstone_ttl_s is not None:
                 conn.execute("DELETE FROM completion_tombstones WHERE purged_at <= ?",
@@ -195,9 +196,10 @@ class SqliteCompletionLog:
 
     def __len__(self) -> int:
         """Finished, unexpired entries."""
-        return self._db.connection().execute(
+        count: int = self._db.connection().execute(
             "SELECT COUNT(*) FROM completions WHERE state = 'finished' AND touched_at > ?",
             (self._cutoff(),)).fetchone()[0]
+        return count
 
     def close(self) -> None:
         """Closes this process's connections (requires quiescence); later calls reopen."""

@@ -116,7 +116,7 @@ class FeedbackDb:
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def connection(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is not None and self._local.key == (os.getpid(), self._generation):
             return conn
         # A connection inherited through fork() is never used nor closed here (SQLite forbids it).

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from alchemist_sgl.errors import FeedbackInvalid
 
@@ -23,7 +23,7 @@ class FeedbackInput:
     """One feedback as the route hands it over (``choice_index`` range is the route's check).
 
     At least one of ``rating``, ``score`` or ``correction``; not both ``rating`` and ``score``
-    (INTERFACES.md "Feedback API" asks for exactly one; a bare correction is accepted here).
+    (docs/api.md, "Feedback", asks for exactly one; a bare correction is accepted here).
     """
 
     completion_id: str
@@ -79,7 +79,7 @@ class FeedbackResult:
     feedback_id: str
     completion_id: str
     status: Literal["accepted", "replaced", "duplicate"]
-    answer: dict
+    answer: dict[str, Any]
 
 
 @dataclass(frozen=True)

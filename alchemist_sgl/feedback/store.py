@@ -30,7 +30,7 @@ import json
 import os
 import time
 import uuid
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal
 
 from alchemist_sgl.errors import FeedbackInvalid
 from alchemist_sgl.feedback.db import FeedbackDb
@@ -91,7 +91,7 @@ class FeedbackStore:
                 "UPDATE feedback SET retracted_as = 'replaced' WHERE completion_id = ? "
                 "AND choice_index = ? AND state = 'trained' AND retracted_as IS NULL",
                 key).rowcount
-            status = "replaced" if earlier else "accepted"
+            status: Literal["accepted", "replaced"] = "replaced" if earlier else "accepted"
             answer = {"feedback_id": feedback_id, "completion_id": fb.completion_id,
                       "status": status}
             conn.execute(
@@ -102,7 +102,7 @@ class FeedbackStore:
                  fb.api_key_hash, json.dumps(answer)))
         return FeedbackResult(feedback_id, fb.completion_id, status, answer)
 
-    def get(self, completion_id: str) -> list[dict]:
+    def get(self, completion_id: str) -> list[dict[str, Any]]:
         """Every row of the completion (all choices, any state), newest first, as dicts of
         ``FeedbackRow``'s fields."""
         rows = self._db.connection().execute(
@@ -113,7 +113,7 @@ class FeedbackStore:
     def delete(self, completion_id: str, choice_index: int | None = None) -> int:
         """Non-trained live rows of the completion (one choice, or all) become "deleted";
         trained ones get ``retracted_as = 'deleted'``. Returns how many became "deleted"."""
-        where, args = "completion_id = ?", [completion_id]
+        where, args = "completion_id = ?", list[str | int]([completion_id])
         if choice_index is not None:
             where, args = where + " AND choice_index = ?", args + [choice_index]
         with self._db.write() as conn:
@@ -177,8 +177,9 @@ class FeedbackStore:
         return requeued
 
     def pending_count(self) -> int:
-        return self._db.connection().execute(
+        count: int = self._db.connection().execute(
             "SELECT COUNT(*) FROM feedback WHERE state = 'pending'").fetchone()[0]
+        return count
 
     def counts_by_label(self) -> dict[str, int]:
         """Rows ever stored, by label (replays are not rows), every label present."""
@@ -188,7 +189,7 @@ class FeedbackStore:
         return self._counts("state", STATES)
 
     def export_kto(self, completions: SqliteCompletionLog,
-                   detokenize: Callable[[list[int]], str]) -> Iterator[dict]:
+                   detokenize: Callable[[list[int]], str]) -> Iterator[dict[str, Any]]:
         """TRL KTO rows ``{"prompt", "completion", "label": bool}``, one per (completion_id,
         choice_index) whose latest feedback is live (not replaced, deleted or retracted): up ->
         True, down -> False, score -> score > 0 (0 is skipped), correction -> the correction as

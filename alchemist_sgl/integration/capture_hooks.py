@@ -1,8 +1,9 @@
 """The sglang side of recording: module forward hooks on the base projections of SGLang's Llama.
 
 Owns turning SGLang's objects (``ScheduleBatch``, ``ForwardBatch``, projection modules) into the
-pure ``Capture`` protocol (record/capture.py). ``install(scheduler, runtime)`` is called once in
-the scheduler process after ``Scheduler.__init__`` (by integration/plugin.py).
+pure ``Capture`` protocol (record/capture.py). ``install(scheduler, config, state)`` is called
+once in the scheduler process after ``Scheduler.__init__`` (by integration/plugin.py), before the
+composition root (runtime.py) is built over what it returns.
 
 What it touches (listed for the hook-point manifest in ``SGLANG_NAMES`` and
 ``SGLANG_INSTANCE_ATTRIBUTES``):
@@ -46,11 +47,13 @@ from typing import Any, Callable
 
 import torch
 
+from alchemist_sgl.config import Config
 from alchemist_sgl.log import get_logger
 from alchemist_sgl.core.prefix import Namespace
 from alchemist_sgl.record.capture import Capture
 from alchemist_sgl.core.plan import ModelShape, RecordPlan, choose_plan
 from alchemist_sgl.core.records import RequestExtend
+from alchemist_sgl.runtime import RuntimeState
 from alchemist_sgl.store import ActivationStore
 
 logger = get_logger(__name__)
@@ -113,17 +116,16 @@ class RecordingHooks:
         self._restore()
 
 
-def install(scheduler: Any, runtime: Any) -> RecordingHooks | None:
+def install(scheduler: Any, config: Config, state: RuntimeState) -> RecordingHooks | None:
     """Builds plan, store and capture for ``scheduler``'s model and hooks them in (once).
 
-    ``runtime`` needs ``config`` (``record``, ``store``), ``state.weight_version``,
-    ``disable(feature, reason)`` and ``add_status_section(name, producer)``. Returns None (and
-    says why in the log and status) when recording is off or the model is not supported.
+    ``state``: the runtime's shared state (the serving version namespaces recordings; a failure
+    disables ``record`` there). Returns None (and says why in the log and status) when recording
+    is off or the model is not supported.
     """
-    existing = scheduler.__dict__.get(_INSTALLED_ATTR)
+    existing: RecordingHooks | None = scheduler.__dict__.get(_INSTALLED_ATTR)
     if existing is not None:
         return existing
-    config = runtime.config
     if not config.record.is_enabled:
         logger.info("recording is off (record.enabled=false)")
         return None
@@ -131,11 +133,11 @@ def install(scheduler: Any, runtime: Any) -> RecordingHooks | None:
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     if inner is None or layers is None or type(model).__name__ not in {"LlamaForCausalLM"}:
-        runtime.disable("record", f"recording supports LlamaForCausalLM, not {type(model).__name__}")
+        state.disable("record", f"recording supports LlamaForCausalLM, not {type(model).__name__}")
         return None
     weight = next(model.parameters())
     if weight.dtype not in _DTYPE_BYTES:
-        runtime.disable("record", f"unsupported model dtype {weight.dtype}")
+        state.disable("record", f"unsupported model dtype {weight.dtype}")
         return None
     shape = ModelShape.from_hf_config(model.config, _DTYPE_BYTES[weight.dtype])
     plan = choose_plan(shape, config.record.plan_choice, config.store.page_tokens)
@@ -148,12 +150,12 @@ def install(scheduler: Any, runtime: Any) -> RecordingHooks | None:
                             device_bytes=config.store.device_bytes, dtype=weight.dtype,
                             device=weight.device, ttl_s=config.store.ttl_s)
     fault = os.environ.get(FAULT_ENV)
-    capture = Capture(store, plan, on_failure=lambda reason: runtime.disable("record", reason),
+    capture = Capture(store, plan, on_failure=lambda reason: state.disable("record", reason),
                       staging=True if os.environ.get(STAGING_ENV) == "1" else None,
                       fault_after_forwards=int(fault) if fault else None,
                       dump_dir=os.environ.get(DUMP_ENV) or None)
     wrapped_lora = any(hasattr(_projection(layers[0], name), "base_layer") for name in plan.tensors)
-    view = _BatchViewBuilder(capture, lambda: str(runtime.state.weight_version), wrapped_lora)
+    view = _BatchViewBuilder(capture, lambda: str(state.weight_version), wrapped_lora)
 
     handles = [inner.register_forward_pre_hook(view.pre_forward, with_kwargs=True),
                inner.register_forward_hook(view.post_forward)]
@@ -175,15 +177,15 @@ def install(scheduler: Any, runtime: Any) -> RecordingHooks | None:
         return result
 
     scheduler.run_batch = run_batch  # instance attribute: shadows Scheduler.run_batch
-    runtime.add_status_section("record_plan", plan.as_status)
-    runtime.add_status_section("store", store.status)
-    runtime.add_status_section("record", capture.status)
     _check_lifetime_against_radix(scheduler, store, plan)
     logger.info("recording %s per layer of %d layers: %d bytes/token, host pool %d pages",
                 list(plan.tensors), shape.layers, plan.bytes_per_token,
                 store.status()["host_capacity_bytes"] // max(plan.slot_bytes, 1))
-    hooks = RecordingHooks(capture, store, plan, handles, lambda: (
-        scheduler.__dict__.pop("run_batch", None), scheduler.__dict__.pop(_INSTALLED_ATTR, None)))
+    def restore() -> None:
+        scheduler.__dict__.pop("run_batch", None)
+        scheduler.__dict__.pop(_INSTALLED_ATTR, None)
+
+    hooks = RecordingHooks(capture, store, plan, handles, restore)
     setattr(scheduler, _INSTALLED_ATTR, hooks)
     return hooks
 
@@ -231,7 +233,7 @@ class _BatchViewBuilder:
     def set_schedule_batch(self, batch: Any) -> None:
         self._reqs = {req.rid: req for req in batch.reqs} if batch is not None else {}
 
-    def pre_forward(self, module: Any, args: tuple, kwargs: dict) -> None:
+    def pre_forward(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         try:
             forward_batch = kwargs.get("forward_batch", args[2] if len(args) > 2 else None)
             if forward_batch is None or not forward_batch.forward_mode.is_extend():

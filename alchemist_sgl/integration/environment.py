@@ -16,6 +16,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any, Mapping
 
 from alchemist_sgl.config import Config, config_to_json
 from alchemist_sgl.errors import ConfigError, ManifestError
@@ -59,7 +60,7 @@ def prepare_environment(config: Config, model_path: Path) -> None:
     """Sets every variable the run needs; call before importing sglang."""
     if is_cpu_run(config):
         os.environ["SGLANG_USE_CPU_ENGINE"] = "1"
-        # Spin-waiting OpenMP threads collapse when another process shares the cores (PLATFORM.md).
+        # Spin-waiting OpenMP threads collapse when another process shares the cores.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         activate_cpu_stand_ins()
     os.environ[CONFIG_ENV] = config_to_json(config)
@@ -120,7 +121,7 @@ def check_recording_flags(config: Config) -> None:
                           "(or set record.enabled=false)")
 
 
-def prefill_graph_backend(sglang: dict) -> str:
+def prefill_graph_backend(sglang: Mapping[str, Any]) -> str:
     """The prefill CUDA graph backend SGLang 0.5.23 resolves from these ``sglang.*`` keys, for a
     CUDA device and a Llama model: ``--disable-cuda-graph`` < ``--disable-prefill-cuda-graph`` <
     ``--cuda-graph-backend-prefill`` < the ``--cuda-graph-config`` JSON (later wins), default

@@ -91,7 +91,8 @@ def serve(config: Config, model_path: Path, port: int | None = None,
                                     admin_api_key=getattr(server_args, "admin_api_key", None),
                                     mark_admin_endpoint=auth_level(AuthLevel.ADMIN_OPTIONAL)))
     fc = config.feedback
-    feedback_store, answers = FeedbackStore(fc.db_path), {}
+    feedback_store = FeedbackStore(fc.db_path)
+    answers: dict[int, int] = {}
     app.include_router(build_metrics_router(_fetch_status, feedback_store.counts_by_label, answers))
     app.include_router(build_feedback_router(
         feedback_store, SqliteCompletionLog(fc.db_path, ttl_s=fc.completion_ttl_s), answer_counts=answers,

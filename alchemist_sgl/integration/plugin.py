@@ -2,8 +2,9 @@
 
 ``load()`` runs in every SGLang process of the environment (main, scheduler, detokenizer). It is
 a no-op unless ``ALCHEMIST_SGL_CONFIG`` is set (Note [config hand-off] in environment.py). When
-set, it registers hooks that build a ``Runtime`` inside the scheduler process and route the
-scheduler's loop events and status requests to it.
+set, it registers hooks that build a ``Runtime`` inside the scheduler process (``build_runtime``,
+runtime.py, over the views built here) and route the scheduler's loop events and status requests
+to it.
 
 Note [fail loudly, keep serving]: a hook that raises kills SGLang's scheduler. Every hook here
 catches, logs with the traceback, disables the feature involved via ``Runtime.disable`` (visible
@@ -14,20 +15,17 @@ from __future__ import annotations
 
 import functools
 import os
-from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from alchemist_sgl.config import Config, config_from_json
 from alchemist_sgl.api.control import ControlQueue
 from alchemist_sgl.integration import capture_hooks, training
 from alchemist_sgl.integration.environment import CONFIG_ENV, CONTROL_DB_ENV, MODEL_PATH_ENV, is_cpu_run
 from alchemist_sgl.log import get_logger
-from alchemist_sgl.online import commands
-from alchemist_sgl.core.prefix import Namespace
-from alchemist_sgl.record.export import export_recording
-from alchemist_sgl.runtime import Runtime, SchedulerInfo
+from alchemist_sgl.runtime import Runtime, RuntimeState, SchedulerInfo, build_runtime
 
 logger = get_logger(__name__)
+T = TypeVar("T")
 
 RUNTIME_ATTR = "_alchemist_runtime"
 STATUS_KEY = "alchemist"
@@ -55,55 +53,42 @@ def load() -> None:
 
 
 def runtime_of(scheduler: Any) -> Runtime | None:
-    return getattr(scheduler, RUNTIME_ATTR, None)
+    runtime: Runtime | None = getattr(scheduler, RUNTIME_ATTR, None)
+    return runtime
 
 
 def _after_scheduler_init(config: Config, holder: training.ProcessHolder, result: Any, scheduler: Any,
                           *args: Any, **kwargs: Any) -> None:
+    """Hooks recording into the model and views the served model for training (each failure
+    disables that feature only, Note [fail loudly, keep serving]), then builds the runtime over
+    them (runtime.py, the composition root)."""
+    state = RuntimeState()
+    recording = _attach(state, "record", lambda: capture_hooks.install(scheduler, config, state))
+    served = _attach(state, "train", lambda: training.served_model(scheduler, config, state))
     try:
         control_path = os.environ.get(CONTROL_DB_ENV)
         control = ControlQueue(control_path) if control_path else None
-        runtime = Runtime(config, _scheduler_info(scheduler, config), control)
+        runtime = build_runtime(config, _scheduler_info(scheduler, config), state, control=control,
+                                recording=recording, served=served)
         setattr(scheduler, RUNTIME_ATTR, runtime)
     except Exception:
         logger.exception("alchemist runtime could not be built; serving continues without it")
+        if recording is not None:
+            recording.remove()  # nothing would read what it records
         return None
-    def install_recording() -> None:
-        runtime.recording = capture_hooks.install(scheduler, runtime)
-        if runtime.recording is not None and config.server.enable_debug_commands:
-            # Writes only under the server's own var/debug/ (a file name, never a path).
-            debug_dir = Path(config.server.cache_dir).parent / "debug"
-            runtime.register_command("debug.recording", lambda payload: export_recording(
-                runtime.recording.store, payload.get("tokens") or [],
-                Namespace(str(runtime.state.weight_version), payload.get("adapter")),
-                debug_dir / Path(str(payload.get("name") or "recording.pt")).name))
-
-    def install_training() -> None:
-        built = training.install(scheduler, runtime)
-        if built is None:
-            return
-        runtime.loop, runtime.admission = built
-        commands.register(runtime, runtime.loop, runtime.admission,
-                          var_dir=Path(config.server.cache_dir).parent)
-        runtime.add_status_section("train", lambda: runtime.loop.status()["train"])
-        runtime.add_status_section("publish", lambda: runtime.loop.status()["publish"])
-        runtime.add_status_section("versions", lambda: runtime.loop.registry.status(cap=20))
-        if runtime.arbiter is not None:
-            runtime.add_status_section("arbiter", runtime.arbiter.status)
-
-    _attach(runtime, "record", install_recording)
-    _attach(runtime, "train", install_training)
     holder.runtime = runtime
     return None
 
 
-def _attach(runtime: Runtime, feature: str, install: Any) -> None:
-    """Installs one feature's hooks; a failure disables that feature only (Note [fail loudly...])."""
+def _attach(state: RuntimeState, feature: str, install: Callable[[], T | None]) -> T | None:
+    """Installs one feature's hooks or views; a failure disables that feature only (Note [fail
+    loudly, keep serving]) and gives None."""
     try:
-        install()
+        return install()
     except Exception as exc:
         logger.exception("installing %s failed", feature)
-        runtime.disable(feature, f"install failed: {exc!r}")
+        state.disable(feature, f"install failed: {exc!r}")
+        return None
 
 
 def _after_get_next_batch(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
@@ -123,7 +108,7 @@ def _after_get_internal_state(result: Any, scheduler: Any, *args: Any, **kwargs:
     if runtime is None:
         return None
     try:
-        runtime.process_commands()  # Note [control doorbell] in alchemist_sgl/control.py
+        runtime.process_commands()  # Note [control doorbell] in api/control.py
         result.internal_state[STATUS_KEY] = runtime.status()
     except Exception as exc:
         logger.exception("alchemist status hook failed")

@@ -1,7 +1,8 @@
 """The sglang side of the online loop: hooks that train between scheduler iterations.
 
-Owns the class-level hooks (registered once per process by ``plugin.load``) and ``install``,
-which builds the loop in the scheduler process over the served model's own parameters.
+Owns the class-level hooks (registered once per process by ``plugin.load``) and ``served_model``,
+the view of the served model (its own parameters, tokenizer, serving host, pressure and KV pool)
+that the composition root (runtime.py) builds the online loop over.
 
 Hooks (all in SGLang's scheduler process; Note [fail loudly, keep serving] in plugin.py):
   * AFTER ``Scheduler.process_batch_result`` and AFTER ``Scheduler.on_idle``: one slice of work
@@ -34,10 +35,16 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from alchemist_sgl.config import Config
+from alchemist_sgl.integration.served_model import check_in_place_safe, served_weights
 from alchemist_sgl.log import get_logger
+from alchemist_sgl.memory.arbiter import ServingPressure, kv_free_fraction
+from alchemist_sgl.memory.status import KvPoolView
+from alchemist_sgl.online.completions import CompletionEntry
+from alchemist_sgl.runtime import Runtime, RuntimeState, ServedModel
+from alchemist_sgl.train.weights import BaseWeights
 
 logger = get_logger(__name__)
 
@@ -73,13 +80,13 @@ _STAMP_ATTR, _BASE_KEY_ATTR = "_alchemist_prefill_version", "_alchemist_base_ext
 class ProcessHolder:
     """The runtime of this process, for class-level hooks (set once the scheduler is built)."""
 
-    runtime: Any = None
+    runtime: Runtime | None = None
 
 
 def register_hooks(holder: ProcessHolder) -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType  # noqa: PLC0415
 
-    def guarded(feature: str, fn: Any) -> Any:
+    def guarded(feature: str, fn: Callable[..., None]) -> Callable[..., None]:
         def run(*args: Any, **kwargs: Any) -> None:
             rt = holder.runtime
             if rt is None or rt.is_disabled(feature):
@@ -119,13 +126,14 @@ def register_hooks(holder: ProcessHolder) -> None:
                 return None  # Note: the loop stays awake while the trainer has work
         except Exception as exc:
             logger.exception("idle-sleep hook failed")
-            rt.disable("train", f"{type(exc).__name__}: {exc}")
+            if rt is not None:
+                rt.disable("train", f"{type(exc).__name__}: {exc}")
         return original(sched, *args, **kwargs)
 
     HookRegistry.register(f"{_SCHED}.maybe_sleep_on_idle", around_sleep, HookType.AROUND)
 
 
-def _stamp(rt: Any, req: Any) -> None:
+def _stamp(rt: Runtime, req: Any) -> None:
     """Note [Version stamp]."""
     kv = req.kv
     if kv.req_pool_idx is not None or kv.kv_allocated_len > 0:
@@ -143,15 +151,13 @@ def _is_opted_out(req: Any) -> bool:
     return isinstance(ours, dict) and ours.get("store") is False
 
 
-def _log_finished(rt: Any, reqs: Any) -> None:
+def _log_finished(rt: Runtime, reqs: Any) -> None:
     """Note [Completion log]: before SGLang sends a batch's outputs on, requests seen for the first
     time are logged as running (feedback on them answers 409) and finished ones are committed with
     their tokens, prefill version and untempered output log-probs: one transaction each per batch.
     Warm-up requests and opt-outs (``store: false``) are never logged. Radix hits are counted per
     publish window (loop.py, Note [Radix hit rate])."""
     from sglang.srt.utils.weight_versions import compute_weight_version_spans  # noqa: PLC0415
-
-    from alchemist_sgl.online.completions import CompletionEntry  # noqa: PLC0415
 
     now = time.time()
     started: list[str] = []
@@ -169,8 +175,7 @@ def _log_finished(rt: Any, reqs: Any) -> None:
                 started.append(str(req.rid))
             continue
         req._alchemist_logged = True
-        if rt.loop is not None:
-            rt.loop.note_finished_request(int(req.cached_tokens or 0), len(req.origin_input_ids))
+        rt.note_finished_request(int(req.cached_tokens or 0), len(req.origin_input_ids))
         output = tuple(req.output_ids_through_stop)
         vals = getattr(getattr(req, "logprob", None), "output_token_logprobs_val", None)
         logprobs = tuple(float(v) for v in vals[:len(output)]) if vals and len(vals) >= len(output) else None
@@ -194,8 +199,8 @@ def _log_finished(rt: Any, reqs: Any) -> None:
         rt.completions.put_many(finished)
 
 
-def _note_first_tokens(rt: Any, reqs: Any) -> None:
-    """Note [Scheduler TTFT]: each request's first token, once, into ``rt.ttft``."""
+def _note_first_tokens(rt: Runtime, reqs: Any) -> None:
+    """Note [Scheduler TTFT]: each request's first token, once, into ``rt.state.ttft``."""
     now = rt.clock()
     for req in reqs:
         ts = getattr(req, "time_stats", None)
@@ -204,24 +209,22 @@ def _note_first_tokens(rt: Any, reqs: Any) -> None:
         first, recv = float(ts.prefill_finished_time), float(ts.scheduler_recv_time)
         if first > 0.0 and recv > 0.0:
             req._alchemist_ttft_seen = True
-            rt.ttft.add((first - recv) * 1000.0, now)
+            rt.state.ttft.add((first - recv) * 1000.0, now)
 
 
-def _force_logprobs(rt: Any, sched: Any, recv_req: Any, *args: Any, **kwargs: Any) -> None:
+def _force_logprobs(rt: Runtime, sched: Any, recv_req: Any, *args: Any, **kwargs: Any) -> None:
     """The completion log keeps serving-time output log-probs; SGLang's tokenizer still returns
     them only to clients that asked (its own copy of the request says so). Also counts arrivals
     for the memory arbiter."""
     if int(getattr(getattr(recv_req, "sampling_params", None), "max_new_tokens", 1) or 0) == 0:
         return
-    rt.arrivals += 1
+    rt.state.arrivals += 1
     recv_req.return_logprob = True
 
 
-def serving_pressure(sched: Any, rt: Any) -> Any:
+def serving_pressure(sched: Any, state: RuntimeState) -> ServingPressure:
     """The arbiter's input from the scheduler: queue, running batch, KV free fraction counting the
     radix cache's evictable tokens as free (a full cache is not pressure), arrivals."""
-    from alchemist_sgl.memory.arbiter import ServingPressure, kv_free_fraction  # noqa: PLC0415
-
     waiting = sched.waiting_queue
     running = sched.running_batch
     kv = kv_pool_view(sched, with_bytes=False)
@@ -229,13 +232,12 @@ def serving_pressure(sched: Any, rt: Any) -> Any:
     return ServingPressure(
         waiting_requests=len(waiting), waiting_tokens=sum(len(r.origin_input_ids) for r in waiting),
         running_requests=0 if running is None or running.is_empty() else len(running.reqs),
-        kv_free_fraction=free, arrivals=rt.arrivals, recent_ttft_ms=rt.ttft.value(rt.clock()))
+        kv_free_fraction=free, arrivals=state.arrivals,
+        recent_ttft_ms=state.ttft.value(time.monotonic()))
 
 
-def kv_pool_view(sched: Any, *, with_bytes: bool = True) -> Any:
-    """SGLang's token KV pool as plain numbers (online/memory_status.py ``KvPoolView``)."""
-    from alchemist_sgl.memory.status import KvPoolView  # noqa: PLC0415
-
+def kv_pool_view(sched: Any, *, with_bytes: bool = True) -> KvPoolView:
+    """SGLang's token KV pool as plain numbers (memory/status.py ``KvPoolView``)."""
     allocator = sched.token_to_kv_pool_allocator
     pool_bytes = None
     if with_bytes:
@@ -260,51 +262,18 @@ class SchedulerHost:
     """``ServingHost`` over the scheduler: publish only with no chunked prefill in flight;
     announce a version on the scheduler side (``record_weight_version_change``) and to us."""
 
-    def __init__(self, scheduler: Any, runtime: Any) -> None:
-        self.scheduler, self.runtime = scheduler, runtime
+    def __init__(self, scheduler: Any, state: RuntimeState) -> None:
+        self.scheduler, self.state = scheduler, state
 
     def can_publish(self) -> bool:
-        return self.scheduler.chunked_req is None
+        return bool(self.scheduler.chunked_req is None)
 
     def announce(self, version: str) -> None:
-        self.runtime.state.weight_version = version
+        self.state.weight_version = version
         self.scheduler.record_weight_version_change(version)
 
 
-class StoreRecordings:
-    """``RecordingSource`` over the activation store (namespace = the prefill version)."""
-
-    def __init__(self, store: Any) -> None:
-        self.store = store
-
-    def pin(self, prompt_ids: list[int], version: str) -> Any:
-        from alchemist_sgl.core.prefix import Namespace  # noqa: PLC0415
-
-        pin = self.store.pin(list(prompt_ids), Namespace(version, None))
-        if not pin.coverage.covered:
-            self.store.unpin(pin)
-            return None
-        return pin
-
-    def segments(self, handle: Any) -> list:
-        """The pinned recording's segments, read by the trainer one layer at a time straight from
-        the pages (store/readout.py, Note [Per-layer read-out]): the loop unpins only after the
-        sample's last unit."""
-        return self.store.segments(handle, is_lazy=True)
-
-    def covered_tokens(self, handle: Any) -> int:
-        """Prompt tokens the pinned recording covers (no data read)."""
-        return int(handle.coverage.covered_tokens)
-
-    def unpin(self, handle: Any) -> None:
-        self.store.unpin(handle)
-
-    def release_versions(self, is_live: Any) -> int:
-        """Frees the recordings of versions ``is_live`` rejects (store Note [Store lifetime])."""
-        return self.store.release_namespaces(lambda ns: is_live(ns.base_version))
-
-
-def shared_storage(model: Any, weights: Any) -> dict[str, Any]:
+def shared_storage(model: Any, weights: BaseWeights) -> dict[str, object]:
     """Whether every tensor the trainer reads (and the publisher writes) is the served model's own
     parameter storage: no second copy of the base (tests)."""
     served = {p.data_ptr(): tuple(p.shape) for p in model.parameters()}
@@ -315,57 +284,23 @@ def shared_storage(model: Any, weights: Any) -> dict[str, Any]:
     return {"tensors": len(ours), "shared": shared, "is_shared": shared == len(ours)}
 
 
-def install(scheduler: Any, runtime: Any) -> Any:
-    """Builds the online loop over ``scheduler``'s model; returns it (or None when training is off)."""
-    config = runtime.config
+def served_model(scheduler: Any, config: Config, state: RuntimeState) -> ServedModel | None:
+    """The served model as the composition root needs it for training (None: training is off).
+    Raises ConfigError when a projection's weight was repacked for a CPU kernel."""
     if not config.train.is_enabled:
         logger.info("training is off (train.enabled=false)")
         return None
-    from alchemist_sgl.integration.served_model import check_in_place_safe, served_weights  # noqa: PLC0415
-    from alchemist_sgl.online.factory import build_loop  # noqa: PLC0415
-
     model = scheduler.tp_worker.model_runner.model
     check_in_place_safe(model)
     weights = served_weights(model)
-    recordings = StoreRecordings(runtime.recording.store) if runtime.recording is not None else None
     tokenizer = scheduler.tokenizer
     inject = {int(s) for s in os.environ.get(NONFINITE_ENV, "").split(",") if s.strip()}
-    loop, admission = build_loop(
-        config=config, weights=weights, host=SchedulerHost(scheduler, runtime),
-        recordings=recordings, completions=runtime.completions, model_name=runtime.info.model_path,
+    return ServedModel(
+        weights=weights, parameters=tuple(model.parameters()), host=SchedulerHost(scheduler, state),
         tokenize=lambda text: list(tokenizer.encode(text, add_special_tokens=False)),
         chat=lambda messages: _chat_ids(tokenizer, messages),
         eos_id=getattr(tokenizer, "eos_token_id", None),
         max_tokens=int(getattr(scheduler, "max_req_input_len", 0) or scheduler.model_config.context_len),
-        serving=lambda: runtime.state.weight_version)
-    loop.inject_nonfinite_steps = inject
-    from alchemist_sgl.feedback.store import FeedbackStore  # noqa: PLC0415
-    from alchemist_sgl.online.feedback_poll import FeedbackPoller  # noqa: PLC0415
-
-    runtime.feedback = FeedbackPoller(
-        store=FeedbackStore(config.feedback.db_path), completions=runtime.completions,
-        admission=admission, queue=loop.queue,
-        tokenize=lambda text: list(tokenizer.encode(text, add_special_tokens=False)),
-        eos_id=getattr(tokenizer, "eos_token_id", None), fates=loop.fates,
-        every_s=config.feedback.poll_every_s)
-    loop.on_feedback_trained = runtime.feedback.on_trained
-    loop.on_feedback_deferred = runtime.feedback.on_deferred
-    if config.memory.is_enabled:
-        from alchemist_sgl.memory.arbiter import MemoryArbiter  # noqa: PLC0415
-
-        runtime.arbiter = MemoryArbiter(config.memory, busy_slice_ms=config.train.slice_budget_ms,
-                                        idle_slice_ms=config.train.idle_slice_ms, clock=time.monotonic)
-        runtime.pressure = lambda: serving_pressure(scheduler, runtime)
-    from alchemist_sgl.memory.status import memory_status  # noqa: PLC0415
-
-    served = tuple(model.parameters())
-    runtime.add_status_section("memory", lambda: memory_status(
-        device=weights.device, served=served, master=loop.master, trainer=loop.trainer,
-        kv=kv_pool_view(scheduler)))
-    if config.server.enable_debug_commands:
-        runtime.register_command("debug.storage", lambda payload: shared_storage(model, weights))
-    requeued = runtime.feedback.after_restore(loop.counters.steps)
-    if requeued:
-        logger.info("%d feedback rows trained after the restored step (or only queued) go back "
-                    "to pending", requeued)
-    return loop, admission
+        pressure=lambda: serving_pressure(scheduler, state),
+        kv_pool=lambda: kv_pool_view(scheduler), storage=lambda: shared_storage(model, weights),
+        inject_nonfinite_steps=frozenset(inject))

@@ -13,4 +13,8 @@ trainer into a loop import them, not the other way round. Pure API:
   * ``save_adapter`` / ``load_adapter`` / ``prune_plan`` (adapters.py): PEFT folders per version.
   * ``GateDecision`` / ``decide`` / ``load_heldout`` (gate.py): the held-out regression gate.
   * ``should_publish`` / ``should_checkpoint`` (cadence.py).
+The loop itself (``OnlineLoop``, loop.py) holds a ``VersionKeeper`` (lifecycle.py) and a
+``WorkSlot`` (work.py), and reaches its collaborators through the surfaces of loop_types.py; it,
+the sample admission and the feedback poller are built by the composition root
+(``alchemist_sgl.runtime.build_loop``), never here.
 """

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -24,8 +25,8 @@ CONFIG_FILE = "adapter_config.json"
 OPTIMIZER_FILE = "optimizer.pt"
 
 
-def save_adapter(folder: Path, peft_state: dict[str, torch.Tensor], peft_config: dict,
-                 optimizer_state: dict | None, base_model: str) -> Path:
+def save_adapter(folder: Path, peft_state: dict[str, torch.Tensor], peft_config: dict[str, Any],
+                 optimizer_state: dict[str, Any] | None, base_model: str) -> Path:
     """Writes a PEFT adapter folder at ``folder``, replacing one that exists; returns ``folder``.
 
     ``peft_state`` maps PEFT names (``base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight``)
@@ -54,19 +55,20 @@ def save_adapter(folder: Path, peft_state: dict[str, torch.Tensor], peft_config:
     return folder
 
 
-def load_adapter(folder: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+def load_adapter(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """(PEFT-named CPU tensors, optimizer state or None) from a folder ``save_adapter`` wrote."""
     folder = Path(folder)
     peft_state = load_file(str(folder / WEIGHTS_FILE), device="cpu")
     opt_path = folder / OPTIMIZER_FILE
-    optimizer_state = (torch.load(opt_path, map_location="cpu", weights_only=True)
-                       if opt_path.exists() else None)
+    optimizer_state: dict[str, Any] | None = (
+        torch.load(opt_path, map_location="cpu", weights_only=True) if opt_path.exists() else None)
     return peft_state, optimizer_state
 
 
-def load_adapter_config(folder: Path) -> dict:
+def load_adapter_config(folder: Path) -> dict[str, Any]:
     """The ``adapter_config.json`` of a saved adapter folder."""
-    return json.loads((Path(folder) / CONFIG_FILE).read_text())
+    config: dict[str, Any] = json.loads((Path(folder) / CONFIG_FILE).read_text())
+    return config
 
 
 def prune_plan(version_ids: list[int], keep_last: int, keep_every: int,

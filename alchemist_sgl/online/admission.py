@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from alchemist_sgl.online.intake import PendingSample
+from alchemist_sgl.feedback.completion_log import SqliteCompletionLog
+from alchemist_sgl.online.intake import PendingSample, SampleKind
 
 
 class AdmissionError(ValueError):
@@ -28,13 +29,15 @@ class AdmissionError(ValueError):
 
 class SampleAdmission:
     """Builds pending samples. ``tokenize(text) -> ids``; ``chat(messages) -> ids``;
-    ``eos_id``; ``completions``: a CompletionLog; ``pin(prompt_ids, version) -> handle | None``;
-    ``unpin(handle)``; ``serving()`` -> the serving version name; ``max_tokens``: context bound."""
+    ``eos_id``; ``completions``: the completion log (None: no ``completion_id`` entries);
+    ``pin(prompt_ids, version) -> handle | None`` (None: nothing is recorded); ``unpin(handle)``;
+    ``serving()`` -> the serving version name; ``max_tokens``: context bound."""
 
     def __init__(self, *, tokenize: Callable[[str], list[int]],
                  chat: Callable[[list[dict[str, str]]], list[int]], eos_id: int | None,
-                 completions: Any, pin: Callable[[list[int], str], Any] | None,
-                 unpin: Callable[[Any], None], serving: Callable[[], str], max_tokens: int,
+                 completions: SqliteCompletionLog | None,
+                 pin: Callable[[list[int], str], object | None] | None,
+                 unpin: Callable[[object], None], serving: Callable[[], str], max_tokens: int,
                  clock: Callable[[], float]) -> None:
         self.tokenize, self.chat, self.eos_id = tokenize, chat, eos_id
         self.completions, self._pin, self._unpin = completions, pin, unpin
@@ -50,7 +53,7 @@ class SampleAdmission:
             raise
         return out
 
-    def pin_prompt(self, prompt_ids: list[int], version: str | None) -> Any:
+    def pin_prompt(self, prompt_ids: list[int], version: str | None) -> object | None:
         """A pin on the prompt's recording under ``version`` (the serving one when None)."""
         return self._pin(prompt_ids, version or self.serving()) if self._pin is not None else None
 
@@ -61,8 +64,9 @@ class SampleAdmission:
                 s.handle = None
 
     def _one(self, where: str, e: dict[str, Any]) -> PendingSample:
-        prompt_ids = response_ids = None
-        prefill_version = None
+        prompt_ids: list[int] | None = None
+        response_ids: list[int] | None = None
+        prefill_version: str | None = None
         completion_id = e.get("completion_id")
         if completion_id is not None:
             entry = self.completions.get(completion_id, 0) if self.completions is not None else None
@@ -88,6 +92,7 @@ class SampleAdmission:
         if len(prompt_ids) + len(response_ids) > self.max_tokens:
             raise AdmissionError(f"{where}.response", f"prompt + response is {len(prompt_ids) + len(response_ids)} "
                                  f"tokens, more than the context ({self.max_tokens})")
+        kind: SampleKind
         if e.get("rating") is not None:
             kind, weight = ("positive" if e["rating"] == "up" else "negative"), 1.0
         else:

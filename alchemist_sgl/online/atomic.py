@@ -51,7 +51,10 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """``atomic_write`` of a bytes value."""
-    atomic_write(path, lambda f: f.write(data))
+    def write(f: IO[bytes]) -> None:
+        f.write(data)
+
+    atomic_write(path, write)
 
 
 def fsync_tree(folder: Path) -> None:

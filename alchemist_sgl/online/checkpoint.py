@@ -14,6 +14,7 @@ import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any
 
 import torch
 
@@ -34,7 +35,7 @@ class CheckpointMeta:
     targets: tuple[str, ...]
     dtype: str
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {"model": self.model, "rank": self.rank, "alpha": float(self.alpha),
                 "targets": list(self.targets), "dtype": self.dtype}
 
@@ -69,7 +70,7 @@ class CheckpointStore:
         return sorted(int(m.group(1)) for p in self.folder.iterdir()
                       if (m := _NAME.match(p.name)) and p.is_file())
 
-    def save(self, step: int, state: dict, meta: CheckpointMeta) -> Path:
+    def save(self, step: int, state: dict[str, Any], meta: CheckpointMeta) -> Path:
         """Writes ``state`` for ``step`` and prunes to the newest ``keep``; returns the path."""
         if step < 0:
             raise ValueError(f"checkpoint step must be >= 0, got {step}")
@@ -78,12 +79,15 @@ class CheckpointStore:
             p.unlink(missing_ok=True)
         path = self.path_for(step)
         payload = {"format": _FORMAT, "step": step, "meta": meta.as_dict(), "state": state}
-        atomic_write(path, lambda f: torch.save(payload, f))
+        def write(f: IO[bytes]) -> None:
+            torch.save(payload, f)
+
+        atomic_write(path, write)
         for old in self.steps()[:-self.keep]:
             self.path_for(old).unlink(missing_ok=True)
         return path
 
-    def load_latest(self, meta: CheckpointMeta) -> dict | None:
+    def load_latest(self, meta: CheckpointMeta) -> dict[str, Any] | None:
         """The newest checkpoint's ``state``, or None when there is none.
 
         Raises ``CheckpointIncompatible`` naming every field of ``meta`` that differs, and
@@ -100,10 +104,11 @@ class CheckpointStore:
         if not isinstance(payload, dict) or "state" not in payload:
             raise CheckpointCorrupt(str(path), "not a checkpoint written by CheckpointStore")
         self._check(path, payload.get("meta") or {}, meta)
-        return payload["state"]
+        state: dict[str, Any] = payload["state"]
+        return state
 
     @staticmethod
-    def _check(path: Path, found: dict, meta: CheckpointMeta) -> None:
+    def _check(path: Path, found: dict[str, Any], meta: CheckpointMeta) -> None:
         want = meta.as_dict()
         differ = tuple(f.name for f in dataclasses.fields(CheckpointMeta)
                        if found.get(f.name) != want[f.name])

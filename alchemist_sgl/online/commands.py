@@ -1,20 +1,28 @@
-"""Control commands of the online loop (run on the scheduler thread; see control.py).
+"""Control commands of the online loop (run on the scheduler thread; see api/control.py).
 
 Owns the handlers behind the admin routes: ``versions.list``, ``versions.rollback``,
 ``train.pause``, ``train.resume``, ``train.samples``, ``train.replay``, and with debug commands on,
-``debug.round_s`` (the round length, for experiments), ``debug.weights`` (writes the live target tensors and the master copy to a file under the server's
-``var/`` folder, for tests). A handler raises an error carrying ``http_status`` (and ``field``)
-for answers other than 200; the runtime passes them to the HTTP side. Imports package modules only.
+``debug.round_s`` (the round length, for experiments), ``debug.weights`` (writes the live target
+tensors and the master copy to a file under the server's ``var/`` folder, for tests),
+``debug.checkpoint`` and ``debug.grads``. ``handlers`` returns them by kind; the runtime
+(runtime.py) registers them and builds nothing here. A handler raises an error carrying
+``http_status`` (and ``field``) for answers other than 200; the runtime passes them to the HTTP
+side. Imports package modules only.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from alchemist_sgl.errors import QueueFull
+from alchemist_sgl.online.admission import AdmissionError, SampleAdmission
+from alchemist_sgl.online.loop import OnlineLoop
+from alchemist_sgl.train.lora import peft_name
+
+Handler = Callable[[dict[str, Any]], object]
 
 
 class CommandError(Exception):
@@ -23,7 +31,9 @@ class CommandError(Exception):
         self.http_status, self.field = http_status, field
 
 
-def register(runtime: Any, loop: Any, admission: Any, *, var_dir: Path) -> None:
+def handlers(loop: OnlineLoop, admission: SampleAdmission, *, var_dir: Path,
+             is_debug: bool) -> dict[str, Handler]:
+    """The loop's command handlers by kind; the ``debug.*`` ones only with ``is_debug``."""
     def versions_list(payload: dict[str, Any]) -> dict[str, Any]:
         limit, offset = int(payload.get("limit", 50)), int(payload.get("offset", 0))
         reg = loop.registry
@@ -53,8 +63,6 @@ def register(runtime: Any, loop: Any, admission: Any, *, var_dir: Path) -> None:
         return {"paused": False}
 
     def samples(payload: dict[str, Any]) -> dict[str, Any]:
-        from alchemist_sgl.online.admission import AdmissionError  # noqa: PLC0415
-
         entries = payload.get("samples")
         if not isinstance(entries, list) or not entries:
             raise CommandError("samples: must be a non-empty list", 422, "samples")
@@ -70,21 +78,24 @@ def register(runtime: Any, loop: Any, admission: Any, *, var_dir: Path) -> None:
                                429) from exc
         return {"accepted": accepted, "samples_pending": len(loop.queue)}
 
-    runtime.register_command("versions.list", versions_list)
-    runtime.register_command("versions.rollback", rollback)
-    runtime.register_command("train.pause", pause)
-    runtime.register_command("train.resume", resume)
-    runtime.register_command("train.samples", samples)
-    runtime.register_command("train.replay", lambda payload: _set_replay(loop, payload))
-    if runtime.config.server.enable_debug_commands:
-        runtime.register_command("debug.weights", lambda payload: _dump_weights(loop, payload, var_dir))
-        runtime.register_command("debug.checkpoint", lambda payload: (loop.checkpoint(is_blocking=True), {"ok": True})[1])
-        runtime.register_command("debug.round_s", lambda payload: _set_round_s(loop, payload))
-        runtime.register_command("debug.grads",
-                                 lambda payload: _dump_grads(loop, admission, payload, var_dir))
+    def checkpoint(payload: dict[str, Any]) -> dict[str, Any]:
+        loop.checkpoint(is_blocking=True)
+        return {"ok": True}
+
+    out: dict[str, Handler] = {
+        "versions.list": versions_list, "versions.rollback": rollback, "train.pause": pause,
+        "train.resume": resume, "train.samples": samples,
+        "train.replay": lambda payload: _set_replay(loop, payload)}
+    if is_debug:
+        out.update({
+            "debug.weights": lambda payload: _dump_weights(loop, payload, var_dir),
+            "debug.checkpoint": checkpoint,
+            "debug.round_s": lambda payload: _set_round_s(loop, payload),
+            "debug.grads": lambda payload: _dump_grads(loop, admission, payload, var_dir)})
+    return out
 
 
-def _set_replay(loop: Any, payload: dict[str, Any]) -> dict[str, Any]:
+def _set_replay(loop: OnlineLoop, payload: dict[str, Any]) -> dict[str, Any]:
     """``train.replay`` from the next round on (loop.py, Note [Rounds])."""
     enabled = payload.get("enabled")
     if not isinstance(enabled, bool):
@@ -92,7 +103,7 @@ def _set_replay(loop: Any, payload: dict[str, Any]) -> dict[str, Any]:
     return loop.set_replay(enabled)
 
 
-def _set_round_s(loop: Any, payload: dict[str, Any]) -> dict[str, Any]:
+def _set_round_s(loop: OnlineLoop, payload: dict[str, Any]) -> dict[str, Any]:
     """``train.round_s`` of this process from now on (the cadence experiment's cells on one
     server); the open round closes by the new value."""
     value = payload.get("round_s")
@@ -102,7 +113,7 @@ def _set_round_s(loop: Any, payload: dict[str, Any]) -> dict[str, Any]:
     return {"round_s": loop.round_s}
 
 
-def _dump_weights(loop: Any, payload: dict[str, Any], var_dir: Path) -> dict[str, Any]:
+def _dump_weights(loop: OnlineLoop, payload: dict[str, Any], var_dir: Path) -> dict[str, Any]:
     """Writes {live: {layer.proj: tensor}, master: {...}, adapter: peft state, published: ...}."""
     name = Path(str(payload.get("name") or "weights.pt")).name  # a file name, never a path
     target = var_dir / "debug" / name
@@ -118,13 +129,11 @@ def _dump_weights(loop: Any, payload: dict[str, Any], var_dir: Path) -> dict[str
     return {"path": str(target.resolve())}
 
 
-def _dump_grads(loop: Any, admission: Any, payload: dict[str, Any], var_dir: Path) -> dict[str, Any]:
+def _dump_grads(loop: OnlineLoop, admission: SampleAdmission, payload: dict[str, Any], var_dir: Path) -> dict[str, Any]:
     """Loss and LoRA gradients of one sample through the loop's own path (admission, pins, lag,
     one sample of a round in work units over the live weights), without the optimizer unit; for
     equivalence tests. The open round's gradients are kept aside and put back.
     Training must be idle (pause it first)."""
-    from alchemist_sgl.train.lora import peft_name  # noqa: PLC0415
-
     if loop.has_step_in_progress:
         raise CommandError("a training step is under way; pause training and retry", 503)
     name = Path(str(payload.get("name") or "grads.pt")).name

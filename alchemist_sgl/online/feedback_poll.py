@@ -23,11 +23,15 @@ is marked trained at step -1 and counted in ``skipped``.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Callable
 
+from alchemist_sgl.feedback.completion_log import SqliteCompletionLog
+from alchemist_sgl.feedback.rows import FeedbackRow
+from alchemist_sgl.feedback.store import FeedbackStore
 from alchemist_sgl.log import get_logger
 from alchemist_sgl.online.accounting import SampleFates
-from alchemist_sgl.online.intake import PendingSample
+from alchemist_sgl.online.admission import SampleAdmission
+from alchemist_sgl.online.intake import PendingSample, SampleKind, SampleQueue
 
 logger = get_logger(__name__)
 
@@ -36,7 +40,8 @@ class FeedbackPoller:
     """``fates``: the loop's ``SampleFates`` (accounting.py, Note [Sample fates]): a new row is
     fed once; a deferred row taken again leaves ``deferred``; an unusable row is ``expired``."""
 
-    def __init__(self, *, store: Any, completions: Any, admission: Any, queue: Any,
+    def __init__(self, *, store: FeedbackStore, completions: SqliteCompletionLog,
+                 admission: SampleAdmission, queue: SampleQueue,
                  tokenize: Callable[[str], list[int]], eos_id: int | None, fates: SampleFates,
                  every_s: float = 0.5, batch: int = 64,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -64,7 +69,9 @@ class FeedbackPoller:
             self.fates.deferred -= len(rows)
         else:
             self.fates.fed += len(rows)
-        samples, queued, unusable = [], [], []
+        samples: list[PendingSample] = []
+        queued: list[str] = []
+        unusable: list[str] = []
         for row in rows:
             sample = self._sample(row)
             if sample is None:
@@ -101,10 +108,11 @@ class FeedbackPoller:
         self.fates.fed -= len(saved) - len(kept)  # fed again when the table gives them back
         return self.store.requeue_after(step)
 
-    def _sample(self, row: Any) -> PendingSample | None:
+    def _sample(self, row: FeedbackRow) -> PendingSample | None:
         entry = self.completions.get(row.completion_id, row.choice_index)
         if entry is None:
             return None
+        kind: SampleKind
         if row.label == "score":
             if not row.score:
                 return None  # stored, never trained
@@ -114,6 +122,7 @@ class FeedbackPoller:
         response = list(entry.output_ids)
         ref = list(entry.output_logprobs) if entry.output_logprobs is not None else None
         if row.label == "correction":
+            assert row.correction is not None, "a correction row carries its text (feedback/rows.py)"
             response = self.tokenize(row.correction) + ([self.eos_id] if self.eos_id is not None else [])
             ref = None
         if not response:

@@ -6,8 +6,8 @@ against v0) and ``load_heldout`` (the JSONL held-out set; ``None`` = the package
 Imports only the standard library and ``alchemist_sgl.errors``; never torch, sglang, or
 alchemist_sgl.train.
 
-Note [two bounds]: a per-publish bound alone lets many small regressions add up (the sycophancy
-drift MISSION.md warns about), so a candidate must also stay within ``max_regression_total`` of v0.
+Note [two bounds]: a per-publish bound alone lets many small regressions add up (a slow
+drift, e.g. toward sycophancy), so a candidate must also stay within ``max_regression_total`` of v0.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 from alchemist_sgl.errors import QueueFull
 
@@ -56,14 +56,14 @@ class PendingSample:
             raise ValueError(f"{len(self.ref_logprobs)} ref_logprobs for "
                              f"{len(self.response_ids)} response tokens")
 
-    def as_state(self) -> dict:
+    def as_state(self) -> dict[str, Any]:
         """JSON-able, without ``handle``."""
         d = dataclasses.asdict(dataclasses.replace(self, handle=None))
         del d["handle"]
         return d
 
     @classmethod
-    def from_state(cls, d: dict) -> "PendingSample":
+    def from_state(cls, d: dict[str, Any]) -> "PendingSample":
         return cls(**{k: v for k, v in d.items() if k != "handle"})
 
 
@@ -146,17 +146,17 @@ class SampleQueue:
             self._items = deque(p for p in self._items if not predicate(p))
         return gone
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[PendingSample]:
         return iter(list(self._items))
 
     def requeue_front(self, items: Iterable[PendingSample]) -> None:
         """Puts samples of an abandoned or skipped step back at the front, in their order."""
         self._items.extendleft(reversed(list(items)))
 
-    def state(self) -> list[dict]:
+    def state(self) -> list[dict[str, Any]]:
         """The pending samples, oldest first, without handles (for the checkpoint)."""
         return [s.as_state() for s in self._items]
 
-    def load_state(self, state: list[dict]) -> None:
+    def load_state(self, state: list[dict[str, Any]]) -> None:
         """Replaces the contents with a checkpoint's samples (handles are None)."""
         self._items = deque(PendingSample.from_state(d) for d in state)

@@ -38,60 +38,67 @@ so lag 0 is exact.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Generator
 
 import torch
 
+from alchemist_sgl.config import Config
 from alchemist_sgl.log import get_logger
 from alchemist_sgl.online.accounting import RoundTally, SampleFates, TakenSample
 from alchemist_sgl.online.cadence import should_checkpoint, should_close_round
+from alchemist_sgl.online.checkpoint import CheckpointMeta, CheckpointStore
+from alchemist_sgl.online.gate import GateDecision
 from alchemist_sgl.online.gate_run import gate_units
-from alchemist_sgl.online.intake import PendingSample
-from alchemist_sgl.online.lifecycle import LoopLifecycle, without_handle
+from alchemist_sgl.online.intake import PendingSample, SampleQueue
+from alchemist_sgl.online.lifecycle import VersionKeeper, without_handle
 from alchemist_sgl.online.loop_status import loop_status
-from alchemist_sgl.online.loop_types import (LoopCounters, OpenRound, RecordingSource, ServingHost,
-                                             SliceReport)
+from alchemist_sgl.online.loop_types import (FeedbackSink, LoopCounters, OpenRound,
+                                             RecordingSource, ServingHost, SliceReport)
+from alchemist_sgl.online.work import WAIT, Work, WorkSlot
 from alchemist_sgl.online.publish import MasterWeights, Publisher
+from alchemist_sgl.online.versions import VersionRegistry
 from alchemist_sgl.online.writer import BackgroundWriter
-from alchemist_sgl.train.rounds import RoundRun
 from alchemist_sgl.train.samples import PromptSegment, Recording, Sample
+from alchemist_sgl.train.trainer import ReplayTrainer
 
 logger = get_logger(__name__)
 
-_WAIT = "wait"
 _STALE = 10**9  # a lag no max_version_lag accepts (a recording across a branch)
 
 
-class OnlineLoop(LoopLifecycle):
-    """Trains rounds of samples in work units and publishes each round as a new version."""
+class OnlineLoop:
+    """Trains rounds of samples in work units and publishes each round as a new version.
 
-    def __init__(self, *, config: Any, trainer: Any, queue: Any, registry: Any, checkpoints: Any,
-                 checkpoint_meta: Any, publisher: Publisher, master: MasterWeights,
-                 host: ServingHost, recordings: RecordingSource | None, adapters: Any,
-                 gate_pairs: list[Sample] | None = None,
+    ``queue`` and ``fates`` are shared with the feedback poller (feedback_poll.py), which queues
+    feedback samples and is told what became of them through ``feedback``.
+    ``inject_nonfinite_steps``: tests only, 1-based round numbers whose gradients are poisoned."""
+
+    def __init__(self, *, config: Config, trainer: ReplayTrainer, queue: SampleQueue,
+                 fates: SampleFates, registry: VersionRegistry, checkpoints: CheckpointStore,
+                 checkpoint_meta: CheckpointMeta, publisher: Publisher, master: MasterWeights,
+                 host: ServingHost, recordings: RecordingSource | None,
+                 feedback: FeedbackSink | None = None, gate_pairs: list[Sample] | None = None,
+                 inject_nonfinite_steps: frozenset[int] = frozenset(),
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.config, self.trainer, self.queue, self.registry = config, trainer, queue, registry
-        self.checkpoints, self.meta = checkpoints, checkpoint_meta
         self.publisher, self.master, self.host, self.recordings = publisher, master, host, recordings
-        self.adapters = adapters  # online.adapters-like: save/load/prune (module or object)
+        self.feedback = feedback
         self.gate_pairs = gate_pairs or []
         self.clock = clock
         self.counters = LoopCounters(last_publish_at=clock(), last_checkpoint_at=clock())
-        self.fates, self.tally = SampleFates(), RoundTally()
+        self.fates, self.tally = fates, RoundTally()
         self.writer = BackgroundWriter()  # Note [Writes off the serving path] in writer.py
-        # Called with (feedback ids, step) after a round trained feedback samples (step -1: the
-        # round was dropped), and with the ids of feedback samples deferred (Note [Rounds]).
-        self.on_feedback_trained: Callable[[list[str], int], None] | None = None
-        self.on_feedback_deferred: Callable[[list[str]], None] | None = None
+        self.versions = VersionKeeper(config=config, trainer=trainer, registry=registry,
+                                      publisher=publisher, host=host, writer=self.writer,
+                                      checkpoints=checkpoints, meta=checkpoint_meta, clock=clock)
         self.is_paused = False
         self.is_replay_enabled = bool(config.train.replay)  # from the next round on (set_replay)
         self.round_s = float(config.train.round_s)  # debug.round_s may change it (experiments)
-        self.inject_nonfinite_steps: set[int] = set()  # tests: 1-based round numbers to poison
-        self._work: Iterator[str] | None = None
+        self.inject_nonfinite_steps = inject_nonfinite_steps
+        self.work = WorkSlot(self.counters)  # Note [Work as a generator]
         self._round: OpenRound | None = None
-        self._inflight: list[Any] = []
+        self._inflight: list[PendingSample] = []
         self._state = "idle"
-        self._accepted = self._trainer_snapshot()
 
     # ------------------------------------------------------------------ driving
     @property
@@ -99,11 +106,11 @@ class OnlineLoop(LoopLifecycle):
         """True while not paused and a unit could run now (then SGLang's idle sleep is skipped)."""
         if self.is_paused:
             return False
-        return self._work is not None or len(self.queue) > 0 or self._is_close_due()
+        return self.work.current is not None or len(self.queue) > 0 or self._is_close_due()
 
     @property
     def has_step_in_progress(self) -> bool:
-        return self._work is not None
+        return self.work.current is not None
 
     def offer(self, samples: list[PendingSample]) -> int:
         """Queues new samples (all or none; ``QueueFull``) and counts them fed."""
@@ -128,53 +135,23 @@ class OnlineLoop(LoopLifecycle):
         """The arbiter left TRAINING (runtime.py): a sample under way moves its saved tensors to
         host and releases workspace (train/offload.py, Note [Yield moves memory]); its backward
         reloads them when training resumes. Bytes moved (0 without ``memory.offload`` or work)."""
-        off = getattr(self.trainer, "residency", None)
-        if off is None or self._work is None:
+        off = self.trainer.residency
+        if off is None or self.work.current is None:
             return 0
         return off.yield_memory()
 
     def run_slice(self, budget_ms: float) -> SliceReport:
         """Runs work units until ``budget_ms`` is spent (at least one unit when work is ready)."""
-        c = self.counters
         self.writer.drain()
-        t0 = time.perf_counter()
-        units = over = 0
-        while units == 0 or (time.perf_counter() - t0) * 1000.0 < budget_ms:
-            if self._work is None:
-                self._work = None if self.is_paused else self._next_work()
-                if self._work is None:
-                    break
-            u0 = time.perf_counter()
-            try:
-                kind = next(self._work)
-            except StopIteration:
-                self._work = None
-                continue
-            if kind == _WAIT:
-                break
-            unit_ms = (time.perf_counter() - u0) * 1000.0
-            units += 1
-            c.max_unit_ms = max(c.max_unit_ms, unit_ms)
-            c.max_unit_ms_by_kind[kind] = max(c.max_unit_ms_by_kind.get(kind, 0.0), unit_ms)
-            if unit_ms > budget_ms:
-                over += 1
-        if units:
-            ms = (time.perf_counter() - t0) * 1000.0
-            c.slices += 1
-            c.units_run += units
-            c.units_over_budget += over
-            c.max_slice_ms = max(c.max_slice_ms, ms)
-            return SliceReport(units, ms, over)
-        return SliceReport(0, 0.0, 0)
+        return self.work.run_slice(budget_ms,
+                                   lambda: None if self.is_paused else self._next_work())
 
     def abandon_step(self) -> None:
         """Drops the round under way (rollback, shutdown): its samples, and the one in progress,
         go back to the queue front (their recordings are recomputed)."""
-        if self._work is not None:
-            self._work.close()
-            self._work = None
+        self.work.close()
         self.publisher.abandon()
-        back: list[Any] = []
+        back: list[PendingSample] = []
         if self._round is not None:
             self._round.run.abandon()
             back = list(self._round.taken)
@@ -191,6 +168,31 @@ class OnlineLoop(LoopLifecycle):
         """A finished request's radix hits (loop_types.py, Note [Radix hit rate])."""
         self.counters.add_finished_request(cached_tokens, prompt_tokens)
 
+    # ------------------------------------------------------------------ versions (lifecycle.py)
+    def rollback(self, to: str) -> dict[str, Any]:
+        """Serves ``to``'s weights, adapter and AdamW state under a new id (one call); raises as
+        ``VersionKeeper.rollback_target`` and ``serve_again`` do."""
+        target = self.versions.rollback_target(to)
+        self.abandon_step()
+        version, stall_ms = self.versions.serve_again(target, self.counters)
+        self._open_round()  # Note [Rounds]: the next round trains at the new id
+        logger.info("rollback to %s: now serving %s (stall %.1f ms)", to, version.name, stall_ms)
+        return {"weight_version": version.name, "parent": target.name, "stall_ms": stall_ms}
+
+    def checkpoint(self, *, is_blocking: bool = False) -> None:
+        """Saves the loop's state (a copy, taken now) through the background writer;
+        ``is_blocking`` waits until it is on disk (shutdown). The open round's samples are not
+        in the saved adapter yet: they are saved as pending."""
+        in_round = list(self._round.taken) if self._round is not None else []
+        self.versions.checkpoint(counters=self.counters, fates=self.fates, tally=self.tally,
+                                 queue=self.queue, in_flight=in_round + self._inflight,
+                                 is_blocking=is_blocking)
+
+    def restore(self) -> bool:
+        """The newest compatible checkpoint, if any (lifecycle.py); False when there was none."""
+        return self.versions.restore(counters=self.counters, fates=self.fates, tally=self.tally,
+                                     queue=self.queue)
+
     # ------------------------------------------------------------------ rounds
     def _is_close_due(self) -> bool:
         r, tc = self._round, self.config.train
@@ -205,7 +207,7 @@ class OnlineLoop(LoopLifecycle):
                                 self.is_replay_enabled)
         return self._round
 
-    def _next_work(self) -> Iterator[str] | None:
+    def _next_work(self) -> Work | None:
         """The close of a due round, else the next sample by lane, else None."""
         if self._round is None:
             self._open_round()
@@ -216,7 +218,7 @@ class OnlineLoop(LoopLifecycle):
             return None
         return self._train_sample(*taken)
 
-    def _train_sample(self, p: PendingSample, lane: str) -> Iterator[str]:
+    def _train_sample(self, p: PendingSample, lane: str) -> Work:
         r = self._round
         assert r is not None, "a sample is trained inside an open round"
         self._inflight = [p]
@@ -241,7 +243,7 @@ class OnlineLoop(LoopLifecycle):
         r.tally.append(TakenSample(lane, lag, len(p.prompt_ids), covered, has_recording,
                                    p.enqueued_at))
 
-    def _close_round(self) -> Iterator[str]:
+    def _close_round(self) -> Work:
         """The optimizer unit, then gate, publish and (by time) a checkpoint; a new round opens."""
         tc, c, r = self.config.train, self.counters, self._round
         assert r is not None and r.taken, "a round never closes empty"
@@ -254,24 +256,23 @@ class OnlineLoop(LoopLifecycle):
         c.busy_ms += stats.step_ms
         self._round = None
         feedback = [p.feedback_id for p in r.taken if p.feedback_id is not None]
-        if stats.is_nonfinite_skipped:
-            c.nonfinite_skipped += 1
+        if stats.is_nonfinite_skipped:  # counted by the trainer (train/stats.py)
             logger.warning("round skipped: non-finite loss or gradients (%d samples dropped, "
                            "nothing published)", len(r.taken))
             self._drop(r.taken)
             self._open_round()
             self._state = "idle"
             return
-        c.steps += 1
+        steps = self.trainer.counters.steps  # this step counted by the trainer (train/stats.py)
         c.train_state += 1
         self.fates.trained += len(r.taken)
-        if feedback and self.on_feedback_trained is not None:
-            self.on_feedback_trained(feedback, c.steps)
+        if feedback and self.feedback is not None:
+            self.feedback.on_trained(feedback, steps)
         c.steps_since_publish += 1
         c.last_step_ms, c.last_loss = stats.step_ms, stats.loss
         c.last_step_tokens, c.last_grad_norm = stats.tokens, r.run.grad_norm
         logger.info("round %d at %s: loss %.4f samples %d (fresh %d, stale %d) tokens %d replayed %d "
-                    "recomputed %d units %d busy ms %.0f", c.steps, r.version, stats.loss,
+                    "recomputed %d units %d busy ms %.0f", steps, r.version, stats.loss,
                     stats.samples, r.fresh, r.stale, stats.tokens, stats.replayed_tokens,
                     stats.recomputed_tokens, stats.units, stats.step_ms)
         published = yield from self._publish()
@@ -288,22 +289,22 @@ class OnlineLoop(LoopLifecycle):
         self._release(samples)
         self.fates.dropped += len(samples)
         ids = [p.feedback_id for p in samples if p.feedback_id is not None]
-        if ids and self.on_feedback_trained is not None:
-            self.on_feedback_trained(ids, -1)
+        if ids and self.feedback is not None:
+            self.feedback.on_trained(ids, -1)
 
     def _age_out_stale(self) -> None:
         """At publish: pins beyond the lag bound are released, and stale samples pending longer
         than ``train.stale_max_age_s`` leave the queue (deferred or dropped, Note [Rounds])."""
         tc, now = self.config.train, self.clock()
         bound, max_age = tc.max_version_lag, tc.stale_max_age_s
-        lags = {id(p): self.lag_of(p) for p in self.queue}
-        self._release([p for p in self.queue if lags[id(p)] is None or lags[id(p)] > bound])
-        old = self.queue.remove_where(lambda p: now - p.enqueued_at > max_age
-                                      and (lags[id(p)] is None or lags[id(p)] > 0))
+        # A lag of None (a branch, never served) is beyond every bound.
+        lags = {id(p): _STALE if (lag := self.lag_of(p)) is None else lag for p in self.queue}
+        self._release([p for p in self.queue if lags[id(p)] > bound])
+        old = self.queue.remove_where(lambda p: now - p.enqueued_at > max_age and lags[id(p)] > 0)
         self._release(old)
         deferred = [p.feedback_id for p in old if p.feedback_id is not None]
-        if deferred and self.on_feedback_deferred is not None:
-            self.on_feedback_deferred(deferred)
+        if deferred and self.feedback is not None:
+            self.feedback.on_deferred(deferred)
         else:
             deferred = []
         self.fates.deferred += len(deferred)
@@ -313,7 +314,7 @@ class OnlineLoop(LoopLifecycle):
                         "> train.stale_max_age_s %.0f s)", len(deferred), len(old) - len(deferred),
                         max_age)
 
-    def _to_sample(self, p: Any, lane: str = "fresh", is_replay: bool = True) -> Sample:
+    def _to_sample(self, p: PendingSample, lane: str = "fresh", is_replay: bool = True) -> Sample:
         """A trainer ``Sample``; its recording's segments, labelled by lag (Note [Lag ...]), are
         read only when they will be replayed (never for the stale lane or with replay off)."""
         segments: tuple[PromptSegment, ...] = ()
@@ -326,14 +327,14 @@ class OnlineLoop(LoopLifecycle):
         ref = None if p.ref_logprobs is None else torch.tensor(p.ref_logprobs, dtype=torch.float32)
         return Sample(p.prompt_ids, p.response_ids, segments, p.kind, p.weight, ref)
 
-    def _release(self, pending: list[Any]) -> None:
+    def _release(self, pending: list[PendingSample]) -> None:
         for p in pending:
             if p.handle is not None and self.recordings is not None:
                 self.recordings.unpin(p.handle)
                 p.handle = None
 
     # ------------------------------------------------------------------ publish
-    def _publish(self) -> Iterator[str]:
+    def _publish(self) -> Generator[str, None, bool]:
         c, gc = self.counters, self.config.publish.gate
         self._state = "publishing"
         t0 = time.perf_counter()
@@ -352,10 +353,11 @@ class OnlineLoop(LoopLifecycle):
             self.publisher.run_unit()
             yield "publish.build"
         while not self.host.can_publish():
-            yield _WAIT
+            yield WAIT
         stall_ms = self.publisher.commit()
         self.trainer.set_published(frozen)
-        version = self.registry.mint(step=c.steps, parent=self.registry.serving.name, metric=metric)
+        steps = self.trainer.counters.steps
+        version = self.registry.mint(step=steps, parent=self.registry.serving.name, metric=metric)
         self.host.announce(version.name)
         c.steps_since_publish = 0
         if self.recordings is not None:  # store Note [Store lifetime]: the others never replay again
@@ -364,7 +366,7 @@ class OnlineLoop(LoopLifecycle):
                 lambda v: (lag := self.registry.lag(v, version.name)) is not None and lag <= lag_max)
         self._age_out_stale()
         yield "publish.commit"
-        self._save_adapter(version.name)
+        self.versions.save_adapter(version.name)
         c.publishes += 1
         c.last_publish_at = self.clock()
         publish_ms = (time.perf_counter() - t0) * 1000.0
@@ -373,17 +375,18 @@ class OnlineLoop(LoopLifecycle):
             {"version": version.name, "publish_ms": publish_ms, "stall_ms": stall_ms,
              "radix_hit_rate_before": c.close_radix_window()}])[-64:]
         logger.info("publish %s (step %d, parent %s): build+copy %.0f ms, stall %.1f ms",
-                    version.name, c.steps, version.parent, publish_ms, stall_ms)
+                    version.name, steps, version.parent, publish_ms, stall_ms)
         if gc.is_enabled:
-            self._accepted = self._trainer_snapshot()
+            self.versions.accepted = self.versions.snapshot()
         yield "publish.save"
         return True
 
-    def _reject(self, decision: Any, metric: float) -> None:
+    def _reject(self, decision: GateDecision, metric: float) -> None:
         c = self.counters
-        rejected = self.registry.mint(step=c.steps, parent=self.registry.serving.name,
-                                      metric=metric, is_rejected=True)
-        self._restore_trainer(self._accepted)
+        rejected = self.registry.mint(step=self.trainer.counters.steps,
+                                      parent=self.registry.serving.name, metric=metric,
+                                      is_rejected=True)
+        self.versions.back_to_accepted()
         c.rejected += 1
         c.train_state += 1  # the rejected steps' recordings are never replayed exactly again
         c.steps_since_publish = 0

@@ -16,14 +16,15 @@ if TYPE_CHECKING:
 
 
 def loop_status(loop: "OnlineLoop") -> dict[str, dict[str, Any]]:
-    """The ``train`` and ``publish`` blocks of ``/alchemist/status`` (INTERFACES.md)."""
+    """The ``train`` and ``publish`` blocks of ``/alchemist/status`` (docs/api.md); ``steps``
+    and ``nonfinite_skipped`` are the trainer's counters (train/stats.py)."""
     c, t = loop.counters, loop.trainer.status()
-    train = {**t, "steps": c.steps, "samples_pending": len(loop.queue),
+    train = {**t, "samples_pending": len(loop.queue),
              "paused": loop.is_paused, "state": "paused" if loop.is_paused else loop._state,
              "units_run": c.units_run, "slices": c.slices,
              "units_over_budget": c.units_over_budget, "max_unit_ms": c.max_unit_ms,
              "max_unit_ms_by_kind": dict(c.max_unit_ms_by_kind),
-             "max_slice_ms": c.max_slice_ms, "nonfinite_skipped": c.nonfinite_skipped,
+             "max_slice_ms": c.max_slice_ms,
              "last_step_ms": c.last_step_ms, "last_loss": c.last_loss,
              "last_step_tokens": c.last_step_tokens, "last_grad_norm": c.last_grad_norm,
              "learning_rate": loop.trainer.optimizer.param_groups[0]["lr"],

@@ -1,20 +1,27 @@
-"""The online loop's value types and the protocols it reaches the server through.
+"""The online loop's value types and the narrow surfaces it reaches its collaborators through.
 
-Owns ``ServingHost`` and ``RecordingSource`` (built in ``integration/``), ``LoopCounters`` (the
-loop's checkpointed numbers), ``OpenRound`` (the round under way, loop.py Note [Rounds]) and
-``SliceReport``. Imports torch (type hints) and package value types only; never sglang.
+Owns ``ServingHost`` (built in ``integration/``), ``RecordingSource`` (store/recordings.py over the
+activation store), ``FeedbackSink`` (online/feedback_poll.py), ``LoopCounters`` (the loop's
+checkpointed numbers; the step count is the trainer's, train/stats.py ``TrainCounters``),
+``OpenRound`` (the round under way, loop.py Note [Rounds]) and ``SliceReport``. Imports torch (type
+hints) and package value types only; never sglang.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 
 from alchemist_sgl.online.accounting import TakenSample
 from alchemist_sgl.online.intake import PendingSample
 from alchemist_sgl.train.rounds import RoundRun
+from alchemist_sgl.train.samples import LayerRows
+
+# One piece of a pinned recording: (start, end, name -> [layers, tokens, width] or None: not
+# covered), tiling the prompt in order (train/samples.py ``PromptSegment``).
+RecordedSegment = tuple[int, int, "Mapping[str, torch.Tensor] | Mapping[str, LayerRows] | None"]
 
 
 class ServingHost(Protocol):
@@ -26,18 +33,32 @@ class ServingHost(Protocol):
 
 
 class RecordingSource(Protocol):
-    def pin(self, prompt_ids: list[int], version: str) -> Any: ...
-    def segments(self, handle: Any) -> list[tuple[int, int, dict[str, torch.Tensor] | None]]: ...
-    def covered_tokens(self, handle: Any) -> int: ...
-    def unpin(self, handle: Any) -> None: ...
+    """A prompt's recording: pinned at admission, read at training, unpinned after its last unit.
+    Handles are opaque to the loop."""
+
+    def pin(self, prompt_ids: list[int], version: str) -> object | None: ...
+    def segments(self, handle: object) -> Sequence[RecordedSegment]: ...
+    def covered_tokens(self, handle: object) -> int: ...
+    def unpin(self, handle: object) -> None: ...
     def release_versions(self, is_live: Callable[[str], bool]) -> int: ...
+
+
+class FeedbackSink(Protocol):
+    """Where the loop reports what became of feedback samples (feedback rows by id)."""
+
+    def on_trained(self, feedback_ids: list[str], step: int) -> None:
+        """The round trained them at ``step`` (-1: dropped, never to be taken again)."""
+
+    def on_deferred(self, feedback_ids: list[str]) -> None:
+        """Stale samples of these rows left the queue (loop.py, Note [Rounds])."""
 
 
 @dataclass
 class LoopCounters:
-    """Cumulative numbers of the loop (checkpointed; ``train``/``publish`` status blocks)."""
+    """Cumulative numbers of the loop (checkpointed; ``train``/``publish`` status blocks). The
+    optimizer steps taken (``steps``) and the skipped ones (``nonfinite_skipped``) are counted
+    once, by the trainer (``trainer.counters``)."""
 
-    steps: int = 0
     attempts: int = 0             # rounds closed, skipped ones included (test injection counts these)
     train_state: int = 0          # optimizer steps ever taken on this lineage (Note [Lag ...])
     steps_since_publish: int = 0
@@ -47,7 +68,6 @@ class LoopCounters:
     max_unit_ms: float = 0.0
     max_unit_ms_by_kind: dict[str, float] = field(default_factory=dict)
     max_slice_ms: float = 0.0
-    nonfinite_skipped: int = 0
     publishes: int = 0
     rejected: int = 0
     busy_ms: float = 0.0          # work-unit time of all rounds (samples' units and optimizer)

@@ -5,7 +5,7 @@ the serving version, the ``next_id`` counter, the JSON file) and the cheap cross
 ``read_serving_name`` / ``ServingVersionReader``. Imports only the standard library and
 ``alchemist_sgl.errors``; never torch, sglang, or alchemist_sgl.train.
 
-Note [ids are never reused] (MISSION.md, "One version"): the same id names the radix namespace, the
+Note [ids are never reused] (docs/online-loop.md): the same id names the radix namespace, the
 store namespace, recordings and SGLang's weight_version, so handing an id out twice would let KV or
 recordings of other weights pass as current. The file keeps a ``next_id`` counter that only grows:
 a gate rejection consumes an id, a rollback mints a new one, and ``restore`` of an older checkpoint
@@ -26,7 +26,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 from alchemist_sgl.errors import VersionFileCorrupt
 from alchemist_sgl.online.atomic import atomic_write_bytes
@@ -58,13 +58,13 @@ class VersionInfo:
         if self.state not in _STATES:
             raise ValueError(f"version state {self.state!r} is not one of {_STATES}")
 
-    def as_status(self) -> dict:
-        """The INTERFACES.md ``versions`` entry."""
+    def as_status(self) -> dict[str, Any]:
+        """The ``versions`` entry of the API (docs/api.md)."""
         return {"name": self.name, "step": self.step, "created_at": self.created_at,
                 "state": self.state, "metric": self.metric, "adapter_path": self.adapter_path,
                 "parent": self.parent}
 
-    def as_record(self) -> dict:
+    def as_record(self) -> dict[str, Any]:
         return {"id": self.id, **self.as_status()}
 
 
@@ -164,8 +164,8 @@ class VersionRegistry:
         newest = sorted(self._versions, reverse=True)[offset:offset + max(limit, 0)]
         return [self._versions[i] for i in newest]
 
-    def status(self, cap: int = 20) -> list[dict]:
-        """The newest ``cap`` versions as INTERFACES.md ``versions`` entries, newest first."""
+    def status(self, cap: int = 20) -> list[dict[str, Any]]:
+        """The newest ``cap`` versions as ``versions`` entries (docs/api.md), newest first."""
         return [v.as_status() for v in self.page(cap)]
 
     # -- mutating (each one durable before it returns) ------------------------------------------
@@ -187,24 +187,23 @@ class VersionRegistry:
         return v
 
     def set_metric(self, name: str, metric: float | None) -> VersionInfo:
-        return self._update(name, metric=metric)
+        return self._put(dataclasses.replace(self.get(name), metric=metric))
 
     def set_adapter_path(self, name: str, path: str | None) -> VersionInfo:
-        return self._update(name, adapter_path=path)
+        return self._put(dataclasses.replace(self.get(name), adapter_path=path))
 
-    def _update(self, name: str, **fields: object) -> VersionInfo:
-        v = dataclasses.replace(self.get(name), **fields)
+    def _put(self, v: VersionInfo) -> VersionInfo:
         self._versions[v.id] = v
         self._write()
         return v
 
     # -- checkpoints ----------------------------------------------------------------------------
-    def state(self) -> dict:
+    def state(self) -> dict[str, Any]:
         """A JSON-able snapshot for the training checkpoint."""
         return {"format": _FORMAT, "serving": self.serving.name, "next_id": self._next_id,
                 "versions": [self._versions[i].as_record() for i in sorted(self._versions)]}
 
-    def restore(self, state: dict) -> None:
+    def restore(self, state: dict[str, Any]) -> None:
         """Makes a checkpoint's versions current (Note [restore merges]); ``next_id`` never
         decreases (Note [ids are never reused]). Written before it returns."""
         restored_next, restored = _parse(state)
@@ -246,7 +245,8 @@ def read_serving_name(path: Path) -> str:
         raise VersionFileCorrupt(str(path), str(e)) from e
     if not isinstance(data, dict) or not isinstance(data.get("serving"), str):
         raise VersionFileCorrupt(str(path), "no 'serving' name")
-    return data["serving"]
+    serving: str = data["serving"]
+    return serving
 
 
 class ServingVersionReader:

@@ -29,10 +29,10 @@ from alchemist_sgl.train.forward import forward_logprobs
 from alchemist_sgl.train.joint import joint_forward_logprobs
 from alchemist_sgl.train.lora import FrozenLora, LoraAdapter
 from alchemist_sgl.train.objectives import sample_loss
-from alchemist_sgl.train.offload import SavedTensorOffload
 from alchemist_sgl.train.ops import RopeCache
 from alchemist_sgl.train.rounds import RoundRun
 from alchemist_sgl.train.samples import PlanCounts, PlannedSample, Sample, plan_sample
+from alchemist_sgl.train.offload import SavedTensorOffload
 from alchemist_sgl.train.optimizer_unit import is_step_finite
 from alchemist_sgl.train.stats import StepStats as StepStats  # re-export
 from alchemist_sgl.train.stats import TrainCounters as TrainCounters  # re-export

@@ -11,7 +11,8 @@ from alchemist_sgl.runtime import Runtime, SchedulerInfo
 
 def _runtime(tmp_path: Path, *overrides: str) -> tuple[Runtime, ControlQueue]:
     queue = ControlQueue(tmp_path / "control.sqlite")
-    runtime = Runtime(load_config(None, list(overrides)), SchedulerInfo(123, "cpu", "m", "/m"), queue)
+    runtime = Runtime(load_config(None, list(overrides)), SchedulerInfo(123, "cpu", "m", "/m"),
+                      control=queue)
     return runtime, queue
 
 

@@ -73,12 +73,12 @@ def test_runtime_yields_memory_when_the_arbiter_leaves_training(tmp_path: Path) 
     plain = _trained(Rig(tmp_path / "plain", OFFLOAD))
     rig = Rig(tmp_path / "rt", (*OFFLOAD, f"feedback.db_path={tmp_path / 'fb.sqlite'}"))
     clock = FakeClock()
-    runtime = Runtime(rig.config, SchedulerInfo(os.getpid(), "cpu", "tiny", "tiny"), clock=clock)
-    runtime.loop = rig.loop
     memory = dataclasses.replace(rig.config.memory, is_enabled=True, min_dwell_s=2.0)
-    runtime.arbiter = MemoryArbiter(memory, busy_slice_ms=0.001, idle_slice_ms=0.001, clock=clock)
+    arbiter = MemoryArbiter(memory, busy_slice_ms=0.001, idle_slice_ms=0.001, clock=clock)
     pressure = [CALM]
-    runtime.pressure = lambda: pressure[0]
+    runtime = Runtime(rig.config, SchedulerInfo(os.getpid(), "cpu", "tiny", "tiny"),
+                      training=rig.training, arbiter=arbiter, pressure=lambda: pressure[0],
+                      clock=clock)
     off = rig.loop.trainer.residency
     rig.feed(*PAIRS)
     spikes_in_step = units_before = cycles = 0
@@ -87,19 +87,19 @@ def test_runtime_yields_memory_when_the_arbiter_leaves_training(tmp_path: Path) 
         in_step = rig.loop.has_step_in_progress
         pressure[0], clock.t = SPIKE, clock.t + 0.1
         runtime.on_train_slot(is_busy=True)
-        assert runtime.arbiter.state == "YIELDING" and rig.loop.counters.units_run == units_before
+        assert arbiter.state == "YIELDING" and rig.loop.counters.units_run == units_before
         spikes_in_step += in_step
         pressure[0], clock.t = CALM, clock.t + 61.0  # calm begins, past the cap's window ...
         runtime.on_train_slot(is_busy=True)
-        assert runtime.arbiter.state == "YIELDING" and rig.loop.counters.units_run == units_before
+        assert arbiter.state == "YIELDING" and rig.loop.counters.units_run == units_before
         clock.t += 2.5  # ... and has lasted min_dwell_s: recovery, one unit
         runtime.on_train_slot(is_busy=True)
-        assert runtime.arbiter.state == "TRAINING"
+        assert arbiter.state == "TRAINING"
         if rig.loop.counters.units_run == units_before:
             break  # no work left
         units_before = rig.loop.counters.units_run
     assert _same(plain, (adapter_state(rig.loop), adam_state(rig.loop)))
     assert spikes_in_step > 0 and off.yields == spikes_in_step  # one yield per spike mid-step
     assert off.yield_moved_bytes > 0 and off.late_reloads == 0
-    runtime.add_status_section("arbiter", runtime.arbiter.status)
+    runtime.add_status_section("arbiter", arbiter.status)
     assert runtime.status()["arbiter"]["transitions"] == 2 * cycles

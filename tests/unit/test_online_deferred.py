@@ -34,18 +34,15 @@ class Server:
     """What a (re)started server builds over the same files: the loop, the store, the poller."""
 
     def __init__(self, tmp: Path, clock_now: float) -> None:
-        self.rig = Rig(tmp / "ckpt", ("train.stale_max_age_s=30", "feedback.poll_every_s=0.5"))
-        self.rig.clock.now = clock_now
         self.completions = SqliteCompletionLog(tmp / "feedback.sqlite", ttl_s=3600.0)
         self.store = FeedbackStore(tmp / "feedback.sqlite")
-        loop = self.rig.loop
-        self.poller = FeedbackPoller(store=self.store, completions=self.completions,
-                                     admission=self.rig.admission, queue=loop.queue,
-                                     tokenize=tokenize, eos_id=2, fates=loop.fates,
-                                     clock=self.rig.clock)
-        loop.on_feedback_trained = self.poller.on_trained
-        loop.on_feedback_deferred = self.poller.on_deferred
-        self.poller.after_restore(loop.counters.steps)
+        # The poller is built with the loop and runs its after_restore there (runtime.build_loop).
+        self.rig = Rig(tmp / "ckpt", ("train.stale_max_age_s=30", "feedback.poll_every_s=0.5"),
+                       feedback=self.store, completions=self.completions)
+        self.rig.clock.now = clock_now
+        poller = self.rig.training.feedback
+        assert poller is not None
+        self.poller: FeedbackPoller = poller
 
     def iterate(self, n: int = 60) -> None:
         """Scheduler iterations: a poll, then a slice (runtime.on_train_slot)."""

@@ -1,6 +1,6 @@
 """OnlineLoop end to end over the real tiny Llama weights, without SGLang.
 
-The loop is built by ``online.factory.build_loop`` from ``configs/cpu-tiny.yaml`` (checkpoints in a
+The loop is built by ``runtime.build_loop`` (the composition root's) from ``configs/cpu-tiny.yaml`` (checkpoints in a
 tmp folder), over fp32 weights loaded from the tiny model folder; the publisher writes into those
 very tensors, which stand for the served model's parameters. The only fake is ``FakeHost`` (the
 ``ServingHost`` protocol: records announcements, ``can_publish`` toggled by the test) and a fake
@@ -22,7 +22,9 @@ import torch
 
 from alchemist_sgl.config import load_config
 from alchemist_sgl.errors import CheckpointIncompatible
-from alchemist_sgl.online.factory import build_loop
+from alchemist_sgl.feedback.completion_log import SqliteCompletionLog
+from alchemist_sgl.feedback.store import FeedbackStore
+from alchemist_sgl.runtime import build_loop
 from alchemist_sgl.online.publish import merged_tensor
 from alchemist_sgl.train import load_fused_weights
 
@@ -74,16 +76,21 @@ class FakeClock:
 class Rig:
     """One loop over its own copy of W0, with its host, clock and admission."""
 
-    def __init__(self, folder: Path, overrides: tuple[str, ...] = ()) -> None:
+    def __init__(self, folder: Path, overrides: tuple[str, ...] = (), *,
+                 feedback: FeedbackStore | None = None,
+                 completions: SqliteCompletionLog | None = None,
+                 inject_nonfinite_steps: frozenset[int] = frozenset()) -> None:
         self.config = load_config(TINY_CONFIG, [f"train.checkpoint_dir={folder}",
                                                 "publish.gate.enabled=false", *overrides])
         self.weights = load_fused_weights(model_dir("tiny"), torch.float32)
         self.w0 = live_tensors(self.weights)
         self.host, self.clock = FakeHost(), FakeClock()
-        self.loop, self.admission = build_loop(
+        self.training = build_loop(
             config=self.config, weights=self.weights, host=self.host, recordings=None,
-            completions=None, model_name="tiny", tokenize=tokenize, chat=chat, eos_id=EOS,
-            max_tokens=512, serving=lambda: self.loop.registry.serving.name, clock=self.clock)
+            completions=completions, model_name="tiny", tokenize=tokenize, chat=chat, eos_id=EOS,
+            max_tokens=512, serving=lambda: self.loop.registry.serving.name, feedback=feedback,
+            inject_nonfinite_steps=inject_nonfinite_steps, clock=self.clock)
+        self.loop, self.admission = self.training.loop, self.training.admission
 
     def feed(self, *pairs: tuple[str, str]) -> None:
         pending = self.admission.admit([{"prompt": p, "response": r, "rating": "up"}
@@ -243,7 +250,7 @@ def test_pause_stops_new_steps(rig: Rig) -> None:
     loop.is_paused = False
     assert loop.has_work
     rig.run_idle()
-    assert loop.counters.steps == 1 and rig.host.announced == ["v0", "v1"]
+    assert loop.trainer.counters.steps == 1 and rig.host.announced == ["v0", "v1"]
 
 
 def test_pause_mid_sample_finishes_that_sample_and_keeps_the_round_open(rig: Rig) -> None:
@@ -252,7 +259,7 @@ def test_pause_mid_sample_finishes_that_sample_and_keeps_the_round_open(rig: Rig
     rig.feed(SAMPLES[0], SAMPLES[1])  # round_max_samples 1: a round per sample
     for _ in range(3):
         loop.run_slice(TINY_MS)
-    assert loop.has_step_in_progress and loop.counters.steps == 0
+    assert loop.has_step_in_progress and loop.trainer.counters.steps == 0
     loop.is_paused = True
     assert not loop.has_work
     for _ in range(50):
@@ -263,7 +270,7 @@ def test_pause_mid_sample_finishes_that_sample_and_keeps_the_round_open(rig: Rig
     assert rig.host.announced == ["v0"]
     loop.is_paused = False
     rig.run_idle()
-    assert loop.counters.steps == 2 and rig.host.announced == ["v0", "v1", "v2"]
+    assert loop.trainer.counters.steps == 2 and rig.host.announced == ["v0", "v1", "v2"]
 
 
 def test_a_tiny_slice_still_runs_one_unit(rig: Rig) -> None:
@@ -343,7 +350,7 @@ def test_rollback_refused_while_the_host_refuses_and_mid_step_requeues(rig: Rig)
     assert len(loop.queue) == 1  # the abandoned step's sample is back in the queue
     assert loop.queue.take(1)[0].prompt_ids == tokenize(SAMPLES[1][0])
     assert same(rig.live(), live_v1)
-    assert loop.counters.steps == 1
+    assert loop.trainer.counters.steps == 1
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -372,7 +379,7 @@ def test_checkpoint_round_trip_resumes_the_same_training(tmp_path: Path) -> None
     assert queued[0].prompt_ids == tokenize(SAMPLES[1][0])
     assert queued[0].response_ids == tokenize(SAMPLES[1][1]) + [EOS]
     second.loop.queue.requeue_front(queued)
-    assert second.loop.counters.steps == 1
+    assert second.loop.trainer.counters.steps == 1
 
     second.run_idle()
     loss_second = second.loop.counters.last_loss
@@ -458,9 +465,9 @@ def test_gate_accepts_a_mild_step_with_a_metric(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- non-finite guard
-def test_nonfinite_attempt_is_skipped_and_nothing_is_published(rig: Rig) -> None:
+def test_nonfinite_attempt_is_skipped_and_nothing_is_published(tmp_path: Path) -> None:
+    rig = Rig(tmp_path / "ckpt", inject_nonfinite_steps=frozenset({1}))
     loop = rig.loop
-    loop.inject_nonfinite_steps = {1}
     adapter0 = adapter_state(loop)
     rig.feed(SAMPLES[0])
     rig.run_idle()
@@ -474,6 +481,6 @@ def test_nonfinite_attempt_is_skipped_and_nothing_is_published(rig: Rig) -> None
 
     rig.feed(SAMPLES[1])  # attempt 2 is not poisoned
     rig.run_idle()
-    assert loop.counters.attempts == 2 and loop.counters.steps == 1
+    assert loop.counters.attempts == 2 and loop.trainer.counters.steps == 1
     assert rig.host.announced == ["v0", "v1"]
     assert same(rig.live(), rig.expected_live()) and not same(rig.live(), rig.w0)

@@ -1,6 +1,6 @@
 """Rounds (online/loop.py, Note [Rounds]) over the real tiny Llama weights, without SGLang.
 
-The loop is built by ``online.factory.build_loop`` from ``configs/cpu-tiny.yaml`` with ``--set``
+The loop is built by ``runtime.build_loop`` from ``configs/cpu-tiny.yaml`` with ``--set``
 overrides; the only fakes are the ``ServingHost`` and the clock (``train.round_s``,
 ``train.stale_max_age_s``) from test_online_loop.py. Every number is a real training step.
 """
@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from alchemist_sgl.feedback.completion_log import SqliteCompletionLog
+from alchemist_sgl.feedback.store import FeedbackStore
 from alchemist_sgl.online.intake import PendingSample
 from alchemist_sgl.train import ReplayTrainer, Sample
 from tests.unit.test_online_loop import BIG_MS, SAMPLES, Rig, same
@@ -113,11 +115,24 @@ def test_fresh_first_then_stale_recomputed_counted_by_lag(tmp_path: Path) -> Non
     _fates_add_up(rig)
 
 
+class DeferralSpy(FeedbackStore):
+    """A real feedback store that also lists the ids the loop defers (through the poller)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.deferred: list[list[str]] = []
+
+    def mark_deferred(self, feedback_ids: list[str]) -> None:
+        self.deferred.append(list(feedback_ids))
+        super().mark_deferred(feedback_ids)
+
+
 def test_stale_samples_past_max_age_are_deferred_or_dropped_at_publish(tmp_path: Path) -> None:
-    rig = Rig(tmp_path / "ckpt", ("train.stale_max_age_s=30",))
+    spy = DeferralSpy(tmp_path / "feedback.sqlite")
+    rig = Rig(tmp_path / "ckpt", ("train.stale_max_age_s=30",), feedback=spy,
+              completions=SqliteCompletionLog(tmp_path / "feedback.sqlite", ttl_s=3600.0))
     loop = rig.loop
-    deferred: list[list[str]] = []
-    loop.on_feedback_deferred = deferred.append
+    deferred = spy.deferred
     loop.offer(rig.admission.admit([{"prompt": "Hi", "response": "Yo", "rating": "up"}]))
     rig.run_idle()
     assert rig.host.announced == ["v0", "v1"]
@@ -145,7 +160,7 @@ def test_a_checkpoint_keeps_the_open_rounds_samples_as_pending(tmp_path: Path) -
     rig.loop.offer(rig.admission.admit([{"prompt": p, "response": r, "rating": "up"}
                                         for p, r in SAMPLES[:2]]))
     rig.run_idle()
-    assert rig.status()["train"]["samples_in_round"] == 2 and rig.loop.counters.steps == 0
+    assert rig.status()["train"]["samples_in_round"] == 2 and rig.loop.trainer.counters.steps == 0
     rig.loop.checkpoint(is_blocking=True)
     again = Rig(tmp_path / "ckpt", ("train.round_max_samples=64",))
     assert len(again.loop.queue) == 2 and again.status()["train"]["samples_fed"] == 2

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from alchemist_sgl.integration.training import StoreRecordings
+from alchemist_sgl.store.recordings import StoreRecordings
 from alchemist_sgl.core.prefix import Namespace
 from alchemist_sgl.core.plan import ModelShape, choose_plan
 from alchemist_sgl.core.records import RequestExtend
 from alchemist_sgl.store import ActivationStore
 from alchemist_sgl.config import load_config
-from alchemist_sgl.online.factory import build_loop
+from alchemist_sgl.runtime import build_loop
 from alchemist_sgl.train import load_fused_weights
 from tests.unit.test_online_loop import (BIG_MS, EOS, TINY_CONFIG, FakeClock, FakeHost, chat,
                                          model_dir, tokenize)
@@ -61,11 +61,12 @@ def test_publish_frees_versions_beyond_max_version_lag(tmp_path: Path, max_lag: 
     config = load_config(TINY_CONFIG, [f"train.checkpoint_dir={tmp_path}", "publish.gate.enabled=false",
                                        f"train.max_version_lag={max_lag}"])
     store, host = _empty_store(), FakeHost()
-    loop, admission = build_loop(
+    training = build_loop(
         config=config, weights=load_fused_weights(model_dir("tiny"), torch.float32), host=host,
         recordings=StoreRecordings(store), completions=None, model_name="tiny", tokenize=tokenize,
         chat=chat, eos_id=EOS, max_tokens=512, serving=lambda: loop.registry.serving.name,
         clock=FakeClock())
+    loop, admission = training.loop, training.admission
     trained, waiting = "the trained prompt, recorded at v0", "a completion awaiting feedback"
     _record(store, [tokenize(trained), tokenize(waiting)], loop.trainer.adapter)
     pages = store.status()["pages"]
