@@ -43,7 +43,7 @@ from alchemist_sgl.online.publish import MasterWeights, Publisher
 from alchemist_sgl.online.versions import VersionRegistry
 from alchemist_sgl.record.capture import Capture
 from alchemist_sgl.record.export import export_recording
-from alchemist_sgl.record.plan import RecordPlan
+from alchemist_sgl.core.plan import RecordPlan
 from alchemist_sgl.store.activation_store import ActivationStore
 from alchemist_sgl.store.recordings import StoreRecordings
 from alchemist_sgl.train.offload import SavedTensorOffload

@@ -42,7 +42,7 @@ from alchemist_sgl.integration.served_model import check_in_place_safe, served_w
 from alchemist_sgl.log import get_logger
 from alchemist_sgl.memory.arbiter import ServingPressure, kv_free_fraction
 from alchemist_sgl.memory.status import KvPoolView
-from alchemist_sgl.online.completions import CompletionEntry
+from alchemist_sgl.feedback.completion_entry import CompletionEntry
 from alchemist_sgl.runtime import Runtime, RuntimeState, ServedModel
 from alchemist_sgl.train.weights import BaseWeights
 

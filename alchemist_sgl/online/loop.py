@@ -96,9 +96,9 @@ class OnlineLoop:
         self.round_s = float(config.train.round_s)  # debug.round_s may change it (experiments)
         self.inject_nonfinite_steps = inject_nonfinite_steps
         self.work = WorkSlot(self.counters)  # Note [Work as a generator]
-        self._round: OpenRound | None = None
+        self.current_round: OpenRound | None = None
         self._inflight: list[PendingSample] = []
-        self._state = "idle"
+        self.state = "idle"
 
     # ------------------------------------------------------------------ driving
     @property
@@ -121,7 +121,7 @@ class OnlineLoop:
     def set_replay(self, is_enabled: bool) -> dict[str, Any]:
         """``train.replay`` from the next round on (the benchmark's replay and recompute arms)."""
         self.is_replay_enabled = bool(is_enabled)
-        current = self._round.is_replay_enabled if self._round is not None else is_enabled
+        current = self.current_round.is_replay_enabled if self.current_round is not None else is_enabled
         return {"replay": self.is_replay_enabled, "current_round_replay": current}
 
     def lag_of(self, p: PendingSample) -> int | None:
@@ -152,17 +152,17 @@ class OnlineLoop:
         self.work.close()
         self.publisher.abandon()
         back: list[PendingSample] = []
-        if self._round is not None:
-            self._round.run.abandon()
-            back = list(self._round.taken)
-            self._round = None
+        if self.current_round is not None:
+            self.current_round.run.abandon()
+            back = list(self.current_round.taken)
+            self.current_round = None
         if self._inflight:
             self._release(self._inflight)
             back += self._inflight
             self._inflight = []
         if back:
             self.queue.requeue_front([without_handle(p) for p in back])
-        self._state = "idle"
+        self.state = "idle"
 
     def note_finished_request(self, cached_tokens: int, prompt_tokens: int) -> None:
         """A finished request's radix hits (loop_types.py, Note [Radix hit rate])."""
@@ -183,7 +183,7 @@ class OnlineLoop:
         """Saves the loop's state (a copy, taken now) through the background writer;
         ``is_blocking`` waits until it is on disk (shutdown). The open round's samples are not
         in the saved adapter yet: they are saved as pending."""
-        in_round = list(self._round.taken) if self._round is not None else []
+        in_round = list(self.current_round.taken) if self.current_round is not None else []
         self.versions.checkpoint(counters=self.counters, fates=self.fates, tally=self.tally,
                                  queue=self.queue, in_flight=in_round + self._inflight,
                                  is_blocking=is_blocking)
@@ -195,7 +195,7 @@ class OnlineLoop:
 
     # ------------------------------------------------------------------ rounds
     def _is_close_due(self) -> bool:
-        r, tc = self._round, self.config.train
+        r, tc = self.current_round, self.config.train
         return r is not None and should_close_round(len(r.taken), self.clock() - r.opened_at,
                                                     self.round_s, tc.round_max_samples)
 
@@ -203,13 +203,13 @@ class OnlineLoop:
         """Note [Rounds]: a round at the serving version; the trainer's weights are its weights."""
         self.trainer.version = self.counters.train_state
         run = self.trainer.begin_round(is_replay_enabled=self.is_replay_enabled)
-        self._round = OpenRound(self.registry.serving.name, self.clock(), run,
+        self.current_round = OpenRound(self.registry.serving.name, self.clock(), run,
                                 self.is_replay_enabled)
-        return self._round
+        return self.current_round
 
     def _next_work(self) -> Work | None:
         """The close of a due round, else the next sample by lane, else None."""
-        if self._round is None:
+        if self.current_round is None:
             self._open_round()
         if self._is_close_due():
             return self._close_round()
@@ -219,10 +219,10 @@ class OnlineLoop:
         return self._train_sample(*taken)
 
     def _train_sample(self, p: PendingSample, lane: str) -> Work:
-        r = self._round
+        r = self.current_round
         assert r is not None, "a sample is trained inside an open round"
         self._inflight = [p]
-        self._state = "training"
+        self.state = "training"
         lag = self.lag_of(p)
         covered = (self.recordings.covered_tokens(p.handle)
                    if p.handle is not None and self.recordings is not None else 0)
@@ -245,23 +245,23 @@ class OnlineLoop:
 
     def _close_round(self) -> Work:
         """The optimizer unit, then gate, publish and (by time) a checkpoint; a new round opens."""
-        tc, c, r = self.config.train, self.counters, self._round
+        tc, c, r = self.config.train, self.counters, self.current_round
         assert r is not None and r.taken, "a round never closes empty"
-        self._state = "training"
+        self.state = "training"
         c.attempts += 1
         if c.attempts in self.inject_nonfinite_steps:
             r.run.inject_nonfinite()
         stats = r.run.close()
         yield "train"
         c.busy_ms += stats.step_ms
-        self._round = None
+        self.current_round = None
         feedback = [p.feedback_id for p in r.taken if p.feedback_id is not None]
         if stats.is_nonfinite_skipped:  # counted by the trainer (train/stats.py)
             logger.warning("round skipped: non-finite loss or gradients (%d samples dropped, "
                            "nothing published)", len(r.taken))
             self._drop(r.taken)
             self._open_round()
-            self._state = "idle"
+            self.state = "idle"
             return
         steps = self.trainer.counters.steps  # this step counted by the trainer (train/stats.py)
         c.train_state += 1
@@ -281,7 +281,7 @@ class OnlineLoop:
         if should_checkpoint(self.clock() - c.last_checkpoint_at, tc.checkpoint_every_s):
             self.checkpoint()
             yield "checkpoint"
-        self._state = "idle"
+        self.state = "idle"
 
     def _drop(self, samples: list[PendingSample]) -> None:
         """Samples that end without training (Note [Sample fates]); their feedback rows are
@@ -336,18 +336,18 @@ class OnlineLoop:
     # ------------------------------------------------------------------ publish
     def _publish(self) -> Generator[str, None, bool]:
         c, gc = self.counters, self.config.publish.gate
-        self._state = "publishing"
+        self.state = "publishing"
         t0 = time.perf_counter()
         frozen = self.trainer.adapter.snapshot()
         metric = None
         if gc.is_enabled and self.gate_pairs and (c.publishes + c.rejected) % gc.every == 0:
-            self._state = "gating"
+            self.state = "gating"
             decision = yield from gate_units(self.trainer, self.registry, self.gate_pairs, gc)
             metric = decision.metric
             if not decision.is_accepted:
                 self._reject(decision, metric)
                 return False
-        self._state = "publishing"
+        self.state = "publishing"
         self.publisher.begin(frozen)
         while not self.publisher.is_built:
             self.publisher.run_unit()

@@ -7,20 +7,40 @@ sample fates and the round tally: accounting.py). Imports package modules only; 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable, Protocol
 
-from alchemist_sgl.online.accounting import percentiles
+from alchemist_sgl.online.accounting import RoundTally, SampleFates, percentiles
+from alchemist_sgl.online.intake import SampleQueue
+from alchemist_sgl.online.loop_types import LoopCounters, OpenRound
+from alchemist_sgl.online.publish import MasterWeights
+from alchemist_sgl.online.writer import BackgroundWriter
+from alchemist_sgl.train.trainer import ReplayTrainer
 
-if TYPE_CHECKING:
-    from alchemist_sgl.online.loop import OnlineLoop
+
+class LoopView(Protocol):
+    """What the status reads of the loop (``OnlineLoop`` is one); read-only."""
+
+    counters: LoopCounters
+    trainer: ReplayTrainer
+    queue: SampleQueue
+    state: str
+    writer: BackgroundWriter
+    master: MasterWeights
+    current_round: OpenRound | None
+    clock: Callable[[], float]
+    round_s: float
+    fates: SampleFates
+    tally: RoundTally
+    is_paused: bool
+    is_replay_enabled: bool
 
 
-def loop_status(loop: "OnlineLoop") -> dict[str, dict[str, Any]]:
+def loop_status(loop: LoopView) -> dict[str, dict[str, Any]]:
     """The ``train`` and ``publish`` blocks of ``/alchemist/status`` (docs/api.md); ``steps``
     and ``nonfinite_skipped`` are the trainer's counters (train/stats.py)."""
     c, t = loop.counters, loop.trainer.status()
     train = {**t, "samples_pending": len(loop.queue),
-             "paused": loop.is_paused, "state": "paused" if loop.is_paused else loop._state,
+             "paused": loop.is_paused, "state": "paused" if loop.is_paused else loop.state,
              "units_run": c.units_run, "slices": c.slices,
              "units_over_budget": c.units_over_budget, "max_unit_ms": c.max_unit_ms,
              "max_unit_ms_by_kind": dict(c.max_unit_ms_by_kind),
@@ -38,9 +58,9 @@ def loop_status(loop: "OnlineLoop") -> dict[str, dict[str, Any]]:
     return {"train": train, "publish": publish}
 
 
-def _round_status(loop: "OnlineLoop") -> dict[str, Any]:
+def _round_status(loop: LoopView) -> dict[str, Any]:
     """The rounds keys of the ``train`` status block (Note [Rounds], accounting.py)."""
-    r = loop._round
+    r = loop.current_round
     now = loop.clock()
     block = None if r is None else {
         "version": r.version, "opened_s_ago": now - r.opened_at,

@@ -12,7 +12,7 @@ import pytest
 
 from alchemist_sgl.errors import FeedbackInvalid
 from alchemist_sgl.feedback import FeedbackInput, FeedbackStore, SqliteCompletionLog
-from alchemist_sgl.online.completions import CompletionEntry
+from alchemist_sgl.feedback.completion_entry import CompletionEntry
 
 
 class Clock:

@@ -23,7 +23,7 @@ import torch
 from alchemist_sgl.feedback.completion_log import SqliteCompletionLog
 from alchemist_sgl.feedback.rows import FeedbackInput
 from alchemist_sgl.feedback.store import FeedbackStore
-from alchemist_sgl.online.completions import CompletionEntry
+from alchemist_sgl.feedback.completion_entry import CompletionEntry
 from alchemist_sgl.online.feedback_poll import FeedbackPoller
 from tests.unit.test_online_loop import BIG_MS, Rig, tokenize
 

@@ -24,7 +24,7 @@ from alchemist_sgl.config import Config, load_config
 from alchemist_sgl.memory.arbiter import ServingPressure
 from alchemist_sgl.memory.status import KvPoolView
 from alchemist_sgl.record.capture import Capture
-from alchemist_sgl.record.plan import ModelShape, RecordPlan, choose_plan
+from alchemist_sgl.core.plan import ModelShape, RecordPlan, choose_plan
 from alchemist_sgl.runtime import RuntimeState, SchedulerInfo, ServedModel, build_runtime
 from alchemist_sgl.store import ActivationStore
 from alchemist_sgl.store.recordings import StoreRecordings
