@@ -1,11 +1,11 @@
 """Feedback routes of alchemist-sgl (docs/api.md), run in SGLang's HTTP process.
 
 Owns ``POST /v1/feedback``, ``POST /v1/feedback/batch``, ``GET``/``DELETE /v1/feedback/{completion_id}``
-and the admin ``GET /alchemist/export/kto``, plus the per-key feedback rate limit. The feedback store
-and the completion log are injected (``FeedbackStore``, ``CompletionLookup``); every call to them runs
-in a worker thread (``asyncio.to_thread``, or Starlette's thread pool for the streamed export), never
-on the event loop. Imports no sglang. The interfaces the routes code against (``FeedbackStore``,
-``CompletionLookup``) live here; the body schemas in ``schemas.py``; the key check in ``http.guard``.
+and the admin ``GET /alchemist/export/kto``, plus the per-key feedback rate limit, and the
+interfaces of the injected feedback store and completion log (``FeedbackStore``,
+``CompletionLookup``). Every call to them runs in a worker thread (``asyncio.to_thread``, or
+Starlette's thread pool for the streamed export), never on the event loop. The body schemas live in
+``schemas.py``, the key check in ``http.guard``. Imports no sglang and nothing of ``integration/``.
 
 Note [feedback order]: a POST is checked in this order: key (401), body size (413), fields (422),
 rate limit (429, only requests with valid bodies count), then in one worker-thread call the pending

@@ -29,6 +29,7 @@ at once as well.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import secrets
 from dataclasses import dataclass
@@ -101,6 +102,8 @@ def guard(key: BearerKey | None, *, mark: EndpointMarker | None = None,
     as ``refused`` does, and its status passed to ``on_refused``. ``mark`` marks the wrapper."""
 
     def decorate(endpoint: Callable[P, Awaitable[Response]]) -> Callable[P, Awaitable[Response]]:
+        assert "request" in inspect.signature(endpoint).parameters, f"{endpoint} takes no request"
+
         @functools.wraps(endpoint)
         async def guarded(*args: P.args, **kwargs: P.kwargs) -> Response:
             try:
