@@ -53,7 +53,8 @@ def _drained(server: RunningServer) -> None:
              and s["train"]["samples_pending"] == 0, what="training drained")
 
 
-def _settled(server: RunningServer, published_after: int = 0) -> dict:
+def _settled(server: RunningServer, published_after: int = 0, headers: dict | None = None,
+             timeout_s: float = 120) -> dict:
     """The status once the loop can train nothing more of what it was given: idle, past a publish
     (more than ``published_after`` publishes or refusals), nothing queued, in a round or being
     written, and every sample fed at its final fate (online/accounting.py, Note [Sample fates]).
@@ -65,7 +66,17 @@ def _settled(server: RunningServer, published_after: int = 0) -> dict:
         return (t["state"] == "idle" and t["samples_pending"] == 0 and t["samples_in_round"] == 0
                 and t["writes_pending"] == 0 and p["publishes"] + p["rejected"] > published_after
                 and t["samples_fed"] == fates["trained"] + fates["deferred"] + fates["dropped"] + fates["expired"])
-    return wait_for(server, is_settled, what="the loop settled")
+    deadline = time.monotonic() + timeout_s
+    last: dict = {}
+    while time.monotonic() < deadline:
+        code, text = _get(server, "/alchemist/status", headers)
+        assert code == 200, text
+        last = json.loads(text)
+        if is_settled(last):
+            return last
+        time.sleep(0.2)
+    raise AssertionError(f"the loop did not settle: train={last.get('train')} publish={last.get('publish')}"
+                         f"\n{server.log_tail()}")
 
 
 def test_feedback_answers_and_training(tiny_server: RunningServer) -> None:
@@ -187,7 +198,7 @@ def test_api_key_rate_limit_and_kill9() -> None:
     with dedicated_server("configs/cpu-tiny.yaml", overrides) as again:
         rows = trained_rows(again)
         # the row is "trained", so no poll takes it again; settled, nothing else can train it
-        trained = _settled(again)["train"]["samples_trained"]
+        trained = _settled(again, headers=auth)["train"]["samples_trained"]
         assert len(rows) == 1 and trained == 1, "acked before the kill: trained once"
         # Killed after training, before the next checkpoint (train.checkpoint_every_s: 300):
         # the step is lost with the weights, so the row goes back and trains once more, once.
@@ -196,7 +207,7 @@ def test_api_key_rate_limit_and_kill9() -> None:
     with dedicated_server("configs/cpu-tiny.yaml", overrides) as third:
         rows = trained_rows(third)
         # as above: a copy of the sample restored with the queue would still be queued or in a round
-        trained = _settled(third)["train"]["samples_trained"]
+        trained = _settled(third, headers=auth)["train"]["samples_trained"]
         assert len(rows) == 1 and trained == 1, rows
         cid = completion(third)
         assert call(third, "/v1/feedback", {"completion_id": cid, "rating": "up"},
