@@ -1,10 +1,11 @@
 """HTTP routes of alchemist-sgl (run in SGLang's HTTP process).
 
-Owns the ``/alchemist/*`` routes: status, the admin routes of INTERFACES.md ("Admin routes") and the
+Owns the ``/alchemist/*`` routes: status, the admin routes (docs/api.md) and the
 generic command route. Data owned by the scheduler process is reached through injected async
 callables (built in ``integration/`` over SGLang's existing control channel and the SQLite command
 table of ``control.py``), so this module imports no sglang and is testable with fakes. Input
-schemas live in ``api_schemas``; middlewares for SGLang's own routes in ``api_guards``.
+schemas live in ``schemas.py``; middlewares for SGLang's own routes in ``guards.py``; the key check
+and the answer to a refusal in ``http.guard`` (Note [route guard]).
 
 Note [admin auth]: with ``admin_api_key`` set, every admin route and the command route require
 ``Authorization: Bearer <key>`` (401 otherwise). SGLang's own key middleware, when present, runs
@@ -25,13 +26,12 @@ from typing import Any, Awaitable, Callable
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from alchemist_sgl.api.http import Refusal, has_bearer, parse_json, read_body, refused
-from alchemist_sgl.api.schemas import FieldError, bounded_int, check_keys, normalize_samples, version_name
 from alchemist_sgl.api.control import CommandResult
+from alchemist_sgl.api.http import BearerKey, EndpointMarker, RouteGuard, guard, parse_json, read_body
+from alchemist_sgl.api.schemas import FieldError, bounded_int, check_keys, normalize_samples, version_name
 
-FetchSchedulerState = Callable[[], Awaitable[dict[str, Any] | None]]
-RunCommand = Callable[[str, dict[str, Any]], Awaitable[CommandResult]]
-EndpointMarker = Callable[[Callable[..., Any]], Callable[..., Any]]
+FetchSchedulerState = Callable[[], Awaitable[dict[str, Any] | None]]  # the status dict (JSON)
+RunCommand = Callable[[str, dict[str, Any]], Awaitable[CommandResult]]  # kind, JSON payload
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB, as feedback.max_body_bytes' default
 VERSIONS_DEFAULT_LIMIT = 50
@@ -43,21 +43,20 @@ def build_router(fetch_status: FetchSchedulerState, run_command: RunCommand, *,
                  mark_admin_endpoint: EndpointMarker | None = None,
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> APIRouter:
     """Routes: ``GET /alchemist/status`` (open), and behind the admin key (Note [admin auth])
-    ``GET /alchemist/versions``, ``POST /alchemist/rollback``, ``POST /alchemist/train/pause``, ``POST /alchemist/train/replay``,
-    ``POST /alchemist/train/resume``, ``POST /alchemist/train/samples`` and
-    ``POST /alchemist/commands/{kind}``. Bodies over ``max_body_bytes`` answer 413."""
+    ``GET /alchemist/versions``, ``POST /alchemist/rollback``, ``POST /alchemist/train/pause``,
+    ``POST /alchemist/train/resume``, ``POST /alchemist/train/replay``,
+    ``POST /alchemist/train/samples`` and ``POST /alchemist/commands/{kind}``. Bodies over
+    ``max_body_bytes`` answer 413."""
     router = APIRouter()
-    admin = mark_admin_endpoint if mark_admin_endpoint is not None else (lambda endpoint: endpoint)
+    admin = guard(BearerKey(admin_api_key, "admin key", "--admin-api-key"), mark=mark_admin_endpoint)
+    _add_status_route(router, fetch_status)
+    _add_version_routes(router, admin, run_command, max_body_bytes)
+    _add_train_routes(router, admin, run_command, max_body_bytes)
+    _add_command_route(router, admin, run_command, max_body_bytes)
+    return router
 
-    def check_admin(request: Request) -> None:
-        if admin_api_key and not has_bearer(request.headers.get("authorization"), admin_api_key):
-            raise Refusal(401, {"error": "missing or invalid admin key: send "
-                                          "'Authorization: Bearer <the server's --admin-api-key>'"},
-                           headers={"WWW-Authenticate": "Bearer"})
 
-    async def command(kind: str, payload: dict[str, Any], *, is_wrapped: bool = False) -> JSONResponse:
-        return command_response(await run_command(kind, payload), is_wrapped=is_wrapped)
-
+def _add_status_route(router: APIRouter, fetch_status: FetchSchedulerState) -> None:
     @router.get("/alchemist/status")
     async def alchemist_status() -> JSONResponse:
         status = await fetch_status()
@@ -68,82 +67,61 @@ def build_router(fetch_status: FetchSchedulerState, run_command: RunCommand, *,
                                   "see the server log for the reason"})
         return JSONResponse(content=status)
 
+
+def _add_version_routes(router: APIRouter, admin: RouteGuard, run_command: RunCommand,
+                        max_body_bytes: int) -> None:
     @router.get("/alchemist/versions")
     @admin
     async def alchemist_versions(request: Request) -> JSONResponse:
-        try:
-            check_admin(request)
-            query = request.query_params
-            limit = bounded_int(query.get("limit"), "limit", VERSIONS_DEFAULT_LIMIT, 1, VERSIONS_MAX_LIMIT)
-            payload = {"limit": limit, "offset": bounded_int(query.get("offset"), "offset", 0, 0)}
-        except (Refusal, FieldError) as exc:
-            return refused(exc)
-        return await command("versions.list", payload)
+        query = request.query_params
+        limit = bounded_int(query.get("limit"), "limit", VERSIONS_DEFAULT_LIMIT, 1, VERSIONS_MAX_LIMIT)
+        payload = {"limit": limit, "offset": bounded_int(query.get("offset"), "offset", 0, 0)}
+        return command_response(await run_command("versions.list", payload))
 
     @router.post("/alchemist/rollback")
     @admin
     async def alchemist_rollback(request: Request) -> JSONResponse:
-        try:
-            check_admin(request)
-            body = await _json_object(request, max_body_bytes)
-            check_keys(body, ("to",), "")
-            payload = {"to": version_name(body.get("to"), "to")}
-        except (Refusal, FieldError) as exc:
-            return refused(exc)
-        return await command("versions.rollback", payload)
+        body = await _json_object(request, max_body_bytes)
+        check_keys(body, ("to",), "")
+        payload = {"to": version_name(body.get("to"), "to")}
+        return command_response(await run_command("versions.rollback", payload))
 
+
+def _add_train_routes(router: APIRouter, admin: RouteGuard, run_command: RunCommand,
+                      max_body_bytes: int) -> None:
     @router.post("/alchemist/train/pause")
     @admin
     async def alchemist_train_pause(request: Request) -> JSONResponse:
-        try:
-            check_admin(request)
-        except Refusal as exc:
-            return refused(exc)
-        return await command("train.pause", {})
+        return command_response(await run_command("train.pause", {}))
 
     @router.post("/alchemist/train/resume")
     @admin
     async def alchemist_train_resume(request: Request) -> JSONResponse:
-        try:
-            check_admin(request)
-        except Refusal as exc:
-            return refused(exc)
-        return await command("train.resume", {})
+        return command_response(await run_command("train.resume", {}))
 
     @router.post("/alchemist/train/replay")
     @admin
     async def alchemist_train_replay(request: Request) -> JSONResponse:
-        try:
-            check_admin(request)
-            body = await _json_object(request, max_body_bytes)
-            check_keys(body, ("enabled",), "")
-            if not isinstance(body.get("enabled"), bool):
-                raise FieldError("enabled", "must be true or false")
-        except (Refusal, FieldError) as exc:
-            return refused(exc)
-        return await command("train.replay", {"enabled": body["enabled"]})
+        body = await _json_object(request, max_body_bytes)
+        check_keys(body, ("enabled",), "")
+        if not isinstance(body.get("enabled"), bool):
+            raise FieldError("enabled", "must be true or false")
+        return command_response(await run_command("train.replay", {"enabled": body["enabled"]}))
 
     @router.post("/alchemist/train/samples")
     @admin
     async def alchemist_train_samples(request: Request) -> JSONResponse:
-        try:
-            check_admin(request)
-            samples = normalize_samples(await _json_object(request, max_body_bytes))
-        except (Refusal, FieldError) as exc:
-            return refused(exc)
-        return await command("train.samples", {"samples": samples})
+        samples = normalize_samples(await _json_object(request, max_body_bytes))
+        return command_response(await run_command("train.samples", {"samples": samples}))
 
+
+def _add_command_route(router: APIRouter, admin: RouteGuard, run_command: RunCommand,
+                       max_body_bytes: int) -> None:
     @router.post("/alchemist/commands/{kind}")
     @admin
     async def alchemist_command(kind: str, request: Request) -> JSONResponse:
-        try:
-            check_admin(request)
-            payload = await _json_object(request, max_body_bytes, is_empty_ok=True)
-        except (Refusal, FieldError) as exc:
-            return refused(exc)
-        return await command(kind, payload, is_wrapped=True)
-
-    return router
+        payload = await _json_object(request, max_body_bytes, is_empty_ok=True)
+        return command_response(await run_command(kind, payload), is_wrapped=True)
 
 
 def command_response(outcome: CommandResult, *, is_wrapped: bool = False) -> JSONResponse:
@@ -157,14 +135,14 @@ def command_response(outcome: CommandResult, *, is_wrapped: bool = False) -> JSO
     status = error.get("http_status")
     if isinstance(status, bool) or not isinstance(status, int) or not 400 <= status <= 599:
         status = 404 if error.get("is_unknown") else 422
-    content: dict[str, Any] = {"error": str(error.get("error", "command failed"))}
+    content: dict[str, object] = {"error": str(error.get("error", "command failed"))}
     if error.get("field") is not None:
         content["field"] = error["field"]
     return JSONResponse(status_code=status, content=content)
 
 
 async def _json_object(request: Request, max_body_bytes: int, *, is_empty_ok: bool = False) -> dict[str, Any]:
-    """The request body as a JSON object (api_http.read_body / parse_json); 413 beyond
+    """The request body as a JSON object (http.read_body / parse_json); 413 beyond
     ``max_body_bytes``; 422 otherwise. ``is_empty_ok``: an empty body reads as ``{}``."""
     raw = await read_body(request, max_body_bytes)
     if is_empty_ok and not raw.strip():

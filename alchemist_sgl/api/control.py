@@ -43,7 +43,7 @@ class CommandResult:
     id: int
     is_done: bool
     is_ok: bool
-    result: Any  # the handler's JSON value, or {"error": message} when not ok
+    result: object  # the handler's JSON value, or {"error": message} when not ok
 
 
 class ControlQueue:
@@ -64,14 +64,15 @@ class ControlQueue:
         with self._connect() as conn:
             cur = conn.execute("INSERT INTO commands (kind, payload, created_at) VALUES (?, ?, ?)",
                                (kind, json.dumps(payload), time.time()))
-            return int(cur.lastrowid)
+            assert cur.lastrowid is not None  # set by every INSERT
+            return cur.lastrowid
 
     def pending(self) -> list[Command]:
         with self._connect() as conn:
             rows = conn.execute("SELECT id, kind, payload FROM commands WHERE done = 0 ORDER BY id").fetchall()
         return [Command(int(r[0]), str(r[1]), json.loads(r[2])) for r in rows]
 
-    def complete(self, command_id: int, is_ok: bool, result: Any) -> None:
+    def complete(self, command_id: int, is_ok: bool, result: object) -> None:
         with self._connect() as conn:
             conn.execute("UPDATE commands SET done = 1, ok = ?, result = ? WHERE id = ?",
                          (1 if is_ok else 0, json.dumps(result), command_id))

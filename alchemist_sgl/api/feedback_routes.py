@@ -1,11 +1,11 @@
-"""Feedback routes of alchemist-sgl (INTERFACES.md "Feedback API"), run in SGLang's HTTP process.
+"""Feedback routes of alchemist-sgl (docs/api.md), run in SGLang's HTTP process.
 
 Owns ``POST /v1/feedback``, ``POST /v1/feedback/batch``, ``GET``/``DELETE /v1/feedback/{completion_id}``
-and the admin ``GET /alchemist/export/kto``, plus the per-key feedback rate limit. The feedback store
-and the completion log are injected (``FeedbackStore``, ``CompletionLookup``); every call to them runs
-in a worker thread (``asyncio.to_thread``, or Starlette's thread pool for the streamed export), never
-on the event loop. Imports no sglang. Body schemas and the store interface the routes code against
-live in ``api_feedback_schema``.
+and the admin ``GET /alchemist/export/kto``, plus the per-key feedback rate limit, and the
+interfaces of the injected feedback store and completion log (``FeedbackStore``,
+``CompletionLookup``). Every call to them runs in a worker thread (``asyncio.to_thread``, or
+Starlette's thread pool for the streamed export), never on the event loop. The body schemas live in
+``schemas.py``, the key check in ``http.guard``. Imports no sglang and nothing of ``integration/``.
 
 Note [feedback order]: a POST is checked in this order: key (401), body size (413), fields (422),
 rate limit (429, only requests with valid bodies count), then in one worker-thread call the pending
@@ -31,29 +31,63 @@ passed). A batch larger than the limit could never pass: 422 naming ``feedback``
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import math
 import time
 from collections import deque
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Generic, Iterator, Literal, Protocol, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from alchemist_sgl.api.feedback_schema import (CompletionLookup, CompletionState, Detokenize, FeedbackInput,
-                                               FeedbackResult,
-                                               FeedbackStore, check_completion_id,
-                                               normalize_batch, normalize_feedback)
-from alchemist_sgl.api.http import Refusal, has_bearer, read_json, refused
-from alchemist_sgl.api.schemas import FieldError
+from alchemist_sgl.api.http import BearerKey, EndpointMarker, Refusal, RouteGuard, guard, read_json
+from alchemist_sgl.api.schemas import FieldError, check_completion_id, join_path, normalize_batch, normalize_feedback
 from alchemist_sgl.errors import FeedbackInvalid
+from alchemist_sgl.feedback.rows import FeedbackInput, FeedbackResult
 
-EndpointMarker = Callable[[Callable[..., Any]], Callable[..., Any]]
+CompletionState = Literal["running", "finished", "expired"]
+Detokenize = Callable[[list[int]], str]
 
 RATE_WINDOW_S = 60.0
 QUEUE_FULL_RETRY_AFTER_S = 5
 EXPORT_ROWS_PER_CHUNK = 64
+
+
+class CompletionLookup(Protocol):
+    """The completion log as the feedback routes read it. Called from worker threads, concurrently."""
+
+    def state(self, rid: str, choice_index: int = 0) -> CompletionState | None:
+        """None for an id never logged; ``"expired"`` for a purged one (its tombstone)."""
+
+    def choices(self, rid: str) -> int:
+        """How many choices of completion ``rid`` are logged."""
+
+
+C = TypeVar("C", bound=CompletionLookup)
+C_contra = TypeVar("C_contra", bound=CompletionLookup, contravariant=True)
+
+
+class FeedbackStore(Protocol[C_contra]):
+    """The durable feedback store (feedback/store.py), whose export reads the completion log the
+    routes are given (``C_contra``). Called from worker threads, concurrently."""
+
+    def submit(self, fb: FeedbackInput) -> FeedbackResult:
+        """Commits ``fb`` before returning (last wins per completion choice; a repeated
+        ``feedback_id`` counts once and returns the first answer)."""
+
+    def get(self, completion_id: str) -> list[dict[str, Any]]:
+        """The stored feedback rows of one completion (JSON-serializable)."""
+
+    def delete(self, completion_id: str) -> int:
+        """Deletes the feedback of one completion; returns how many rows were deleted."""
+
+    def pending_count(self) -> int:
+        """Feedback stored but not yet trained."""
+
+    def export_kto(self, completions: C_contra, detokenize: Detokenize) -> Iterator[dict[str, Any]]:
+        """TRL KTO rows ``{"prompt", "completion", "label"}``, lazily."""
 
 
 def hash_api_key(key: str) -> str:
@@ -93,7 +127,56 @@ class SlidingWindowLimiter:
         self._sweep_at_keys = max(1024, 2 * len(self._events))
 
 
-def build_feedback_router(store: FeedbackStore, completions: CompletionLookup, *,
+class FeedbackIntake(Generic[C]):
+    """The submit path behind ``POST /v1/feedback`` and ``/batch`` (Notes [feedback order],
+    [feedback rate limit]): the rate limit, the queue and completion checks, the store, and the
+    answer counts by HTTP status."""
+
+    def __init__(self, store: FeedbackStore[C], completions: C, *, key_hash: str | None,
+                 max_pending: int, limiter: SlidingWindowLimiter | None, counts: dict[int, int]) -> None:
+        self.store, self.completions, self.key_hash = store, completions, key_hash
+        self.max_pending, self.limiter, self.counts = max_pending, limiter, counts
+
+    def count(self, code: int) -> None:
+        self.counts[code] = self.counts.get(code, 0) + 1
+
+    def check_rate(self, request: Request, count: int) -> None:
+        """On the event loop: 422 for a batch larger than the limit, 429 over it."""
+        limiter = self.limiter
+        if limiter is None:
+            return
+        if count > limiter.limit:
+            raise FieldError("feedback", f"at most {limiter.limit} items per batch: the feedback rate "
+                                         f"limit is {limiter.limit} per minute")
+        client = request.client.host if request.client is not None else "unknown"
+        wait_s = limiter.admit(self.key_hash or f"host:{client}", count)
+        if wait_s is not None:
+            retry_after_s = max(1, math.ceil(wait_s))
+            raise Refusal(429, {"error": f"feedback rate limit exceeded ({limiter.limit} per minute); "
+                                         f"retry in {retry_after_s} s"},
+                          headers={"Retry-After": str(retry_after_s)})
+
+    def submit_all(self, items: list[FeedbackInput], paths: list[str]) -> list[FeedbackResult | Refusal]:
+        """Runs in a worker thread: queue check, then per item the completion checks and submit."""
+        pending = self.store.pending_count()
+        if pending + len(items) > self.max_pending:
+            raise Refusal(429, {"error": f"pending queue full: {pending} feedback pending (at most "
+                                         f"{self.max_pending}); retry once training has caught up"},
+                          headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)})
+        outcomes: list[FeedbackResult | Refusal] = []
+        for item, path in zip(items, paths):
+            refusal = _completion_refusal(self.completions, item.completion_id, item.choice_index, path)
+            if refusal is None:
+                try:
+                    outcomes.append(self.store.submit(dataclasses.replace(item, api_key_hash=self.key_hash)))
+                    continue
+                except FeedbackInvalid as exc:  # e.g. a feedback_id used under another key
+                    refusal = Refusal.of_field(FieldError(join_path(path, exc.field), _message(exc)))
+            outcomes.append(refusal)
+        return outcomes
+
+
+def build_feedback_router(store: FeedbackStore[C], completions: C, *,
                           api_key: str | None, max_body_bytes: int, max_pending: int,
                           rate_limit_per_minute: int | None, detokenize: Detokenize | None,
                           admin_api_key: str | None = None,
@@ -107,133 +190,82 @@ def build_feedback_router(store: FeedbackStore, completions: CompletionLookup, *
     ``answer_counts``: HTTP status -> count of feedback answers (one per submitted item), for
     ``alchemist_feedback_answers_total`` on ``/metrics``."""
     router = APIRouter()
-    counts = answer_counts if answer_counts is not None else {}
-
-    def counted(code: int) -> None:
-        counts[code] = counts.get(code, 0) + 1
-    feedback_route = mark_feedback_endpoint if mark_feedback_endpoint is not None else _unmarked
-    admin_route = mark_admin_endpoint if mark_admin_endpoint is not None else _unmarked
     limiter = SlidingWindowLimiter(rate_limit_per_minute, clock) if rate_limit_per_minute else None
-    key_hash = hash_api_key(api_key) if api_key else None
-    export_key = admin_api_key or api_key  # as SGLang's ADMIN_OPTIONAL level: the admin key wins
+    intake = FeedbackIntake(store, completions, key_hash=hash_api_key(api_key) if api_key else None,
+                            max_pending=max_pending, limiter=limiter,
+                            counts=answer_counts if answer_counts is not None else {})
+    user_key = BearerKey(api_key, "API key", "--api-key")
+    # as SGLang's ADMIN_OPTIONAL level: the admin key wins, else the api key
+    export_key = BearerKey(admin_api_key or api_key, "key", "--admin-api-key" if admin_api_key else "--api-key")
+    _add_submit_routes(router, guard(user_key, mark=mark_feedback_endpoint, on_refused=intake.count),
+                       intake, max_body_bytes)
+    _add_read_routes(router, guard(user_key, mark=mark_feedback_endpoint), store, completions)
+    _add_export_route(router, guard(export_key, mark=mark_admin_endpoint), store, completions, detokenize)
+    return router
 
-    def check_key(request: Request) -> None:
-        if api_key and not has_bearer(request.headers.get("authorization"), api_key):
-            raise Refusal(401, {"error": "missing or invalid API key: send "
-                                          "'Authorization: Bearer <the server's --api-key>'"},
-                           headers={"WWW-Authenticate": "Bearer"})
 
-    def check_rate(request: Request, count: int) -> None:
-        if limiter is None:
-            return
-        if count > limiter.limit:
-            raise FieldError("feedback", f"at most {limiter.limit} items per batch: the feedback rate "
-                                         f"limit is {limiter.limit} per minute")
-        client = request.client.host if request.client is not None else "unknown"
-        wait_s = limiter.admit(key_hash or f"host:{client}", count)
-        if wait_s is not None:
-            retry_after_s = max(1, math.ceil(wait_s))
-            raise Refusal(429, {"error": f"feedback rate limit exceeded ({limiter.limit} per minute); "
-                                          f"retry in {retry_after_s} s"},
-                           headers={"Retry-After": str(retry_after_s)})
-
-    def submit_all(items: list[dict[str, Any]], paths: list[str]) -> list[FeedbackResult | Refusal]:
-        """Runs in a worker thread: queue check, then per item the completion checks and submit."""
-        pending = store.pending_count()
-        if pending + len(items) > max_pending:
-            raise Refusal(429, {"error": f"pending queue full: {pending} feedback pending (at most "
-                                          f"{max_pending}); retry once training has caught up"},
-                           headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)})
-        outcomes: list[FeedbackResult | Refusal] = []
-        for item, path in zip(items, paths):
-            refusal = _completion_refusal(completions, item["completion_id"], item["choice_index"], path)
-            if refusal is None:
-                try:
-                    outcomes.append(store.submit(FeedbackInput(**item, api_key_hash=key_hash)))
-                    continue
-                except FeedbackInvalid as exc:  # e.g. a feedback_id used under another key
-                    refusal = Refusal.of_field(FieldError(_join(path, exc.field), _message(exc)))
-            outcomes.append(refusal)
-        return outcomes
-
+def _add_submit_routes(router: APIRouter, user: RouteGuard, intake: FeedbackIntake[C],
+                       max_body_bytes: int) -> None:
+    """``POST /v1/feedback`` and ``/batch``; every answer is counted (``user`` counts refusals)."""
     @router.post("/v1/feedback")
-    @feedback_route
+    @user
     async def feedback_submit(request: Request) -> JSONResponse:
-        try:
-            check_key(request)
-            item = normalize_feedback(await read_json(request, max_body_bytes))
-            check_rate(request, 1)
-            [outcome] = await asyncio.to_thread(submit_all, [item], [""])
-        except (Refusal, FieldError) as exc:
-            answer = refused(exc)
-            counted(answer.status_code)
-            return answer
+        item = normalize_feedback(await read_json(request, max_body_bytes))
+        intake.check_rate(request, 1)
+        [outcome] = await asyncio.to_thread(intake.submit_all, [item], [""])
         if isinstance(outcome, Refusal):
-            counted(outcome.status_code)
+            intake.count(outcome.status_code)
             return outcome.response()
-        counted(200)
+        intake.count(200)
         return JSONResponse(content=outcome.answer)
 
     @router.post("/v1/feedback/batch")
-    @feedback_route
+    @user
     async def feedback_submit_batch(request: Request) -> JSONResponse:
-        try:
-            check_key(request)
-            items = normalize_batch(await read_json(request, max_body_bytes))
-            check_rate(request, len(items))
-            paths = [f"feedback[{i}]" for i in range(len(items))]
-            outcomes = await asyncio.to_thread(submit_all, items, paths)
-        except (Refusal, FieldError) as exc:
-            answer = refused(exc)
-            counted(answer.status_code)
-            return answer
+        items = normalize_batch(await read_json(request, max_body_bytes))
+        intake.check_rate(request, len(items))
+        paths = [f"feedback[{i}]" for i in range(len(items))]
+        outcomes = await asyncio.to_thread(intake.submit_all, items, paths)
         for outcome in outcomes:
-            counted(outcome.status_code if isinstance(outcome, Refusal) else 200)
+            intake.count(outcome.status_code if isinstance(outcome, Refusal) else 200)
         results = [outcome.answer if not isinstance(outcome, Refusal)
                    else {**outcome.content, "status_code": outcome.status_code} for outcome in outcomes]
         return JSONResponse(content={"results": results})
 
+
+def _add_read_routes(router: APIRouter, user: RouteGuard, store: FeedbackStore[C], completions: C) -> None:
+    """``GET`` and ``DELETE /v1/feedback/{completion_id}``."""
     @router.get("/v1/feedback/{completion_id}")
-    @feedback_route
+    @user
     async def feedback_read(completion_id: str, request: Request) -> JSONResponse:
         def read() -> tuple[list[dict[str, Any]], bool]:
             rows = store.get(completion_id)
             return rows, bool(rows) or completions.state(completion_id) is not None
-        try:
-            check_key(request)
-            check_completion_id(completion_id)
-            rows, is_known = await asyncio.to_thread(read)
-        except (Refusal, FieldError) as exc:
-            return refused(exc)
+        check_completion_id(completion_id)
+        rows, is_known = await asyncio.to_thread(read)
         if not is_known:
             return _STATE_REFUSALS[None](completion_id).response()
         return JSONResponse(content={"completion_id": completion_id, "feedback": rows})
 
     @router.delete("/v1/feedback/{completion_id}")
-    @feedback_route
+    @user
     async def feedback_delete(completion_id: str, request: Request) -> JSONResponse:
-        try:
-            check_key(request)
-            check_completion_id(completion_id)
-            deleted = await asyncio.to_thread(store.delete, completion_id)
-        except (Refusal, FieldError) as exc:
-            return refused(exc)
+        check_completion_id(completion_id)
+        deleted = await asyncio.to_thread(store.delete, completion_id)
         return JSONResponse(content={"completion_id": completion_id, "deleted": deleted})
 
+
+def _add_export_route(router: APIRouter, admin: RouteGuard, store: FeedbackStore[C], completions: C,
+                      detokenize: Detokenize | None) -> None:
+    """``GET /alchemist/export/kto`` (JSONL; 503 without a tokenizer)."""
     @router.get("/alchemist/export/kto")
-    @admin_route
+    @admin
     async def export_kto(request: Request) -> Response:
-        if export_key and not has_bearer(request.headers.get("authorization"), export_key):
-            flag = "--admin-api-key" if admin_api_key else "--api-key"
-            return JSONResponse(status_code=401, headers={"WWW-Authenticate": "Bearer"}, content={
-                "error": f"missing or invalid key: send 'Authorization: Bearer <the server's {flag}>'"})
         if detokenize is None:
             return JSONResponse(status_code=503, content={
                 "error": "the KTO export needs the tokenizer, which this server runs without"})
         # a sync iterator: Starlette runs each next() in its thread pool, off the event loop
         return StreamingResponse(_jsonl_chunks(store, completions, detokenize), media_type="application/jsonl")
-
-    return router
 
 
 def _completion_refusal(completions: CompletionLookup, rid: str, choice_index: int, path: str) -> Refusal | None:
@@ -245,7 +277,7 @@ def _completion_refusal(completions: CompletionLookup, rid: str, choice_index: i
         return None
     logged = completions.choices(rid)
     if choice_index >= logged:
-        return Refusal.of_field(FieldError(_join(path, "choice_index"), f"must be below {logged}: "
+        return Refusal.of_field(FieldError(join_path(path, "choice_index"), f"must be below {logged}: "
                                             f"completion {rid!r} has {logged} logged choice(s)"))
     state = completions.state(rid, choice_index)
     return None if state == "finished" else _STATE_REFUSALS[state](rid)
@@ -262,7 +294,7 @@ _STATE_REFUSALS: dict[CompletionState | None, Callable[[str], Refusal]] = {
 }
 
 
-def _jsonl_chunks(store: FeedbackStore, completions: CompletionLookup, detokenize: Detokenize) -> Iterator[bytes]:
+def _jsonl_chunks(store: FeedbackStore[C], completions: C, detokenize: Detokenize) -> Iterator[bytes]:
     """The export as JSONL bytes, ``EXPORT_ROWS_PER_CHUNK`` rows per chunk. The store is first called
     on the first ``next()``, so even an eager ``export_kto`` runs in the thread pool."""
     lines: list[str] = []
@@ -275,14 +307,6 @@ def _jsonl_chunks(store: FeedbackStore, completions: CompletionLookup, detokeniz
         yield "".join(lines).encode("utf-8")
 
 
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
 def _message(exc: FeedbackInvalid) -> str:
     """The store's message without its ``feedback field '<name>': `` prefix."""
     return str(exc).split(": ", 1)[-1]
-
-
-def _unmarked(endpoint: Callable[..., Any]) -> Callable[..., Any]:
-    return endpoint

@@ -1,9 +1,9 @@
 """ASGI middlewares that alchemist-sgl puts in front of SGLang's own HTTP routes.
 
-Owns two guards, each added to a given Starlette/FastAPI ``app`` before it starts:
-``refuse_weight_routes`` (SGLang's weight-changing routes answer 403, Note [weight routes]) and
-``pin_model_names`` (``model: "<name>@<version>"`` on the OpenAI routes, INTERFACES.md "Model
-names"). Both are pure ASGI (no ``BaseHTTPMiddleware``), so streaming responses and client
+Owns three guards, each added to a given Starlette/FastAPI ``app`` before it starts:
+``refuse_weight_routes`` (SGLang's weight-changing routes answer 403, Note [weight routes]),
+``pin_model_names`` (``model: "<name>@<version>"`` on the OpenAI routes, docs/api.md "Model
+names") and ``guard_request_fields`` (no client ``rid``; ``store: false`` kept). All are pure ASGI (no ``BaseHTTPMiddleware``), so streaming responses and client
 disconnects pass through unchanged. Imports no sglang: it must be importable in the unit tests.
 """
 
@@ -77,7 +77,7 @@ class WeightRouteGuard:
 
 
 class ModelNamePins:
-    """Version pins in the OpenAI ``model`` field (INTERFACES.md "Model names").
+    """Version pins in the OpenAI ``model`` field (docs/api.md, "Model names").
 
     For ``POST`` to ``PINNED_ROUTES`` whose JSON body has ``model == "<served_name>@<pin>"``: when the
     pin is the serving version the body goes on with ``model = served_name`` (Content-Length fixed);

@@ -1,9 +1,18 @@
-"""HTTP pieces shared by our routers (api.py, api_feedback.py): refusals, bearer keys, bodies.
+"""HTTP pieces shared by our routers (app.py, feedback_routes.py): refusals, keys, bodies.
 
 Owns ``Refusal`` (an answer other than 200, raised before work is done or returned per item),
-``has_bearer`` (a constant-time ``Authorization: Bearer`` check), ``read_json`` (the body, bounded
-in bytes, parsed) and ``refused`` (a ``Refusal`` or a field error as a response). Imports FastAPI
+``BearerKey`` (a route's key, checked in constant time), ``guard`` (the decorator that states a
+route's key and turns every ``Refusal`` or ``FieldError`` into its answer, Note [route guard]),
+``read_body``/``read_json`` (the body, bounded in bytes, parsed) and ``refused``. Imports FastAPI
 and the package's schema errors only; never sglang.
+
+Note [route guard]: each route that takes a request wears ``@guard(key, ...)`` under FastAPI's
+``@router.<method>(path)``. The key is checked before the endpoint runs, so a 401 comes before
+the body is read (413) or validated (422); a ``Refusal`` or ``FieldError`` raised by the check
+or anywhere in the endpoint becomes its response there, so no route repeats a ``try``. The
+``mark`` (SGLang's ``auth_level``, injected by ``integration/``) goes on the wrapper, which is
+the endpoint FastAPI registers and SGLang's key middleware reads; FastAPI reads the wrapped
+endpoint's parameters through ``functools.wraps``.
 
 Note [refused bodies]: a 413 is sent only once the client has finished sending, up to a bound. A
 server that answers and closes while the client is still sending leaves unread bytes in the
@@ -19,14 +28,29 @@ at once as well.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import secrets
-from typing import Any, AsyncIterator, NoReturn
+from dataclasses import dataclass
+from typing import AsyncIterator, Awaitable, Callable, Mapping, NoReturn, ParamSpec, Protocol, TypeVar
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from alchemist_sgl.api.schemas import FieldError
+
+P = ParamSpec("P")
+E = TypeVar("E", bound=Callable[..., Awaitable[Response]])
+# What ``guard(...)`` returns, as route-group helpers take it.
+RouteGuard = Callable[[Callable[..., Awaitable[Response]]], Callable[..., Awaitable[Response]]]
+
+
+class EndpointMarker(Protocol):
+    """Marks an endpoint for SGLang's key middleware and returns it (``auth_level(level)``)."""
+
+    def __call__(self, endpoint: E, /) -> E: ...
+
 
 # How much of a refused body is read and discarded past max_body_bytes (Note [refused bodies]).
 REFUSED_BODY_DRAIN_BYTES = 16 << 20  # 16 MiB
@@ -35,9 +59,10 @@ REFUSED_BODY_DRAIN_BYTES = 16 << 20  # 16 MiB
 class Refusal(Exception):
     """An answer other than 200 (401, 404, 409, 410, 413, 429, or 422 without a field)."""
 
-    def __init__(self, status_code: int, content: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+    def __init__(self, status_code: int, content: Mapping[str, object],
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(content.get("error"))
-        self.status_code, self.content, self.headers = status_code, content, headers
+        self.status_code, self.content, self.headers = status_code, dict(content), headers
 
     @classmethod
     def of_field(cls, exc: FieldError) -> Refusal:
@@ -49,6 +74,52 @@ class Refusal(Exception):
 
 def refused(exc: Refusal | FieldError) -> JSONResponse:
     return (Refusal.of_field(exc) if isinstance(exc, FieldError) else exc).response()
+
+
+@dataclass(frozen=True)
+class BearerKey:
+    """The key a route requires as ``Authorization: Bearer <key>``; ``key`` None: the route is
+    open. ``name`` and ``flag`` word the 401 (``"API key"``, ``"--api-key"``)."""
+
+    key: str | None
+    name: str
+    flag: str
+
+    def check(self, request: Request) -> None:
+        """Raises the 401 ``Refusal`` (with ``WWW-Authenticate: Bearer``) unless the request
+        carries the key; a constant-time comparison."""
+        if self.key and not has_bearer(request.headers.get("authorization"), self.key):
+            raise Refusal(401, {"error": f"missing or invalid {self.name}: send "
+                                         f"'Authorization: Bearer <the server's {self.flag}>'"},
+                          headers={"WWW-Authenticate": "Bearer"})
+
+
+def guard(key: BearerKey | None, *, mark: EndpointMarker | None = None,
+          on_refused: Callable[[int], None] | None = None
+          ) -> Callable[[Callable[P, Awaitable[Response]]], Callable[P, Awaitable[Response]]]:
+    """The decorator of a route that takes ``request`` (Note [route guard]): checks ``key``
+    first, then runs the endpoint; a ``Refusal`` or ``FieldError`` raised by either is answered
+    as ``refused`` does, and its status passed to ``on_refused``. ``mark`` marks the wrapper."""
+
+    def decorate(endpoint: Callable[P, Awaitable[Response]]) -> Callable[P, Awaitable[Response]]:
+        assert "request" in inspect.signature(endpoint).parameters, f"{endpoint} takes no request"
+
+        @functools.wraps(endpoint)
+        async def guarded(*args: P.args, **kwargs: P.kwargs) -> Response:
+            try:
+                if key is not None:
+                    request = kwargs["request"]  # FastAPI passes every parameter by name
+                    assert isinstance(request, Request), request
+                    key.check(request)
+                return await endpoint(*args, **kwargs)
+            except (Refusal, FieldError) as exc:
+                answer = refused(exc)
+                if on_refused is not None:
+                    on_refused(answer.status_code)
+                return answer
+        return mark(guarded) if mark is not None else guarded
+
+    return decorate
 
 
 def has_bearer(header: str | None, key: str) -> bool:
@@ -93,7 +164,7 @@ async def _drain(request: Request, stream: AsyncIterator[bytes], max_body_bytes:
     raise Refusal(413, {"error": f"body is larger than {max_body_bytes} bytes"}, headers={"Connection": "close"})
 
 
-def parse_json(raw: bytes) -> Any:
+def parse_json(raw: bytes) -> object:
     """The parsed body; a ``FieldError`` on ``body`` (422) if it is not JSON or nested too deeply."""
     try:
         return json.loads(raw)
@@ -103,6 +174,6 @@ def parse_json(raw: bytes) -> Any:
         raise FieldError("body", "is nested too deeply") from exc
 
 
-async def read_json(request: Request, max_body_bytes: int) -> Any:
+async def read_json(request: Request, max_body_bytes: int) -> object:
     """``read_body`` then ``parse_json``."""
     return parse_json(await read_body(request, max_body_bytes))

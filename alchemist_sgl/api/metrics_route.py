@@ -2,7 +2,7 @@
 
 Owns the route. With ``--enable-metrics`` SGLang's processes write prometheus_client multiprocess
 files (``PROMETHEUS_MULTIPROC_DIR``); this route collects them the way SGLang's own endpoint does,
-then appends the ``alchemist_*`` families (metrics.py) from the scheduler's status, the feedback
+then appends the ``alchemist_*`` families (metrics_text.py) from the scheduler's status, the feedback
 table's counts by label and the feedback routes' answers by code. Registered before SGLang's app
 is launched, so it answers ``/metrics`` in place of SGLang's own mount. Imports no sglang.
 """
@@ -29,7 +29,7 @@ def _sglang_metrics() -> str:
     from prometheus_client.multiprocess import MultiProcessCollector  # noqa: PLC0415
 
     registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=folder)
+    MultiProcessCollector(registry, path=folder)  # type: ignore[no-untyped-call]  # unannotated upstream
     return generate_latest(registry).decode("utf-8")
 
 

@@ -1,17 +1,20 @@
-"""Schemas of the admin routes' inputs: validation and normalization, HTTP-side.
+"""Schemas of the HTTP routes' inputs: validation and normalization, HTTP-side.
 
-Owns the ``POST /alchemist/train/samples`` sample schema (INTERFACES.md "Admin routes") and the
-small field checks the other admin routes share (version ids, bounded integers). Every rejection
-is a ``FieldError`` naming the field by its path (``samples[2].score``), so the HTTP answer can say
-exactly what to fix. Pure: imports only the standard library and ``errors``; never sglang.
+Owns every body and field check of our routes: the ``POST /alchemist/train/samples`` sample schema
+and the small field checks the other admin routes share (version ids, bounded integers), and the
+``POST /v1/feedback`` and ``POST /v1/feedback/batch`` bodies (docs/api.md). Every rejection is a
+``FieldError`` naming the field by its path (``samples[2].score``, ``feedback[3].rating``), so the
+422 says exactly what to fix. Pure: imports only the standard library, ``errors`` and
+``feedback.rows`` (the store's ``FeedbackInput``); never sglang.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Mapping
 
 from alchemist_sgl.errors import AlchemistError
+from alchemist_sgl.feedback.rows import FeedbackInput
 
 MAX_SAMPLES_PER_REQUEST = 256
 ROLES = ("system", "user", "assistant")
@@ -20,6 +23,11 @@ RESPONSE_KEYS = ("response", "response_ids")
 LABEL_KEYS = ("rating", "score")
 SAMPLE_KEYS = ("prompt", "messages", "prompt_ids", "response", "response_ids", "rating", "score",
                "completion_id")
+MAX_FEEDBACK_PER_BATCH = 256
+MAX_FEEDBACK_ID_CHARS = 128
+MAX_COMPLETION_ID_CHARS = 256
+RATINGS = ("up", "down")
+FEEDBACK_KEYS = ("completion_id", "choice_index", "rating", "score", "correction", "comment", "feedback_id")
 _VERSION_NAME = re.compile(r"v[0-9]+")
 _INTEGER = re.compile(r"[+-]?[0-9]{1,18}")
 
@@ -37,11 +45,11 @@ class FieldError(AlchemistError):
         return {"error": str(self), "field": self.field}
 
 
-def check_keys(obj: dict[str, Any], allowed: tuple[str, ...], path: str) -> None:
+def check_keys(obj: Mapping[str, object], allowed: tuple[str, ...], path: str) -> None:
     """Raises FieldError for the first key of ``obj`` that is not in ``allowed``."""
     for key in obj:
         if key not in allowed:
-            raise FieldError(_join(path, str(key)), f"unknown field (expected one of {', '.join(allowed)})")
+            raise FieldError(join_path(path, str(key)), f"unknown field (expected one of {', '.join(allowed)})")
 
 
 def bounded_int(raw: str | None, field: str, default: int, low: int, high: int | None = None) -> int:
@@ -56,14 +64,30 @@ def bounded_int(raw: str | None, field: str, default: int, low: int, high: int |
     return value
 
 
-def version_name(value: Any, field: str) -> str:
+def version_name(value: object, field: str) -> str:
     """A version id such as ``v3`` (``v`` then ASCII digits)."""
     if not isinstance(value, str) or _VERSION_NAME.fullmatch(value) is None:
         raise FieldError(field, f"must be a version id such as 'v3', not {_shown(value)}")
     return value
 
 
-def normalize_samples(body: Any) -> list[dict[str, Any]]:
+def check_completion_id(value: object, field: str = "completion_id") -> str:
+    """A completion id: a non-empty string of at most ``MAX_COMPLETION_ID_CHARS`` characters."""
+    if value is None:
+        raise FieldError(field, "is required: the `id` of a chat or completions response")
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_COMPLETION_ID_CHARS:
+        raise FieldError(field, f"must be a string of 1 to {MAX_COMPLETION_ID_CHARS} characters")
+    return value
+
+
+def join_path(path: str, key: str) -> str:
+    """The path of ``key`` inside the object at ``path`` (``feedback[1]`` + ``score``)."""
+    return f"{path}.{key}" if path else key
+
+
+# ---- POST /alchemist/train/samples -----------------------------------------------------------
+
+def normalize_samples(body: object) -> list[dict[str, object]]:
     """Validates a ``{"samples": [...]}`` body; returns each sample with all of ``SAMPLE_KEYS``
     (absent -> None, ``score`` as a float). Raises FieldError naming the first bad field."""
     if not isinstance(body, dict):
@@ -77,13 +101,13 @@ def normalize_samples(body: Any) -> list[dict[str, Any]]:
     return [normalize_sample(sample, f"samples[{i}]") for i, sample in enumerate(samples)]
 
 
-def normalize_sample(sample: Any, path: str) -> dict[str, Any]:
+def normalize_sample(sample: object, path: str) -> dict[str, object]:
     """One sample (see ``normalize_samples``). A null value counts as absent."""
     if not isinstance(sample, dict):
         raise FieldError(path, "must be an object")
     check_keys(sample, SAMPLE_KEYS, path)
     given = {key: value for key, value in sample.items() if value is not None}
-    out: dict[str, Any] = dict.fromkeys(SAMPLE_KEYS)
+    out: dict[str, object] = dict.fromkeys(SAMPLE_KEYS)
 
     completion_id = given.get("completion_id")
     if completion_id is not None and (not isinstance(completion_id, str) or not completion_id):
@@ -113,15 +137,15 @@ def normalize_sample(sample: Any, path: str) -> dict[str, Any]:
 
     label_key = _one_of(given, LABEL_KEYS, path, is_required=True, why_required="the label")
     if label_key == "rating":
-        if given["rating"] not in ("up", "down"):
+        if given["rating"] not in RATINGS:
             raise FieldError(f"{path}.rating", f"must be 'up' or 'down', not {_shown(given['rating'])}")
         out["rating"] = given["rating"]
     else:
-        out["score"] = _score(given["score"], f"{path}.score")
+        out["score"] = _score(given["score"], f"{path}.score", is_zero_ok=False)
     return out
 
 
-def _one_of(given: dict[str, Any], keys: tuple[str, ...], path: str, *, is_required: bool,
+def _one_of(given: Mapping[str, object], keys: tuple[str, ...], path: str, *, is_required: bool,
             why_required: str) -> str | None:
     present = [key for key in keys if key in given]
     if len(present) > 1:
@@ -132,7 +156,7 @@ def _one_of(given: dict[str, Any], keys: tuple[str, ...], path: str, *, is_requi
     return present[0] if present else None
 
 
-def _messages(value: Any, path: str) -> list[dict[str, str]]:
+def _messages(value: object, path: str) -> list[dict[str, str]]:
     if not isinstance(value, list) or not value:
         raise FieldError(path, "must be a non-empty list of {role, content} objects")
     out = []
@@ -149,7 +173,7 @@ def _messages(value: Any, path: str) -> list[dict[str, str]]:
     return out
 
 
-def _token_ids(value: Any, path: str) -> list[int]:
+def _token_ids(value: object, path: str) -> list[int]:
     if not isinstance(value, list) or not value:
         raise FieldError(path, "must be a non-empty list of token ids (integers >= 0)")
     for i, token in enumerate(value):
@@ -158,19 +182,92 @@ def _token_ids(value: Any, path: str) -> list[int]:
     return list(value)
 
 
-def _score(value: Any, path: str) -> float:
+# ---- POST /v1/feedback and /v1/feedback/batch ------------------------------------------------
+
+def normalize_feedback(body: object, path: str = "") -> FeedbackInput:
+    """One feedback object as the store's ``FeedbackInput`` (``api_key_hash`` None: the route sets
+    it; ``choice_index`` defaulting to 0, ``score`` as a float). A null value counts as absent.
+    Exactly one of ``rating`` and ``score`` is required; a score of 0 is valid (stored, not
+    trained). Raises FieldError naming the first bad field."""
+    if not isinstance(body, dict):
+        raise FieldError(path or "body", "must be a JSON object")
+    check_keys(body, FEEDBACK_KEYS, path)
+    given = {key: value for key, value in body.items() if value is not None}
+    completion_id = check_completion_id(given.get("completion_id"), join_path(path, "completion_id"))
+
+    index = given.get("choice_index", 0)
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise FieldError(join_path(path, "choice_index"), f"must be an integer >= 0, not {_shown(index)}")
+
+    rating, score = None, None
+    if "rating" in given and "score" in given:
+        raise FieldError(join_path(path, "score"), "give only one of rating, score (rating is given too)")
+    if "rating" in given:
+        if given["rating"] not in RATINGS:
+            raise FieldError(join_path(path, "rating"), f"must be 'up' or 'down', not {_shown(given['rating'])}")
+        rating = str(given["rating"])
+    elif "score" in given:
+        score = _score(given["score"], join_path(path, "score"), is_zero_ok=True)
+    else:
+        raise FieldError(join_path(path, "rating"), "one of rating ('up' or 'down') or score (a number in "
+                                                    "[-1, 1]) is required")
+    return FeedbackInput(completion_id=completion_id, choice_index=index, rating=rating, score=score,
+                         correction=_text(given, "correction", path, is_empty_ok=False),
+                         comment=_text(given, "comment", path, is_empty_ok=True),
+                         feedback_id=_feedback_id(given, path))
+
+
+def normalize_batch(body: object) -> list[FeedbackInput]:
+    """A ``{"feedback": [...]}`` body of 1 to ``MAX_FEEDBACK_PER_BATCH`` feedback objects, each
+    normalized as ``normalize_feedback`` (errors name ``feedback[i].<field>``). Every item is checked
+    before any is returned, so a bad item refuses the whole batch."""
+    if not isinstance(body, dict):
+        raise FieldError("body", "must be a JSON object")
+    check_keys(body, ("feedback",), "")
+    items = body.get("feedback")
+    if not isinstance(items, list) or not items:
+        raise FieldError("feedback", "must be a non-empty list of feedback objects")
+    if len(items) > MAX_FEEDBACK_PER_BATCH:
+        raise FieldError("feedback", f"at most {MAX_FEEDBACK_PER_BATCH} items per batch, got {len(items)}")
+    return [normalize_feedback(item, f"feedback[{i}]") for i, item in enumerate(items)]
+
+
+def _text(given: Mapping[str, object], key: str, path: str, *, is_empty_ok: bool) -> str | None:
+    """An optional string field (``correction`` must not be empty, ``comment`` may)."""
+    if key not in given:
+        return None
+    value = given[key]
+    if is_empty_ok and not isinstance(value, str):
+        raise FieldError(join_path(path, key), "must be a string")
+    if not is_empty_ok and (not isinstance(value, str) or not value):
+        raise FieldError(join_path(path, key), "must be a non-empty string")
+    assert isinstance(value, str)
+    return value
+
+
+def _feedback_id(given: Mapping[str, object], path: str) -> str | None:
+    feedback_id = given.get("feedback_id")
+    if feedback_id is None:
+        return None
+    if not isinstance(feedback_id, str) or not 1 <= len(feedback_id) <= MAX_FEEDBACK_ID_CHARS:
+        raise FieldError(join_path(path, "feedback_id"),
+                         f"must be a string of 1 to {MAX_FEEDBACK_ID_CHARS} characters")
+    return feedback_id
+
+
+# ---- shared helpers --------------------------------------------------------------------------
+
+def _score(value: object, path: str, *, is_zero_ok: bool) -> float:
+    """A score in [-1, 1]; 0 only when ``is_zero_ok`` (feedback stores it untrained; an admin
+    sample with score 0 would carry no training signal)."""
     # NaN fails the comparison too; no float() before the range check (huge ints would overflow)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1 <= value <= 1:
         raise FieldError(path, "must be a number in [-1, 1]")
-    if value == 0:
+    if value == 0 and not is_zero_ok:
         raise FieldError(path, "must not be 0: a 0 score carries no training signal")
     return float(value)
 
 
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def _shown(value: Any) -> str:
+def _shown(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."

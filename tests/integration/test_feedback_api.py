@@ -53,11 +53,38 @@ def _drained(server: RunningServer) -> None:
              and s["train"]["samples_pending"] == 0, what="training drained")
 
 
+def _settled(server: RunningServer, published_after: int = 0, headers: dict | None = None,
+             timeout_s: float = 120) -> dict:
+    """The status once the loop can train nothing more of what it was given: idle, past a publish
+    (more than ``published_after`` publishes or refusals), nothing queued, in a round or being
+    written, and every sample fed at its final fate (online/accounting.py, Note [Sample fates]).
+    Feedback rows still pending in the table are not seen here: call it once the rows in question
+    are "trained" (``_trained``), which no later poll takes again."""
+    def is_settled(s: dict) -> bool:
+        t, p = s["train"], s["publish"]
+        fates = t["samples_by_fate"]
+        return (t["state"] == "idle" and t["samples_pending"] == 0 and t["samples_in_round"] == 0
+                and t["writes_pending"] == 0 and p["publishes"] + p["rejected"] > published_after
+                and t["samples_fed"] == fates["trained"] + fates["deferred"] + fates["dropped"] + fates["expired"])
+    deadline = time.monotonic() + timeout_s
+    last: dict = {}
+    while time.monotonic() < deadline:
+        code, text = _get(server, "/alchemist/status", headers)
+        assert code == 200, text
+        last = json.loads(text)
+        if is_settled(last):
+            return last
+        time.sleep(0.2)
+    raise AssertionError(f"the loop did not settle: train={last.get('train')} publish={last.get('publish')}"
+                         f"\n{server.log_tail()}")
+
+
 def test_feedback_answers_and_training(tiny_server: RunningServer) -> None:
     reply = chat(tiny_server, "Tell me about the moon and its phases, please.")
     assert reply["choices"][0]["logprobs"] is None, "log-probs are logged, never returned unasked"
     cid = reply["id"]
-    before = status(tiny_server)["train"]["samples_trained"]
+    _drained(tiny_server)  # earlier tests' training is over: the counters below move only for this one
+    before = status(tiny_server)
     key = uuid.uuid4().hex
     first = post(tiny_server, "/v1/feedback", {"completion_id": cid, "rating": "up", "feedback_id": key})
     assert first == {"feedback_id": key, "completion_id": cid, "status": "accepted"}
@@ -65,8 +92,12 @@ def test_feedback_answers_and_training(tiny_server: RunningServer) -> None:
     assert again == first, "a repeated feedback_id returns the first answer"
     row = _trained(tiny_server, cid)
     assert row["trained_step"] >= 1
-    wait_for(tiny_server, lambda s: s["train"]["samples_trained"] >= before + 1, what="feedback trained")
-    assert len(_rows(tiny_server, cid)) == 1, "counted once"
+    assert len(_rows(tiny_server, cid)) == 1, "the repeated feedback_id stored no second row"
+    after = _settled(tiny_server, before["publish"]["publishes"] + before["publish"]["rejected"])
+    was, now = before["train"], after["train"]
+    assert now["samples_fed"] == was["samples_fed"] + 1, "fed to the trainer once"
+    assert now["samples_by_fate"]["trained"] == was["samples_by_fate"]["trained"] + 1, "trained once"
+    assert now["samples_trained"] == was["samples_trained"] + 1, "in exactly one step"
 
     code, body = post_status(tiny_server, "/v1/feedback", {"completion_id": "no-such-id", "rating": "up"})
     assert code == 404
@@ -164,21 +195,20 @@ def test_api_key_rate_limit_and_kill9() -> None:
             time.sleep(0.5)
         raise AssertionError(f"not trained: {rows}\n{server.log_tail()}")
 
-    def samples_trained(server: RunningServer) -> int:
-        code, text = _get(server, "/alchemist/status", {"Authorization": "Bearer sk-test"})
-        return json.loads(text)["train"]["samples_trained"]
-
     with dedicated_server("configs/cpu-tiny.yaml", overrides) as again:
         rows = trained_rows(again)
-        assert len(rows) == 1 and samples_trained(again) == 1, "acked before the kill: trained once"
+        # the row is "trained", so no poll takes it again; settled, nothing else can train it
+        trained = _settled(again, headers=auth)["train"]["samples_trained"]
+        assert len(rows) == 1 and trained == 1, "acked before the kill: trained once"
         # Killed after training, before the next checkpoint (train.checkpoint_every_s: 300):
         # the step is lost with the weights, so the row goes back and trains once more, once.
         os.killpg(os.getpgid(again.proc.pid), signal.SIGKILL)
         again.proc.wait(timeout=30)
     with dedicated_server("configs/cpu-tiny.yaml", overrides) as third:
         rows = trained_rows(third)
-        time.sleep(1.0)  # a second poll would train it again if the row were still pending
-        assert len(rows) == 1 and samples_trained(third) == 1, rows
+        # as above: a copy of the sample restored with the queue would still be queued or in a round
+        trained = _settled(third, headers=auth)["train"]["samples_trained"]
+        assert len(rows) == 1 and trained == 1, rows
         cid = completion(third)
         assert call(third, "/v1/feedback", {"completion_id": cid, "rating": "up"},
                     {"Content-Type": "application/json"})[0] == 401

@@ -1,4 +1,5 @@
-"""The training-sample schema of POST /alchemist/train/samples: every rejection names its field."""
+"""api/schemas.py: the training-sample schema of POST /alchemist/train/samples and the feedback
+body of POST /v1/feedback (/batch); every rejection names its field."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ from typing import Any
 
 import pytest
 
-from alchemist_sgl.api.schemas import MAX_SAMPLES_PER_REQUEST, SAMPLE_KEYS, FieldError, bounded_int, normalize_samples
+from alchemist_sgl.api.schemas import (MAX_SAMPLES_PER_REQUEST, SAMPLE_KEYS, FieldError, bounded_int, normalize_batch,
+                                       normalize_feedback, normalize_samples)
+from alchemist_sgl.feedback import FeedbackInput
 
 GOOD = {"prompt": "hi", "response": "hello", "rating": "up"}
 
@@ -121,3 +124,27 @@ def test_bounded_int() -> None:
     for raw in ("", " 1", "1e3", "0x10", "1_0", "9" * 30):
         with pytest.raises(FieldError):
             bounded_int(raw, "offset", 0, 0)
+
+
+def test_a_feedback_body_normalizes_to_the_stores_input() -> None:
+    fb = normalize_feedback({"completion_id": "c", "score": 1, "comment": "", "choice_index": None})
+    assert fb == FeedbackInput(completion_id="c", choice_index=0, score=1.0, comment="")
+    assert isinstance(fb.score, float) and fb.api_key_hash is None, "the route sets the key's hash"
+    assert normalize_feedback({"completion_id": "c", "score": 0}).score == 0.0, "stored, never trained"
+    [first, second] = normalize_batch({"feedback": [{"completion_id": "a", "rating": "up"},
+                                                    {"completion_id": "b", "rating": "down",
+                                                     "correction": "fixed", "feedback_id": "f"}]})
+    assert (first.completion_id, first.rating) == ("a", "up")
+    assert (second.rating, second.correction, second.feedback_id) == ("down", "fixed", "f")
+
+
+def test_one_score_rule_with_zero_refused_only_for_admin_samples() -> None:
+    """Both schemas share one score check: [-1, 1], no bool, no NaN; 0 is a stored feedback score
+    but an admin sample without a training signal."""
+    for bad in (1.5, -2, True, float("nan"), "0.5", 10 ** 400):
+        with pytest.raises(FieldError, match=r"^score: must be a number in \[-1, 1\]$"):
+            normalize_feedback({"completion_id": "c", "score": bad})
+        with pytest.raises(FieldError, match=r"^samples\[0\]\.score: must be a number in \[-1, 1\]$"):
+            normalize_samples({"samples": [{**GOOD, "rating": None, "score": bad}]})
+    with pytest.raises(FieldError, match="must not be 0"):
+        normalize_samples({"samples": [{**GOOD, "rating": None, "score": 0}]})
