@@ -1,7 +1,7 @@
 """The record plan: which per-layer projection outputs to record, and which to keep longest (pure).
 
-Owns the choice among the four large projections of a Llama-family decoder layer (MISSION.md
-"The technique precisely"): fused ``qkv``, ``o``, fused ``gate_up``, ``down``. Must not import
+Owns the choice among the four large projections of a Llama-family decoder layer (docs/recording-and-replay.md
+"The idea"): fused ``qkv``, ``o``, fused ``gate_up``, ``down``. Must not import
 sglang, torch or package modules other than ``errors``.
 
 Note [Greedy by FLOPs per byte]: replaying a projection y = x W (W: d_in x d_out) saves its forward
@@ -35,7 +35,7 @@ from typing import Any, Callable, Mapping, Sequence
 from alchemist_sgl.errors import ConfigError
 
 TENSOR_ORDER = ("qkv", "o", "gate_up", "down")
-# Prompt length at which the status number is quoted (MISSION.md "Measured": 410-token prompts).
+# Prompt length at which the status number is quoted (410-token prompts, docs/recording-and-replay.md).
 REFERENCE_CONTEXT_TOKENS = 410
 # Elementwise FLOPs per hidden element per layer (2 RMSNorms ~4 each, 2 residual adds); the MLP's
 # SiLU*mul and RoPE are counted on their own widths below. An estimate: it is < 1% of the total.
@@ -150,7 +150,7 @@ class RecordPlan:
         return saved / forward_flops_per_token(self.shape, context_tokens)
 
     def as_status(self) -> dict[str, Any]:
-        """The ``record_plan`` entry of ``/alchemist/status`` (INTERFACES.md)."""
+        """The ``record_plan`` entry of ``/alchemist/status`` (docs/api.md)."""
         return {"tensors": list(self.tensors), "bytes_per_token": self.bytes_per_token,
                 "prompt_forward_flops_avoided": round(self.prompt_forward_flops_avoided(), 4)}
 

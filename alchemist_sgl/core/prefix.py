@@ -1,6 +1,6 @@
 """Chained page hashes of token ids, namespaced by base weight version and adapter (pure).
 
-Owns the key scheme of the activation store (INTERFACES.md "store"; MISSION.md "Prefix dedup").
+Owns the key scheme of the activation store (docs/recording-and-replay.md, "The activation store").
 Must not import torch, sglang or any package module but ``errors``.
 
 A token sequence is cut into pages of ``page_tokens`` tokens (<= 16). The key of page k is

@@ -79,7 +79,7 @@ class FeedbackResult:
     feedback_id: str
     completion_id: str
     status: Literal["accepted", "replaced", "duplicate"]
-    answer: dict[str, Any]
+    answer: dict[str, object]
 
 
 @dataclass(frozen=True)

@@ -264,7 +264,7 @@ class MemoryArbiter:
     # -- status ----------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        """``/alchemist/status.arbiter``: the INTERFACES.md keys (``state``, ``transitions``,
+        """``/alchemist/status.arbiter``: the docs/api.md keys (``state``, ``transitions``,
         ``last_transition_at``, ``train_budget_bytes``) plus ``is_enabled``,
         ``arrival_rate_ema_per_s``, ``dwell_s`` (seconds in the current state),
         ``transitions_last_minute``, ``is_spike``, ``reason`` and ``recent_ttft_ms`` (the TTFT

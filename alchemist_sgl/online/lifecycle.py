@@ -39,7 +39,7 @@ class TrainerSnapshot:
     """Copies of the adapter (PEFT names) and the AdamW state: the gate's "last accepted" point."""
 
     peft: dict[str, torch.Tensor]
-    optimizer: dict[str, Any]
+    optimizer: dict[str, object]
 
 
 class VersionKeeper:

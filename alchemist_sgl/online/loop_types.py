@@ -79,7 +79,7 @@ class LoopCounters:
     last_stall_ms: float | None = None
     last_publish_at: float = 0.0
     last_checkpoint_at: float = 0.0
-    recent_publishes: list[dict[str, Any]] = field(default_factory=list)
+    recent_publishes: list[dict[str, object]] = field(default_factory=list)
     window_cached_tokens: int = 0   # radix hits of requests finished since the last publish ...
     window_prompt_tokens: int = 0   # ... over their prompt tokens (Note [Radix hit rate])
 

@@ -11,7 +11,7 @@ Protocol, per model forward, on the scheduler thread:
   may overwrite it in place afterwards: GPU fused add-rmsnorm and LoRA do);
   ``end()`` after the forward.
 
-Note [Never raise into serving]: a hook that raises kills SGLang's scheduler (PLATFORM.md). Every
+Note [Never raise into serving]: a hook that raises kills SGLang's scheduler (docs/architecture.md, "Processes"). Every
 public method here catches any exception, logs it with its traceback, disables recording for the
 life of the process, reports the reason through ``on_failure`` (the runtime shows it in
 ``/alchemist/status.disabled``) and returns normally. Serving continues without recording.

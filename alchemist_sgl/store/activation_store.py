@@ -5,7 +5,7 @@ replays them. Must not import sglang; imports torch and ``core`` (``prefix``, ``
 
 Note [Page alignment]: a page is ``page_tokens`` (<= 16) consecutive prompt positions starting at
 a multiple of ``page_tokens``. The server runs SGLang with ``--page-size`` equal to
-``store.page_tokens`` (works on CPU with torch_native, PLATFORM.md "Radix granularity"), so a radix
+``store.page_tokens`` (works on CPU with torch_native, docs/recording-and-replay.md "The activation store"), so a radix
 hit ends on a page boundary and every extend, chunked or not, starts on one: each extend writes
 whole pages, except the prompt's last partial page, stored as a tail (prefix.py Note [Tail keys]) so
 that no computed token is lost. A chunk that ends mid-page (possible only when SGLang's page size is
@@ -365,7 +365,7 @@ class ActivationStore:
 
     # ---------------------------------------------------------------- metrics
     def status(self) -> dict[str, float | int]:
-        """The ``store`` entry of ``/alchemist/status`` (INTERFACES.md) plus a few extras.
+        """The ``store`` entry of ``/alchemist/status`` (docs/api.md) plus a few extras.
 
         bytes_stored: bytes of the tensors held now (a demoted page counts its kept tensor only;
         ``bytes_recorded_total``: ever published, full). device_bytes/host_bytes: slot memory held

@@ -2,7 +2,7 @@
 
 Owns the memory of one store tier (device or host). Must not import sglang.
 
-Note [Reused pool]: PLATFORM.md "Measured costs": cloning each projection output per prefill made
+Note [Reused pool] (docs/recording-and-replay.md): cloning each projection output per prefill made
 TTFT x1.8 and holding references x1.66 (allocator churn), copying into a pre-touched reused buffer
 x1.11. So a tier is ONE tensor ``[num_slots, slot_elements]`` allocated and zero-filled (every page
 faulted in) at construction; the put path only copies into slot views, never allocates. A slot

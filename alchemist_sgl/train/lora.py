@@ -194,7 +194,7 @@ class FrozenLora:
 def merge_adapter_into_base(weights: BaseWeights, adapter: "LoraAdapter | FrozenLora") -> None:
     """W[rows of target] += scale * B @ A for every pair, in fp32, cast back to W's dtype, in place.
     Applied to a fresh copy of the master W0 this gives the published W_pub = cast(W0 + s * B @ A);
-    never apply it to already-merged low-precision weights (MISSION.md "One version": rebuild).
+    never apply it to already-merged low-precision weights (docs/online-loop.md "One version": rebuild).
 
     Side effect: mutates the base tensors (the serving model's own storage when ``weights`` wraps
     SGLang's parameters): call only while no forward reads them. Recordings made before become

@@ -25,7 +25,7 @@ Data format the runtime must produce (one ``Sample`` per trained completion):
 Note [Staleness]: a recording is exact only if the weights that produced it equal the weights the
 trainer computes now, adapter included: a non-zero adapter change moves every layer's input after
 the first, so "base outputs" depend on the adapter too. ``version`` names PUBLISHED weight states
-(MISSION.md "One version"): the runtime labels a recording with the version that served it, and
+(docs/online-loop.md "One version"): the runtime labels a recording with the version that served it, and
 the online loop sets the trainer's ``version`` before each step (the trainer never advances it).
 lag = trainer version - recording version. lag 0 is exact while the trained adapter still equals
 the published one (forward.py, Note [Published adapter]; with a publish after every step this

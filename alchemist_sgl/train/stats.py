@@ -27,7 +27,7 @@ class StepStats:
 
 @dataclass
 class TrainCounters:
-    """Cumulative numbers for the ``train`` status block (INTERFACES.md)."""
+    """Cumulative numbers for the ``train`` status block (docs/api.md)."""
     steps: int = 0
     samples_trained: int = 0
     tokens_trained: int = 0

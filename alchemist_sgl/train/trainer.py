@@ -11,8 +11,8 @@ enables grad itself (SGLang's loop runs under no_grad) and must not run under
 ``torch.inference_mode``. ``begin_step`` runs a step as work units (units.py, Note [Work units]);
 each sample's graph is built, back-propagated and freed before the next, so peak memory is one
 sample's. The loss is sum over samples of ``weight * loss_s`` divided by the sum of the weights,
-applied after the backward (rounds.py, Note [Round normalisation]; objectives.py). ``version`` is a plain attribute the caller (the online loop) sets before a step:
-recordings are planned with lag = version - recording.version (samples.py, Note [Staleness]).
+applied after the backward (rounds.py, Note [Round normalisation]; objectives.py). ``version`` is a
+plain attribute the caller (the online loop) sets before a step: recordings are planned with lag = version - recording.version (samples.py, Note [Staleness]).
 The adapter and AdamW state carry on across publishes; ``set_published`` swaps the subtracted snapshot.
 """
 
@@ -287,6 +287,6 @@ class ReplayTrainer:
         self._is_published_current = False
 
     def status(self) -> dict[str, Any]:
-        """The trainer's part of the ``train`` status block (INTERFACES.md)."""
+        """The trainer's part of the ``train`` status block (docs/api.md)."""
         extra = {} if self.compile_info is None else {"compile": self.compile_info}
         return dataclasses.asdict(self.counters) | {"version": self.version} | extra

@@ -1,4 +1,4 @@
-"""Dependency rules of STYLE.md, checked mechanically with import-linter (.importlinter)."""
+"""Dependency rules of docs/development.md, checked mechanically with import-linter (.importlinter)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The harness talks HTTP only: its modules never import sglang nor the alchemist_sgl runtime
-(STYLE.md). Scope: the harness itself (CLI, context, server, monitor, report, table, loadgen, the
+(docs/development.md). Scope: the harness itself (CLI, context, server, monitor, report, table, loadgen, the
 registry and the ``serving`` experiment); other experiments declare their own needs (``replay``
 trains in-process and imports the trainer by design)."""
 

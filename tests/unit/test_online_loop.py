@@ -5,7 +5,7 @@ tmp folder), over fp32 weights loaded from the tiny model folder; the publisher 
 very tensors, which stand for the served model's parameters. The only fake is ``FakeHost`` (the
 ``ServingHost`` protocol: records announcements, ``can_publish`` toggled by the test) and a fake
 clock for ``train.round_s``. Checked against ``publish.merged_tensor`` over
-the master copy (MISSION.md "One version": serving at v means cast(W0 + s * B_v @ A_v)).
+the master copy (docs/online-loop.md "One version": serving at v means cast(W0 + s * B_v @ A_v)).
 """
 
 from __future__ import annotations

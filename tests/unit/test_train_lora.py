@@ -101,7 +101,7 @@ def test_trainer_step_learns_counts_and_publishes_without_reset():
         served = trainer.logprobs(planned, is_adapter_enabled=False)
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(served, before, rtol=1e-4, atol=1e-4)
-    # The adapter and AdamW state carry on across the publish (MISSION.md "One version").
+    # The adapter and AdamW state carry on across the publish (docs/online-loop.md "One version").
     assert any(float(b.detach().abs().sum()) > 0 for b in trainer.adapter.b.values())
     assert {k: float(v["step"]) for k, v in trainer.optimizer.state_dict()["state"].items()} == adam_steps
     assert not hasattr(trainer, "merge_into_base")

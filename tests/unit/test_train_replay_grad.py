@@ -1,6 +1,6 @@
 """Replay gradient equivalence against an independent reference (HF transformers + PEFT).
 
-The bar (MISSION.md "Exactness"): with the same weights, LoRA tensors and dtype, loss and every LoRA
+The bar (docs/recording-and-replay.md "The idea"): with the same weights, LoRA tensors and dtype, loss and every LoRA
 gradient of the segment forward, replaying recordings captured from the HF model, equal the HF+PEFT
 recompute: norm-wise relative error <= 1e-4 in fp32; in bf16 replay's error against the fp32
 reference is at most 2x the bf16 recompute's own.
