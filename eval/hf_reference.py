@@ -6,15 +6,17 @@ handed in only has to expose ``rank``, ``alpha``, ``targets`` and ``peft_state_d
 ``LoraAdapter`` does); its tensors are copied in, so the reference computes with the exact LoRA
 weights under test, over the base weights read from the model folder on disk (W0).
 
-Imports torch, transformers and peft (the last two lazily); never the server runtime or sglang.
+Imports torch, transformers and peft lazily (importing ``eval`` loads none of them: see
+tests/unit/test_eval_boundaries.py); never the server runtime or sglang.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 HF_MODULE = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
              "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
@@ -34,6 +36,7 @@ def build_hf_peft(folder: str | Path, dtype: torch.dtype, adapter: PeftExportabl
     """HF Llama in ``dtype`` from ``folder`` wrapped by PEFT with ``adapter``'s exact tensors copied
     in; eval mode (no dropout anywhere, as in our trainer with ``lora.dropout: 0``). Returns the
     ``PeftModel``."""
+    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 

@@ -48,7 +48,7 @@ def running_requests(server: RunningServer) -> int:
     """Requests in SGLang's running batch now (``/v1/loads``, asked of the scheduler)."""
     with urllib.request.urlopen(f"{server.base_url}/v1/loads?include=core", timeout=60) as resp:
         loads = json.loads(resp.read())["loads"]
-    return sum(int(load.get("core", load).get("num_running_reqs", 0)) for load in loads)
+    return sum(int(load["num_running_reqs"]) for load in loads)  # core fields are flat
 
 
 def wait_running(server: RunningServer, n: int, timeout_s: float = 60) -> None:
