@@ -23,10 +23,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 # The tiny test config closes a round at its first sample (train.round_max_samples: 1), faster
 # than /alchemist/status is polled; the experiments count whole rounds, so here a round holds
-# until train.round_s (the experiment's own setting) and the gate's held-out scoring is skipped.
+# until train.round_s: 3 s (``online`` sets its own with --set) instead of cpu-base's 60 s, which
+# would close no round inside a smoke block. The gate's held-out scoring is skipped.
 SMOKE_CONFIG = """base: {repo}/configs/cpu-tiny.yaml
 train:
   round_max_samples: 64
+  round_s: 3
 publish:
   gate:
     enabled: false
