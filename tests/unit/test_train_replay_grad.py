@@ -8,8 +8,6 @@ reference is at most 2x the bf16 recompute's own.
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
