@@ -74,9 +74,10 @@ def run_experiment(args: argparse.Namespace) -> int:
                      dataset_path=Path(args.dataset_path) if args.dataset_path else None,
                      url=args.url.rstrip("/") if args.url else None, out_dir=out_dir, quick=args.quick,
                      seed=args.seed, progress=not args.no_progress, workload_name=args.workload,
-                     feedback_delay_s=args.feedback_delay, rate_rps=args.rate, round_s=args.round_s)
+                     feedback_delay_s=args.feedback_delay, rate_rps=args.rate, round_s=args.round_s,
+                     smoke=args.smoke)
     meta: dict[str, Any] = {
-        "experiment": args.name, "quick": args.quick, "argv": sys.argv, "seed": args.seed,
+        "experiment": args.name, "quick": args.quick, "smoke": args.smoke, "argv": sys.argv, "seed": args.seed,
         "workload": args.workload, "feedback_delay_s": args.feedback_delay, "rate_rps": args.rate,
         "round_s": args.round_s,
         "config_path": str(config_path), "dataset_path": args.dataset_path, "url": ctx.url,
@@ -140,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--url", default=None, help="use this running server instead of starting one")
     run.add_argument("--out", default=None, help="output folder (default eval/results/<timestamp>)")
     run.add_argument("--quick", action="store_true", help="a few minutes on 2 CPU cores")
+    run.add_argument("--smoke", action="store_true",
+                     help="online, spike: the shortest run that goes through every step (one round of "
+                          "blocks of seconds; tests use it with the tiny model: numbers mean nothing)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--workload", choices=WORKLOADS, default=WORKLOADS[0],
                      help="chitchat: multi-turn conversations (default); prompt-heavy: single-turn prompts of "

@@ -2,8 +2,7 @@
 
 Owns ``LoraAdapter`` (an ``nn.Module`` whose parameters are the only trained tensors),
 ``FrozenLora`` (a detached fp32 snapshot of one: the published adapter, forward.py Note
-[Published adapter]) and ``merge_adapter_into_base`` (W += scale * B @ A into the fused tensors at
-the right row offsets).
+[Published adapter]). The merge into the served weights is online/publish.py's ``merged_tensor``.
 
 Note [PEFT layout over a fused base]: SGLang fuses q|k|v and gate|up, PEFT keeps one LoRA pair per
 HF module. We keep PEFT's pairs (names ``base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight``,
@@ -24,7 +23,6 @@ import torch
 from torch import nn
 
 from alchemist_sgl.train.spec import ALL_TARGETS, TARGET_TO_PROJECTION, LlamaSpec
-from alchemist_sgl.train.weights import BaseWeights
 
 _PEFT_MODULE = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
                 "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
@@ -190,22 +188,3 @@ class FrozenLora:
                    for k in self.a)
 
 
-@torch.no_grad()
-def merge_adapter_into_base(weights: BaseWeights, adapter: "LoraAdapter | FrozenLora") -> None:
-    """W[rows of target] += scale * B @ A for every pair, in fp32, cast back to W's dtype, in place.
-    Applied to a fresh copy of the master W0 this gives the published W_pub = cast(W0 + s * B @ A);
-    never apply it to already-merged low-precision weights (docs/online-loop.md "One version": rebuild).
-
-    Side effect: mutates the base tensors (the serving model's own storage when ``weights`` wraps
-    SGLang's parameters): call only while no forward reads them. Recordings made before become
-    stale (bump the version; Note [Staleness] in samples.py). Does not reset the adapter.
-    """
-    spec = weights.spec
-    for layer, lw in enumerate(weights.layers):
-        for t in adapter.targets:
-            w = lw.projection(TARGET_TO_PROJECTION[t])
-            start, end = spec.target_rows(t)
-            a = adapter.a[f"{layer}_{t}"].float()
-            b = adapter.b[f"{layer}_{t}"].float()
-            rows = w[start:end]
-            rows.copy_((rows.float() + adapter.scale * (b @ a)).to(w.dtype))

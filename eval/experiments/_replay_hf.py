@@ -1,9 +1,9 @@
 """The HF transformers + PEFT reference arms of the ``replay`` experiment.
 
-Owns building the PEFT model with the trainer's exact LoRA tensors (sharing the trainer's frozen
-base tensors), its SFT step computing logits ONLY for the loss rows (``logits_to_keep``), the same
-step under ``torch.compile`` (inductor on CPU; a failure is returned as a string, never raised),
-and the fp32 reference gradients. Imports torch, transformers and peft.
+Owns sharing the trainer's frozen base tensors with the PEFT model (built by
+``eval/hf_reference.py`` with the trainer's exact LoRA tensors), its SFT step computing logits
+ONLY for the loss rows (``logits_to_keep``), the same step under ``torch.compile`` (inductor on
+CPU; a failure is returned as a string, never raised), and the fp32 reference gradients. Imports torch, transformers and peft.
 
 Note [Loss rows only]: the loss of a sample with prompt P and response R is on the logits of rows
 [P - 1, P + R - 1). ``logits_to_keep = R + 1`` makes the model apply the LM head to the last R + 1
@@ -19,26 +19,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-HF_MODULE = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
-             "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
-
-
-def hf_model(folder, dtype: torch.dtype, adapter) -> Any:
-    """HF Llama in ``dtype`` wrapped by PEFT with ``adapter``'s tensors copied in (train mode off:
-    no dropout anywhere, as in our trainer with ``lora.dropout: 0``)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM
-
-    model = LlamaForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
-    cfg = LoraConfig(r=adapter.rank, lora_alpha=adapter.alpha, lora_dropout=0.0, bias="none",
-                     target_modules=[HF_MODULE[t] for t in adapter.targets])
-    peft_model = get_peft_model(model, cfg)
-    named = dict(peft_model.named_parameters())
-    with torch.no_grad():
-        for key, value in adapter.peft_state_dict().items():
-            named[key.replace(".weight", ".default.weight")].copy_(value)
-    peft_model.eval()
-    return peft_model
+from eval.hf_reference import HF_MODULE
 
 
 def lora_params(peft_model) -> list[torch.nn.Parameter]:

@@ -98,6 +98,7 @@ ARMS = ("serving_only", "replay", "recompute")
 REPLAY = {"replay": True, "recompute": False}
 QUICK = {"rounds": 2, "duration_s": 50.0, "drain_s": 60.0, "round_s": 12.0, "poll_s": 1.0}
 FULL = {"rounds": 4, "duration_s": 110.0, "drain_s": 120.0, "round_s": 30.0, "poll_s": 1.0}
+SMOKE = {"rounds": 1, "duration_s": 12.0, "drain_s": 30.0, "round_s": 3.0, "poll_s": 0.5}  # --smoke
 WORKLOADS = {"chitchat": {"rate_rps": 0.6, "max_turns": 3, "max_tokens": 32},
              "prompt-heavy": {"rate_rps": 0.5, "max_turns": 1, "max_tokens": 16}}
 PROGRESS_SAMPLES = 20
@@ -355,7 +356,8 @@ def measure(ctx: Any, url: str, p: dict[str, Any], post: Callable | None = None,
 
 
 def run(ctx: Any) -> dict[str, Any]:
-    p = dict(QUICK if ctx.quick else FULL, workload=getattr(ctx, "workload_name", "chitchat"),
+    p = dict(SMOKE if getattr(ctx, "smoke", False) else QUICK if ctx.quick else FULL,
+             workload=getattr(ctx, "workload_name", "chitchat"),
              feedback_delay_s=float(getattr(ctx, "feedback_delay_s", 0.0)),
              rate_rps=getattr(ctx, "rate_rps", None))
     if getattr(ctx, "round_s", None):  # --round-s: blocks hold at least two whole rounds

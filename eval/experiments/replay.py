@@ -67,6 +67,7 @@ from eval.experiments import _replay_breakdown as breakdown
 from eval.experiments import _replay_hf as hf
 from eval.experiments import _replay_live as live
 from eval.experiments import _replay_metrics as metrics
+from eval.hf_reference import build_hf_peft
 
 NAME = "replay"
 QUICK = {"samples": 2, "repetitions": 5, "dtypes": (torch.float32,)}
@@ -218,7 +219,7 @@ def measure(folder, cfg, hf_config, texts, exports, plans, label, dtype, repetit
             return [s for s, _ in made], lambda: [store.unpin(pin) for _, pin in made]
         return build
 
-    peft = hf.hf_model(folder, dtype, recompute.adapter)
+    peft = build_hf_peft(folder, dtype, recompute.adapter)
     hf.share_base(peft, weights)
     hf_params = hf.lora_params(peft)
     hf_opt = torch.optim.AdamW(hf_params, lr=cfg.train.learning_rate, weight_decay=0.0)

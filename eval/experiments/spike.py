@@ -61,6 +61,8 @@ QUICK = {"rounds": 1, "base_rps": 1.0, "pre_s": 20.0, "burst_s": 8.0, "burst_rps
          "max_tokens": 16, "drain_s": 180.0, "poll_s": 0.5, "min_requests": 0}
 FULL = {"rounds": 2, "base_rps": 0.5, "pre_s": 90.0, "burst_s": 12.0, "burst_rps": 6.0, "post_s": 120.0,
         "max_tokens": 32, "drain_s": 300.0, "poll_s": 0.5, "min_requests": 300}
+SMOKE = {"rounds": 1, "base_rps": 1.0, "pre_s": 5.0, "burst_s": 3.0, "burst_rps": 4.0, "post_s": 6.0,
+         "max_tokens": 8, "drain_s": 60.0, "poll_s": 0.5, "min_requests": 0}  # --smoke
 MAX_TURNS = 3
 ARMS = ("off", "on")
 LABELS = {"off": "serving_only", "on": "with_training"}
@@ -308,6 +310,6 @@ def measure(ctx: Any, url: str, p: dict[str, Any], post: Callable | None = None)
 
 
 def run(ctx: Any) -> dict[str, Any]:
-    p = dict(QUICK if ctx.quick else FULL)
+    p = dict(SMOKE if getattr(ctx, "smoke", False) else QUICK if ctx.quick else FULL)
     with ctx.server(overrides=["memory.enabled=true"]) as url:  # its state: under ctx.out_dir
         return measure(ctx, url, p)

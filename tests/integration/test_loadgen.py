@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -76,10 +77,10 @@ def test_loadgen_session_writes_sane_numbers(tiny_server, tmp_path: Path) -> Non
     fb = summary["feedback"]
     assert fb["attempted"] == 6 and fb["transport_errors"] == 0
     assert sum(fb["by_status"].values()) == 6
-    assert fb["accepted"] + fb["route_unavailable"] <= 6
-    outcomes = [r["feedback"] for r in records]
-    assert outcomes.count("feedback route unavailable") == fb["route_unavailable"]
-    assert outcomes.count("accepted") == fb["accepted"]
+    # The server has the feedback route and every completion is logged: all six are accepted.
+    assert fb["accepted"] == 6 and fb["route_unavailable"] == 0, fb
+    assert all(200 <= int(code) < 300 for code in fb["by_status"]), fb["by_status"]
+    assert [r["feedback"] for r in records] == ["accepted"] * 6
     assert all(r["reward"] in (-1.0, 1.0) for r in records)
 
 
@@ -130,7 +131,10 @@ def test_ab_alternates_blocks_on_the_same_conversations(tiny_server) -> None:
         assert convs["off"] == convs["on"]
     assert {r["conv_id"] for r in ab.records["on"] if r["block"] == 0}.isdisjoint(
         {r["conv_id"] for r in ab.records["on"] if r["block"] == 1})
-    assert ab.ratio("ttft_ms_p50", "on", "off") > 0
+    # The ratio is the arms' median TTFTs, recomputed here from the request records.
+    p50 = {arm: statistics.median(1000.0 * r["ttft_s"] for r in ab.records[arm]) for arm in ("off", "on")}
+    assert all(v > 0 for v in p50.values()), p50
+    assert ab.ratio("ttft_ms_p50", "on", "off") == pytest.approx(p50["on"] / p50["off"], rel=1e-6)
 
 
 def test_failures_are_counted_not_raised(tiny_server) -> None:

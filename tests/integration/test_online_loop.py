@@ -8,20 +8,20 @@ The reference for exactness is independent: HF transformers + PEFT over the mode
 
 from __future__ import annotations
 
-import threading
-import time
-import urllib.request
 import json
+import threading
+import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 
+from alchemist_sgl.config import load_config
 from alchemist_sgl.train import LoraAdapter, load_fused_weights
+from tests.support.hfref import build_hf_peft, hf_grads, max_rel_err
 from tests.support.online import (chat, command, post, post_status, response_logprobs, status,
-                                  train_and_wait, wait_for)
+                                  train_and_wait, wait_for, wait_running)
 from tests.support.servers import REPO, RunningServer
-from tests.unit.test_train_hfref import build_hf_peft, hf_grads, max_rel_err
 
 TOL_FP32 = 1e-4
 FOLDER = REPO / "var" / "models" / "tiny"
@@ -206,17 +206,28 @@ def test_work_units_yield_and_serving_stays_up(tiny_server: RunningServer) -> No
     by_kind = end["train"]["max_unit_ms_by_kind"]
     print("largest unit by kind (ms):", by_kind, "units over budget:", end["train"]["units_over_budget"])
     assert set(by_kind) >= {"train", "publish.build", "publish.commit"}
-    assert 0 <= end["train"]["units_over_budget"] <= end["train"]["units_run"]
+    # A unit counts as over budget when it ran longer than its slice's budget, which is
+    # train.slice_budget_ms (busy) or train.idle_slice_ms (idle); the largest unit (over the
+    # server's life, as the counter) says which way the counter must go.
+    train_cfg = load_config(REPO / "configs/cpu-tiny.yaml").train
+    low, high = sorted((train_cfg.slice_budget_ms, train_cfg.idle_slice_ms))
+    over, largest = end["train"]["units_over_budget"], end["train"]["max_unit_ms"]
+    assert largest == pytest.approx(max(by_kind.values()))
+    if over > 0:
+        assert largest > low, (over, largest, low)
+    if largest > high:
+        assert over >= 1, (over, largest, high)
 
 
 def test_sglang_weight_routes_and_old_pins_are_refused(tiny_server: RunningServer) -> None:
     code, body = post_status(tiny_server, "/update_weights_from_disk", {"model_path": "/tmp/x"})
     assert code == 403 and "rollback" in body["error"]
+    _ensure_publishes(tiny_server, 1)  # v0 is then an old version, whatever ran before
+    serving = status(tiny_server)["weight_version"]
+    assert serving != "v0"
     code, body = post_status(tiny_server, "/v1/chat/completions", {
         "model": f"{tiny_server.model}@v0", "messages": [{"role": "user", "content": "hi"}]})
-    serving = status(tiny_server)["weight_version"]
-    if serving != "v0":
-        assert code == 404 and serving in body["error"]["message"]
+    assert code == 404 and serving in body["error"]["message"]
     ok = post(tiny_server, "/v1/chat/completions", {
         "model": f"{tiny_server.model}@{serving}", "max_tokens": 2,
         "messages": [{"role": "user", "content": "hi"}]})
@@ -247,7 +258,7 @@ def test_a_request_waiting_across_a_publish_runs_at_the_new_version(server_pool)
     start = status(server)["weight_version"]
     a = threading.Thread(target=run, args=("a", "Tell a long tale about a fox and a crow.", 160))
     a.start()
-    time.sleep(0.5)
+    wait_running(server, 1)  # A is admitted and decoding before the step is queued
     post(server, "/alchemist/train/samples", {"samples": [
         {"prompt": "Foxes are", "response": " clever animals.", "rating": "up"}]})
     b = threading.Thread(target=run, args=("b", "Tell a long tale about a fox and a crow.", 12))

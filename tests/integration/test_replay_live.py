@@ -28,7 +28,7 @@ from alchemist_sgl.config import LoraConfig, TrainConfig
 from alchemist_sgl.train import PromptSegment, Recording, ReplayTrainer, Sample, load_fused_weights
 from tests.support.servers import REPO, RunningServer, dedicated_server
 from alchemist_sgl.train import LoraAdapter
-from tests.unit.test_train_hfref import adapter_grads, build_hf_peft, hf_grads, max_rel_err
+from tests.support.hfref import adapter_grads, build_hf_peft, hf_grads, max_rel_err
 
 TOL_FP32 = 1e-4
 SYSTEM = "You are a careful travel assistant. " + " ".join(

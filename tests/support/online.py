@@ -44,6 +44,23 @@ def wait_for(server: RunningServer, predicate: Callable[[dict], bool], timeout_s
                          f"publish={last.get('publish')}\n{server.log_tail()}")
 
 
+def running_requests(server: RunningServer) -> int:
+    """Requests in SGLang's running batch now (``/v1/loads``, asked of the scheduler)."""
+    with urllib.request.urlopen(f"{server.base_url}/v1/loads?include=core", timeout=60) as resp:
+        loads = json.loads(resp.read())["loads"]
+    return sum(int(load["num_running_reqs"]) for load in loads)  # core fields are flat
+
+
+def wait_running(server: RunningServer, n: int, timeout_s: float = 60) -> None:
+    """Waits until at least ``n`` requests are in the running batch (admitted, prefilled or
+    decoding); polls every 10 ms so a short decode is not missed."""
+    deadline = time.monotonic() + timeout_s
+    while running_requests(server) < n:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"fewer than {n} running requests after {timeout_s} s\n{server.log_tail()}")
+        time.sleep(0.01)
+
+
 def train_and_wait(server: RunningServer, samples: list[dict], publishes: int | None = None) -> dict:
     """Queues ``samples`` and waits until they are trained (and ``publishes`` more publishes)."""
     before = status(server)

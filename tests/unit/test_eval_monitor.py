@@ -23,9 +23,17 @@ def test_throughput_timeline_bins_completions() -> None:
     assert throughput_timeline([]) == []
 
 
+def _wait_until(condition, timeout_s: float = 30.0) -> None:
+    """Polls ``condition`` (the monitor samples in its own thread) until true; fails at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "the monitor took no samples"
+        time.sleep(0.01)
+
+
 def test_monitor_samples_a_process_tree() -> None:
     with Monitor(os.getpid(), interval_s=0.05) as mon:
-        time.sleep(0.3)
+        _wait_until(lambda: len(mon.samples) >= 3)
     assert len(mon.samples) >= 3
     assert all(s["rss_bytes"] > 0 and s["load1"] >= 0 for s in mon.samples)
     assert [s["t_s"] for s in mon.samples] == sorted(s["t_s"] for s in mon.samples)
@@ -35,8 +43,8 @@ def test_monitor_samples_a_process_tree() -> None:
 
 def test_monitor_without_pid_or_status_route_only_has_load() -> None:
     with Monitor(None, interval_s=0.05, status_url="http://127.0.0.1:9") as mon:  # nothing listens on 9
-        time.sleep(0.12)
-    assert mon.samples and all(set(s) == {"t_s", "load1"} for s in mon.samples)
+        _wait_until(lambda: len(mon.samples) >= 2)
+    assert len(mon.samples) >= 2 and all(set(s) == {"t_s", "load1"} for s in mon.samples)
 
 
 def test_environment_names_packages() -> None:

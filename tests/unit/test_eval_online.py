@@ -19,6 +19,7 @@ from eval.experiments import _online_rounds as rr
 from eval.experiments import discover, online
 from eval.loadgen.runner import LoadResult
 from eval.loadgen.workloads import Conversation
+from tests.support.clocks import Clock
 
 ONLINE_FIELDS = (
     "live_ratio", "live_ratio_spread", "feedback_delay_s", "lag0_share_samples", "samples_trained_by_lag",
@@ -30,22 +31,6 @@ ONLINE_FIELDS = (
     "failed_requests", "samples", "publishes")
 ARM_FIELDS = ("trained_tokens_per_s", "samples_trained_per_s", "train_busy_ms_per_token", "ttft_p50", "ttft_p95",
               "tpot_p50", "radix_hit_rate", "breakdown_ms_per_token")
-
-
-class Clock:
-    """A settable clock shared by the fake server, the feeder and the experiment."""
-
-    def __init__(self, t: float = 1000.0) -> None:
-        self.t = t
-        self.lock = threading.Lock()
-
-    def __call__(self) -> float:
-        with self.lock:
-            return self.t
-
-    def advance(self, s: float) -> None:
-        with self.lock:
-            self.t += s
 
 
 # ------------------------------------------------------------------------------------------ rows, windows

@@ -20,7 +20,7 @@ from eval.loadgen.arrivals import ArrivalSpec
 from eval.loadgen.feedback_feeder import FeedbackFeeder
 from eval.loadgen.runner import LoadResult, LoadSpec
 from eval.loadgen.workloads import PROMPT_HEAVY_SYSTEM, Conversation, prompt_heavy
-from tests.unit.test_eval_online import Clock
+from tests.support.clocks import Clock
 
 
 # ------------------------------------------------------------------------------------------ feeder

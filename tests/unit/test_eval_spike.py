@@ -250,7 +250,8 @@ class FakeServer:
         with self.lock:
             target = self.polls + n
         deadline = time.monotonic() + 30.0
-        while self.polls < target and time.monotonic() < deadline:
+        while self.polls < target:
+            assert time.monotonic() < deadline, f"the experiment polled {self.polls} times, not {target}"
             time.sleep(0.005)
 
 

@@ -14,25 +14,12 @@ from alchemist_sgl.config import MemoryConfig, load_config
 from alchemist_sgl.errors import ConfigError
 from alchemist_sgl.memory.arbiter import (
     WINDOW_S, ArbiterDecision, MemoryArbiter, ServingPressure, kv_free_fraction)
-
-BUSY_MS, IDLE_MS, BUDGET = 30.0, 500.0, 1000
-# Arrivals and TTFT off unless a test turns them on, so traces read by waiting requests alone.
-BASE = MemoryConfig(train_budget_bytes=BUDGET, arrival_rate_high_per_s=None, ttft_target_ms=None,
-                    min_dwell_s=2.0, max_transitions_per_minute=12, pause_after_s=10.0,
-                    recover_fraction=0.5, yield_budget_fraction=0.25)
+from tests.support.arbiter import BASE, BUDGET, BUSY_MS, IDLE_MS, FakeClock
 
 IDLE = ServingPressure(0, 0, 0, 1.0, 0)
 BUSY = ServingPressure(1, 50, 2, 0.8, 0)             # calm: 1 < 0.5 * 4 waiting
 BAND = ServingPressure(3, 300, 2, 0.8, 0)            # neither spike (3 < 4) nor calm (3 >= 2)
 SPIKE = ServingPressure(8, 4000, 2, 0.8, 0)          # 8 >= waiting_requests_high
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def make(cfg: MemoryConfig = BASE) -> tuple[MemoryArbiter, FakeClock]:

@@ -1,5 +1,5 @@
 """The ``memory`` status block (online/memory_status.py, Note [Memory account, read not estimated])
-over a real online loop on the tiny Llama (``build_loop``, as tests/unit/test_online_loop.py), and
+over a real online loop on the tiny Llama (``build_loop``: tests/support/loop_rig.py), and
 the same numbers as ``alchemist_memory_*`` in /metrics (metrics.py). The KV pool is SGLang's in a
 server; here a ``KvPoolView`` of given numbers stands for it (its arithmetic is what is tested)."""
 
@@ -17,8 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from alchemist_sgl.memory.arbiter import kv_free_fraction
 from alchemist_sgl.api.metrics_text import render_alchemist_metrics
 from alchemist_sgl.memory.status import KvPoolView, memory_status, storage_bytes
-from tests.unit.test_memory_yield import OFFLOAD, PAIRS
-from tests.unit.test_online_loop import TINY_MS, Rig
+from tests.support.loop_rig import OFFLOAD, PAIRS, TINY_MS, Rig
 
 torch.set_num_threads(1)
 

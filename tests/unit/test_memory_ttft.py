@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 
 from alchemist_sgl.memory.arbiter import MemoryArbiter, ServingPressure, TtftWindow
-from tests.unit.test_memory_arbiter import BASE, BUSY_MS, IDLE_MS, FakeClock
+from tests.support.arbiter import BASE, BUSY_MS, IDLE_MS, FakeClock
 
 
 def test_window_is_the_median_of_the_last_n_within_the_age() -> None:

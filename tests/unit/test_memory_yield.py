@@ -2,7 +2,7 @@
 the real runtime: a step under way with ``memory.offload`` on moves its saved tensors to host when
 the arbiter leaves TRAINING, and the step, finished after the yields, is bitwise the step without.
 
-Real loop (``build_loop`` over the tiny Llama, as tests/unit/test_online_loop.py), real
+Real loop (``build_loop`` over the tiny Llama: tests/support/loop_rig.py), real
 ``MemoryArbiter``, real ``Runtime``; the clock and the serving pressure are the test's (no SGLang).
 """
 
@@ -19,13 +19,11 @@ import torch
 
 from alchemist_sgl.memory.arbiter import MemoryArbiter, ServingPressure
 from alchemist_sgl.runtime import Runtime, SchedulerInfo
-from tests.unit.test_memory_arbiter import FakeClock
-from tests.unit.test_online_loop import TINY_MS, Rig, adam_state, adapter_state
+from tests.support.arbiter import FakeClock
+from tests.support.loop_rig import OFFLOAD, PAIRS, TINY_MS, Rig, adam_state, adapter_state
 
 torch.set_num_threads(1)
 
-OFFLOAD = ("memory.offload=true", "train.slice_budget_ms=0.001", "train.idle_slice_ms=0.001")
-PAIRS = (("Name a colour.", " Ultramarine."), ("Count to three.", " One, two, three."))
 CALM = ServingPressure(0, 0, 1, 0.9, 0)    # a request runs, nothing waits: train (busy slice)
 SPIKE = ServingPressure(9, 900, 1, 0.9, 0)  # waiting requests far above the mark
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 
 from alchemist_sgl.online.adapters import (load_adapter, load_adapter_config, prune_plan,
@@ -26,7 +25,7 @@ def trained_adapter(rank: int = 4) -> LoraAdapter:
 
 
 def test_saved_folder_loads_in_peft_with_equal_weights(tmp_path):
-    peft = pytest.importorskip("peft")
+    import peft  # a dev dependency: missing, this test fails instead of skipping
     from transformers import LlamaConfig, LlamaForCausalLM
 
     base = tmp_path / "base"  # a local model folder: PEFT then never looks the name up online

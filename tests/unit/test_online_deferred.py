@@ -25,7 +25,7 @@ from alchemist_sgl.feedback.rows import FeedbackInput
 from alchemist_sgl.feedback.store import FeedbackStore
 from alchemist_sgl.feedback.completion_entry import CompletionEntry
 from alchemist_sgl.online.feedback_poll import FeedbackPoller
-from tests.unit.test_online_loop import BIG_MS, Rig, tokenize
+from tests.support.loop_rig import BIG_MS, Rig, tokenize
 
 torch.set_num_threads(1)
 

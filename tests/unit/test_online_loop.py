@@ -4,8 +4,9 @@ The loop is built by ``runtime.build_loop`` (the composition root's) from ``conf
 tmp folder), over fp32 weights loaded from the tiny model folder; the publisher writes into those
 very tensors, which stand for the served model's parameters. The only fake is ``FakeHost`` (the
 ``ServingHost`` protocol: records announcements, ``can_publish`` toggled by the test) and a fake
-clock for ``train.round_s``. Checked against ``publish.merged_tensor`` over
-the master copy (docs/online-loop.md "One version": serving at v means cast(W0 + s * B_v @ A_v)).
+clock for ``train.round_s`` (the rig: tests/support/loop_rig.py). The served weights are checked
+against W0 + s * B @ A written out in the rig (``expected_merge``), not against the production
+merge (serving at v means cast(W0 + s * B_v @ A_v)).
 """
 
 from __future__ import annotations
@@ -20,142 +21,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from alchemist_sgl.config import load_config
 from alchemist_sgl.errors import CheckpointIncompatible
-from alchemist_sgl.feedback.completion_log import SqliteCompletionLog
-from alchemist_sgl.feedback.store import FeedbackStore
-from alchemist_sgl.runtime import build_loop
-from alchemist_sgl.online.publish import merged_tensor
-from alchemist_sgl.train import load_fused_weights
+from tests.support.loop_rig import (BIG_MS, EOS, SAMPLES, TINY_MS, Rig, adam_state, adapter_state,
+                                    b_norm, checkpoint_now, same, same_adam, tokenize)
 
 torch.set_num_threads(1)
-
-REPO = Path(__file__).resolve().parents[2]
-TINY_CONFIG = REPO / "configs" / "cpu-tiny.yaml"
-EOS = 2
-BIG_MS = 600_000.0   # a slice budget no test reaches: run until the loop has no work
-TINY_MS = 0.001      # a slice budget every unit overruns: one unit per slice at most
-
-
-def model_dir(name: str):
-    from alchemist_sgl.prepare import resolve_model
-    return resolve_model(name)
-
-
-def tokenize(text: str) -> list[int]:
-    """Byte-level ids 3..258 (< the tiny vocab), deterministic."""
-    return [3 + b for b in text.encode("utf-8")]
-
-
-def chat(messages: list[dict[str, str]]) -> list[int]:
-    return tokenize("\n".join(m["content"] for m in messages))
-
-
-class FakeHost:
-    """``ServingHost``: records ``announce`` calls; ``is_open`` answers ``can_publish``."""
-
-    def __init__(self) -> None:
-        self.announced: list[str] = []
-        self.is_open = True
-
-    def can_publish(self) -> bool:
-        return self.is_open
-
-    def announce(self, version: str) -> None:
-        self.announced.append(version)
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class Rig:
-    """One loop over its own copy of W0, with its host, clock and admission."""
-
-    def __init__(self, folder: Path, overrides: tuple[str, ...] = (), *,
-                 feedback: FeedbackStore | None = None,
-                 completions: SqliteCompletionLog | None = None,
-                 inject_nonfinite_steps: frozenset[int] = frozenset()) -> None:
-        self.config = load_config(TINY_CONFIG, [f"train.checkpoint_dir={folder}",
-                                                "publish.gate.enabled=false", *overrides])
-        self.weights = load_fused_weights(model_dir("tiny"), torch.float32)
-        self.w0 = live_tensors(self.weights)
-        self.host, self.clock = FakeHost(), FakeClock()
-        self.training = build_loop(
-            config=self.config, weights=self.weights, host=self.host, recordings=None,
-            completions=completions, model_name="tiny", tokenize=tokenize, chat=chat, eos_id=EOS,
-            max_tokens=512, serving=lambda: self.loop.registry.serving.name, feedback=feedback,
-            inject_nonfinite_steps=inject_nonfinite_steps, clock=self.clock)
-        self.loop, self.admission = self.training.loop, self.training.admission
-
-    def feed(self, *pairs: tuple[str, str]) -> None:
-        pending = self.admission.admit([{"prompt": p, "response": r, "rating": "up"}
-                                        for p, r in pairs])
-        assert self.loop.queue.offer(pending) == len(pairs)
-
-    def run_idle(self) -> None:
-        """Slices until the loop has no work (or waits for the host)."""
-        for _ in range(50):
-            if self.loop.run_slice(BIG_MS).units == 0:
-                return
-        raise AssertionError("the loop never went idle")
-
-    def live(self) -> dict[tuple[int, str], torch.Tensor]:
-        return live_tensors(self.weights)
-
-    def expected_live(self) -> dict[tuple[int, str], torch.Tensor]:
-        """cast(W0 + s * B @ A) of the trainer's current adapter, from the master copy."""
-        frozen = self.loop.trainer.adapter.snapshot()
-        return {(i, p): merged_tensor(t, frozen.pairs(i, p), frozen.scale, self.weights.spec)
-                for i, layer in enumerate(self.loop.master.tensors) for p, t in layer.items()}
-
-    def status(self) -> dict:
-        return self.loop.status()
-
-
-def live_tensors(weights) -> dict[tuple[int, str], torch.Tensor]:
-    return {(i, p): lw.projection(p).detach().clone() for i, lw in enumerate(weights.layers)
-            for p in ("qkv", "o", "gate_up", "down")}
-
-
-def same(a: dict, b: dict) -> bool:
-    assert a.keys() == b.keys()
-    return all(torch.equal(a[k], b[k]) for k in a)
-
-
-def adapter_state(loop) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in loop.trainer.adapter.peft_state_dict().items()}
-
-
-def adam_state(loop) -> list[dict[str, torch.Tensor]]:
-    opt = loop.trainer.optimizer
-    return [{k: v.clone() for k, v in opt.state[p].items()}
-            for group in opt.param_groups for p in group["params"] if p in opt.state]
-
-
-def same_adam(a: list[dict], b: list[dict]) -> bool:
-    return len(a) == len(b) and all(
-        x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
-
-
-def checkpoint_now(loop) -> None:
-    """A checkpoint that is on disk when this returns (the loop may write it in the background)."""
-    loop.checkpoint()
-    writer = getattr(loop, "writer", None)
-    if writer is not None:
-        writer.flush()
-
-
-def b_norm(loop) -> float:
-    return float(sum(p.detach().abs().sum() for p in loop.trainer.adapter.b.values()))
-
-
-SAMPLES = [("Hi there", "Hello!"), ("2+2=", "4"), ("Name a color", "Blue"),
-           ("Say yes", "Yes"), ("Count", "1 2 3")]
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 The loop is built by ``runtime.build_loop`` from ``configs/cpu-tiny.yaml`` with ``--set``
 overrides; the only fakes are the ``ServingHost`` and the clock (``train.round_s``,
-``train.stale_max_age_s``) from test_online_loop.py. Every number is a real training step.
+``train.stale_max_age_s``) from tests/support/loop_rig.py. Every number is a real training step.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from alchemist_sgl.feedback.completion_log import SqliteCompletionLog
 from alchemist_sgl.feedback.store import FeedbackStore
 from alchemist_sgl.online.intake import PendingSample
 from alchemist_sgl.train import ReplayTrainer, Sample
-from tests.unit.test_online_loop import BIG_MS, SAMPLES, Rig, same
+from tests.support.loop_rig import BIG_MS, SAMPLES, Rig, same
 
 torch.set_num_threads(1)
 
@@ -197,7 +197,7 @@ def test_the_grads_dump_leaves_the_open_rounds_gradients_as_they_were(tmp_path: 
 
 
 def tokenize_ids(text: str) -> list[int]:
-    from tests.unit.test_online_loop import tokenize
+    from tests.support.loop_rig import tokenize
     return tokenize(text)
 
 

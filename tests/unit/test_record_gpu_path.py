@@ -128,7 +128,7 @@ def test_bad_input_is_refused_clearly() -> None:
         staging.put("x", torch.ones(2, 2, 2), slice(0, 2))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu  # skipped without CUDA by tests/conftest.py
 def test_cuda_path_pinned_async_copies_see_values_before_in_place_overwrites() -> None:
     got: list = []
     staging = HostStaging(2, torch.float32, "cuda", collecting(got))

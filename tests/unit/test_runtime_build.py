@@ -29,7 +29,7 @@ from alchemist_sgl.runtime import RuntimeState, SchedulerInfo, ServedModel, buil
 from alchemist_sgl.store import ActivationStore
 from alchemist_sgl.store.recordings import StoreRecordings
 from alchemist_sgl.train import load_fused_weights
-from tests.unit.test_online_loop import EOS, TINY_CONFIG, chat, model_dir, tokenize
+from tests.support.loop_rig import EOS, TINY_CONFIG, chat, model_dir, tokenize
 
 torch.set_num_threads(1)
 

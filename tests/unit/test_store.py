@@ -1,6 +1,6 @@
 """store/: ActivationStore dedup, eviction, pinning, stitching, coverage holes, namespaces.
 
-A fake forward makes every recorded row a function of (prefix tokens, position, layer, column),
+A fake forward (tests/support/store_rig.py) makes every recorded row a function of (prefix tokens, position, layer, column),
 so pages written by different requests for the same prefix hold the same values, as they do in a
 real model (Note [Stitching] in store/activation_store.py).
 """
@@ -13,69 +13,11 @@ import pytest
 import torch
 
 from alchemist_sgl.core.prefix import Namespace
-from alchemist_sgl.core.plan import ModelShape, choose_plan
 from alchemist_sgl.core.records import RequestExtend
 from alchemist_sgl.store import ActivationStore
+from tests.support.store_rig import NS, PAGE, SHAPE, FakeClock, expected, forward, make_store
 
 torch.set_num_threads(1)
-NS = Namespace("v0")
-PAGE = 4
-SHAPE = ModelShape(hidden=8, heads=2, kv_heads=1, head_dim=4, intermediate=16, layers=3,
-                   dtype_bytes=4)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def make_store(slots: int = 1000, budget: int | str | tuple = "full", device_slots: int = 0,
-               clock: FakeClock | None = None, ttl_s: float = float("inf")) -> ActivationStore:
-    plan = choose_plan(SHAPE, budget, page_tokens=PAGE)
-    return ActivationStore(plan, host_bytes=slots * plan.slot_bytes,
-                           device_bytes=device_slots * plan.slot_bytes, dtype=torch.float32,
-                           clock=clock or FakeClock(), ttl_s=ttl_s)
-
-
-def reference_row(tokens: list[int], pos: int, layer: int, width: int, salt: int) -> torch.Tensor:
-    value = (sum(t * (i + 1) for i, t in enumerate(tokens[:pos + 1])) * 7 + salt) % 65521
-    return float(value + 100_000 * layer) + 0.25 * torch.arange(width, dtype=torch.float32)
-
-
-def forward(store: ActivationStore, requests: list[tuple], namespace: Namespace = NS) -> None:
-    """One extend forward. requests: (rid, prompt tokens, prefix_len, extend_len[, recording])."""
-    extends, rows = [], 0
-    for req in requests:
-        rid, tokens, prefix_len, extend_len = req[:4]
-        extends.append(RequestExtend(rid, namespace, tokens, prefix_len, extend_len, rows,
-                                     req[4] if len(req) > 4 else True))
-        rows += extend_len
-    batch = store.open_batch(extends)
-    for salt, (name, width) in enumerate(store.plan.widths.items()):
-        for layer in range(SHAPE.layers):
-            out = torch.empty((rows, width))
-            for ext in extends:
-                for i in range(ext.extend_len):
-                    out[ext.row_offset + i] = reference_row(
-                        list(ext.prompt_tokens), ext.prefix_len + i, layer, width, salt)
-            store.write(batch, name, layer, out)
-    store.close_batch(batch)
-
-
-def expected(store: ActivationStore, tokens: list[int], ranges) -> dict[str, torch.Tensor]:
-    out = {}
-    for salt, (name, width) in enumerate(store.plan.widths.items()):
-        out[name] = torch.stack([
-            torch.stack([reference_row(tokens, p, layer, width, salt)
-                         for lo, hi in ranges for p in range(lo, hi)])
-            if any(hi > lo for lo, hi in ranges) else torch.empty(0, width)
-            for layer in range(SHAPE.layers)])
-    return out
-
-
 def assert_gather_exact(store: ActivationStore, tokens: list[int], namespace=NS):
     pin = store.pin(tokens, namespace)
     got = store.gather(pin)

@@ -1,6 +1,6 @@
 """store/index.py Note [Demote before evict] and store Note [Store lifetime], at the store level.
 
-Real tensors through the real write path (``forward`` of test_store.py: every row a function of
+Real tensors through the real write path (``forward`` of tests/support/store_rig.py: every row a function of
 prefix, position, layer and column), read back with ``gather``/``segments`` and compared with the
 values that were written.
 """
@@ -10,13 +10,9 @@ from __future__ import annotations
 import torch
 
 from alchemist_sgl.core.prefix import Namespace
-from tests.unit.test_store import NS, PAGE, SHAPE, expected, forward, make_store
+from tests.support.store_rig import NS, PAGE, SHAPE, expected, forward, make_store, prompts
 
 torch.set_num_threads(1)
-
-
-def prompts(n: int, pages: int = 1) -> list[list[int]]:
-    return [[1000 * i + t for t in range(pages * PAGE)] for i in range(n)]
 
 
 def check_segments(store, tokens, namespace=NS) -> list[tuple[int, int, tuple[str, ...] | None]]:
@@ -161,7 +157,7 @@ def test_release_frees_versions_that_can_no_longer_replay() -> None:
 def test_containers_per_slot_for_real_shapes() -> None:
     from alchemist_sgl.core.plan import ModelShape, choose_plan
     from alchemist_sgl.store.pool import SlotPool
-    from tests.unit.test_record_plan import LLAMA_1B_HF, SMOLLM2_HF
+    from tests.support.shapes import LLAMA_1B_HF, SMOLLM2_HF
 
     for hf, per in ((SMOLLM2_HF, 9), (LLAMA_1B_HF, 11)):
         plan = choose_plan(ModelShape.from_hf_config(hf, 2))

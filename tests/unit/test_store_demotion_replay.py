@@ -1,7 +1,7 @@
 """Demotion keeps replay exact on what remains (store/index.py, Note [Demote before evict]).
 
 A prompt's real recording (HF transformers prefill of the tiny model, the independent reference of
-test_train_hfref.py) goes through the real store write path; filler prompts then force demotion of
+tests/support/hfref.py) goes through the real store write path; filler prompts then force demotion of
 its oldest pages. The sample planned from the store's segments must replay ``down`` on the demoted
 pages and all four projections on the page still full, and its loss and LoRA gradients must equal
 the recompute ones (replay off) and the HF + PEFT reference.
@@ -20,8 +20,8 @@ from alchemist_sgl.core.plan import ModelShape, choose_plan
 from alchemist_sgl.core.records import RequestExtend
 from alchemist_sgl.store import ActivationStore
 from alchemist_sgl.train import PromptSegment, Recording, ReplayTrainer, Sample, load_fused_weights
-from tests.unit.test_train_hfref import (adapter_grads, build_hf_peft, hf_grads, hf_record,
-                                         max_rel_err, model_dir, random_adapter)
+from tests.support.hfref import (adapter_grads, build_hf_peft, hf_grads, hf_record,
+                                 max_rel_err, model_dir, random_adapter)
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 torch.set_num_threads(1)

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from alchemist_sgl.integration.capture_hooks import _check_lifetime_against_radix
-from tests.unit.test_store import make_store
+from tests.support.store_rig import make_store
 
 
 @pytest.mark.parametrize("slots, kv_tokens, warns", [(10, 1000, True), (1000, 1000, False), (10, 0, False)])

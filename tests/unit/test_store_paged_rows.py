@@ -1,7 +1,7 @@
 """store/readout.py, Note [Per-layer read-out]: ``segments(pin, is_lazy=True)`` reads exactly what
 the copied read-out holds, and the trainer computes exactly the same loss and gradients from it.
 
-Store level: the fake forward of test_store.py (every row a function of prefix, position, layer
+Store level: the fake forward of tests/support/store_rig.py (every row a function of prefix, position, layer
 and column) with tails, holes, demoted pages and pages spread over two tiers. Trainer level: the
 tiny Llama with recordings from HF + PEFT written through the store's real write path, in the
 joint layout (eager; the compiled layer is in test_train_compiled.py), the segments layout and
@@ -18,15 +18,12 @@ import pytest
 import torch
 
 from alchemist_sgl.config import LoraConfig, TrainConfig
-from alchemist_sgl.core.prefix import Namespace
-from alchemist_sgl.core.plan import ModelShape, choose_plan
-from alchemist_sgl.core.records import RequestExtend
 from alchemist_sgl.store import ActivationStore
-from alchemist_sgl.train import PromptSegment, Recording, ReplayTrainer, Sample, load_fused_weights
-from tests.unit.test_store import NS, PAGE, SHAPE, forward, make_store
-from tests.unit.test_store_demotion import prompts
-from tests.unit.test_train_hfref import (adapter_grads, build_hf_peft, hf_record, model_dir,
-                                         random_adapter)
+from alchemist_sgl.train import ReplayTrainer
+from tests.support.hfref import adapter_grads
+from tests.support.store_rig import (NS, PAGE, SHAPE, TPAGE, forward, make_store, prompts,
+                                     store_samples)
+from tests.support.store_rig import stored_samples  # noqa: F401 (a fixture)
 
 torch.set_num_threads(1)
 
@@ -108,52 +105,13 @@ def test_lazy_rows_refuse_bad_reads() -> None:
 
 
 # ------------------------------------------------------------------ trainer level
-TPAGE = 16
-
-
-def _write(store: ActivationStore, rid: str, tokens: list[int], start: int, rec: dict) -> None:
-    """One extend forward of tokens[start:] through the store's real write path."""
-    batch = store.open_batch([RequestExtend(rid, NS, tokens, start, len(tokens) - start, 0)])
-    for name in store.plan.tensors:
-        for layer in range(store.plan.shape.layers):
-            store.write(batch, name, layer, rec[name][layer, start:])
-    store.close_batch(batch)
-
-
-@pytest.fixture(scope="module")
-def stored_samples():
-    """(weights, adapter, store, [(prompt, response)]): one prompt fully recorded (two pages and a
-    tail), one with a hole [16, 32) inside its recording and its tail recomputed."""
-    weights = load_fused_weights(model_dir("tiny"))
-    adapter = random_adapter(weights.spec, rank=4, seed=3)
-    peft_model = build_hf_peft(model_dir("tiny"), torch.float32, adapter)
-    plan = choose_plan(ModelShape.from_hf_config(peft_model.config, 4), "full", page_tokens=TPAGE)
-    store = ActivationStore(plan, host_bytes=16 * plan.slot_bytes, dtype=torch.float32)
-    gen = torch.Generator().manual_seed(11)
-    ids = lambda n: [int(t) for t in torch.randint(10, 40000, (n,), generator=gen)]  # noqa: E731
-    full, holed = ids(2 * TPAGE + 7), ids(3 * TPAGE + 5)
-    _write(store, "full", full, 0, hf_record(peft_model, torch.tensor(full)))
-    rec = hf_record(peft_model, torch.tensor(holed))
-    _write(store, "first", holed[:TPAGE], 0, {k: v[:, :TPAGE] for k, v in rec.items()})
-    _write(store, "rest", holed[:3 * TPAGE], 2 * TPAGE, rec)
-    return weights, adapter, store, [(full, ids(9)), (holed, ids(6))]
-
-
-def _samples(store, pairs, is_lazy: bool):
-    pins = [store.pin(p, NS) for p, _ in pairs]
-    samples = [Sample(p, r, tuple(PromptSegment(s, e, None if t is None else Recording(0, t))
-                                  for s, e, t in store.segments(pin, is_lazy=is_lazy)))
-               for (p, r), pin in zip(pairs, pins)]
-    return samples, pins
-
-
 @pytest.mark.parametrize("layout,mode", [("joint", "exact"), ("segments", "exact"),
                                          ("segments", "response_only")])
 def test_lazy_and_copied_recordings_train_identically(stored_samples, layout, mode) -> None:
     weights, adapter, store, pairs = stored_samples
     results = []
     for is_lazy in (False, True):
-        samples, pins = _samples(store, pairs, is_lazy)
+        samples, pins = store_samples(store, pairs, is_lazy)
         assert [[(s.start, s.end) for s in x.segments if s.recording] for x in samples] == \
             [[(0, 2 * TPAGE + 7)], [(0, TPAGE), (2 * TPAGE, 3 * TPAGE)]]
         trainer = ReplayTrainer(weights, TrainConfig(lora=LoraConfig(rank=4, alpha=adapter.alpha),

@@ -1,7 +1,7 @@
 """Store Note [Store lifetime] through the online loop: a publish frees the recordings of versions
 beyond ``train.max_version_lag`` (the hook in ``OnlineLoop._publish``).
 
-The loop is the real one (``build_loop`` over the tiny weights, as in test_online_loop.py); its
+The loop is the real one (``build_loop`` over the tiny weights, as in tests/support/loop_rig.py); its
 ``RecordingSource`` is the server's own ``StoreRecordings`` over a real ``ActivationStore`` holding
 HF prefill recordings of the prompts at v0 (the loop's initial adapter), so the step really replays
 them before the publish frees them.
@@ -23,9 +23,9 @@ from alchemist_sgl.store import ActivationStore
 from alchemist_sgl.config import load_config
 from alchemist_sgl.runtime import build_loop
 from alchemist_sgl.train import load_fused_weights
-from tests.unit.test_online_loop import (BIG_MS, EOS, TINY_CONFIG, FakeClock, FakeHost, chat,
-                                         model_dir, tokenize)
-from tests.unit.test_train_hfref import build_hf_peft, hf_record
+from tests.support.loop_rig import (BIG_MS, EOS, TINY_CONFIG, FakeClock, FakeHost, chat,
+                                    model_dir, tokenize)
+from tests.support.hfref import build_hf_peft, hf_record
 
 torch.set_num_threads(1)
 V0 = Namespace("v0")

@@ -12,11 +12,11 @@ from alchemist_sgl.config import LoraConfig, TrainConfig
 from alchemist_sgl.train import ReplayTrainer, load_fused_weights
 from alchemist_sgl.train.warmup import warm_up_compiled
 from tests.support.layer_calls import layer_calls
-from tests.unit.test_train_hfref import (adapter_grads, build_hf_peft, max_rel_err, model_dir,
-                                         random_adapter)
-from tests.unit.test_store_paged_rows import _samples as _store_samples
-from tests.unit.test_store_paged_rows import stored_samples  # noqa: F401 (fixture)
-from tests.unit.test_train_replay_grad import CASES, _build
+from tests.support.hfref import (adapter_grads, build_hf_peft, max_rel_err, model_dir,
+                                 random_adapter)
+from tests.support.store_rig import store_samples as _store_samples
+from tests.support.store_rig import stored_samples  # noqa: F401 (fixture)
+from tests.support.hfref import CASES, build_samples
 
 TOL = 1e-5  # compiled vs eager, fp32 (inductor may reorder reductions)
 
@@ -62,7 +62,7 @@ def test_warm_up_compiles_and_leaves_the_trainer_as_it_was(compiled_pair):
 @pytest.mark.parametrize("form", ["plain", "lag0", "full"])
 def test_compiled_step_matches_eager(compiled_pair, form):
     weights, adapter, compiled, _, _ = compiled_pair
-    samples, _ = _build(CASES["full_varied_lengths"][:2] + CASES["partial_coverage_prefix"],
+    samples, _ = build_samples(CASES["full_varied_lengths"][:2] + CASES["partial_coverage_prefix"],
                         build_hf_peft(model_dir("tiny"), torch.float32, adapter))
     eager = _trainer(weights, adapter, False)
     compiled.adapter.load_state_dict(adapter.state_dict())

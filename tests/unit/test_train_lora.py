@@ -1,4 +1,5 @@
-"""LoRA layout (PEFT-compatible names and shapes over the fused base), merge, and the trainer API."""
+"""LoRA layout (PEFT-compatible names and shapes over the fused base), the publish merge against
+PEFT's ``merge_and_unload``, and the trainer API."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ import pytest
 import torch
 
 from alchemist_sgl.config import LoraConfig, TrainConfig
-from alchemist_sgl.train import (BaseWeights, LoraAdapter, ReplayTrainer, Sample, load_fused_weights,
-                                 merge_adapter_into_base)
-from alchemist_sgl.train.spec import layer_key
-from tests.unit.test_train_hfref import (build_hf_peft, hf_logprobs, model_dir, random_adapter)
+from alchemist_sgl.online.publish import MasterWeights, merged_tensor
+from alchemist_sgl.train import BaseWeights, LoraAdapter, ReplayTrainer, Sample, load_fused_weights
+from alchemist_sgl.train.spec import TARGET_TO_PROJECTION, layer_key
+from tests.support.hfref import build_hf_peft, model_dir, random_adapter
 
 
 @pytest.fixture(scope="module")
@@ -45,26 +46,54 @@ def test_fresh_adapter_is_identity_and_targets_are_configurable(weights):
         LoraAdapter(spec, targets=("qkv",))
 
 
-def test_merge_writes_rows_at_fused_offsets_and_matches_peft(weights):
-    spec = weights.spec
-    adapter = random_adapter(spec, rank=4)
+def _peft_merged(adapter, w0: BaseWeights) -> dict[str, torch.Tensor]:
+    """PEFT's own merge (``merge_and_unload``, fp32) of ``adapter`` over the base tensors ``w0``
+    (upcast to fp32 and copied into the HF modules), keyed by HF parameter name."""
     peft_model = build_hf_peft(model_dir("tiny"), torch.float32, adapter)
-    merged_hf = peft_model.merge_and_unload().state_dict()
-    copy = BaseWeights.from_tensors(spec, {
-        layer_key(i, p): getattr(lw, p).clone() for i, lw in enumerate(weights.layers)
-        for p in ("qkv", "o", "gate_up", "down", "input_layernorm", "post_attention_layernorm")}
-        | {"model.embed_tokens.weight": weights.embed, "model.norm.weight": weights.final_norm})
-    merge_adapter_into_base(copy, adapter)
-    for i, lw in enumerate(copy.layers):
+    spec = w0.spec
+    with torch.no_grad():
+        for lw, layer in zip(w0.layers, peft_model.base_model.model.model.layers):
+            for t, (parent, name) in {"q": ("self_attn", "q_proj"), "k": ("self_attn", "k_proj"),
+                                      "v": ("self_attn", "v_proj"), "o": ("self_attn", "o_proj"),
+                                      "gate": ("mlp", "gate_proj"), "up": ("mlp", "up_proj"),
+                                      "down": ("mlp", "down_proj")}.items():
+                start, end = spec.target_rows(t)
+                proj = TARGET_TO_PROJECTION[t]
+                getattr(getattr(layer, parent), name).base_layer.weight.copy_(
+                    lw.projection(proj)[start:end].float())
+    return peft_model.merge_and_unload().state_dict()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_publish_merge_matches_peft_merge_and_unload(dtype):
+    """online/publish.py's ``merged_tensor`` (the one merge the server publishes with) against
+    PEFT's ``merge_and_unload`` over the same W0 and adapter: fp32 to rounding; bf16 equals PEFT's
+    fp32 merge cast once to bf16 (Note [Rebuild from the master]: fp32 arithmetic, one cast)."""
+    w0 = load_fused_weights(model_dir("tiny"), dtype)
+    spec = w0.spec
+    adapter = random_adapter(spec, rank=4)
+    frozen = adapter.snapshot()
+    theirs = _peft_merged(adapter, w0)
+    changed = 0
+    for i, lw in enumerate(w0.layers):
         pre = f"model.layers.{i}."
-        want_qkv = torch.cat([merged_hf[pre + f"self_attn.{n}_proj.weight"] for n in "qkv"])
-        want_gu = torch.cat([merged_hf[pre + f"mlp.{n}_proj.weight"] for n in ("gate", "up")])
-        torch.testing.assert_close(lw.qkv, want_qkv, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(lw.gate_up, want_gu, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(lw.o, merged_hf[pre + "self_attn.o_proj.weight"], rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(lw.down, merged_hf[pre + "mlp.down_proj.weight"], rtol=1e-6, atol=1e-6)
-    # The original weights are untouched (the copy was merged).
-    assert not torch.equal(copy.layers[0].qkv, weights.layers[0].qkv)
+        want = {"qkv": torch.cat([theirs[pre + f"self_attn.{n}_proj.weight"] for n in "qkv"]),
+                "o": theirs[pre + "self_attn.o_proj.weight"],
+                "gate_up": torch.cat([theirs[pre + f"mlp.{n}_proj.weight"] for n in ("gate", "up")]),
+                "down": theirs[pre + "mlp.down_proj.weight"]}
+        for proj, ref in want.items():
+            ours = merged_tensor(lw.projection(proj), frozen.pairs(i, proj), frozen.scale, spec)
+            assert ours.dtype == dtype and ours.shape == lw.projection(proj).shape
+            if dtype == torch.float32:
+                torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+            else:
+                # One bf16 rounding of the same fp32 sum; the two fp32 sums may differ in their
+                # last bit (matmul order), so a rare element may round one bf16 step apart.
+                ref16 = ref.to(torch.bfloat16)
+                torch.testing.assert_close(ours, ref16, rtol=2 ** -7, atol=0)
+                assert (ours != ref16).float().mean() < 1e-3, proj
+            changed += int((ours != lw.projection(proj)).sum())
+    assert changed > 0, "the adapter changed no served weight"
 
 
 def _sample(seed: int, p: int = 20, r: int = 6, **kw) -> Sample:
@@ -94,7 +123,11 @@ def test_trainer_step_learns_counts_and_publishes_without_reset():
     with torch.no_grad():
         before = trainer.logprobs(planned)
         frozen = trainer.adapter.snapshot()
-        merge_adapter_into_base(trainer.weights, frozen)  # the publish: W_pub = cast(W0 + s*B@A)
+        master = MasterWeights(trainer.weights, frozen.targets)
+        for i, lw in enumerate(trainer.weights.layers):  # the publish: W_pub = cast(W0 + s*B@A)
+            for proj, w in master.tensors[i].items():
+                lw.projection(proj).copy_(merged_tensor(w, frozen.pairs(i, proj), frozen.scale,
+                                                        trainer.weights.spec))
         trainer.set_published(frozen)
         assert trainer.is_published_current
         after = trainer.logprobs(planned)
@@ -159,13 +192,19 @@ def test_unit_step_equals_whole_sample_step_and_state_round_trips():
     run = sliced.begin_step(batch)
     with pytest.raises(RuntimeError, match="not run"):
         run.finish()
+    units_run = 0
     while not run.is_done:
         run.run_unit()
+        units_run += 1
     with pytest.raises(RuntimeError, match="all units"):
         run.run_unit()
     b = run.finish()
     assert a.loss == pytest.approx(b.loss, rel=1e-6) and b.max_unit_ms <= b.step_ms
-    assert b.units == run.units_total == 2 * (2 * weights.spec.layers) + 3 + 2 + 1
+    # Counted by running them, against the hand count for the tiny model (4 layers): per sample
+    # 4 forward + 4 backward layer units (16), head units of loss_chunk_rows=2 over responses of
+    # 6 and 3 rows (3 + 2), and the optimizer's (1): 22.
+    assert weights.spec.layers == 4
+    assert units_run == b.units == run.units_total == 22
     for k, v in whole.adapter.state_dict().items():
         # AdamW normalises: a 1e-7 gradient difference on a tiny element moves it by ~1e-6.
         torch.testing.assert_close(sliced.adapter.state_dict()[k], v, rtol=1e-5, atol=1e-5)

@@ -8,15 +8,14 @@ reference is at most 2x the bf16 recompute's own.
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
 from alchemist_sgl.config import LoraConfig, TrainConfig
 from alchemist_sgl.train import ReplayTrainer, Sample, load_fused_weights
-from tests.unit.test_train_hfref import (adapter_grads, build_hf_peft, covered_sample, hf_grads,
-                                         hf_record, max_rel_err, model_dir, random_adapter)
+from tests.support.hfref import (CASES, adapter_grads, build_hf_peft, build_samples, covered_sample,
+                                 hf_grads, hf_record, ids_of, max_rel_err, model_dir, random_adapter)
+from tests.support.hfref import tiny  # noqa: F401 (fixture)
 
 TOL_FP32 = 1e-4
 
@@ -34,47 +33,11 @@ def _ours(trainer: ReplayTrainer, samples: list[Sample]):
     return loss, {k: v.clone() for k, v in adapter_grads(trainer.adapter).items()}, counts
 
 
-def _ids(seed: int, n: int) -> torch.Tensor:
-    return torch.randint(10, 40000, (n,), generator=torch.Generator().manual_seed(seed))
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    weights = load_fused_weights(model_dir("tiny"))
-    adapter = random_adapter(weights.spec, rank=4)
-    return weights, adapter, build_hf_peft(model_dir("tiny"), torch.float32, adapter)
-
-
-CASES = {
-    # name: list of (prompt_len, response_len, ranges as (start, end, is_covered), projections)
-    "full_varied_lengths": [(37, 9, [(0, 37, True)], None), (64, 23, [(0, 64, True)], None),
-                            (5, 1, [(0, 5, True)], None)],
-    "partial_tensors_down_only": [(40, 12, [(0, 40, True)], ("down",))],
-    "partial_tensors_qkv_o": [(40, 12, [(0, 40, True)], ("qkv", "o"))],
-    "partial_coverage_prefix": [(50, 10, [(0, 32, True), (32, 50, False)], None)],
-    "zero_coverage": [(30, 8, [(0, 30, False)], None)],
-    "hole_in_middle": [(60, 11, [(0, 20, True), (20, 35, False), (35, 60, True)], None)],
-    "many_segments": [(48, 7, [(0, 8, True), (8, 16, False), (16, 24, True), (24, 40, True),
-                               (40, 48, False)], ("qkv", "gate_up", "down"))],
-}
-
-
-def _build(case, peft_model, seed0=0, version=0):
-    samples, ref = [], []
-    for j, (p, r, ranges, projections) in enumerate(case):
-        prompt, response = _ids(seed0 + 2 * j, p), _ids(seed0 + 2 * j + 1, r)
-        rec = hf_record(peft_model, prompt)
-        samples.append(covered_sample(prompt, response, ranges, rec, version=version,
-                                      projections=projections, weight=1.0 + j))
-        ref.append((prompt, response, 1.0 + j))
-    return samples, ref
-
-
 @pytest.mark.parametrize("layout", ["segments", "joint"])
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_replay_matches_hf_peft_fp32(tiny, name, layout):
     weights, adapter, peft_model = tiny
-    samples, ref = _build(CASES[name], peft_model)
+    samples, ref = build_samples(CASES[name], peft_model)
     ref_loss, ref_grads = hf_grads(peft_model, ref)
     for replay in (True, False):
         loss, grads, counts = _ours(_trainer(weights, adapter, layout, replay=replay), samples)
@@ -88,10 +51,10 @@ def test_shared_prefix_between_samples(tiny):
     """Two samples share a 24-token prefix recorded once (by the first prompt's prefill); the second
     replays that page range and recomputes its own suffix, as radix-cache dedup would give."""
     weights, adapter, peft_model = tiny
-    shared = _ids(100, 24)
-    p1 = torch.cat([shared, _ids(101, 16)])
-    p2 = torch.cat([shared, _ids(102, 9)])
-    r1, r2 = _ids(103, 8), _ids(104, 12)
+    shared = ids_of(100, 24)
+    p1 = torch.cat([shared, ids_of(101, 16)])
+    p2 = torch.cat([shared, ids_of(102, 9)])
+    r1, r2 = ids_of(103, 8), ids_of(104, 12)
     rec1 = hf_record(peft_model, p1)
     s1 = covered_sample(p1, r1, [(0, 40, True)], rec1)
     s2 = covered_sample(p2, r2, [(0, 24, True), (24, 33, False)], rec1)  # prefix rows from p1
@@ -106,7 +69,7 @@ def test_response_only_keeps_loss_and_is_replay_invariant(tiny):
     """Response-only mode (documented approximation): same loss as exact; its gradients are the same
     with or without replay, and differ from the exact ones (the prompt path is dropped)."""
     weights, adapter, peft_model = tiny
-    samples, ref = _build(CASES["hole_in_middle"], peft_model)
+    samples, ref = build_samples(CASES["hole_in_middle"], peft_model)
     ref_loss, ref_grads = hf_grads(peft_model, ref)
     loss_r, grads_r, _ = _ours(_trainer(weights, adapter, gradient_mode="response_only"), samples)
     loss_c, grads_c, _ = _ours(_trainer(weights, adapter, gradient_mode="response_only",
@@ -118,7 +81,7 @@ def test_response_only_keeps_loss_and_is_replay_invariant(tiny):
 
 def test_stale_recordings_fall_back_and_are_counted(tiny):
     weights, adapter, peft_model = tiny
-    samples, ref = _build(CASES["hole_in_middle"], peft_model, version=3)
+    samples, ref = build_samples(CASES["hole_in_middle"], peft_model, version=3)
     ref_loss, ref_grads = hf_grads(peft_model, ref)
     trainer = _trainer(weights, adapter, max_version_lag=1)
     trainer.version = 5  # lag 2 > 1: both covered segments are recomputed
@@ -134,7 +97,7 @@ def test_stale_recordings_fall_back_and_are_counted(tiny):
 
 def test_recording_from_the_future_or_wrong_shape_is_refused(tiny):
     weights, adapter, peft_model = tiny
-    samples, _ = _build(CASES["zero_coverage"][:1], peft_model)
+    samples, _ = build_samples(CASES["zero_coverage"][:1], peft_model)
     prompt, response = samples[0].prompt_ids, samples[0].response_ids
     rec = hf_record(peft_model, prompt)
     with pytest.raises(ValueError, match="newer"):
@@ -158,7 +121,7 @@ def test_bf16_replay_error_within_twice_recompute_error():
             p16.copy_(p32)
     hf16 = build_hf_peft(folder, torch.bfloat16, a16)
     case = CASES["hole_in_middle"] + CASES["full_varied_lengths"][:2]
-    samples16, ref = _build(case, hf16)
+    samples16, ref = build_samples(case, hf16)
     _, ref_grads = hf_grads(ref_model, ref)
     _, g_recompute, _ = _ours(_trainer(w16, a16, replay=False), samples16)
     err_recompute = max_rel_err(g_recompute, ref_grads)
@@ -176,7 +139,7 @@ def test_replay_matches_hf_peft_smollm2_fp32():
     adapter = random_adapter(weights.spec, rank=8)
     peft_model = build_hf_peft(folder, torch.float32, adapter)
     case = [(70, 12, [(0, 30, True), (30, 45, False), (45, 70, True)], None)]
-    samples, ref = _build(case, peft_model)
+    samples, ref = build_samples(case, peft_model)
     ref_loss, ref_grads = hf_grads(peft_model, ref)
     loss, grads, counts = _ours(_trainer(weights, adapter), samples)
     assert counts.replayed_tokens == 55

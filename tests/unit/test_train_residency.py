@@ -24,16 +24,16 @@ from alchemist_sgl.train.forward import (_LayerLora, decoder_layer, embed_segmen
 from alchemist_sgl.train.objectives import token_loss_sum  # noqa: E402
 from alchemist_sgl.train.offload import SavedTensorOffload, long_lived_tensors  # noqa: E402
 from alchemist_sgl.train.residency import DeviceBudgetExceeded, ResidencyAccount  # noqa: E402
-from tests.unit.test_train_hfref import (adapter_grads, build_hf_peft, model_dir,  # noqa: E402
-                                         random_adapter)
-from tests.unit.test_train_replay_grad import CASES, _build  # noqa: E402
+from tests.support.hfref import (adapter_grads, build_hf_peft, model_dir,  # noqa: E402
+                                 random_adapter)
+from tests.support.hfref import CASES, build_samples  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tiny():
     weights = load_fused_weights(model_dir("tiny"))
     adapter = random_adapter(weights.spec, rank=4, seed=20)
-    samples, _ = _build(CASES["hole_in_middle"] + CASES["full_varied_lengths"],
+    samples, _ = build_samples(CASES["hole_in_middle"] + CASES["full_varied_lengths"],
                         build_hf_peft(model_dir("tiny"), torch.float32, adapter))
     return weights, adapter, samples
 

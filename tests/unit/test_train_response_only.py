@@ -17,9 +17,9 @@ import torch
 from alchemist_sgl.config import LoraConfig, TrainConfig
 from alchemist_sgl.train import ReplayTrainer, Sample, forward_logprobs, load_fused_weights
 from alchemist_sgl.train.samples import plan_sample
-from tests.unit.test_train_hfref import (adapter_grads, build_hf_peft, covered_sample, hf_grads,
-                                         hf_record, max_rel_err, model_dir, random_adapter)
-from tests.unit.test_train_replay_grad import _ids, tiny  # noqa: F401 (``tiny``: a fixture)
+from tests.support.hfref import (adapter_grads, build_hf_peft, covered_sample, hf_grads,
+                                 hf_record, max_rel_err, model_dir, random_adapter)
+from tests.support.hfref import ids_of, tiny  # noqa: F401 (``tiny``: a fixture)
 
 TOL_FP32 = 1e-4
 
@@ -82,7 +82,7 @@ CASES = {
 def _build(case, peft_model, seed0=0):
     samples, ref = [], []
     for j, (p, r, ranges) in enumerate(case):
-        prompt, response = _ids(seed0 + 2 * j, p), _ids(seed0 + 2 * j + 1, r)
+        prompt, response = ids_of(seed0 + 2 * j, p), ids_of(seed0 + 2 * j + 1, r)
         rec = hf_record(peft_model, prompt)
         samples.append(covered_sample(prompt, response, ranges, rec, weight=1.0 + j))
         ref.append((prompt, response, 1.0 + j))
@@ -110,7 +110,7 @@ def test_first_response_token_gets_its_gradient(tiny):
     tensor gets a non-zero gradient, equal to the reference's; and in a longer response the first
     token's term is what separates the loss over all tokens from the loss over the rest."""
     weights, adapter, peft_model = tiny
-    prompt, response = _ids(7, 33), _ids(8, 6)
+    prompt, response = ids_of(7, 33), ids_of(8, 6)
     rec = hf_record(peft_model, prompt)
     one = covered_sample(prompt, response[:1], [(0, 33, True)], rec)
     _, ref_grads = hf_response_only_grads(peft_model, [(prompt, response[:1], 1.0)])
@@ -138,7 +138,7 @@ def test_first_response_token_gets_its_gradient(tiny):
 def test_planning_puts_a_boundary_at_the_prompts_last_row(tiny):
     weights, _, peft_model = tiny
     spec = weights.spec
-    prompt, response = _ids(1, 20), _ids(2, 5)
+    prompt, response = ids_of(1, 20), ids_of(2, 5)
     rec = hf_record(peft_model, prompt)
 
     def plan(ranges, separate):
@@ -168,7 +168,7 @@ def test_planning_puts_a_boundary_at_the_prompts_last_row(tiny):
 def test_response_only_refuses_a_plan_without_the_boundary(tiny):
     weights, adapter, _ = tiny
     trainer = _trainer(weights, adapter)  # exact mode: merged [0, P + R) segment
-    planned = trainer.plan(Sample(_ids(3, 12), _ids(4, 4)))
+    planned = trainer.plan(Sample(ids_of(3, 12), ids_of(4, 4)))
     with pytest.raises(ValueError, match="boundary at P - 1"):
         forward_logprobs(weights, adapter, trainer.rope, planned, gradient_mode="response_only")
 

@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from alchemist_sgl.train import Sample
-from tests.unit.test_train_hfref import adapter_grads, build_hf_peft, max_rel_err, model_dir
-from tests.unit.test_train_replay_grad import CASES, _build, _ids
-from tests.unit.test_train_units import _run_to_optimizer, _trainer, tiny  # noqa: F401 (fixture)
+from tests.support.hfref import adapter_grads, build_hf_peft, max_rel_err, model_dir
+from tests.support.hfref import CASES, build_samples, ids_of
+from tests.support.units import make_trainer, run_to_optimizer, tiny  # noqa: F401 (fixture)
 
 TOL = 1e-6
 TOL_WHOLE = 1e-5
@@ -29,11 +29,11 @@ torch.set_num_threads(1)
 
 
 def _samples(trained) -> list[Sample]:
-    replayed, _ = _build(CASES["hole_in_middle"] + CASES["full_varied_lengths"],
+    replayed, _ = build_samples(CASES["hole_in_middle"] + CASES["full_varied_lengths"],
                          build_hf_peft(model_dir("tiny"), torch.float32, trained))
     weighted = [Sample(s.prompt_ids, s.response_ids, s.segments, s.kind, w)
                 for s, w in zip(replayed, (1.0, 0.5, 2.0, 0.25))]
-    return weighted + [Sample(_ids(7, 18), _ids(8, 6), kind="negative", weight=1.5)]
+    return weighted + [Sample(ids_of(7, 18), ids_of(8, 6), kind="negative", weight=1.5)]
 
 
 def _round_grads(trainer, samples):
@@ -49,18 +49,18 @@ def _round_grads(trainer, samples):
 def test_a_round_equals_one_batch_of_the_same_samples(tiny) -> None:
     weights, _, trained = tiny
     samples = _samples(trained)
-    batch_trainer = _trainer(weights, trained, loss_chunk_rows=8)
+    batch_trainer = make_trainer(weights, trained, loss_chunk_rows=8)
     step = batch_trainer.begin_step(samples)
-    _run_to_optimizer(step)
+    run_to_optimizer(step)
     batch = {k: v * step.grad_scale for k, v in adapter_grads(batch_trainer.adapter).items()}
     step.run_unit()
     batch_stats = step.finish()
 
-    round_trainer = _trainer(weights, trained, loss_chunk_rows=8)
+    round_trainer = make_trainer(weights, trained, loss_chunk_rows=8)
     run, summed = _round_grads(round_trainer, samples)
     weight_sum = sum(s.weight for s in samples)
     assert max_rel_err({k: v / weight_sum for k, v in summed.items()}, batch) <= TOL
-    whole_trainer = _trainer(weights, trained, loss_chunk_rows=8)
+    whole_trainer = make_trainer(weights, trained, loss_chunk_rows=8)
     whole_loss, _, _ = whole_trainer.accumulate(samples)
     whole = adapter_grads(whole_trainer.adapter)
     assert max_rel_err({k: v / weight_sum for k, v in summed.items()}, whole) <= TOL_WHOLE
@@ -78,14 +78,14 @@ def test_a_round_equals_one_batch_of_the_same_samples(tiny) -> None:
 
 def test_a_round_refuses_to_close_empty_and_to_interleave_samples(tiny) -> None:
     weights, _, trained = tiny
-    trainer = _trainer(weights, trained)
+    trainer = make_trainer(weights, trained)
     run = trainer.begin_round()
     with pytest.raises(ValueError, match="never closes empty"):
         run.close()
-    units = run.add(Sample(_ids(1, 10), _ids(2, 4)))
+    units = run.add(Sample(ids_of(1, 10), ids_of(2, 4)))
     units.run_unit()
     with pytest.raises(RuntimeError, match="units left"):
-        run.add(Sample(_ids(3, 10), _ids(4, 4)))
+        run.add(Sample(ids_of(3, 10), ids_of(4, 4)))
     with pytest.raises(RuntimeError, match="units left"):
         run.close()
     run.abandon()

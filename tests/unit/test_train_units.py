@@ -14,13 +14,11 @@ import pytest
 import torch
 
 from alchemist_sgl.config import LoraConfig, TrainConfig
-from alchemist_sgl.train import (BaseWeights, FrozenLora, ReplayTrainer, Sample, StepRun,
-                                 load_fused_weights, merge_adapter_into_base)
-from alchemist_sgl.train.spec import EMBED_KEY, FINAL_NORM_KEY, LM_HEAD_KEY, PROJECTIONS, layer_key
-from tests.unit.test_train_hfref import (adapter_grads, build_hf_peft, hf_grads, hf_layers,
-                                         hf_logprobs, hf_record, max_rel_err, model_dir,
-                                         random_adapter)
-from tests.unit.test_train_replay_grad import CASES, _build, _ids
+from alchemist_sgl.train import BaseWeights, FrozenLora, ReplayTrainer, Sample, load_fused_weights
+from tests.support.hfref import (CASES, adapter_grads, build_hf_peft, build_samples, hf_grads,
+                                 hf_layers, hf_logprobs, hf_record, ids_of, max_rel_err, model_dir)
+from tests.support.units import (make_trainer, published_weights, run_to_optimizer, tiny,  # noqa: F401
+                                 train_cfg)
 
 # Units vs whole-sample backward, fp32: the two paths round differently; the negative-objectives
 # case measured 1.15e-5 on a 2-core x86_64 CI-class machine (2026-12-07), identical before and
@@ -29,44 +27,9 @@ TOL_UNITS = 2e-5
 TOL_FP32 = 1e-4    # vs the HF + PEFT reference, fp32
 
 
-def _cfg(**kw) -> TrainConfig:
-    return TrainConfig(lora=LoraConfig(rank=4, alpha=8.0), learning_rate=5e-3, **kw)
-
-
-def _published_weights(weights: BaseWeights, frozen: FrozenLora | None) -> BaseWeights:
-    """Copies of the base tensors with ``frozen`` merged in: W_pub = cast(W0 + s * B @ A)."""
-    spec = weights.spec
-    tensors = {layer_key(i, n): getattr(lw, n).clone() for i, lw in enumerate(weights.layers)
-               for n in (*PROJECTIONS, "input_layernorm", "post_attention_layernorm")}
-    tensors |= {EMBED_KEY: weights.embed.clone(), FINAL_NORM_KEY: weights.final_norm.clone()}
-    if not spec.tie_word_embeddings:
-        tensors[LM_HEAD_KEY] = weights.lm_head.clone()
-    out = BaseWeights.from_tensors(spec, tensors)
-    if frozen is not None:
-        merge_adapter_into_base(out, frozen)
-    return out
-
-
-def _trainer(weights: BaseWeights, adapter, published: FrozenLora | None = None,
-             layout: str = "joint", **cfg_kw) -> ReplayTrainer:
-    trainer = ReplayTrainer(weights, _cfg(**cfg_kw), layout=layout)
-    trainer.adapter.load_state_dict(adapter.state_dict())  # keeps the optimizer's parameters
-    if published is not None:
-        trainer.set_published(published)
-    return trainer
-
-
-def _run_to_optimizer(run: StepRun) -> list:
-    """All units but the optimizer's (which steps and zeroes the gradients); their UnitInfos."""
-    infos = []
-    while run.units < run.units_total - 1:
-        infos.append(run.run_unit())
-    return infos
-
-
 def _unit_grads(trainer: ReplayTrainer, samples: list[Sample]):
     run = trainer.begin_step(samples)
-    infos = _run_to_optimizer(run)
+    infos = run_to_optimizer(run)
     grads = {k: None if v is None else v * run.grad_scale  # rounds.py, Note [Round normalisation]
              for k, v in adapter_grads(trainer.adapter).items()}
     run.run_unit()  # the optimizer unit: totals the loss
@@ -79,14 +42,6 @@ def _whole_grads(trainer: ReplayTrainer, samples: list[Sample]):
     grads = {k: v.clone() for k, v in adapter_grads(trainer.adapter).items()}
     trainer.adapter.zero_grad(set_to_none=True)
     return loss, grads
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    weights = load_fused_weights(model_dir("tiny"))
-    published = random_adapter(weights.spec, rank=4, seed=10)   # P
-    trained = random_adapter(weights.spec, rank=4, seed=20)     # T != P
-    return weights, published, trained
 
 
 def _hf_over(weights_pub: BaseWeights, rank: int = 4):
@@ -114,10 +69,10 @@ def test_units_equal_whole_sample_backward(tiny, case, layout):
     backward of the segments layout (the other code path for joint units), with replayed
     segments and holes and head chunks smaller than the response (several head units)."""
     weights, _, trained = tiny
-    samples, _ = _build(CASES[case], build_hf_peft(model_dir("tiny"), torch.float32, trained))
-    whole_loss, whole = _whole_grads(_trainer(weights, trained, layout="segments",
+    samples, _ = build_samples(CASES[case], build_hf_peft(model_dir("tiny"), torch.float32, trained))
+    whole_loss, whole = _whole_grads(make_trainer(weights, trained, layout="segments",
                                               loss_chunk_rows=4), samples)
-    trainer = _trainer(weights, trained, layout=layout, loss_chunk_rows=4)
+    trainer = make_trainer(weights, trained, layout=layout, loss_chunk_rows=4)
     run, infos, loss, grads = _unit_grads(trainer, samples)
     assert abs(loss - whole_loss) <= TOL_UNITS * abs(whole_loss)
     assert max_rel_err(grads, whole) <= TOL_UNITS
@@ -130,12 +85,12 @@ def test_units_equal_whole_sample_for_negative_objectives(tiny, objective):
     """Note [Chunked loss]: unlikelihood per token, KTO through its summed ratio (with and
     without given reference log-probs), under a published adapter at lag > 0."""
     weights, published, trained = tiny
-    w_pub = _published_weights(weights, published.snapshot())
+    w_pub = published_weights(weights, published.snapshot())
     ref = torch.full((9,), -9.0)
-    samples = [Sample(_ids(1, 20), _ids(2, 11), kind="negative", weight=2.0),
-               Sample(_ids(3, 15), _ids(4, 9), kind="negative", ref_logprobs=ref),
-               Sample(_ids(5, 12), _ids(6, 7))]
-    trainer = _trainer(w_pub, trained, published.snapshot(), loss_chunk_rows=3,
+    samples = [Sample(ids_of(1, 20), ids_of(2, 11), kind="negative", weight=2.0),
+               Sample(ids_of(3, 15), ids_of(4, 9), kind="negative", ref_logprobs=ref),
+               Sample(ids_of(5, 12), ids_of(6, 7))]
+    trainer = make_trainer(w_pub, trained, published.snapshot(), loss_chunk_rows=3,
                        objective_negative=objective)
     trainer._kl_ema = 0.3  # a non-zero KL estimate enters KTO's loss
     whole_loss, whole = _whole_grads(trainer, samples)
@@ -147,8 +102,8 @@ def test_units_equal_whole_sample_for_negative_objectives(tiny, objective):
 def test_unit_sequence_and_count(tiny):
     weights, _, trained = tiny
     layers = weights.spec.layers
-    samples = [Sample(_ids(7, 10), _ids(8, 5)), Sample(_ids(9, 6), _ids(10, 2))]
-    run = _trainer(weights, trained, loss_chunk_rows=2).begin_step(samples)
+    samples = [Sample(ids_of(7, 10), ids_of(8, 5)), Sample(ids_of(9, 6), ids_of(10, 2))]
+    run = make_trainer(weights, trained, loss_chunk_rows=2).begin_step(samples)
     infos = [run.run_unit() for _ in range(run.units_total)]
     assert run.is_done and len(infos) >= 2 * layers * len(samples) + len(samples) + 1
     for s, chunks in ((0, 3), (1, 1)):
@@ -166,11 +121,11 @@ def test_unit_sequence_and_count(tiny):
 def test_any_lag_matches_hf_peft_over_w0(tiny, is_units):
     """Trainer over W_pub (P merged) with published=P and adapter T == HF + PEFT over W0 with T."""
     weights, published, trained = tiny
-    w_pub = _published_weights(weights, published.snapshot())
+    w_pub = published_weights(weights, published.snapshot())
     peft_t = build_hf_peft(model_dir("tiny"), torch.float32, trained)
-    samples = [Sample(_ids(11, 30), _ids(12, 9), weight=1.0), Sample(_ids(13, 17), _ids(14, 6), weight=3.0)]
+    samples = [Sample(ids_of(11, 30), ids_of(12, 9), weight=1.0), Sample(ids_of(13, 17), ids_of(14, 6), weight=3.0)]
     ref_loss, ref_grads = hf_grads(peft_t, [(s.prompt_ids, s.response_ids, s.weight) for s in samples])
-    trainer = _trainer(w_pub, trained, published.snapshot(), loss_chunk_rows=4)
+    trainer = make_trainer(w_pub, trained, published.snapshot(), loss_chunk_rows=4)
     assert trainer.published is not None and not trainer.is_published_current
     if is_units:
         _, _, loss, grads = _unit_grads(trainer, samples)
@@ -179,7 +134,7 @@ def test_any_lag_matches_hf_peft_over_w0(tiny, is_units):
     assert abs(loss - ref_loss) <= TOL_FP32 * abs(ref_loss)
     assert max_rel_err(grads, ref_grads) <= TOL_FP32
     # Without the published correction the same W_pub gives a different (wrong) gradient.
-    plain = _trainer(w_pub, trained)
+    plain = make_trainer(w_pub, trained)
     _, wrong = _whole_grads(plain, samples)
     assert max_rel_err(wrong, ref_grads) > 1e-2
 
@@ -190,12 +145,12 @@ def test_lag0_replay_of_served_recordings_matches_hf_peft(tiny, allow_lag0_form)
     cheap lag-0 form and with the full form; both equal HF + PEFT over W0 with P."""
     weights, published, _ = tiny
     frozen = published.snapshot()
-    w_pub = _published_weights(weights, frozen)
+    w_pub = published_weights(weights, frozen)
     served = _hf_over(w_pub)
     peft_p = build_hf_peft(model_dir("tiny"), torch.float32, published)
-    samples, ref = _build(CASES["hole_in_middle"] + CASES["partial_tensors_qkv_o"], served, version=7)
+    samples, ref = build_samples(CASES["hole_in_middle"] + CASES["partial_tensors_qkv_o"], served, version=7)
     ref_loss, ref_grads = hf_grads(peft_p, ref)
-    trainer = _trainer(w_pub, published)
+    trainer = make_trainer(w_pub, published)
     trainer.set_published(frozen, allow_lag0_form=allow_lag0_form)
     trainer.version = 7
     assert trainer.is_published_current == allow_lag0_form
@@ -212,9 +167,9 @@ def test_bf16_lag0_form_and_full_form_agree_in_value(tiny):
     weights32, published, _ = tiny
     w16 = load_fused_weights(model_dir("tiny"), dtype=torch.bfloat16)
     frozen = published.snapshot()
-    w_pub = _published_weights(w16, frozen)
-    trainer = _trainer(w_pub, published)
-    planned = trainer.plan(Sample(_ids(15, 40), _ids(16, 12)))
+    w_pub = published_weights(w16, frozen)
+    trainer = make_trainer(w_pub, published)
+    planned = trainer.plan(Sample(ids_of(15, 40), ids_of(16, 12)))
     with torch.no_grad():
         trainer.set_published(frozen)
         assert trainer.is_published_current
@@ -231,8 +186,8 @@ def test_bf16_lag0_form_and_full_form_agree_in_value(tiny):
 
 def test_nonfinite_injection_skips_the_step_and_leaves_state_untouched(tiny):
     weights, published, trained = tiny
-    trainer = _trainer(weights, trained)
-    batch = [Sample(_ids(17, 12), _ids(18, 5))]
+    trainer = make_trainer(weights, trained)
+    batch = [Sample(ids_of(17, 12), ids_of(18, 5))]
     trainer.step(batch)  # AdamW state exists
     trainer.set_published(trainer.adapter.snapshot())
     adapter_before = copy.deepcopy(trainer.adapter.state_dict())
@@ -257,9 +212,9 @@ def test_nonfinite_injection_skips_the_step_and_leaves_state_untouched(tiny):
 
 def test_scoring_in_units_matches_hf_peft(tiny):
     weights, published, trained = tiny
-    w_pub = _published_weights(weights, published.snapshot())
-    pairs = [Sample(_ids(19, 25), _ids(20, 11)), Sample(_ids(21, 8), _ids(22, 4))]
-    trainer = _trainer(w_pub, trained, published.snapshot(), loss_chunk_rows=3)
+    w_pub = published_weights(weights, published.snapshot())
+    pairs = [Sample(ids_of(19, 25), ids_of(20, 11)), Sample(ids_of(21, 8), ids_of(22, 4))]
+    trainer = make_trainer(w_pub, trained, published.snapshot(), loss_chunk_rows=3)
     with torch.no_grad():
         want = {}
         for name, adapter in (("trained", trained), ("published", published)):
@@ -306,12 +261,12 @@ def test_frozen_lora_round_trips_and_refuses_bad_input(tiny):
 
 def test_units_refuse_whole_sample_only_modes_and_dropout(tiny):
     weights, _, trained = tiny
-    batch = [Sample(_ids(23, 9), _ids(24, 3))]
+    batch = [Sample(ids_of(23, 9), ids_of(24, 3))]
     with pytest.raises(ValueError, match="unknown layout"):
-        ReplayTrainer(weights, _cfg(), layout="rows")
+        ReplayTrainer(weights, train_cfg(), layout="rows")
     with pytest.raises(ValueError, match="work units"):
-        ReplayTrainer(weights, _cfg(gradient_mode="response_only")).begin_step(batch)
-    assert ReplayTrainer(weights, _cfg(gradient_mode="response_only")).step(batch).units == 2
+        ReplayTrainer(weights, train_cfg(gradient_mode="response_only")).begin_step(batch)
+    assert ReplayTrainer(weights, train_cfg(gradient_mode="response_only")).step(batch).units == 2
     dropout = ReplayTrainer(weights, TrainConfig(lora=LoraConfig(rank=4, alpha=8.0, dropout=0.1)))
     with pytest.raises(ValueError, match="dropout"):
         dropout.set_published(dropout.adapter.snapshot())
