@@ -16,7 +16,7 @@ import torch
 
 from alchemist_sgl.core.prefix import Namespace
 from alchemist_sgl.core.records import RequestExtend
-from alchemist_sgl.record.plan import ModelShape, choose_plan
+from alchemist_sgl.core.plan import ModelShape, choose_plan
 from alchemist_sgl.store import ActivationStore
 from alchemist_sgl.train import PromptSegment, Recording, Sample, load_fused_weights
 from tests.support.hfref import build_hf_peft, hf_record, model_dir, random_adapter
