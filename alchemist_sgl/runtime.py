@@ -26,7 +26,7 @@ from alchemist_sgl.api.control import ControlQueue
 from alchemist_sgl.config import Config
 from alchemist_sgl.core.prefix import Namespace
 from alchemist_sgl.feedback.completion_log import SqliteCompletionLog
-from alchemist_sgl.feedback.store import FeedbackStore
+from alchemist_sgl.feedback.ratings import FeedbackStore
 from alchemist_sgl.log import get_logger
 from alchemist_sgl.memory.arbiter import MemoryArbiter, ServingPressure, TtftWindow
 from alchemist_sgl.memory.status import KvPoolView, memory_status

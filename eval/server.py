@@ -32,7 +32,7 @@ import psutil
 # state folder: train.checkpoint_dir holds the checkpoints, versions.json and adapters/;
 # feedback.db_path the feedback and completion log. The two travel together: a fresh checkpoint
 # folder over an older database gives every row trained after its step 0 back to training
-# (feedback/store.py, Note [exactly once]), with completions of the other server's versions.
+# (feedback/ratings.py, Note [exactly once]), with completions of the other server's versions.
 # (The control queue is a fresh temporary file per server process tree; nothing resumes it.)
 STATE_KEYS: dict[str, str] = {"train.checkpoint_dir": "checkpoints", "feedback.db_path": "feedback.sqlite"}
 

@@ -70,7 +70,7 @@ C_contra = TypeVar("C_contra", bound=CompletionLookup, contravariant=True)
 
 
 class FeedbackStore(Protocol[C_contra]):
-    """The durable feedback store (feedback/store.py), whose export reads the completion log the
+    """The durable feedback store (feedback/ratings.py), whose export reads the completion log the
     routes are given (``C_contra``). Called from worker threads, concurrently."""
 
     def submit(self, fb: FeedbackInput) -> FeedbackResult:

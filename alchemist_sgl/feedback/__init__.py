@@ -13,7 +13,7 @@ Nothing here imports torch, sglang or online/.
 from alchemist_sgl.feedback.completion_log import SqliteCompletionLog
 from alchemist_sgl.feedback.db import FeedbackDb
 from alchemist_sgl.feedback.rows import FeedbackInput, FeedbackResult, FeedbackRow
-from alchemist_sgl.feedback.store import FeedbackStore
+from alchemist_sgl.feedback.ratings import FeedbackStore
 
 __all__ = ["FeedbackDb", "FeedbackInput", "FeedbackResult", "FeedbackRow", "FeedbackStore",
            "SqliteCompletionLog"]

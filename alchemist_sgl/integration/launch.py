@@ -21,7 +21,7 @@ from alchemist_sgl.api.feedback_routes import build_feedback_router
 from alchemist_sgl.api.metrics_route import build_metrics_router
 from alchemist_sgl.api.guards import guard_request_fields, pin_model_names, refuse_weight_routes
 from alchemist_sgl.feedback.completion_log import SqliteCompletionLog
-from alchemist_sgl.feedback.store import FeedbackStore
+from alchemist_sgl.feedback.ratings import FeedbackStore
 from alchemist_sgl.online.versions import ServingVersionReader
 from alchemist_sgl.config import Config
 from alchemist_sgl.api.control import CommandResult, ControlQueue

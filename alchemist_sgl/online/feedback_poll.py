@@ -27,7 +27,7 @@ from typing import Callable
 
 from alchemist_sgl.feedback.completion_log import SqliteCompletionLog
 from alchemist_sgl.feedback.rows import FeedbackRow
-from alchemist_sgl.feedback.store import FeedbackStore
+from alchemist_sgl.feedback.ratings import FeedbackStore
 from alchemist_sgl.log import get_logger
 from alchemist_sgl.online.accounting import SampleFates
 from alchemist_sgl.online.admission import SampleAdmission
@@ -97,7 +97,7 @@ class FeedbackPoller:
 
     def on_deferred(self, feedback_ids: list[str]) -> None:
         """Stale samples of these rows left the queue (loop.py, Note [Rounds]): the rows wait as
-        "deferred" in the table until the queue is empty (feedback/store.py, Note [exactly once])."""
+        "deferred" in the table until the queue is empty (feedback/ratings.py, Note [exactly once])."""
         self.store.mark_deferred(feedback_ids)
 
     def after_restore(self, step: int) -> int:

@@ -1,7 +1,7 @@
 """What outlives a step of the online loop: saved versions, rollback, checkpoints and restore.
 
 Owns ``VersionKeeper``, held by ``OnlineLoop`` (loop.py): each served version's adapter and AdamW
-state on disk (written off the scheduler thread, writer.py), the retention of those folders, the
+state on disk (written off the scheduler thread, disk_writer.py), the retention of those folders, the
 weights of a rollback target served under a new id, checkpoints and the restore at startup, and
 the gate's "last accepted" trainer state (``accepted``), its one piece of state. The loop hands it
 the round-level values it needs (counters, queue, fates, tally) per call. Same contract as the
@@ -28,7 +28,7 @@ from alchemist_sgl.online.intake import PendingSample, SampleQueue
 from alchemist_sgl.online.loop_types import LoopCounters, ServingHost
 from alchemist_sgl.online.publish import Publisher
 from alchemist_sgl.online.versions import VersionInfo, VersionRegistry
-from alchemist_sgl.online.writer import BackgroundWriter
+from alchemist_sgl.online.disk_writer import BackgroundWriter
 from alchemist_sgl.train.trainer import ReplayTrainer
 
 logger = get_logger(__name__)

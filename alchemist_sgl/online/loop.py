@@ -57,7 +57,7 @@ from alchemist_sgl.online.loop_types import (FeedbackSink, LoopCounters, OpenRou
 from alchemist_sgl.online.work import WAIT, Work, WorkSlot
 from alchemist_sgl.online.publish import MasterWeights, Publisher
 from alchemist_sgl.online.versions import VersionRegistry
-from alchemist_sgl.online.writer import BackgroundWriter
+from alchemist_sgl.online.disk_writer import BackgroundWriter
 from alchemist_sgl.train.samples import PromptSegment, Recording, Sample
 from alchemist_sgl.train.trainer import ReplayTrainer
 
@@ -87,7 +87,7 @@ class OnlineLoop:
         self.clock = clock
         self.counters = LoopCounters(last_publish_at=clock(), last_checkpoint_at=clock())
         self.fates, self.tally = fates, RoundTally()
-        self.writer = BackgroundWriter()  # Note [Writes off the serving path] in writer.py
+        self.writer = BackgroundWriter()  # Note [Writes off the serving path] in disk_writer.py
         self.versions = VersionKeeper(config=config, trainer=trainer, registry=registry,
                                       publisher=publisher, host=host, writer=self.writer,
                                       checkpoints=checkpoints, meta=checkpoint_meta, clock=clock)

@@ -13,7 +13,7 @@ from alchemist_sgl.online.accounting import RoundTally, SampleFates, percentiles
 from alchemist_sgl.online.intake import SampleQueue
 from alchemist_sgl.online.loop_types import LoopCounters, OpenRound
 from alchemist_sgl.online.publish import MasterWeights
-from alchemist_sgl.online.writer import BackgroundWriter
+from alchemist_sgl.online.disk_writer import BackgroundWriter
 from alchemist_sgl.train.trainer import ReplayTrainer
 
 

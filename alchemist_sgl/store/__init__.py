@@ -4,6 +4,6 @@ Must not import sglang. ``ActivationStore`` is the one component; see its module
 """
 
 from alchemist_sgl.store.activation_store import ActivationStore, Pin
-from alchemist_sgl.store.writes import BatchWrite
+from alchemist_sgl.store.open_pages import BatchWrite
 
 __all__ = ["ActivationStore", "BatchWrite", "Pin"]

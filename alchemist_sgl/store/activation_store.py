@@ -46,7 +46,7 @@ from alchemist_sgl.core.records import Coverage, RequestExtend, complement, merg
 from alchemist_sgl.store import readout
 from alchemist_sgl.store.index import Page, PageIndex
 from alchemist_sgl.store.pool import SlotPool
-from alchemist_sgl.store.writes import BatchWrite, OpenPage, Writer
+from alchemist_sgl.store.open_pages import BatchWrite, OpenPage, Writer
 
 _PerPool = dict[int, tuple[SlotPool, list[int], list[int], list[int]]]  # id(pool) -> (pool, src, slots, rows)
 

@@ -17,7 +17,7 @@ import torch
 
 from alchemist_sgl.config import load_config
 from alchemist_sgl.feedback.completion_log import SqliteCompletionLog
-from alchemist_sgl.feedback.store import FeedbackStore
+from alchemist_sgl.feedback.ratings import FeedbackStore
 from alchemist_sgl.runtime import build_loop
 from alchemist_sgl.train import load_fused_weights
 from tests.support.hfref import model_dir

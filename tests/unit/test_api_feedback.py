@@ -1,4 +1,4 @@
-"""The feedback routes over the real feedback store (feedback/store.py, on a SQLite file in
+"""The feedback routes over the real feedback store (feedback/ratings.py, on a SQLite file in
 tmp_path) and an in-memory fake of the completion log's states (no sglang).
 
 The store is the production one, so what the routes answer about last wins, a repeated

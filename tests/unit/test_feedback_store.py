@@ -1,4 +1,4 @@
-"""feedback/store.py and rows.py: durable, idempotent, last-wins feedback on real SQLite files.
+"""feedback/ratings.py and rows.py: durable, idempotent, last-wins feedback on real SQLite files.
 
 Two store objects on one file stand for the HTTP and scheduler processes.
 """

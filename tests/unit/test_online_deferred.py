@@ -1,4 +1,4 @@
-"""Deferred feedback (online/loop.py, Note [Rounds]; feedback/store.py, Note [exactly once]) is
+"""Deferred feedback (online/loop.py, Note [Rounds]; feedback/ratings.py, Note [exactly once]) is
 trained exactly once, also when the process dies while the row is deferred.
 
 Real parts only: the loop over the tiny Llama (``build_loop``), the ``FeedbackPoller`` over a real
@@ -22,7 +22,7 @@ import torch
 
 from alchemist_sgl.feedback.completion_log import SqliteCompletionLog
 from alchemist_sgl.feedback.rows import FeedbackInput
-from alchemist_sgl.feedback.store import FeedbackStore
+from alchemist_sgl.feedback.ratings import FeedbackStore
 from alchemist_sgl.feedback.completion_entry import CompletionEntry
 from alchemist_sgl.online.feedback_poll import FeedbackPoller
 from tests.support.loop_rig import BIG_MS, Rig, tokenize

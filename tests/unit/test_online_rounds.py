@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from alchemist_sgl.feedback.completion_log import SqliteCompletionLog
-from alchemist_sgl.feedback.store import FeedbackStore
+from alchemist_sgl.feedback.ratings import FeedbackStore
 from alchemist_sgl.online.intake import PendingSample
 from alchemist_sgl.train import ReplayTrainer, Sample
 from tests.support.loop_rig import BIG_MS, SAMPLES, Rig, same
