@@ -53,6 +53,13 @@ def _run_experiment(name: str, out: Path) -> dict:
     return data
 
 
+def _state_under_out(out: Path) -> None:
+    """The experiment's one server kept its state in its own folder under the output folder."""
+    state = out / "state" / "server-0"
+    assert (state / "checkpoints" / "versions.json").is_file(), sorted(p.name for p in out.rglob("*"))
+    assert (state / "feedback.sqlite").is_file()
+
+
 def _positive(x: object) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
@@ -74,8 +81,7 @@ def test_online_smoke_run_trains_in_both_training_arms(tmp_path: Path) -> None:
     assert _positive(data["live_ratio"]) and data["live_ratios"]
     assert all(_positive(r) for r in data["live_ratios"])
     assert 0.0 <= data["lag0_share_samples"] <= 1.0
-    # The experiment's server kept its state under the output folder (never var/).
-    assert (tmp_path / "online-checkpoints").is_dir() and (tmp_path / "online-feedback.sqlite").is_file()
+    _state_under_out(tmp_path)
 
 
 def test_spike_smoke_run_measures_both_arms(tmp_path: Path) -> None:
@@ -87,4 +93,4 @@ def test_spike_smoke_run_measures_both_arms(tmp_path: Path) -> None:
     assert data["train_steps_during_run"] > 0, "nothing trained in the with-training block"
     assert data["train_steps_while_serving_only"] == 0
     assert sorted(row["arm"] for row in data["per_block"].values()) == ["serving_only", "with_training"]
-    assert (tmp_path / "spike-checkpoints").is_dir() and (tmp_path / "spike-feedback.sqlite").is_file()
+    _state_under_out(tmp_path)

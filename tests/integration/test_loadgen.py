@@ -182,6 +182,10 @@ def test_ctx_server_starts_and_stops_its_own_server(tmp_path: Path) -> None:
         assert httpx.get(f"{url}/v1/models", timeout=10).json()["data"]
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in group)
     (entry,) = ctx.servers
-    assert entry["ready_s"] > 0 and entry["overrides"] == ["sglang.max-total-tokens=4096"]
+    state = (tmp_path / "state" / "server-0").resolve()
+    assert entry["ready_s"] > 0 and entry["overrides"] == [
+        "sglang.max-total-tokens=4096", f"train.checkpoint_dir={state / 'checkpoints'}",
+        f"feedback.db_path={state / 'feedback.sqlite'}"]
     assert entry["resolved_config"]["sglang"]["max-total-tokens"] == 4096
+    assert entry["resolved_config"]["train"]["checkpoint_dir"] == str(state / "checkpoints")
     assert Path(entry["log"]).exists()
