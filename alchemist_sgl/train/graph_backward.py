@@ -199,9 +199,8 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
         dob = do[:, :, i0:i1].reshape(kvh, grp * b, d)
         kb, vb = kh[:, :i1], vh[:, :i1]
         s = torch.matmul(qb, kb.transpose(1, 2)).float().view(kvh, grp, b, i1) * scale
-        p = torch.exp(s - lse_h[:, :, i0:i1, None].float())
-        rows = torch.arange(i0, i1, device=q.device)[:, None]
-        p = p.masked_fill(torch.arange(i1, device=q.device)[None, :] > rows, 0.0)
+        p = torch.exp(s - lse_h[:, :, i0:i1, None].float())  # future keys: the diagonal block
+        p[..., i0:].masked_fill_(torch.ones(b, b, dtype=torch.bool, device=q.device).triu(1), 0.0)
         dp = torch.matmul(dob, vb.transpose(1, 2)).float().view(kvh, grp, b, i1)
         ds = (p * (dp - delta[:, :, i0:i1, None])).view(kvh, grp * b, i1).to(q.dtype)
         pc = p.view(kvh, grp * b, i1).to(q.dtype)
@@ -212,6 +211,7 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
     return dq_rows, dk.to(q.dtype).permute(1, 0, 2), dv.to(q.dtype).permute(1, 0, 2)
 
 
+@torch.no_grad()
 def layer_backward(rec: GraphRecording, lw: LayerWeights, lora: GraphLora | None,
                    cos: torch.Tensor, sin: torch.Tensor, grad_hidden: torch.Tensor,
                    grad_residual: torch.Tensor, *, dk_extra: torch.Tensor | None = None,
