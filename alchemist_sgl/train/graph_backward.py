@@ -26,11 +26,21 @@ backward is self-contained, but the response rows' loss also reaches the prompt'
 That part comes from the response rows' normal autograd path (their queries against the
 prompt's recorded k/v as leaves) and enters here as ``dk_extra`` / ``dv_extra`` [P, KV, d],
 gradients w.r.t. k after RoPE and v of the prompt positions, added before the RoPE and qkv
-backwards. LoRA gradients of the two parts add up to the whole sample's.
+backwards. LoRA gradients of the two parts add up to the whole sample's. The response rows'
+forward reads of the prompt only its k (after RoPE) and v per layer, both recorded here. The
+last prompt row is the label row of the first response token (forward.py's ``head_logprobs``
+reads rows [P - 1, P + R - 1)), so its final hidden state is needed: the caller treats
+[0, P - 1) as the recorded rows and runs row P - 1 with the response rows.
+
+Size: per token and layer 2H + 2 q_size + 2 kv_size + 2F elements in the compute dtype and
+2 + heads fp32 statistics (``GraphRecording.bytes_per_token``); for SmolLM2 5760 elements,
+1.11x the four projections' outputs (5184), and it replaces them for the recorded rows.
+(The name: replay_rows.py's ``LayerRecording`` is the projections' recorded rows.)
 
 Exactness: in fp32 the result equals autograd through layer.py to rounding (tests). In bf16
-every product runs in the compute dtype and the norms in fp32, as the forward does; not yet
-measured against recompute's own error. LoRA dropout cannot be replayed (its masks are not
+every product runs in the compute dtype, P, the norms and the dK/dV sums in fp32; s1 and s2 are
+the rounded sums (the forward normalised the unrounded fp32 ones), so x1 and x2 are rebuilt to
+within that rounding; not yet measured against recompute's own error. LoRA dropout cannot be replayed (its masks are not
 recorded): ``GraphLora`` has no dropout and the caller must not use graph replay with one.
 """
 
