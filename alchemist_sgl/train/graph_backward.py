@@ -40,8 +40,9 @@ Size: per token and layer 2H + 2 q_size + 2 kv_size + 2F elements in the compute
 Exactness: in fp32 the result equals autograd through layer.py to rounding (tests). In bf16
 every product runs in the compute dtype, P, the norms and the dK/dV sums in fp32; s1 and s2 are
 the rounded sums (the forward normalised the unrounded fp32 ones), so x1 and x2 are rebuilt to
-within that rounding; on one tiny layer the error is within 2x bf16 autograd's own (test). LoRA dropout cannot be replayed (its masks are not
-recorded): ``GraphLora`` has no dropout and the caller must not use graph replay with one.
+within that rounding; on one tiny layer the error is within 2x bf16 autograd's own (test).
+LoRA dropout cannot be replayed (its masks are not recorded): ``GraphLora`` has no dropout and
+the caller must not use graph replay with one.
 """
 
 from __future__ import annotations
