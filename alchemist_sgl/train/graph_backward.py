@@ -188,7 +188,7 @@ def _linear_backward(k: int, x: torch.Tensor, dparts: list[torch.Tensor], weight
 
 def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                        lse: torch.Tensor, d_out: torch.Tensor, scale: float,
-                       block_rows: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       block_rows: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Causal GQA attention backward over n rows from q [n, H, d], k/v [n, KV, d], out and d_out
     [n, H*d], lse [n, H] (Note [Graph backward]); head h reads kv head h // (H/KV), as SDPA's
     ``enable_gqa``. P is rebuilt per block of ``block_rows`` query rows. Returns dq, dk, dv."""
@@ -226,7 +226,7 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
 def layer_backward(rec: GraphRecording, lw: LayerWeights, lora: GraphLora | None,
                    cos: torch.Tensor, sin: torch.Tensor, grad_hidden: torch.Tensor,
                    grad_residual: torch.Tensor, *, dk_extra: torch.Tensor | None = None,
-                   dv_extra: torch.Tensor | None = None, block_rows: int = 256) -> LayerGrads:
+                   dv_extra: torch.Tensor | None = None, block_rows: int = 64) -> LayerGrads:
     """The layer's backward over the recorded rows [n] (Note [Graph backward]). ``cos``/``sin``:
     ops.py's ``RopeCache.get`` for the rows' positions; ``grad_hidden`` / ``grad_residual``
     [n, H]: the gradient at the layer's two outputs; ``dk_extra`` / ``dv_extra`` [n, KV, d]: the
