@@ -52,6 +52,20 @@ def check_keys(obj: Mapping[str, object], allowed: tuple[str, ...], path: str) -
             raise FieldError(join_path(path, str(key)), f"unknown field (expected one of {', '.join(allowed)})")
 
 
+def list_body(body: object, key: str, noun: str, cap: int, unit: str) -> list[object]:
+    """The list under ``key`` of a ``{key: [...]}`` body: a JSON object with no other field and 1 to
+    ``cap`` items. Raises FieldError naming ``body`` or ``key``."""
+    if not isinstance(body, dict):
+        raise FieldError("body", "must be a JSON object")
+    check_keys(body, (key,), "")
+    items = body.get(key)
+    if not isinstance(items, list) or not items:
+        raise FieldError(key, f"must be a non-empty list of {noun}")
+    if len(items) > cap:
+        raise FieldError(key, f"at most {cap} {unit}, got {len(items)}")
+    return items
+
+
 def bounded_int(raw: str | None, field: str, default: int, low: int, high: int | None = None) -> int:
     """A query-string integer in [low, high] (no upper bound when high is None); default if absent."""
     if raw is None:
@@ -90,14 +104,7 @@ def join_path(path: str, key: str) -> str:
 def normalize_samples(body: object) -> list[dict[str, object]]:
     """Validates a ``{"samples": [...]}`` body; returns each sample with all of ``SAMPLE_KEYS``
     (absent -> None, ``score`` as a float). Raises FieldError naming the first bad field."""
-    if not isinstance(body, dict):
-        raise FieldError("body", "must be a JSON object")
-    check_keys(body, ("samples",), "")
-    samples = body.get("samples")
-    if not isinstance(samples, list) or not samples:
-        raise FieldError("samples", "must be a non-empty list of sample objects")
-    if len(samples) > MAX_SAMPLES_PER_REQUEST:
-        raise FieldError("samples", f"at most {MAX_SAMPLES_PER_REQUEST} samples per request, got {len(samples)}")
+    samples = list_body(body, "samples", "sample objects", MAX_SAMPLES_PER_REQUEST, "samples per request")
     return [normalize_sample(sample, f"samples[{i}]") for i, sample in enumerate(samples)]
 
 
@@ -221,14 +228,7 @@ def normalize_batch(body: object) -> list[FeedbackInput]:
     """A ``{"feedback": [...]}`` body of 1 to ``MAX_FEEDBACK_PER_BATCH`` feedback objects, each
     normalized as ``normalize_feedback`` (errors name ``feedback[i].<field>``). Every item is checked
     before any is returned, so a bad item refuses the whole batch."""
-    if not isinstance(body, dict):
-        raise FieldError("body", "must be a JSON object")
-    check_keys(body, ("feedback",), "")
-    items = body.get("feedback")
-    if not isinstance(items, list) or not items:
-        raise FieldError("feedback", "must be a non-empty list of feedback objects")
-    if len(items) > MAX_FEEDBACK_PER_BATCH:
-        raise FieldError("feedback", f"at most {MAX_FEEDBACK_PER_BATCH} items per batch, got {len(items)}")
+    items = list_body(body, "feedback", "feedback objects", MAX_FEEDBACK_PER_BATCH, "items per batch")
     return [normalize_feedback(item, f"feedback[{i}]") for i, item in enumerate(items)]
 
 
