@@ -356,7 +356,7 @@ def measure(ctx: Any, url: str, p: dict[str, Any], post: Callable | None = None,
 
 
 def run(ctx: Any) -> dict[str, Any]:
-    p = dict(SMOKE if getattr(ctx, "smoke", False) else QUICK if ctx.quick else FULL,
+    p = dict(SMOKE if ctx.smoke else QUICK if ctx.quick else FULL,
              workload=getattr(ctx, "workload_name", "chitchat"),
              feedback_delay_s=float(getattr(ctx, "feedback_delay_s", 0.0)),
              rate_rps=getattr(ctx, "rate_rps", None))

@@ -310,6 +310,6 @@ def measure(ctx: Any, url: str, p: dict[str, Any], post: Callable | None = None)
 
 
 def run(ctx: Any) -> dict[str, Any]:
-    p = dict(SMOKE if getattr(ctx, "smoke", False) else QUICK if ctx.quick else FULL)
+    p = dict(SMOKE if ctx.smoke else QUICK if ctx.quick else FULL)
     with ctx.server(overrides=["memory.enabled=true"]) as url:  # its state: under ctx.out_dir
         return measure(ctx, url, p)

@@ -218,7 +218,7 @@ class FakeServer:
 
 
 class FakeCtx:
-    seed, quick, url = 0, True, None
+    seed, quick, smoke, url = 0, True, False, None
     workload_name, feedback_delay_s = "chitchat", 0.0
     PHASES, PER_PHASE = 3, 4
 

@@ -258,6 +258,7 @@ class FakeServer:
 class FakeCtx:
     seed = 0
     quick = True
+    smoke = False
     url = None
 
     def __init__(self, server: FakeServer) -> None:
