@@ -38,6 +38,7 @@ from alchemist_sgl.online.feedback_poll import FeedbackPoller
 from alchemist_sgl.online.gate import load_heldout
 from alchemist_sgl.online.intake import SampleQueue
 from alchemist_sgl.online.loop import OnlineLoop
+from alchemist_sgl.online.loop_status import publish_status, train_status
 from alchemist_sgl.online.loop_types import RecordingSource, ServingHost
 from alchemist_sgl.online.publish import MasterWeights, Publisher
 from alchemist_sgl.online.versions import VersionRegistry
@@ -157,8 +158,7 @@ def build_runtime(config: Config, info: SchedulerInfo, state: RuntimeState, *,
         loop = training.loop
         handlers.update(commands.handlers(loop, training.admission, var_dir=var_dir,
                                           is_debug=is_debug))
-        sections.update(train=lambda: loop.status()["train"],
-                        publish=lambda: loop.status()["publish"],
+        sections.update(train=lambda: train_status(loop), publish=lambda: publish_status(loop),
                         versions=lambda: loop.registry.status(cap=20))
         if config.memory.is_enabled:
             arbiter = MemoryArbiter(config.memory, busy_slice_ms=config.train.slice_budget_ms,

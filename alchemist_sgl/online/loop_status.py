@@ -36,26 +36,35 @@ class LoopView(Protocol):
 
 
 def loop_status(loop: LoopView) -> dict[str, dict[str, Any]]:
-    """The ``train`` and ``publish`` blocks of ``/alchemist/status`` (docs/api.md); ``steps``
-    and ``nonfinite_skipped`` are the trainer's counters (train/stats.py)."""
-    c, t = loop.counters, loop.trainer.status()
-    train = {**t, "samples_pending": len(loop.queue),
-             "paused": loop.is_paused, "state": "paused" if loop.is_paused else loop.state,
-             "units_run": c.units_run, "slices": c.slices,
-             "units_over_budget": c.units_over_budget, "max_unit_ms": c.max_unit_ms,
-             "max_unit_ms_by_kind": dict(c.max_unit_ms_by_kind),
-             "max_slice_ms": c.max_slice_ms,
-             "last_step_ms": c.last_step_ms, "last_loss": c.last_loss,
-             "last_step_tokens": c.last_step_tokens, "last_grad_norm": c.last_grad_norm,
-             "learning_rate": loop.trainer.optimizer.param_groups[0]["lr"],
-             "writes_pending": loop.writer.pending, "write_failures": loop.writer.failures,
-             **_round_status(loop)}
-    publish = {"publishes": c.publishes, "rejected": c.rejected,
-               "last_publish_ms": c.last_publish_ms, "last_stall_ms": c.last_stall_ms,
-               "master_bytes": loop.master.bytes, "recent": list(c.recent_publishes),
-               "radix_hit_rate_since_publish": (c.window_cached_tokens / c.window_prompt_tokens
-                                                if c.window_prompt_tokens else None)}
-    return {"train": train, "publish": publish}
+    """The ``train`` and ``publish`` blocks of ``/alchemist/status`` (docs/api.md)."""
+    return {"train": train_status(loop), "publish": publish_status(loop)}
+
+
+def train_status(loop: LoopView) -> dict[str, Any]:
+    """The ``train`` block; ``steps`` and ``nonfinite_skipped`` are the trainer's counters
+    (train/stats.py)."""
+    c = loop.counters
+    return {**loop.trainer.status(), "samples_pending": len(loop.queue),
+            "paused": loop.is_paused, "state": "paused" if loop.is_paused else loop.state,
+            "units_run": c.units_run, "slices": c.slices,
+            "units_over_budget": c.units_over_budget, "max_unit_ms": c.max_unit_ms,
+            "max_unit_ms_by_kind": dict(c.max_unit_ms_by_kind),
+            "max_slice_ms": c.max_slice_ms,
+            "last_step_ms": c.last_step_ms, "last_loss": c.last_loss,
+            "last_step_tokens": c.last_step_tokens, "last_grad_norm": c.last_grad_norm,
+            "learning_rate": loop.trainer.optimizer.param_groups[0]["lr"],
+            "writes_pending": loop.writer.pending, "write_failures": loop.writer.failures,
+            **_round_status(loop)}
+
+
+def publish_status(loop: LoopView) -> dict[str, Any]:
+    """The ``publish`` block."""
+    c = loop.counters
+    return {"publishes": c.publishes, "rejected": c.rejected,
+            "last_publish_ms": c.last_publish_ms, "last_stall_ms": c.last_stall_ms,
+            "master_bytes": loop.master.bytes, "recent": list(c.recent_publishes),
+            "radix_hit_rate_since_publish": (c.window_cached_tokens / c.window_prompt_tokens
+                                             if c.window_prompt_tokens else None)}
 
 
 def _round_status(loop: LoopView) -> dict[str, Any]:
