@@ -6,7 +6,8 @@ The test runs from a fake user checkout (``cwd``): the configs' relative state p
 resolve there, as ``make run`` resolves them in the repository. The user's folder already holds
 state under every default path of ``configs/cpu-smollm2.yaml`` (``make run``'s config) and
 ``configs/cpu-tiny.yaml`` (the config of the server started here). One tiny server, eager, about a
-minute on 2 cores.
+minute on 2 cores. The same run checks the context's bookkeeping: the server entry (overrides,
+resolved config, log) and that leaving the context stops the server's whole process group.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 from alchemist_sgl.config import load_config
 from eval.context import RunContext
@@ -73,6 +75,8 @@ def test_an_eval_server_leaves_the_users_state_untouched(tmp_path: Path, monkeyp
         [str(REPO), *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]]))
     ctx = RunContext("state-check", TINY, None, None, out, quick=True, progress=False)
     with ctx.server(overrides=["train.checkpoint_every_s=0"]) as url:  # a checkpoint every round
+        pid = ctx._pids[url]
+        group = [pid] + [c.pid for c in psutil.Process(pid).children(recursive=True)]
         reply = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
             "model": "tiny", "messages": [{"role": "user", "content": "Tell me about the sea."}],
             "max_tokens": 8, "temperature": 0}).json()
@@ -83,10 +87,17 @@ def test_an_eval_server_leaves_the_users_state_untouched(tmp_path: Path, monkeyp
                         and s["publish"]["publishes"] + s["publish"]["rejected"] >= 1
                         and s["train"]["state"] == "idle" and s["train"]["writes_pending"] == 0)
 
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                   for p in group), "the context stopped its server's whole process group"
     assert _snapshot(user / "var") == before, "the user's var/ changed"
     assert all(p.exists() for p in made)
     state = (out / "state" / "server-0").resolve()
-    assert ctx.servers[0]["state_dir"] == str(state)
+    (entry,) = ctx.servers
+    assert entry["state_dir"] == str(state) and entry["ready_s"] > 0 and Path(entry["log"]).exists()
+    assert entry["overrides"] == ["train.checkpoint_every_s=0", f"train.checkpoint_dir={state / 'checkpoints'}",
+                                  f"feedback.db_path={state / 'feedback.sqlite'}"]
+    assert entry["resolved_config"]["train"]["checkpoint_every_s"] == 0
+    assert entry["resolved_config"]["train"]["checkpoint_dir"] == str(state / "checkpoints")
     ckpts = state / "checkpoints"
     assert (ckpts / "versions.json").is_file() and list(ckpts.glob("ckpt-*.pt")), sorted(ckpts.rglob("*"))
     if end["publish"]["publishes"] >= 1:

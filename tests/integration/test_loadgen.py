@@ -12,12 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import httpx
-import psutil
 import pytest
 
 from eval.cli import write_result
-from eval.context import RunContext
 from eval.loadgen.ab import Arm, run_ab
 from eval.loadgen.arrivals import ArrivalSpec
 from eval.loadgen.feedback import FeedbackPolicy, RewardRule
@@ -171,21 +168,3 @@ def test_cli_serving_quick_and_report(tiny_server, tmp_path: Path) -> None:
     assert rep.returncode == 0, rep.stderr[-3000:]
     for name in ("serving-latency-cdf.png", "serving-timeline.png"):
         assert (tmp_path / "plots" / name).read_bytes()[:4] == b"\x89PNG"
-
-
-@pytest.mark.slow
-def test_ctx_server_starts_and_stops_its_own_server(tmp_path: Path) -> None:
-    ctx = RunContext("t", REPO / "configs/cpu-tiny.yaml", None, None, tmp_path, quick=True, progress=False)
-    with ctx.server(overrides=("sglang.max-total-tokens=4096",)) as url:
-        pid = ctx._pids[url]
-        group = [pid] + [c.pid for c in psutil.Process(pid).children(recursive=True)]
-        assert httpx.get(f"{url}/v1/models", timeout=10).json()["data"]
-    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in group)
-    (entry,) = ctx.servers
-    state = (tmp_path / "state" / "server-0").resolve()
-    assert entry["ready_s"] > 0 and entry["overrides"] == [
-        "sglang.max-total-tokens=4096", f"train.checkpoint_dir={state / 'checkpoints'}",
-        f"feedback.db_path={state / 'feedback.sqlite'}"]
-    assert entry["resolved_config"]["sglang"]["max-total-tokens"] == 4096
-    assert entry["resolved_config"]["train"]["checkpoint_dir"] == str(state / "checkpoints")
-    assert Path(entry["log"]).exists()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 import uuid
@@ -98,32 +99,41 @@ def _graceful_stop(server: RunningServer) -> None:
 
 
 def test_restart_continues_the_same_run_and_kill9_loses_only_unsaved_steps() -> None:
+    """Three servers. The first trains three steps uninterrupted; its checkpoint folder is copied
+    after two (idle, nothing being written: what a stop leaves, as every round is checkpointed);
+    then it is killed -9. The second restarts after the kill -9; the third restarts from the copy
+    and must train the third step exactly as the uninterrupted run did."""
     base = ("train.replay=false", "train.checkpoint_every_s=0")  # a checkpoint after every round
-    with dedicated_server(TINY, (*base, f"train.checkpoint_dir={_folder()}")) as server:
-        losses = [train_and_wait(server, [_sample(i)], publishes=1)["train"]["last_loss"] for i in range(3)]
-    folder = _folder()
-    server = start_server(TINY, (*base, f"train.checkpoint_dir={folder}"))
-    try:
+    folder, copy = _folder(), _folder()
+    with dedicated_server(TINY, (*base, f"train.checkpoint_dir={folder}")) as first:
         for i in range(2):
-            train_and_wait(server, [_sample(i)], publishes=1)
-        at_k = _weights(server, "k.pt")
-        serving_k = status(server)["weight_version"]
+            train_and_wait(first, [_sample(i)], publishes=1)
+        at_k = _weights(first, "k.pt")
+        serving_k = status(first)["weight_version"]
+        shutil.copytree(folder, copy)
+        uninterrupted = train_and_wait(first, [_sample(2)], publishes=1)["train"]["last_loss"]
+        at_3 = _weights(first, "k3.pt")
+        seen = {v["name"] for v in status(first)["versions"]}
+        os.killpg(os.getpgid(first.proc.pid), signal.SIGKILL)
+        first.proc.wait(timeout=30)
+    second = start_server(TINY, (*base, f"train.checkpoint_dir={folder}"))
+    try:
+        s = status(second)
+        assert s["train"]["steps"] == 3, "the checkpoint after step 3 survived kill -9"
+        assert s["weight_version"] == at_3["serving"]
+        restored = _weights(second, "k3-again.pt")
+        for key, tensor in at_3["live"].items():
+            assert torch.equal(restored["live"][key], tensor), f"served weights differ at {key}"
+        new = train_and_wait(second, [_sample(3)], publishes=1)["weight_version"]
+        assert new not in seen and int(new[1:]) > max(int(n[1:]) for n in seen), "ids never repeat"
     finally:
-        _graceful_stop(server)
-    with dedicated_server(TINY, (*base, f"train.checkpoint_dir={folder}")) as again:
+        _graceful_stop(second)
+    assert second.proc.returncode is not None, "SIGTERM stopped the server"
+    with dedicated_server(TINY, (*base, f"train.checkpoint_dir={copy}")) as again:
         s = status(again)
         assert s["weight_version"] == serving_k and s["train"]["steps"] == 2
         restored = _weights(again, "k2.pt")
         for key, tensor in at_k["live"].items():
             assert torch.equal(restored["live"][key], tensor), f"served weights differ at {key}"
         loss3 = train_and_wait(again, [_sample(2)], publishes=1)["train"]["last_loss"]
-        assert abs(loss3 - losses[2]) <= 1e-6 * abs(losses[2]), (loss3, losses[2])
-        seen = {v["name"] for v in status(again)["versions"]}
-        os.killpg(os.getpgid(again.proc.pid), signal.SIGKILL)
-        again.proc.wait(timeout=30)
-    with dedicated_server(TINY, (*base, f"train.checkpoint_dir={folder}")) as third:
-        s = status(third)
-        assert s["train"]["steps"] == 3, "the checkpoint after step 3 survived kill -9"
-        s = train_and_wait(third, [_sample(3)], publishes=1)
-        new = s["weight_version"]
-        assert new not in seen and int(new[1:]) > max(int(n[1:]) for n in seen), "ids never repeat"
+        assert abs(loss3 - uninterrupted) <= 1e-6 * abs(uninterrupted), (loss3, uninterrupted)
