@@ -85,6 +85,24 @@ class GraphRecording:
     gate: torch.Tensor
     up: torch.Tensor
 
+    def check(self, spec: LlamaSpec, dtype: torch.dtype) -> int:
+        """The number of rows; ValueError unless every tensor has that many rows, the shape
+        ``spec`` gives it and the compute ``dtype`` (statistics: fp32): a caller bug."""
+        rows = self.s1.shape[0]
+        for name, dim, is_fp32 in _FIELDS:
+            t: torch.Tensor = getattr(self, name)
+            n = 1 if dim == "1" else int(getattr(spec, dim))
+            want_dtype = torch.float32 if is_fp32 else dtype
+            is_bad_dim = t.dim() != (3 if name in ("q", "k", "v") else 2)
+            if is_bad_dim or t.shape[0] != rows or t.shape[1:].numel() != n or t.dtype != want_dtype:
+                raise ValueError(f"graph recording '{name}' is {tuple(t.shape)} {t.dtype}; "
+                                 f"expected {rows} rows of {n} elements, {want_dtype}")
+        return rows
+
+    def first_rows(self, n: int) -> "GraphRecording":
+        """The recording of rows [0, n) (views): exact, as causal rows never see later ones."""
+        return GraphRecording(**{name: getattr(self, name)[:n] for name, _, _ in _FIELDS})
+
     @staticmethod
     def bytes_per_token(spec: LlamaSpec, element_size: int) -> int:
         """Bytes one token's recording holds in one layer (times ``spec.layers`` for the model);
