@@ -124,12 +124,13 @@ def response_rows(s: LayerShape, lw: LayerWeights, hidden: torch.Tensor,
         layer_mod.causal_attention = orig
 
 
-def record_prompt(weights: BaseWeights, adapter: LoraAdapter, prompt_ids: torch.Tensor,
+def record_prompt(weights: BaseWeights, adapter: LoraAdapter | None, prompt_ids: torch.Tensor,
                   rope: RopeCache, *, rows: int | None = None, version: int = 0,
                   published: FrozenLora | None = None, is_lag0: bool = False) -> PromptGraph:
     """A ``PromptGraph`` of the first ``rows`` rows of ``prompt_ids`` [P] (default all P, as a
     prefill records them), layer by layer through ``record_layer`` with ``adapter`` (and
-    ``published``: layer.py's ``layer_shape``): what the trainer's own forward computes."""
+    ``published``: layer.py's ``layer_shape``): what the trainer's own forward computes; with
+    ``adapter=None`` the base tensors as they are (a merged server's prefill)."""
     n = prompt_ids.numel() if rows is None else rows
     hidden = F.embedding(prompt_ids[:n].to(weights.device), weights.embed)
     residual = None

@@ -28,7 +28,7 @@ from tests.support.graph_record import record_prompt  # noqa: E402
 from tests.support.hfref import (adapter_grads, covered_sample, hf_grads, hf_record,  # noqa: E402
                                  ids_of, max_rel_err, tiny)
 from tests.support.layer_calls import layer_calls  # noqa: E402
-from tests.support.units import make_trainer, run_to_optimizer  # noqa: E402
+from tests.support.units import make_trainer, published_weights, run_to_optimizer  # noqa: E402
 
 _ = tiny  # the module fixture (fp32 tiny weights, an adapter with B != 0, HF + PEFT over them)
 TOL_FP32 = 1e-4
@@ -198,3 +198,60 @@ def test_graph_step_with_saved_tensor_offload(tiny):
     _, loss1, grads1 = _step(trainer, samples)
     assert loss1 == loss0 and off.account.moved_to_host_bytes > 0
     assert all(torch.equal(grads1[k], g) for k, g in grads0.items())
+
+
+def test_lag0_merged_graph_equals_hf(tiny):
+    """Merge mode at lag 0 (forward.py, Note [Published adapter]): the base tensors are W_pub =
+    cast(W0 + s*B@A) of the trained adapter, the graph recording is the merged model's own
+    (W_pub x, no LoRA term, as a merged server's prefill computes it), the backward takes the
+    lag-0 form; loss and grads equal HF + PEFT over W0 with the adapter."""
+    weights, adapter, peft = tiny
+    frozen = adapter.snapshot()
+    w_pub = published_weights(weights, frozen)
+    trainer = make_trainer(w_pub, adapter, frozen, loss_chunk_rows=4)
+    assert trainer.is_published_current
+    prompt, response = ids_of(110, 25), ids_of(111, 8)
+    graph = record_prompt(w_pub, None, prompt, trainer.rope)
+    samples = [Sample(prompt, response, graph=graph), Sample(ids_of(112, 14), ids_of(113, 5))]
+    run, loss, grads = _step(trainer, samples)
+    assert run.plans[0].graph is not None
+    _check_hf(peft, samples, loss, grads)
+
+
+@pytest.mark.parametrize("objective", ["unlikelihood", "kto"])
+def test_negative_objectives_equal_old_path(tiny, objective):
+    """Negative samples (objectives.py) with graph replay equal the same samples on today's path
+    (itself checked against HF + PEFT in test_train_units.py), KTO without reference log-probs
+    included (its no-grad reference pass takes today's path)."""
+    weights, adapter, _ = tiny
+
+    def trainer_():
+        trainer = make_trainer(weights, adapter, loss_chunk_rows=3, objective_negative=objective)
+        trainer._kl_ema = 0.3  # a non-zero KL estimate enters KTO's loss
+        return trainer
+
+    trainer = trainer_()
+    shapes = [(20, 11, "negative"), (15, 9, "positive")]
+    plain = [Sample(ids_of(120 + j, p), ids_of(130 + j, r), kind=kind, weight=2.0 - j)
+             for j, (p, r, kind) in enumerate(shapes)]
+    graphed = [Sample(s.prompt_ids, s.response_ids, kind=s.kind, weight=s.weight,
+                      graph=record_prompt(weights, trainer.adapter, s.prompt_ids, trainer.rope))
+               for s in plain]
+    _, loss0, grads0 = _step(trainer, plain)
+    run, loss1, grads1 = _step(trainer_(), graphed)
+    assert all(p.graph is not None for p in run.plans)
+    assert abs(loss1 - loss0) <= 2e-5 * abs(loss0)
+    assert max_rel_err(grads1, grads0) <= 2e-5
+
+
+def test_whole_sample_path_ignores_the_graph(tiny):
+    """``ReplayTrainer.accumulate`` (the whole-sample forward) computes a graph sample's prompt as
+    today (graph replay is wired into the work units only) and still equals HF + PEFT."""
+    weights, adapter, peft = tiny
+    trainer = make_trainer(weights, adapter)
+    samples = [_graph_sample(trainer, ids_of(140, 18), ids_of(141, 6))]
+    trainer.adapter.zero_grad(set_to_none=True)
+    with layer_calls() as calls:
+        loss, counts, _ = trainer.accumulate(samples)
+    assert calls["eager"] == weights.spec.layers and counts.replayed_tokens == 17
+    _check_hf(peft, samples, loss, adapter_grads(trainer.adapter))
