@@ -1,7 +1,7 @@
 """A decoder layer's backward for recorded prompt rows, written out from recorded tensors.
 
-Owns ``GraphRecording`` (what the forward must keep per layer for the graph record plan, issue 17
-Deliver 2), ``GraphLora`` (one layer's LoRA tensors as the backward reads them), ``LayerGrads`` and
+Owns ``GraphRecording`` (what the forward must keep per layer for graph replay; graph_layer.py
+wires it into the step), ``GraphLora`` (one layer's LoRA tensors as the backward reads them), ``LayerGrads`` and
 ``layer_backward``: the gradient at the layer input and every LoRA A/B gradient from the recording,
 the frozen base weights and the gradient at the layer's two outputs. Imports only torch and lower
 train/ modules (ops, spec, weights); never layer.py, which may call it.
