@@ -193,12 +193,14 @@ def decoder_layer(weights: BaseWeights, layer: int, lora: _LayerLora, planned: P
     return hid, res
 
 
-def gather_rows(planned: PlannedSample, tensors: Streams, lo: int, hi: int) -> torch.Tensor:
-    """Rows [lo, hi) of the model input (absolute positions) out of per-segment tensors."""
+def gather_rows(planned: PlannedSample, tensors: Streams, lo: int, hi: int,
+                row0: int = 0) -> torch.Tensor:
+    """Rows [lo, hi) of the model input (absolute positions) out of per-segment tensors, or of
+    one tensor whose first row is row ``row0`` (graph replay's live rows: graph_layer.py)."""
     if len(tensors) == 1:  # one tensor over the whole input (joint layout or one segment)
         only = tensors[0]
         assert only is not None  # streams hold tensors after layer 0
-        return only[lo:hi]
+        return only[lo - row0:hi - row0]
     rows = []
     for seg, t in zip(planned.segments, tensors):
         a, b = max(seg.start, lo), min(seg.end, hi)
@@ -209,11 +211,13 @@ def gather_rows(planned: PlannedSample, tensors: Streams, lo: int, hi: int) -> t
 
 
 def head_logprobs(weights: BaseWeights, planned: PlannedSample, hidden: Streams, residual: Streams,
-                  lo: int, hi: int) -> torch.Tensor:
+                  lo: int, hi: int, row0: int = 0) -> torch.Tensor:
     """Final add+RMSNorm, LM head and log-probs [hi - lo] (fp32) of the tokens at positions
-    [lo + 1, hi + 1) from the rows [lo, hi); the response is rows [P - 1, P + R - 1)."""
+    [lo + 1, hi + 1) from the rows [lo, hi); the response is rows [P - 1, P + R - 1).
+    ``row0``: ``gather_rows``'s (one stream tensor starting at that row)."""
     ids = planned.input_ids.to(weights.device)
-    x, _ = add_rmsnorm(gather_rows(planned, hidden, lo, hi), gather_rows(planned, residual, lo, hi),
+    x, _ = add_rmsnorm(gather_rows(planned, hidden, lo, hi, row0),
+                       gather_rows(planned, residual, lo, hi, row0),
                        weights.final_norm, weights.spec.rms_norm_eps)
     logits = F.linear(x, weights.lm_head).float()
     return -F.cross_entropy(logits, ids[lo + 1:hi + 1], reduction="none")

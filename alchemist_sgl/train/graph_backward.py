@@ -1,7 +1,7 @@
 """A decoder layer's backward for recorded prompt rows, written out from recorded tensors.
 
-Owns ``GraphRecording`` (what the forward must keep per layer for the graph record plan, issue 17
-Deliver 2), ``GraphLora`` (one layer's LoRA tensors as the backward reads them), ``LayerGrads`` and
+Owns ``GraphRecording`` (what the forward must keep per layer for graph replay; graph_layer.py
+wires it into the step), ``GraphLora`` (one layer's LoRA tensors as the backward reads them), ``LayerGrads`` and
 ``layer_backward``: the gradient at the layer input and every LoRA A/B gradient from the recording,
 the frozen base weights and the gradient at the layer's two outputs. Imports only torch and lower
 train/ modules (ops, spec, weights); never layer.py, which may call it.
@@ -84,6 +84,24 @@ class GraphRecording:
     rstd2: torch.Tensor
     gate: torch.Tensor
     up: torch.Tensor
+
+    def check(self, spec: LlamaSpec, dtype: torch.dtype) -> int:
+        """The number of rows; ValueError unless every tensor has that many rows, the shape
+        ``spec`` gives it and the compute ``dtype`` (statistics: fp32): a caller bug."""
+        rows = self.s1.shape[0]
+        for name, dim, is_fp32 in _FIELDS:
+            t: torch.Tensor = getattr(self, name)
+            n = 1 if dim == "1" else int(getattr(spec, dim))
+            want_dtype = torch.float32 if is_fp32 else dtype
+            is_bad_dim = t.dim() != (3 if name in ("q", "k", "v") else 2)
+            if is_bad_dim or t.shape[0] != rows or t.shape[1:].numel() != n or t.dtype != want_dtype:
+                raise ValueError(f"graph recording '{name}' is {tuple(t.shape)} {t.dtype}; "
+                                 f"expected {rows} rows of {n} elements, {want_dtype}")
+        return rows
+
+    def first_rows(self, n: int) -> "GraphRecording":
+        """The recording of rows [0, n) (views): exact, as causal rows never see later ones."""
+        return GraphRecording(**{name: getattr(self, name)[:n] for name, _, _ in _FIELDS})
 
     @staticmethod
     def bytes_per_token(spec: LlamaSpec, element_size: int) -> int:

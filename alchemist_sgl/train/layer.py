@@ -48,7 +48,7 @@ from alchemist_sgl.train.ops import (AutogradCtx, RopeCache, add_rmsnorm, apply_
 from alchemist_sgl.train.replay_rows import LayerRecording, layer_recordings
 from alchemist_sgl.train.samples import PlannedSample
 from alchemist_sgl.train.spec import PROJECTIONS
-from alchemist_sgl.train.weights import BaseWeights
+from alchemist_sgl.train.weights import BaseWeights, LayerWeights
 
 Parts = tuple[tuple[int, ...], ...]  # per projection: the indices of its trained parts
 Tensors = tuple[tuple[torch.Tensor, ...], ...]  # per projection: one tensor per trained part
@@ -165,8 +165,11 @@ def _lora_add(s: LayerShape, k: int, x: torch.Tensor, parts: list[torch.Tensor],
 def _core(s: LayerShape, hidden: torch.Tensor, residual: torch.Tensor | None, ln1: torch.Tensor,
           ln2: torch.Tensor, w_qkv: torch.Tensor, w_o: torch.Tensor, w_gu: torch.Tensor,
           w_down: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-          recs: tuple[LayerRecording, ...], lt: LayerLoraTensors) -> tuple[torch.Tensor, torch.Tensor]:
-    """The layer's math (Note [Joint layer]); ``residual`` None at layer 0."""
+          recs: tuple[LayerRecording, ...], lt: LayerLoraTensors,
+          prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's math (Note [Joint layer]); ``residual`` None at layer 0. ``prefix_kv``: k
+    (after RoPE) and v [m, KV, d] of m earlier rows the queries also see (graph_layer.py: the
+    prompt's recorded rows); cos/sin are then those of the rows' own positions [m, m + n)."""
     total = hidden.shape[0]
     if residual is None:
         residual = hidden
@@ -177,8 +180,13 @@ def _core(s: LayerShape, hidden: torch.Tensor, residual: torch.Tensor | None, ln
     q, k, v = _lora_add(s, 0, x, list(torch.split(qkv, [s.q_size, s.kv_size, s.kv_size], -1)), lt)
     q = apply_rope(q.view(total, s.heads, s.head_dim), cos, sin)
     k = apply_rope(k.view(total, s.kv_heads, s.head_dim), cos, sin)
-    attn = causal_attention(q, k, v.reshape(total, s.kv_heads, s.head_dim), s.head_dim ** -0.5,
-                            is_gqa=s.is_gqa)
+    v = v.reshape(total, s.kv_heads, s.head_dim)
+    if prefix_kv is None:
+        attn = causal_attention(q, k, v, s.head_dim ** -0.5, is_gqa=s.is_gqa)
+    else:
+        kp, vp = prefix_kv
+        attn = causal_attention(q, torch.cat([kp, k]), torch.cat([vp, v]), s.head_dim ** -0.5,
+                                key_offset=kp.shape[0], is_gqa=s.is_gqa)
     (o,) = _lora_add(s, 1, attn, [_project(attn, w_o, recs[1])], lt)
     x, residual = add_rmsnorm(o, residual, ln2, s.eps)
     gate_up = _project(x, w_gu, recs[2])
@@ -199,17 +207,21 @@ def _core_for(s: LayerShape, is_compiled: bool) -> Callable[..., tuple[torch.Ten
     return torch.compile(fn, dynamic=True)
 
 
-def joint_layer(weights: BaseWeights, layer: int, adapter: LoraAdapter | None,
-                published: FrozenLora | None, is_lag0: bool, is_training: bool,
-                planned: PlannedSample, rope: RopeCache, hidden: torch.Tensor,
-                residual: torch.Tensor | None, *,
-                is_compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer, joint layout (Note [Joint layer]): (hidden, residual) [T, H] in and out; at
-    layer 0 ``hidden`` is the embedding and ``residual`` None. ``adapter``: the trained
-    ``LoraAdapter`` or None (the base tensors as they are); ``published``/``is_lag0``: forward.py,
-    Note [Published adapter]. ``is_compiled``: Note [Compiled layer] (falls back to eager where
-    it does not apply)."""
-    spec, lw = weights.spec, weights.layers[layer]
+def rows_after(s: LayerShape, lw: LayerWeights, hidden: torch.Tensor,
+               residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+               lt: LayerLoraTensors,
+               prefix_kv: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer (eager, nothing replayed) over rows whose queries also see ``prefix_kv``'s
+    earlier rows (``_core``; graph_layer.py, Note [Graph replay])."""
+    return _core(s, hidden, residual, lw.input_layernorm, lw.post_attention_layernorm, lw.qkv,
+                 lw.o, lw.gate_up, lw.down, cos, sin, (None, None, None, None), lt, prefix_kv)
+
+
+def layer_shape(weights: BaseWeights, layer: int, adapter: LoraAdapter | None,
+                published: FrozenLora | None, is_lag0: bool,
+                is_training: bool) -> tuple[LayerShape, LayerLoraTensors]:
+    """One layer's ``LayerShape`` and LoRA tensors (arguments as ``joint_layer``'s)."""
+    spec = weights.spec
     parts, lt = lora_tensors(adapter, published, layer, is_lag0 and published is not None)
     has_lora = adapter is not None
     s = LayerShape(spec.rms_norm_eps, spec.heads, spec.kv_heads, spec.head_dim, spec.q_size,
@@ -223,6 +235,21 @@ def joint_layer(weights: BaseWeights, layer: int, adapter: LoraAdapter | None,
     if adapter is not None and published is not None and not is_lag0 and (
             published.rank, published.targets) != (adapter.rank, adapter.targets):
         raise ValueError("the published adapter must have the trained adapter's rank and targets")
+    return s, lt
+
+
+def joint_layer(weights: BaseWeights, layer: int, adapter: LoraAdapter | None,
+                published: FrozenLora | None, is_lag0: bool, is_training: bool,
+                planned: PlannedSample, rope: RopeCache, hidden: torch.Tensor,
+                residual: torch.Tensor | None, *,
+                is_compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer, joint layout (Note [Joint layer]): (hidden, residual) [T, H] in and out; at
+    layer 0 ``hidden`` is the embedding and ``residual`` None. ``adapter``: the trained
+    ``LoraAdapter`` or None (the base tensors as they are); ``published``/``is_lag0``: forward.py,
+    Note [Published adapter]. ``is_compiled``: Note [Compiled layer] (falls back to eager where
+    it does not apply)."""
+    lw = weights.layers[layer]
+    s, lt = layer_shape(weights, layer, adapter, published, is_lag0, is_training)
     can_compile = is_compiled and residual is not None and s.dropout == 0.0
     recs, is_prefix_only = layer_recordings(planned, layer, weights.device, can_compile)
     use_compiled = can_compile and is_prefix_only

@@ -21,6 +21,9 @@ Data format the runtime must produce (one ``Sample`` per trained completion):
     ``train.objective_negative`` objective); ``weight`` > 0 scales the sample's loss (e.g. |score|);
     ``ref_logprobs``: optional [len(response)] reference log-probs for the KTO objective
     (objectives.py, Note [Reference log-probs]).
+  * ``graph``: optional ``PromptGraph``, one ``GraphRecording`` (graph_backward.py) per decoder
+    layer over the prompt's first rows (all P, or fewer), for graph replay (graph_layer.py, Note
+    [Graph replay]); the planner passes it on as ``PlannedSample.graph`` when it may be used.
 
 Note [Staleness]: a recording is exact only if the weights that produced it equal the weights the
 trainer computes now, adapter included: a non-zero adapter change moves every layer's input after
@@ -41,6 +44,7 @@ from typing import Literal, Mapping, Protocol, Sequence
 
 import torch
 
+from alchemist_sgl.train.graph_backward import GraphRecording
 from alchemist_sgl.train.spec import PROJECTIONS, LlamaSpec
 
 
@@ -73,6 +77,15 @@ class PromptSegment:
 
 
 @dataclass(frozen=True)
+class PromptGraph:
+    """Graph recordings of a prompt's first rows (module docstring), served at ``version`` (Note
+    [Staleness]): ``layers[l]`` is decoder layer l's, in the training dtype."""
+
+    version: int
+    layers: tuple[GraphRecording, ...]
+
+
+@dataclass(frozen=True)
 class Sample:
     prompt_ids: Sequence[int] | torch.Tensor
     response_ids: Sequence[int] | torch.Tensor
@@ -80,6 +93,7 @@ class Sample:
     kind: Literal["positive", "negative"] = "positive"
     weight: float = 1.0
     ref_logprobs: torch.Tensor | None = None  # [len(response_ids)] fp32, KTO only
+    graph: PromptGraph | None = None
 
 
 @dataclass(frozen=True)
@@ -95,7 +109,7 @@ class PlannedSegment:
 
 @dataclass
 class PlanCounts:
-    replayed_tokens: int = 0       # prompt tokens with at least one replayed projection
+    replayed_tokens: int = 0       # prompt tokens with a replayed projection, or graph-replayed
     recomputed_tokens: int = 0     # prompt tokens computed normally (uncovered, stale, replay off)
     stale_recomputes: int = 0      # recorded segments refused as too stale
     reuse_by_lag: dict[int, int] = field(default_factory=dict)  # lag -> replayed tokens
@@ -115,6 +129,9 @@ class PlannedSample:
     segments: tuple[PlannedSegment, ...]
     sample: Sample
     counts: PlanCounts
+    # Per layer, the recorded prompt rows [0, P - 1) when graph replay runs (Note [Graph replay]
+    # in graph_layer.py); None: the segments above say how the prompt is computed.
+    graph: tuple[GraphRecording, ...] | None = None
 
 
 def _ids(x: Sequence[int] | torch.Tensor) -> torch.Tensor:
@@ -123,8 +140,16 @@ def _ids(x: Sequence[int] | torch.Tensor) -> torch.Tensor:
 
 def plan_sample(sample: Sample, spec: LlamaSpec, *, version: int, max_version_lag: int,
                 is_replay_enabled: bool, dtype: torch.dtype,
-                is_response_separate: bool = False) -> PlannedSample:
+                is_response_separate: bool = False,
+                is_graph_enabled: bool = False) -> PlannedSample:
     """Validates the sample and chooses replay or recompute per segment.
+
+    ``sample.graph`` is used (``PlannedSample.graph``: its rows [0, P - 1); the counts then say
+    P - 1 replayed tokens and one recomputed) when ``is_graph_enabled`` (the caller's: exact
+    gradients, no LoRA dropout) and replay are on, it covers at least the rows [0, P - 1) with
+    P >= 2 (a prefill records all P prompt rows; row P - 1 is recomputed) and its lag is within
+    ``max_version_lag``; else (fewer rows: partial coverage) the segments decide as if it were
+    absent (a stale one counted in ``stale_recomputes``).
 
     Adjacent recomputed ranges are merged (the response included) unless ``is_response_separate``
     (response-only gradients need a segment boundary at P - 1: ``_split_grad_rows``).
@@ -173,7 +198,30 @@ def plan_sample(sample: Sample, spec: LlamaSpec, *, version: int, max_version_la
         _split_grad_rows(planned, p, r)
     else:
         _append_computed(planned, p, p + r)
-    return PlannedSample(torch.cat([prompt, response]), p, tuple(planned), sample, counts)
+    graph = None
+    if sample.graph is not None:
+        rows = _check_graph(sample.graph, spec, dtype, version)
+        if rows > p:
+            raise ValueError(f"a graph recording of {rows} rows for a {p}-token prompt")
+        lag = version - sample.graph.version
+        if lag > max_version_lag:
+            counts.stale_recomputes += 1
+        elif is_graph_enabled and is_replay_enabled and 2 <= p <= rows + 1:
+            graph = tuple(rec.first_rows(p - 1) for rec in sample.graph.layers)
+            counts = PlanCounts(p - 1, 1, 0, {lag: p - 1})
+    return PlannedSample(torch.cat([prompt, response]), p, tuple(planned), sample, counts, graph)
+
+
+def _check_graph(g: PromptGraph, spec: LlamaSpec, dtype: torch.dtype, version: int) -> int:
+    """The rows every layer's recording has; ValueError for a malformed or future one."""
+    if len(g.layers) != spec.layers:
+        raise ValueError(f"a graph recording has {len(g.layers)} layers; the model {spec.layers}")
+    if g.version > version:
+        raise ValueError(f"graph recording version {g.version} is newer than the trainer's {version}")
+    rows = {rec.check(spec, dtype) for rec in g.layers}
+    if len(rows) != 1:
+        raise ValueError(f"graph recording layers have different row counts {sorted(rows)}")
+    return rows.pop()
 
 
 def _split_grad_rows(planned: list[PlannedSegment], p: int, r: int) -> None:

@@ -111,11 +111,15 @@ class ReplayTrainer:
                                           and frozen.equals(self.adapter))
 
     def plan(self, sample: Sample, *, is_replay_enabled: bool | None = None) -> PlannedSample:
+        """``sample`` planned (samples.py); its graph recording is used only with exact gradients
+        and no LoRA dropout (graph_layer.py, Note [Graph replay])."""
         replay = self.config.replay if is_replay_enabled is None else is_replay_enabled
+        is_exact = self.config.gradient_mode == "exact"
         return plan_sample(sample, self.weights.spec, version=self.version,
                            max_version_lag=self.config.max_version_lag,
                            is_replay_enabled=replay, dtype=self.weights.dtype,
-                           is_response_separate=self.config.gradient_mode == "response_only")
+                           is_response_separate=not is_exact,
+                           is_graph_enabled=is_exact and self.adapter.dropout == 0.0)
 
     def logprobs(self, planned: PlannedSample, *, is_adapter_enabled: bool = True) -> torch.Tensor:
         """Response log-probs [R] of W0 + adapter (or, with the adapter disabled, of the base

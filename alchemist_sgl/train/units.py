@@ -6,10 +6,10 @@ Owns ``StepRun`` (``ReplayTrainer.begin_step``), ``ScoreRun`` (``ReplayTrainer.b
 trainer is a ``UnitTrainer`` (context.py), never imported.
 
 Note [Work units]: a step over samples s = 0..n-1 (a micro-batch is one sample) runs, per sample,
-  * one ``forward`` unit per decoder layer (``run_layer``: layer.py's ``joint_layer`` over all
-    rows at once, or forward.py's ``decoder_layer`` per segment), keeping that layer's graph. Layer l > 0 starts from detached, grad-requiring copies
-    of BOTH streams layer l - 1 produced (hidden and residual: SGLang's Llama carries the residual
-    separately); layer 0 starts from the embedding;
+  * one ``forward`` unit per decoder layer (graph_layer.py's ``layer_streams``), keeping that
+    layer's graph. Layer l > 0 starts from detached, grad-requiring copies of BOTH streams layer
+    l - 1 produced (hidden and residual: SGLang's Llama carries the residual separately; a graph
+    sample's also the recorded rows' stand-in, Note [Graph replay]); layer 0 from the embedding;
   * ``head`` units over chunks of at most ``config.loss_chunk_rows`` loss rows: final add+RMSNorm,
     LM head and the chunk's share of the loss (objectives.py, Note [Chunked loss]), back-propagated
     at once into the last layer's detached outputs, whose ``.grad`` accumulates over chunks (KTO
@@ -37,6 +37,7 @@ import torch
 
 from alchemist_sgl.train.context import TrainSettings, UnitTrainer
 from alchemist_sgl.train.forward import Streams, head_logprobs
+from alchemist_sgl.train.graph_layer import first_streams, head_streams, layer_streams
 from alchemist_sgl.train.layer import embed_streams, run_layer
 from alchemist_sgl.train.lora import LoraAdapter
 from alchemist_sgl.train.objectives import kto_loss_and_coefficient, token_loss_sum
@@ -219,22 +220,22 @@ def sample_units(t: UnitTrainer, off: SavedTensorOffload | None, index: int,
         out: list[torch.Tensor] = []
         yield from nograd_logprob_units(t, planned, index, None, out)
         ref = torch.cat(out)
-    # Forward units: each layer from detached copies of both streams.
-    hidden, residual = embed_streams(t.layer_context(), planned)
-    graphs: list[tuple[Streams, Streams, Streams, Streams] | None] = []
+    # Forward units: each layer from detached copies of its inputs.
+    streams = first_streams(t.layer_context(), planned)
+    graphs: list[tuple[Streams, Streams] | None] = []
     for layer in range(spec.layers):
         if layer > 0:
-            hidden, residual = _leaves(hidden), _leaves(residual)
+            streams = _leaves(streams)
         with _saving(off, (index, layer)):
-            h_out, r_out = run_layer(t.layer_context(), layer, t.adapter, planned, hidden,
-                                     residual)
+            outs = layer_streams(t.layer_context(), layer, t.adapter, planned, streams)
         if off is not None:  # forward order: layer 0 goes to host first
-            off.keep((index, layer), [*hidden, *residual, *h_out, *r_out])
+            off.keep((index, layer), [*streams, *outs])
             off.offload((index, layer))
-        graphs.append((hidden, residual, h_out, r_out))
-        hidden, residual = h_out, r_out
+        graphs.append((streams, outs))
+        streams = outs
         yield "forward", index, layer
-    top_h, top_r = _leaves(hidden), _leaves(residual)
+    top = _leaves(streams)
+    top_h, top_r, row0 = head_streams(planned, top)
     chunks = loss_chunks(planned, t.loss_chunk_rows)
     n_resp = planned.input_ids.numel() - planned.prompt_len
     coef = None
@@ -243,14 +244,14 @@ def sample_units(t: UnitTrainer, off: SavedTensorOffload | None, index: int,
         logps = []
         for lo, hi in chunks:
             with torch.no_grad():
-                logps.append(head_logprobs(w, planned, top_h, top_r, lo, hi))
+                logps.append(head_logprobs(w, planned, top_h, top_r, lo, hi, row0))
             yield "head", index, None
         ratio = (torch.cat(logps) - ref.to(logps[0])).sum()
         kto, coef = kto_loss_and_coefficient(ratio, t.kl_ema)
         losses.append(kto * scale)
         ratios.append(ratio)
     for lo, hi in chunks:
-        logp = head_logprobs(w, planned, top_h, top_r, lo, hi)
+        logp = head_logprobs(w, planned, top_h, top_r, lo, hi, row0)
         if coef is None:
             loss = token_loss_sum(s.kind, t.config.objective_negative, logp) * (scale / n_resp)
             losses.append(loss.detach())
@@ -259,23 +260,24 @@ def sample_units(t: UnitTrainer, off: SavedTensorOffload | None, index: int,
         loss.backward()  # type: ignore[no-untyped-call]  # torch: Tensor.backward is unannotated
         yield "head", index, None
     # Backward units, top down; each frees its layer's graph.
-    grads_h, grads_r = _grads(top_h), _grads(top_r)
+    grads = _grads(top)
     for layer in reversed(range(spec.layers)):
         if off is not None:  # backward order, prefetching one layer ahead
             off.prefetch((index, layer))
             off.prefetch((index, layer - 1))
         graph = graphs[layer]
         assert graph is not None  # each layer's backward runs once
-        ins_h, ins_r, outs_h, outs_r = graph
-        pairs = [(o, g) for o, g in zip(outs_h + outs_r, grads_h + grads_r)
+        ins, outs = graph
+        pairs = [(o, g) for o, g in zip(outs, grads)
                  if g is not None and o is not None and o.requires_grad]
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        grads_h, grads_r = _grads(ins_h), _grads(ins_r)
+        grads = _grads(ins)
         graphs[layer] = None
         if off is not None:
             off.release((index, layer))
         yield "backward", index, layer
+
 
 def _saving(off: SavedTensorOffload | None, key: Key) -> ContextManager[None]:
     return contextlib.nullcontext() if off is None else off.saving(key)
@@ -294,6 +296,5 @@ def check_unit_support(config: TrainSettings, layout: str) -> None:
     """Work units cover both layouts in exact mode; raises ValueError otherwise."""
     if layout not in ("joint", "segments") or config.gradient_mode != "exact":
         raise ValueError(f"work units need train.gradient_mode='exact' (got {layout!r}, "
-                         f"{config.gradient_mode!r}); use ReplayTrainer.accumulate "
-                         f"or step for the whole-sample path")
+                         f"{config.gradient_mode!r}); use ReplayTrainer.accumulate or step")
 

@@ -5,7 +5,9 @@ keeps what ``GraphRecording`` lists by wrapping the ops layer.py calls (its modu
 ``rmsnorm`` / ``add_rmsnorm`` / ``apply_rope`` / ``causal_attention`` / ``_lora_add``) for the
 duration of the call; the log-sum-exp is computed from the q and k it saw. ``response_rows`` runs
 the same ``_core`` over later rows whose queries attend to a recording's k/v as leaves (Note
-[Prompt and response rows] in graph_backward.py). Production code keeps no test hook.
+[Prompt and response rows] in graph_backward.py); ``record_prompt`` records a whole prompt's
+rows [0, P - 1), layer by layer, for a sample's ``PromptGraph``. Production code keeps no test
+hook.
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ import contextlib
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 
 from alchemist_sgl.train import layer as layer_mod
 from alchemist_sgl.train.graph_backward import GraphLora, GraphRecording
-from alchemist_sgl.train.layer import LayerLoraTensors, LayerShape
-from alchemist_sgl.train.ops import causal_attention
-from alchemist_sgl.train.weights import LayerWeights
+from alchemist_sgl.train.layer import LayerLoraTensors, LayerShape, layer_shape
+from alchemist_sgl.train.lora import FrozenLora, LoraAdapter
+from alchemist_sgl.train.ops import RopeCache, causal_attention
+from alchemist_sgl.train.samples import PromptGraph
+from alchemist_sgl.train.weights import BaseWeights, LayerWeights
 
 NO_RECS = (None, None, None, None)
 
@@ -117,6 +122,26 @@ def response_rows(s: LayerShape, lw: LayerWeights, hidden: torch.Tensor,
                                cos, sin, NO_RECS, lt)
     finally:
         layer_mod.causal_attention = orig
+
+
+def record_prompt(weights: BaseWeights, adapter: LoraAdapter | None, prompt_ids: torch.Tensor,
+                  rope: RopeCache, *, rows: int | None = None, version: int = 0,
+                  published: FrozenLora | None = None, is_lag0: bool = False) -> PromptGraph:
+    """A ``PromptGraph`` of the first ``rows`` rows of ``prompt_ids`` [P] (default all P, as a
+    prefill records them), layer by layer through ``record_layer`` with ``adapter`` (and
+    ``published``: layer.py's ``layer_shape``): what the trainer's own forward computes; with
+    ``adapter=None`` the base tensors as they are (a merged server's prefill)."""
+    n = prompt_ids.numel() if rows is None else rows
+    hidden = F.embedding(prompt_ids[:n].to(weights.device), weights.embed)
+    residual = None
+    cos, sin = rope.get(0, n)
+    recs = []
+    for layer in range(weights.spec.layers):
+        s, lt = layer_shape(weights, layer, adapter, published, is_lag0, False)
+        rec, (hidden, residual) = record_layer(s, weights.layers[layer], hidden, residual, cos,
+                                               sin, lt)
+        recs.append(rec)
+    return PromptGraph(version, tuple(recs))
 
 
 def graph_lora(s: LayerShape, lt: LayerLoraTensors) -> GraphLora | None:

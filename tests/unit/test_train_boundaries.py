@@ -43,7 +43,7 @@ def test_gpu_check_smoke_on_cpu(capsys):
 
 @pytest.mark.parametrize("module", ["forward", "joint", "lora", "objectives", "ops", "samples", "spec", "units", "rounds", "optimizer_unit", "stats",
                                     "trainer", "weights", "layer", "warmup", "context",
-                                    "replay_rows", "graph_backward"])
+                                    "replay_rows", "graph_backward", "graph_layer"])
 def test_train_modules_state_their_contract(module):
     import importlib
     mod = importlib.import_module(f"alchemist_sgl.train.{module}")

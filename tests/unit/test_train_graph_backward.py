@@ -258,7 +258,7 @@ def test_bytes_per_token_smollm2():
 
 def test_bf16_within_twice_autograds_own_error(tiny_weights):
     """bf16 (recording, weights and products; LoRA master tensors fp32): the graph backward's
-    error against the fp32 autograd reference is at most 2x bf16 autograd's own (the issue's
+    error against the fp32 autograd reference is at most 2x bf16 autograd's own (the
     bf16 bar, here for one layer, prompt rows + response rows)."""
     spec, lw32 = tiny_weights.spec, tiny_weights.layers[2]
     lw16 = LayerWeights(**{k: v.to(torch.bfloat16) for k, v in lw32.__dict__.items()})
