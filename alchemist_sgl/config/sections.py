@@ -25,11 +25,11 @@ _BYTES = at_least(0)
 
 def _is_plan(plan: str | tuple[str, ...]) -> bool:
     names = (plan,) if isinstance(plan, str) else plan
-    return plan == "full" or (bool(names) and len(set(names)) == len(names)
+    return plan in ("full", "graph") or (bool(names) and len(set(names)) == len(names)
                               and all(n in RECORD_TENSORS for n in names))
 
 
-_PLAN = Rule(_is_plan, f"must be 'full', one of {list(RECORD_TENSORS)} or a list of distinct names "
+_PLAN = Rule(_is_plan, f"must be 'full', 'graph', one of {list(RECORD_TENSORS)} or a list of distinct names "
                        "from it", is_value_shown=True)
 _BUDGET = Rule(lambda b: b is None or b == "full" or (isinstance(b, int) and b >= 0),
                "must be a byte count >= 0 or 'full'", is_value_shown=True)
@@ -38,7 +38,8 @@ _BUDGET = Rule(lambda b: b is None or b == "full" or (isinstance(b, int) and b >
 @dataclass(frozen=True)
 class RecordConfig(Section):
     is_enabled: bool = key(True)
-    # "full" (default), one name or a list of RECORD_TENSORS; see core/plan.py for why full.
+    # "full" (default), "graph" (full + attention output and lse, core/plan.py Note [Graph plan]),
+    # one name or a list of RECORD_TENSORS; see core/plan.py for why full.
     plan: str | tuple[str, ...] = key("full", _PLAN)
     # Greedy by bytes/token instead; null: ``plan``.
     budget_bytes_per_token: int | str | None = key(None, _BUDGET)

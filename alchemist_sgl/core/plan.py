@@ -18,13 +18,26 @@ fewer bytes first, then the layer order qkv, o, gate_up, down) while they fit; o
 fit is skipped and cheaper ones are still tried. For SmolLM2 down_proj is the best buy: 25% of
 projection FLOPs for 11% of the bytes. ``record.plan`` names the tensors directly instead.
 
+Note [Graph plan]: ``record.plan: graph`` records the four projections plus, per layer, the
+attention output ``attn`` (the input of o_proj, heads * head_dim wide, model dtype) and the
+per-head natural log-sum-exp of the scaled causal scores ``lse`` (heads wide, fp32 even in a
+bf16 model). With the embedding these are everything graph replay needs (train/graph_rows.py
+rebuilds the other ``GraphRecording`` fields with the forward's own ops): the trainer then runs
+no forward op for the recorded prompt rows. The store keeps one [layers, page_tokens, width]
+block per tensor in the model dtype; ``lse`` is stored bit-cast (its fp32 bytes reinterpreted,
+so exact), ``widths["lse"]`` = heads * 4 / dtype_bytes storage elements. A demoted graph page
+keeps ``down`` (``keep_on_demotion``, as for ``full``).
+
 Note [What replay never saves]: ``prompt_forward_flops_avoided`` divides the replayed projections'
 FLOPs over a prompt token by the FLOPs of the whole forward of that token: all four projections,
 attention (QK^T and AV at the given context length, averaged over the prompt's positions) and the
-elementwise ops (norms, RoPE, SiLU*mul, residual adds; a few FLOPs per hidden element). Replay never
-removes attention, norms and elementwise ops (recomputed from the replayed outputs), the LoRA branch
-(trained, so always computed) or any of the backward over prompt rows. The LM head is not counted:
-training computes logits only for response rows.
+elementwise ops (norms, RoPE, SiLU*mul, residual adds; a few FLOPs per hidden element). Projection
+replay never removes attention, norms and elementwise ops (recomputed from the replayed outputs).
+The graph plan (Note [Graph plan]) removes the whole forward of a recorded prompt row: 1.0 (the
+rebuild of the norm statistics and RoPE from the recording is elementwise and not counted; the
+prompt's last row, the first response token's label row, is still computed). No plan removes the
+LoRA branch's backward-side products (trained, so always computed) or any of the backward over
+prompt rows. The LM head is not counted: training computes logits only for response rows.
 """
 
 from __future__ import annotations
@@ -35,6 +48,10 @@ from typing import Any, Callable, Mapping, Sequence
 from alchemist_sgl.errors import ConfigError
 
 TENSOR_ORDER = ("qkv", "o", "gate_up", "down")
+# The graph plan's tensors beyond the four projections (Note [Graph plan]); ``lse`` is fp32.
+GRAPH_EXTRAS = ("attn", "lse")
+GRAPH_TENSORS = TENSOR_ORDER + GRAPH_EXTRAS
+FP32_TENSORS = ("lse",)
 # Prompt length at which the status number is quoted (410-token prompts, docs/recording-and-replay.md).
 REFERENCE_CONTEXT_TOKENS = 410
 # Elementwise FLOPs per hidden element per layer (2 RMSNorms ~4 each, 2 residual adds); the MLP's
@@ -98,10 +115,13 @@ def projection_specs(shape: ModelShape) -> dict[str, ProjectionSpec]:
 class RecordPlan:
     """Which projection outputs are recorded, per layer, for every prefilled prompt token.
 
-    ``tensors``: chosen names in layer order (a subset of TENSOR_ORDER). ``widths``: d_out per
-    chosen tensor. The store keeps, per page, one [layers, page_tokens, width] block per tensor in
-    the model dtype, so ``bytes_per_token`` = layers * sum(widths) * dtype_bytes exactly (a partial
-    tail page still occupies a whole page slot; ``slot_bytes`` is the per-page figure).
+    ``tensors``: chosen names in layer order (a subset of TENSOR_ORDER, or GRAPH_TENSORS for the
+    graph plan). ``widths``: storage elements (model dtype) per token per layer of each chosen
+    tensor: d_out for a projection, heads * head_dim for ``attn``, the bit-cast fp32 ``lse``
+    heads * 4 / dtype_bytes (Note [Graph plan]). The store keeps, per page, one
+    [layers, page_tokens, width] block per tensor in the model dtype, so ``bytes_per_token`` =
+    layers * sum(widths) * dtype_bytes exactly (lse at 4 bytes a head; a partial tail page still
+    occupies a whole page slot; ``slot_bytes`` is the per-page figure).
     """
 
     shape: ModelShape
@@ -113,16 +133,27 @@ class RecordPlan:
         return projection_specs(self.shape)
 
     @property
+    def is_graph(self) -> bool:
+        """The graph plan (Note [Graph plan])."""
+        return all(name in self.tensors for name in GRAPH_EXTRAS)
+
+    @property
+    def projections(self) -> tuple[str, ...]:
+        """The recorded projections (``tensors`` without the graph extras), layer order."""
+        return tuple(name for name in self.tensors if name in TENSOR_ORDER)
+
+    @property
     def widths(self) -> dict[str, int]:
-        specs = self.specs
-        return {name: specs[name].d_out for name in self.tensors}
+        specs, shape = self.specs, self.shape
+        extra = {"attn": shape.heads * shape.head_dim, "lse": shape.heads * 4 // shape.dtype_bytes}
+        return {name: specs[name].d_out if name in specs else extra[name] for name in self.tensors}
 
     @property
     def keep_on_demotion(self) -> str | None:
         """The tensor a demoted page keeps (the best FLOPs per byte); None for a one-tensor plan."""
         if len(self.tensors) < 2:
             return None
-        return ranked_by_flops_per_byte(self.shape, self.tensors)[0]
+        return ranked_by_flops_per_byte(self.shape, self.projections)[0]
 
     @property
     def elements_per_token(self) -> int:
@@ -138,13 +169,16 @@ class RecordPlan:
         return self.bytes_per_token * self.page_tokens
 
     def prompt_forward_flops_avoided(self, context_tokens: int = REFERENCE_CONTEXT_TOKENS) -> float:
-        """Replayed projection FLOPs / whole-forward FLOPs of a prompt token, in [0, 1).
+        """Replayed projection FLOPs / whole-forward FLOPs of a prompt token, in [0, 1); 1.0 for
+        the graph plan (no forward op of a recorded row runs).
 
         Attention is counted for a prompt of ``context_tokens`` tokens (mean causal span
         (context_tokens + 1) / 2). See Note [What replay never saves].
         """
         if context_tokens < 1:
             raise ValueError("context_tokens must be >= 1")
+        if self.is_graph:
+            return 1.0
         specs = self.specs
         saved = self.shape.layers * sum(specs[name].flops_per_token for name in self.tensors)
         return saved / forward_flops_per_token(self.shape, context_tokens)
@@ -174,18 +208,24 @@ def ranked_by_flops_per_byte(shape: ModelShape, names: Sequence[str]) -> list[st
 
 def choose_plan(shape: ModelShape, plan: int | str | Sequence[str] = "full", page_tokens: int = 16
                 ) -> RecordPlan:
-    """The recorded tensors: ``"full"`` (all four, the default), a tensor name or a list of names
+    """The recorded tensors: ``"full"`` (all four, the default), ``"graph"`` (the four and the
+    attention's output and log-sum-exp, Note [Graph plan]), a tensor name or a list of names
     (``record.plan``), or an int byte budget per token chosen greedily (``record.budget_bytes_per_token``).
 
     See Note [Greedy by FLOPs per byte]. Raises ConfigError naming the key for a bad value.
     """
     if plan == "full":
         return RecordPlan(shape, TENSOR_ORDER, page_tokens)
+    if plan == "graph":
+        if shape.heads * 4 % shape.dtype_bytes:
+            raise ConfigError("record.plan", f"graph needs a 2- or 4-byte model dtype, got "
+                              f"{shape.dtype_bytes} bytes")
+        return RecordPlan(shape, GRAPH_TENSORS, page_tokens)
     if isinstance(plan, int) and not isinstance(plan, bool):
         return _greedy(shape, plan, page_tokens)
     names = (plan,) if isinstance(plan, str) else tuple(plan) if isinstance(plan, (list, tuple)) else None
     if not names or any(n not in TENSOR_ORDER for n in names) or len(set(names)) != len(names):
-        raise ConfigError("record.plan", f"must be 'full', one of {list(TENSOR_ORDER)} or a list of "
+        raise ConfigError("record.plan", f"must be 'full', 'graph', one of {list(TENSOR_ORDER)} or a list of "
                           f"distinct names from it, got {plan!r}")
     return RecordPlan(shape, tuple(n for n in TENSOR_ORDER if n in names), page_tokens)
 

@@ -141,6 +141,9 @@ def install(scheduler: Any, config: Config, state: RuntimeState) -> RecordingHoo
         return None
     shape = ModelShape.from_hf_config(model.config, _DTYPE_BYTES[weight.dtype])
     plan = choose_plan(shape, config.record.plan_choice, config.store.page_tokens)
+    if plan.is_graph:
+        state.disable("record", "record.plan graph: the live capture of attn and lse is not built")
+        return None
     sglang_page = int(getattr(scheduler, "page_size", 1) or 1)
     if sglang_page % plan.page_tokens != 0:
         logger.warning("SGLang page size %d is not a multiple of store.page_tokens %d: radix hits "
@@ -154,13 +157,14 @@ def install(scheduler: Any, config: Config, state: RuntimeState) -> RecordingHoo
                       staging=True if os.environ.get(STAGING_ENV) == "1" else None,
                       fault_after_forwards=int(fault) if fault else None,
                       dump_dir=os.environ.get(DUMP_ENV) or None)
-    wrapped_lora = any(hasattr(_projection(layers[0], name), "base_layer") for name in plan.tensors)
+    wrapped_lora = any(hasattr(_projection(layers[0], name), "base_layer")
+                       for name in plan.projections)
     view = _BatchViewBuilder(capture, lambda: str(state.weight_version), wrapped_lora)
 
     handles = [inner.register_forward_pre_hook(view.pre_forward, with_kwargs=True),
                inner.register_forward_hook(view.post_forward)]
     for layer_index, layer in enumerate(layers):
-        for name in plan.tensors:
+        for name in plan.projections:
             handles.append(_projection(layer, name).register_forward_hook(
                 _output_hook(capture, name, layer_index)))
 

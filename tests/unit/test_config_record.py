@@ -30,6 +30,7 @@ def test_every_packaged_config_records_the_full_plan(path: Path | None) -> None:
     ("record.plan=[down, qkv]", ("qkv", "down")),
     ("record.budget_bytes_per_token=96", ("down",)),   # 3 layers x width 8 x 4 bytes
     ("record.budget_bytes_per_token=full", TENSOR_ORDER),
+    ("record.plan=graph", (*TENSOR_ORDER, "attn", "lse")),
 ])
 def test_restricted_plans_by_name_or_budget(override: str, tensors: tuple) -> None:
     record = load_config(None, [override]).record
@@ -39,6 +40,8 @@ def test_restricted_plans_by_name_or_budget(override: str, tensors: tuple) -> No
 @pytest.mark.parametrize("overrides, key", [
     (["record.plan=mlp"], "record.plan"),
     (["record.plan=[down, down]"], "record.plan"),
+    (["record.plan=[down, attn]"], "record.plan"),
+    (["record.plan=[graph]"], "record.plan"),
     (["record.plan=[]"], "record.plan"),
     (["record.plan=3"], "record.plan"),
     (["record.budget_bytes_per_token=lots"], "record.budget_bytes_per_token"),

@@ -98,3 +98,32 @@ def test_flops_avoided_fraction() -> None:
     assert status["tensors"] == ["qkv", "o", "gate_up", "down"]
     assert status["bytes_per_token"] == 311_040
     assert status["prompt_forward_flops_avoided"] == 0.9351  # the 410-token hand count, rounded
+
+
+def test_graph_plan_sizes_and_flops() -> None:
+    """graph = the four projections + attn (heads * head_dim, model dtype) + lse (heads, fp32,
+    stored bit-cast in the model dtype); bytes by hand for SmolLM2 in bf16 and fp32."""
+    bf16 = choose_plan(smollm2(2), "graph")
+    assert bf16.tensors == ("qkv", "o", "gate_up", "down", "attn", "lse")
+    assert bf16.is_graph and bf16.projections == ("qkv", "o", "gate_up", "down")
+    assert not choose_plan(smollm2(2), "full").is_graph
+    assert bf16.widths == {"qkv": 960, "o": 576, "gate_up": 3072, "down": 576, "attn": 576,
+                           "lse": 18}  # 9 fp32 heads = 36 bytes = 18 bf16 storage elements
+    # per layer: 5184 projection elements + 576 attn in bf16 (11,520 B) + 9 fp32 (36 B)
+    assert bf16.bytes_per_token == 30 * (5760 * 2 + 9 * 4) == 346_680
+    assert bf16.slot_bytes == 16 * 346_680
+    fp32 = choose_plan(smollm2(4), "graph")
+    assert fp32.widths["lse"] == 9
+    assert fp32.bytes_per_token == 30 * (5760 + 9) * 4
+    assert bf16.keep_on_demotion == "down"  # graph pages demote to down, like full ones
+    # Note [What replay never saves]: a graph-recorded prompt row runs no forward op.
+    assert bf16.prompt_forward_flops_avoided(410) == 1.0
+    assert bf16.prompt_forward_flops_avoided(4096) == 1.0
+    assert bf16.as_status() == {"tensors": ["qkv", "o", "gate_up", "down", "attn", "lse"],
+                                "bytes_per_token": 346_680, "prompt_forward_flops_avoided": 1.0}
+
+
+@pytest.mark.parametrize("bad", [["attn"], ["down", "lse"], "lse", "graph_"])
+def test_graph_extras_only_come_with_the_graph_plan(bad) -> None:
+    with pytest.raises(ConfigError):
+        choose_plan(smollm2(), bad)
