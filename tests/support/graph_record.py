@@ -73,6 +73,7 @@ def _wrapped(s: LayerShape, kept: dict[str, list[torch.Tensor]]) -> Iterator[Non
         out = orig["_lora_add"](shape, k, x, parts, lt)
         if k == 2:
             kept["gate_up"].extend(out)
+        kept["proj"].append(torch.cat(out, dim=-1))  # the output the next op reads
         return out
 
     new = {"rmsnorm": rmsnorm, "add_rmsnorm": add_rmsnorm, "apply_rope": apply_rope,
@@ -90,8 +91,14 @@ def record_layer(s: LayerShape, lw: LayerWeights, hidden: torch.Tensor,
                  residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
                  lt: LayerLoraTensors) -> tuple[GraphRecording, tuple[torch.Tensor, torch.Tensor]]:
     """(the recording, the layer's (hidden, residual) outputs) of one no-grad ``_core`` call."""
+    rec, out, _ = _record_layer(s, lw, hidden, residual, cos, sin, lt)
+    return rec, out
+
+
+def _record_layer(s, lw, hidden, residual, cos, sin, lt):
+    """``record_layer``'s results and the graph plan's rows of the call (name -> [n, width])."""
     kept: dict[str, list[torch.Tensor]] = {k: [] for k in ("sum", "rstd", "rope", "v", "attn",
-                                                           "lse", "gate_up")}
+                                                           "lse", "gate_up", "proj")}
     with torch.no_grad(), _wrapped(s, kept):
         out = layer_mod._core(s, hidden, residual, lw.input_layernorm, lw.post_attention_layernorm,
                               lw.qkv, lw.o, lw.gate_up, lw.down, cos, sin, NO_RECS, lt)
@@ -99,7 +106,8 @@ def record_layer(s: LayerShape, lw: LayerWeights, hidden: torch.Tensor,
                          k=kept["rope"][1], v=kept["v"][0], attn=kept["attn"][0],
                          lse=kept["lse"][0], s2=kept["sum"][1], rstd2=kept["rstd"][1],
                          gate=kept["gate_up"][0], up=kept["gate_up"][1])
-    return rec, out
+    rows = dict(zip(("qkv", "o", "gate_up", "down"), kept["proj"]))
+    return rec, out, {**rows, "attn": kept["attn"][0], "lse": kept["lse"][0]}
 
 
 def response_rows(s: LayerShape, lw: LayerWeights, hidden: torch.Tensor,
@@ -142,6 +150,28 @@ def record_prompt(weights: BaseWeights, adapter: LoraAdapter | None, prompt_ids:
                                                sin, lt)
         recs.append(rec)
     return PromptGraph(version, tuple(recs))
+
+
+def record_prompt_rows(weights: BaseWeights, adapter: LoraAdapter | None,
+                       prompt_ids: torch.Tensor, rope: RopeCache, *, rows: int | None = None,
+                       published: FrozenLora | None = None,
+                       is_lag0: bool = False) -> tuple[PromptGraph, dict[str, torch.Tensor]]:
+    """``record_prompt``'s ``PromptGraph`` (version 0) and, from the same forward, the rows the
+    ``graph`` record plan stores: name -> [layers, n, width] (the four projections' outputs as
+    the next op reads them, ``attn`` before o_proj, ``lse`` fp32 [layers, n, heads])."""
+    n = prompt_ids.numel() if rows is None else rows
+    hidden = F.embedding(prompt_ids[:n].to(weights.device), weights.embed)
+    residual = None
+    cos, sin = rope.get(0, n)
+    recs, per_layer = [], []
+    for layer in range(weights.spec.layers):
+        s, lt = layer_shape(weights, layer, adapter, published, is_lag0, False)
+        rec, (hidden, residual), got = _record_layer(s, weights.layers[layer], hidden, residual,
+                                                     cos, sin, lt)
+        recs.append(rec)
+        per_layer.append(got)
+    stacked = {name: torch.stack([got[name] for got in per_layer]) for name in per_layer[0]}
+    return PromptGraph(0, tuple(recs)), stacked
 
 
 def graph_lora(s: LayerShape, lt: LayerLoraTensors) -> GraphLora | None:
