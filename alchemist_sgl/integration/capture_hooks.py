@@ -17,6 +17,8 @@ What it touches (listed for the hook-point manifest in ``SGLANG_NAMES`` and
     consecutive in batch order (the CPU-side equivalent of ``extend_start_loc``).
   * Forward hooks on ``model.layers[i].self_attn.qkv_proj``, ``.self_attn.o_proj``,
     ``.mlp.gate_up_proj``, ``.mlp.down_proj``: output ``(tensor [rows, width], bias)``.
+  * For ``record.plan: graph`` also integration/graph_capture.py's names (Note [Graph capture]):
+    torch_native's module-global SDPA is swapped for a tap, and o_proj gets a forward pre-hook.
 
 Note [Which rows are recorded]: only extend forwards; within one, each request's rows for positions
 ``[prefix_len, prefix_len + extend_len)`` clipped to its prompt (decode rows of a MIXED batch sit at
@@ -53,6 +55,8 @@ from alchemist_sgl.core.prefix import Namespace
 from alchemist_sgl.record.capture import Capture
 from alchemist_sgl.core.plan import ModelShape, RecordPlan, choose_plan
 from alchemist_sgl.core.records import RequestExtend
+from alchemist_sgl.integration import graph_capture
+from alchemist_sgl.integration.graph_capture import graph_refusal, install_graph_hooks
 from alchemist_sgl.runtime import RuntimeState
 from alchemist_sgl.store import ActivationStore
 
@@ -82,6 +86,7 @@ SGLANG_NAMES = (
     "sglang.srt.model_executor.cuda_graph_config.Backend.DISABLED",
     "sglang.srt.model_executor.cuda_graph_config.Backend.BREAKABLE",
     "sglang.srt.sampling.sampling_params.SamplingParams.custom_params",
+    *graph_capture.SGLANG_NAMES,  # record.plan graph (integration/graph_capture.py)
 )
 # Set on instances (``self.x = ...`` in __init__) or dataclass fields without a default:
 SGLANG_INSTANCE_ATTRIBUTES = (
@@ -95,6 +100,7 @@ SGLANG_INSTANCE_ATTRIBUTES = (
     "sglang.srt.managers.schedule_batch.Req.origin_input_ids",
     "sglang.srt.managers.schedule_batch.Req.lora_id",
     "sglang.srt.managers.schedule_batch.Req.sampling_params",
+    *graph_capture.SGLANG_INSTANCE_ATTRIBUTES,
 )
 _PROJECTIONS = {"qkv": ("self_attn", "qkv_proj"), "o": ("self_attn", "o_proj"),
                 "gate_up": ("mlp", "gate_up_proj"), "down": ("mlp", "down_proj")}
@@ -141,8 +147,11 @@ def install(scheduler: Any, config: Config, state: RuntimeState) -> RecordingHoo
         return None
     shape = ModelShape.from_hf_config(model.config, _DTYPE_BYTES[weight.dtype])
     plan = choose_plan(shape, config.record.plan_choice, config.store.page_tokens)
-    if plan.is_graph:
-        state.disable("record", "record.plan graph: the live capture of attn and lse is not built")
+    wrapped_lora = any(hasattr(_projection(layers[0], name), "base_layer")
+                       for name in plan.projections)
+    refusal = _graph_refusal(scheduler, weight, wrapped_lora) if plan.is_graph else None
+    if refusal is not None:
+        state.disable("record", refusal)
         return None
     sglang_page = int(getattr(scheduler, "page_size", 1) or 1)
     if sglang_page % plan.page_tokens != 0:
@@ -157,17 +166,9 @@ def install(scheduler: Any, config: Config, state: RuntimeState) -> RecordingHoo
                       staging=True if os.environ.get(STAGING_ENV) == "1" else None,
                       fault_after_forwards=int(fault) if fault else None,
                       dump_dir=os.environ.get(DUMP_ENV) or None)
-    wrapped_lora = any(hasattr(_projection(layers[0], name), "base_layer")
-                       for name in plan.projections)
     view = _BatchViewBuilder(capture, lambda: str(state.weight_version), wrapped_lora)
 
-    handles = [inner.register_forward_pre_hook(view.pre_forward, with_kwargs=True),
-               inner.register_forward_hook(view.post_forward)]
-    for layer_index, layer in enumerate(layers):
-        for name in plan.projections:
-            handles.append(_projection(layer, name).register_forward_hook(
-                _output_hook(capture, name, layer_index)))
-
+    handles, restore_graph = _hook_model(capture, view, inner, layers, plan)
     original_run_batch = scheduler.run_batch
 
     def run_batch(batch: Any, *args: Any, **kwargs: Any) -> Any:
@@ -186,12 +187,34 @@ def install(scheduler: Any, config: Config, state: RuntimeState) -> RecordingHoo
                 list(plan.tensors), shape.layers, plan.bytes_per_token,
                 store.status()["host_capacity_bytes"] // max(plan.slot_bytes, 1))
     def restore() -> None:
+        restore_graph()
         scheduler.__dict__.pop("run_batch", None)
         scheduler.__dict__.pop(_INSTALLED_ATTR, None)
 
     hooks = RecordingHooks(capture, store, plan, handles, restore)
     setattr(scheduler, _INSTALLED_ATTR, hooks)
     return hooks
+
+
+def _graph_refusal(scheduler: Any, weight: torch.Tensor, is_lora_wrapped: bool) -> str | None:
+    if is_lora_wrapped:
+        return "record.plan graph cannot record LoRA-wrapped projections"
+    return graph_refusal(scheduler, weight)
+
+
+def _hook_model(capture: Capture, view: _BatchViewBuilder, inner: Any, layers: Any,
+                plan: RecordPlan) -> tuple[list[Any], Callable[[], None]]:
+    """The model's and the projections' hooks (and the graph plan's); (handles, restore)."""
+    handles = [inner.register_forward_pre_hook(view.pre_forward, with_kwargs=True),
+               inner.register_forward_hook(view.post_forward)]
+    for layer_index, layer in enumerate(layers):
+        for name in plan.projections:
+            handles.append(_projection(layer, name).register_forward_hook(
+                _output_hook(capture, name, layer_index)))
+    if not plan.is_graph:
+        return handles, lambda: None
+    graph_handles, restore = install_graph_hooks(capture, inner, layers)  # Note [Graph capture]
+    return handles + graph_handles, restore
 
 
 def _check_lifetime_against_radix(scheduler: Any, store: ActivationStore, plan: RecordPlan) -> None:
