@@ -164,7 +164,7 @@ def _dump_grads(loop: OnlineLoop, admission: SampleAdmission, payload: dict[str,
                   "prompt_ids": list(sample.prompt_ids), "response_ids": list(sample.response_ids),
                   "replayed_tokens": counts.replayed_tokens,
                   "recomputed_tokens": counts.recomputed_tokens,
-                  "stale_recomputes": counts.stale_recomputes,
+                  "stale_recomputes": counts.stale_recomputes, "graph_samples": counts.graph_samples,
                   "reuse_by_lag": dict(counts.reuse_by_lag), "serving": loop.registry.serving.name}
         run.abandon()
     finally:
@@ -176,4 +176,5 @@ def _dump_grads(loop: OnlineLoop, admission: SampleAdmission, payload: dict[str,
     torch.save(result, target)
     return {"path": str(target.resolve()), "replayed_tokens": result["replayed_tokens"],
             "recomputed_tokens": result["recomputed_tokens"],
-            "stale_recomputes": result["stale_recomputes"], "loss": result["loss"]}
+            "stale_recomputes": result["stale_recomputes"], "loss": result["loss"],
+            "graph_samples": result["graph_samples"]}

@@ -38,9 +38,7 @@ so lag 0 is exact.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Generator
-
-import torch
+from typing import Any, Callable, Generator, Sequence
 
 from alchemist_sgl.config import Config
 from alchemist_sgl.log import get_logger
@@ -53,12 +51,14 @@ from alchemist_sgl.online.intake import PendingSample, SampleQueue
 from alchemist_sgl.online.lifecycle import VersionKeeper, without_handle
 from alchemist_sgl.online.loop_status import loop_status
 from alchemist_sgl.online.loop_types import (FeedbackSink, LoopCounters, OpenRound,
-                                             RecordingSource, ServingHost, SliceReport)
+                                             RecordedSegment, RecordingSource, ServingHost,
+                                             SliceReport)
+from alchemist_sgl.online.recorded_sample import build_sample
 from alchemist_sgl.online.work import WAIT, Work, WorkSlot
 from alchemist_sgl.online.publish import MasterWeights, Publisher
 from alchemist_sgl.online.versions import VersionRegistry
 from alchemist_sgl.online.disk_writer import BackgroundWriter
-from alchemist_sgl.train.samples import PromptSegment, Recording, Sample
+from alchemist_sgl.train.samples import Sample
 from alchemist_sgl.train.trainer import ReplayTrainer
 
 logger = get_logger(__name__)
@@ -317,15 +317,13 @@ class OnlineLoop:
     def _to_sample(self, p: PendingSample, lane: str = "fresh", is_replay: bool = True) -> Sample:
         """A trainer ``Sample``; its recording's segments, labelled by lag (Note [Lag ...]), are
         read only when they will be replayed (never for the stale lane or with replay off)."""
-        segments: tuple[PromptSegment, ...] = ()
+        segments: Sequence[RecordedSegment] = ()
+        version = self.counters.train_state
         if p.handle is not None and self.recordings is not None and is_replay and lane != "stale":
             lag = self.lag_of(p)  # one walk of the lineage
-            version = self.counters.train_state - (_STALE if lag is None else lag)
-            segments = tuple(
-                PromptSegment(s, e, None if t is None else Recording(version, t))
-                for s, e, t in self.recordings.segments(p.handle))
-        ref = None if p.ref_logprobs is None else torch.tensor(p.ref_logprobs, dtype=torch.float32)
-        return Sample(p.prompt_ids, p.response_ids, segments, p.kind, p.weight, ref)
+            version -= _STALE if lag is None else lag
+            segments = self.recordings.segments(p.handle)
+        return build_sample(p, segments, version, self.trainer)  # Note [Graph samples]
 
     def _release(self, pending: list[PendingSample]) -> None:
         for p in pending:

@@ -113,9 +113,11 @@ class PlanCounts:
     recomputed_tokens: int = 0     # prompt tokens computed normally (uncovered, stale, replay off)
     stale_recomputes: int = 0      # recorded segments refused as too stale
     reuse_by_lag: dict[int, int] = field(default_factory=dict)  # lag -> replayed tokens
+    graph_samples: int = 0         # samples planned with graph replay (a PromptGraph used)
 
     def add(self, other: "PlanCounts") -> None:
         self.replayed_tokens += other.replayed_tokens
+        self.graph_samples += other.graph_samples
         self.recomputed_tokens += other.recomputed_tokens
         self.stale_recomputes += other.stale_recomputes
         for lag, n in other.reuse_by_lag.items():
@@ -208,7 +210,7 @@ def plan_sample(sample: Sample, spec: LlamaSpec, *, version: int, max_version_la
             counts.stale_recomputes += 1
         elif is_graph_enabled and is_replay_enabled and 2 <= p <= rows + 1:
             graph = tuple(rec.first_rows(p - 1) for rec in sample.graph.layers)
-            counts = PlanCounts(p - 1, 1, 0, {lag: p - 1})
+            counts = PlanCounts(p - 1, 1, 0, {lag: p - 1}, graph_samples=1)
     return PlannedSample(torch.cat([prompt, response]), p, tuple(planned), sample, counts, graph)
 
 

@@ -22,6 +22,7 @@ class StepStats:
     max_unit_ms: float         # the longest single unit (compare train.slice_budget_ms)
     version: int               # the trainer version the step ran at (set by the caller)
     units: int = 0             # work units run (a whole-sample step counts one per sample + 1)
+    graph_samples: int = 0     # samples trained with graph replay (train/graph_layer.py)
     is_nonfinite_skipped: bool = False  # non-finite loss or gradient: no optimizer step taken
 
 
@@ -37,6 +38,7 @@ class TrainCounters:
     loss_ema: float | None = None
     reuse_by_lag: dict[int, int] = field(default_factory=dict)
     nonfinite_skipped: int = 0
+    graph_samples: int = 0
 
     def add(self, s: StepStats) -> None:
         """Counts a finished step; a skipped one only in ``nonfinite_skipped``."""
@@ -49,6 +51,7 @@ class TrainCounters:
         self.replayed_tokens += s.replayed_tokens
         self.recomputed_tokens += s.recomputed_tokens
         self.stale_recomputes += s.stale_recomputes
+        self.graph_samples += s.graph_samples
         self.loss_ema = s.loss if self.loss_ema is None else 0.9 * self.loss_ema + 0.1 * s.loss
         for lag, n in s.reuse_by_lag.items():
             self.reuse_by_lag[lag] = self.reuse_by_lag.get(lag, 0) + n

@@ -245,7 +245,8 @@ class ReplayTrainer:
                           replayed_tokens=c.replayed_tokens, recomputed_tokens=c.recomputed_tokens,
                           stale_recomputes=c.stale_recomputes, reuse_by_lag=dict(c.reuse_by_lag),
                           step_ms=step_ms, max_unit_ms=max_unit_ms, version=self.version,
-                          units=units, is_nonfinite_skipped=is_skipped)
+                          units=units, is_nonfinite_skipped=is_skipped,
+                          graph_samples=c.graph_samples)
         self.counters.add(stats)
         return stats
 
