@@ -7,7 +7,8 @@ request's recording (``ALCHEMIST_SGL_RECORD_DUMP_DIR``, see ``Capture._dump``). 
 HF transformers + PEFT over the model folder with the trainer's adapter (the published one: the
 round is fresh, lag 0): the attention output is o_proj's input (a forward pre-hook); the lse is
 computed in fp32 from HF's q and k after RoPE (``apply_rotary_pos_emb`` wrapped), at every
-recorded position, within 1e-4. Then ``debug.grads`` (online/commands.py) trains that sample
+recorded position, within 1e-4, for a cold prompt and for its next turn (a radix hit: new rows
+whose attention runs over cached keys). Then ``debug.grads`` (online/commands.py) trains that sample
 through the loop's path (store pin, rebuild, work units); it must report graph replay
 (``graph_samples`` 1, P - 1 rows replayed) and its loss and LoRA gradients equal HF + PEFT.
 """
@@ -32,9 +33,14 @@ PROMPT = "Graph capture. " + " ".join(
     f"On day {i} the travellers counted {i + 7} boats near bridge {i * 3}." for i in range(1, 9))
 
 
-def _chat_with_dump(server: RunningServer, dump: Path) -> tuple[dict, dict]:
+def _chat_with_dump(server: RunningServer, dump: Path,
+                    messages: list[dict] | None = None) -> tuple[dict, dict]:
     before = set(dump.glob("*.pt")) if dump.exists() else set()
-    reply = chat(server, PROMPT, max_tokens=8)
+    if messages is None:
+        reply = chat(server, PROMPT, max_tokens=8)
+    else:
+        reply = post(server, "/v1/chat/completions", {"model": server.model, "messages": messages,
+                                                      "max_tokens": 8, "temperature": 0})
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         new = sorted(set(dump.glob("*.pt")) - before)
@@ -101,6 +107,12 @@ def test_graph_plan_records_attention_and_trains_like_hf(tmp_path) -> None:
         out = command(server, "debug.grads", {"sample": {"completion_id": reply["id"],
                                                          "rating": "up"}, "name": "graph.pt"})
         grads = torch.load(out["path"])
+        # The next turn: a radix hit over the first prompt's pages, new rows extending a prefix.
+        turn2 = [{"role": "user", "content": PROMPT},
+                 {"role": "assistant", "content": reply["choices"][0]["message"]["content"]},
+                 {"role": "user", "content": "And what happened on day 3?"}]
+        reply2, record2 = _chat_with_dump(server, dump_dir, turn2)
+        assert reply2["usage"]["prompt_tokens_details"]["cached_tokens"] >= 16
         assert "record" not in status(server)["disabled"]
     n = len(record["tokens"])
     assert record["covered"] == [(0, n)] and set(record["tensors"]) == set(GRAPH)
@@ -113,6 +125,13 @@ def test_graph_plan_records_attention_and_trains_like_hf(tmp_path) -> None:
         assert got.dtype == torch.float32 and got.shape == ref[name].shape, name
         torch.testing.assert_close(got, ref[name], rtol=TOL_FP32, atol=TOL_FP32,
                                    msg=lambda m, name=name: f"{name}: {m}")
+    ref2 = _reference_attention(model, record2["tokens"])
+    positions = torch.cat([torch.arange(a, b) for a, b in record2["covered"]])
+    assert record2["covered"][0][0] == 0 and len(positions) > n
+    for name in ("attn", "lse"):
+        torch.testing.assert_close(record2["tensors"][name], ref2[name][:, positions],
+                                   rtol=TOL_FP32, atol=TOL_FP32,
+                                   msg=lambda m, name=name: f"next turn {name}: {m}")
     sample = (torch.tensor(grads["prompt_ids"]), torch.tensor(grads["response_ids"]), 1.0)
     ref_loss, ref_grads = hf_grads(model, [sample])
     assert abs(grads["loss"] - ref_loss) <= TOL_FP32 * abs(ref_loss)
