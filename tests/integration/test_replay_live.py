@@ -28,13 +28,18 @@ from alchemist_sgl.config import LoraConfig, TrainConfig
 from alchemist_sgl.train import PromptSegment, Recording, ReplayTrainer, Sample, load_fused_weights
 from tests.support.servers import REPO, RunningServer, dedicated_server
 from alchemist_sgl.train import LoraAdapter
+from alchemist_sgl.train.spec import PROJECTIONS
+from tests.support.graph_live import check_graph_phase, serve_graph_phase
 from tests.support.hfref import adapter_grads, build_hf_peft, hf_grads, max_rel_err
 
 TOL_FP32 = 1e-4
 SYSTEM = "You are a careful travel assistant. " + " ".join(
     f"Rule {i}: answer about bridge {i} with its colour and its length in metres." for i in range(1, 9))
 CASES = {
-    "tiny": ("configs/cpu-tiny.yaml", "tiny", ()),
+    # The tiny server records the graph plan (the four projections + attention output and lse):
+    # the projection replay below reads its projections, then tests/support/graph_live.py checks
+    # the graph plan on the same server.
+    "tiny": ("configs/cpu-tiny.yaml", "tiny", ("record.plan=graph",)),
     "smollm2": ("configs/cpu-smollm2.yaml", "smollm2-135m-instruct",
                 ("sglang.dtype=float32", "record.budget_bytes_per_token=full")),
 }
@@ -80,7 +85,8 @@ def _sample(record: dict, response: torch.Tensor, weight: float) -> Sample:
     for start, end in record["covered"]:
         if start > cursor:
             segments.append(PromptSegment(cursor, start, None))
-        rows = {k: v[:, offset:offset + end - start].contiguous() for k, v in record["tensors"].items()}
+        rows = {k: v[:, offset:offset + end - start].contiguous() for k, v in record["tensors"].items()
+                if k in PROJECTIONS}  # the graph plan's attn and lse are not projection rows
         segments.append(PromptSegment(start, end, Recording(0, rows)))
         offset += end - start
         cursor = end
@@ -112,6 +118,9 @@ def test_replay_on_live_recordings_matches_hf_peft(case: str, tmp_path: Path) ->
         records = _served_recordings(server, dump)
         if case == "tiny":
             _check_debug_export(server, records[2], tmp_path / "export.pt")
+            graph = serve_graph_phase(server, dump)
+    if case == "tiny":
+        check_graph_phase(graph)
 
     from transformers import AutoTokenizer
 

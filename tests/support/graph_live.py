@@ -1,16 +1,18 @@
-"""``record.plan: graph`` on a live server: the attention output and lse it records equal HF, and
-the online loop's own training path takes graph replay and equals HF + PEFT.
+"""The ``record.plan: graph`` phase of the live replay test (tests/integration/test_replay_live.py,
+tiny case, whose server records the graph plan): the attention output and lse the live server records
+equal HF, and the online loop's own training path takes graph replay and equals HF + PEFT.
 
-Real SGLang on CPU (configs/cpu-tiny.yaml, fp32, torch_native attention). One warm-up publish
-first, so the served weights are W0 merged with an adapter whose B != 0. The scheduler dumps the
-request's recording (``ALCHEMIST_SGL_RECORD_DUMP_DIR``, see ``Capture._dump``). The reference is
-HF transformers + PEFT over the model folder with the trainer's adapter (the published one: the
-round is fresh, lag 0): the attention output is o_proj's input (a forward pre-hook); the lse is
-computed in fp32 from HF's q and k after RoPE (``apply_rotary_pos_emb`` wrapped), at every
-recorded position, within 1e-4, for a cold prompt and for its next turn (a radix hit: new rows
-whose attention runs over cached keys). Then ``debug.grads`` (online/commands.py) trains that sample
-through the loop's path (store pin, rebuild, work units); it must report graph replay
-(``graph_samples`` 1, P - 1 rows replayed) and its loss and LoRA gradients equal HF + PEFT.
+``serve_graph_phase`` runs against the live server (after the test's fresh-adapter phase): one
+warm-up publish, so the served weights are W0 merged with an adapter whose B != 0; training paused;
+a cold prompt and its next turn (a radix hit: new rows whose attention runs over cached keys) dumped
+by the scheduler (``ALCHEMIST_SGL_RECORD_DUMP_DIR``, see ``Capture._dump``); ``debug.grads``
+(online/commands.py) trains the cold sample through the loop's path (store pin, rebuild, work
+units). ``check_graph_phase`` then compares, with the server stopped: the reference is HF
+transformers + PEFT over the model folder with the trainer's adapter (the published one: the round
+is fresh, lag 0); the attention output is o_proj's input (a forward pre-hook); the lse is computed
+in fp32 from HF's q and k after RoPE (``apply_rotary_pos_emb`` wrapped), at every recorded position,
+within 1e-4. ``debug.grads`` must report graph replay (``graph_samples`` 1, P - 1 rows replayed) and
+its loss and LoRA gradients equal HF + PEFT.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from alchemist_sgl.train import LoraAdapter, load_fused_weights
 from tests.support.hfref import build_hf_peft, hf_grads, max_rel_err
 from tests.support.online import chat, command, post, status, train_and_wait, wait_for
-from tests.support.servers import REPO, RunningServer, dedicated_server
+from tests.support.servers import REPO, RunningServer
 
 CONFIG = "configs/cpu-tiny.yaml"
 FOLDER = REPO / "var" / "models" / "tiny"
@@ -92,28 +94,31 @@ def _reference_attention(model: torch.nn.Module, tokens: list[int]) -> dict[str,
     return {"attn": torch.stack(attn), "lse": torch.stack(lse)}
 
 
-def test_graph_plan_records_attention_and_trains_like_hf(tmp_path) -> None:
-    dump_dir = tmp_path / "dump"
-    with dedicated_server(CONFIG, ("record.plan=graph",),
-                          extra_env={"ALCHEMIST_SGL_RECORD_DUMP_DIR": str(dump_dir)}) as server:
-        s = status(server)
-        assert s["record_plan"]["tensors"] == GRAPH and "record" not in s["disabled"]
-        assert s["record_plan"]["prompt_forward_flops_avoided"] == 1.0
-        train_and_wait(server, [{"prompt": "Warm-up: the river is", "response": " wide and slow.",
-                                 "rating": "up"}], publishes=1)
-        post(server, "/alchemist/train/pause", {})
-        wait_for(server, lambda st: st["train"]["state"] == "paused", what="pause")
-        reply, record = _chat_with_dump(server, dump_dir)
-        out = command(server, "debug.grads", {"sample": {"completion_id": reply["id"],
-                                                         "rating": "up"}, "name": "graph.pt"})
-        grads = torch.load(out["path"])
-        # The next turn: a radix hit over the first prompt's pages, new rows extending a prefix.
-        turn2 = [{"role": "user", "content": PROMPT},
-                 {"role": "assistant", "content": reply["choices"][0]["message"]["content"]},
-                 {"role": "user", "content": "And what happened on day 3?"}]
-        reply2, record2 = _chat_with_dump(server, dump_dir, turn2)
-        assert reply2["usage"]["prompt_tokens_details"]["cached_tokens"] >= 16
-        assert "record" not in status(server)["disabled"]
+def serve_graph_phase(server: RunningServer, dump_dir: Path) -> dict:
+    """The live part, on a server started with ``record.plan=graph`` (see the module docstring)."""
+    s = status(server)
+    assert s["record_plan"]["tensors"] == GRAPH and "record" not in s["disabled"]
+    assert s["record_plan"]["prompt_forward_flops_avoided"] == 1.0
+    train_and_wait(server, [{"prompt": "Warm-up: the river is", "response": " wide and slow.",
+                             "rating": "up"}], publishes=1)
+    post(server, "/alchemist/train/pause", {})
+    wait_for(server, lambda st: st["train"]["state"] == "paused", what="pause")
+    reply, record = _chat_with_dump(server, dump_dir)
+    out = command(server, "debug.grads", {"sample": {"completion_id": reply["id"],
+                                                     "rating": "up"}, "name": "graph.pt"})
+    grads = torch.load(out["path"])
+    turn2 = [{"role": "user", "content": PROMPT},
+             {"role": "assistant", "content": reply["choices"][0]["message"]["content"]},
+             {"role": "user", "content": "And what happened on day 3?"}]
+    reply2, record2 = _chat_with_dump(server, dump_dir, turn2)
+    assert reply2["usage"]["prompt_tokens_details"]["cached_tokens"] >= 16
+    assert "record" not in status(server)["disabled"]
+    return {"record": record, "record2": record2, "grads": grads}
+
+
+def check_graph_phase(phase: dict) -> None:
+    """The comparisons against HF + PEFT (see the module docstring)."""
+    record, record2, grads = phase["record"], phase["record2"], phase["grads"]
     n = len(record["tokens"])
     assert record["covered"] == [(0, n)] and set(record["tensors"]) == set(GRAPH)
     assert grads["prompt_ids"] == record["tokens"]
