@@ -306,9 +306,9 @@ def measure(folder, cfg, hf_config, texts, exports, plans, label, dtype, repetit
             ceiling=(metrics.ceiling_ratios(times["recompute"], times[f"ceiling:{p}"], token_share)
                      if p in ceiling else "ideal"),
             errors=(errs[p], err_rec), peak=(peaks[p], peak_rec), stale=stale_cos[p])}
-        if p == GRAPH:
+        if p == GRAPH:  # graph_samples < samples: the rest replayed projections (recorded_sample.py)
             if graphs != len(texts):
-                raise RuntimeError(f"the graph arm planned graph replay for {graphs} of {len(texts)} samples")
+                log(f"{dname}: WARNING: graph replay planned for {graphs} of {len(texts)} samples")
             per_plan[p]["stale_graph_samples_by_lag"] = stale_graphs
     med = {k: statistics.median(v) for k, v in times.items()}
     out = {**per_plan[label], "dtype": dname, "per_plan": per_plan,

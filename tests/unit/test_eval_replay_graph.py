@@ -122,3 +122,28 @@ def test_graph_ceiling_is_its_ideal_ratio() -> None:
     assert m.plan_fields(ceiling=[1.2, 1.3, 1.4], **kw)["ceiling_source"] == "substituted_rows"
     with pytest.raises(ValueError):
         m.plan_fields(ceiling="measured", **kw)
+
+
+def test_bf16_graph_arm_samples_rebuild_bit_for_bit() -> None:
+    """bf16 (the benchmark's second dtype): fp32 lse values through the bf16 store and the loop's
+    build give the forward's own PromptGraph bit for bit, planned as graph replay."""
+    from alchemist_sgl.train import ReplayTrainer, load_fused_weights
+    from tests.support.hfref import model_dir
+    from tests.support.units import train_cfg
+
+    w16 = load_fused_weights(model_dir("tiny"), torch.bfloat16)
+    trainer = ReplayTrainer(w16, train_cfg())  # a fresh adapter (B = 0): W0's rows are exact
+    spec = w16.spec
+    shape = ModelShape(spec.hidden, spec.heads, spec.kv_heads, spec.head_dim, spec.intermediate, spec.layers, 2)
+    prompt, response = [int(t) for t in ids_of(420, 37)], [int(t) for t in ids_of(421, 6)]
+    direct, rows = record_prompt_rows(w16, None, torch.tensor(prompt), trainer.rope)
+    assert rows["lse"].dtype == torch.float32 and rows["qkv"].dtype == torch.bfloat16
+    store, ns = live.fill_store([_export(prompt, rows, 32)], shape, GRAPH_TENSORS, torch.bfloat16)
+    sample, pin = live.sample_from_store(store, ns, prompt, response, 0, trainer)
+    try:
+        assert sample.graph is not None and trainer.plan(sample).counts.graph_samples == 1
+        for want, got in zip(direct.layers, sample.graph.layers):
+            for name, t in vars(want.first_rows(len(prompt) - 1)).items():
+                assert torch.equal(getattr(got, name), t), name
+    finally:
+        store.unpin(pin)
