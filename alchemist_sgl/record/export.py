@@ -3,7 +3,9 @@
 Owns the ``debug.recording`` control command's work: pin the pages covering a token sequence under
 the serving namespace, copy them to a file, unpin. The file holds ``{"tokens", "namespace",
 "covered", "segments"}`` where ``segments`` is ``[(start, end, {name: [layers, end-start, width]}
-| None)]`` tiling the prompt, the shape of the trainer's ``PromptSegment`` list. Runs on the
+| None)]`` tiling the prompt, the shape of the trainer's ``PromptSegment`` list; the graph plan's
+``lse`` (stored bit-cast in the model-dtype pool, core/plan.py Note [Graph plan]) is exported as
+its fp32 values [layers, end-start, heads]. Runs on the
 scheduler thread between steps (control commands do), so the store is quiescent. Imports torch
 and package value types only.
 """
@@ -15,6 +17,7 @@ from typing import Any, Sequence
 
 import torch
 
+from alchemist_sgl.core.plan import FP32_TENSORS
 from alchemist_sgl.core.prefix import Namespace
 from alchemist_sgl.store import ActivationStore
 from alchemist_sgl.store.readout import PagedRows
@@ -30,7 +33,7 @@ def export_recording(store: ActivationStore, tokens: Sequence[int], namespace: N
     target = Path(path)
     pin = store.pin(list(tokens), namespace)
     try:
-        segments = [(start, end, {k: _tensor(v).clone() for k, v in tensors.items()}
+        segments = [(start, end, {k: _values(k, _tensor(v)).clone() for k, v in tensors.items()}
                      if tensors is not None else None)
                     for start, end, tensors in store.segments(pin)]
         covered = [list(r) for r in pin.coverage.covered]
@@ -47,4 +50,11 @@ def export_recording(store: ActivationStore, tokens: Sequence[int], namespace: N
 
 def _tensor(rows: torch.Tensor | PagedRows) -> torch.Tensor:
     assert isinstance(rows, torch.Tensor)  # store.segments copies unless asked for lazy rows
+    return rows
+
+
+def _values(name: str, rows: torch.Tensor) -> torch.Tensor:
+    """The rows as values: an fp32 tensor stored bit-cast in a narrower pool is viewed back as fp32."""
+    if name in FP32_TENSORS and rows.dtype != torch.float32:
+        return rows.view(torch.float32)
     return rows

@@ -1,11 +1,12 @@
 """The trainer arms of the ``replay`` experiment: timed steps, gradients, saved-tensor memory.
 
-Owns ``Capture`` (post-accumulate-grad hooks on the adapter: event times, optionally the final
-gradients by PEFT name), ``timed_step`` (one ``ReplayTrainer.step`` with its sample building
-inside the timed region), ``step_grads`` (a step's gradients, the trainer restored afterwards),
-``substitute_all_rows`` (the ceiling arm) and ``peak_saved_bytes``. Uses only the trainer's
-``step``, ``plan``, ``adapter`` and ``optimizer``, so any layout or ``train.compile`` setting runs
-here unchanged. Imports torch and package value types.
+Owns ``Capture`` (post-accumulate-grad hooks on the adapter: event times), ``timed_step`` (one
+``ReplayTrainer.step`` with its sample building inside the timed region), ``step_grads`` (the
+gradient a step hands AdamW, the trainer restored afterwards), ``substitute_all_rows`` (the
+ceiling arm), ``peak_saved_bytes``, ``one`` (one sample's build) and ``planned_counts``
+(replayed tokens and graph samples as the trainer plans them). Uses only the trainer's ``step``,
+``plan``, ``adapter`` and ``optimizer``, so any layout or ``train.compile`` setting runs here
+unchanged. Imports torch and package value types.
 
 Note [Ceiling plan]: the ceiling arm is the recompute step (replay off: prompt + response planned
 as ONE computed segment) with that segment's plan given the recorded outputs of EVERY row for
@@ -39,14 +40,11 @@ def adapter_params(adapter) -> list[tuple[str, torch.nn.Parameter]]:
 
 class Capture:
     """Hooks on the adapter's parameters during a step: ``events`` (perf_counter of every gradient
-    accumulation) and, with ``keep_grads``, ``grads`` (the last accumulated value per name = the
-    step's gradient, before the optimizer uses it)."""
+    accumulation)."""
 
-    def __init__(self, adapter, keep_grads: bool = False) -> None:
+    def __init__(self, adapter) -> None:
         self.params = adapter_params(adapter)
-        self.keep_grads = keep_grads
         self.events: list[float] = []
-        self.grads: dict[str, torch.Tensor] = {}
         self._handles: list[Any] = []
 
     def __enter__(self) -> "Capture":
@@ -57,8 +55,6 @@ class Capture:
     def _hook(self, name: str) -> Callable[[torch.Tensor], None]:
         def hook(p: torch.Tensor) -> None:
             self.events.append(time.perf_counter())
-            if self.keep_grads:
-                self.grads[name] = p.grad.detach().double().clone()
         return hook
 
     def __exit__(self, *exc: Any) -> None:
@@ -91,19 +87,28 @@ def restore(trainer, state: tuple[dict[str, torch.Tensor], dict[str, Any]]) -> N
 
 
 def step_grads(trainer, build: Build) -> dict[str, torch.Tensor]:
-    """The gradient one ``trainer.step`` computes (fp64, by PEFT name); adapter and optimizer
-    state are restored afterwards, so the step leaves no trace."""
+    """The gradient one ``trainer.step`` hands AdamW (fp64, by PEFT name), read in an optimizer
+    step pre-hook: after the optimizer unit's normalisation by the samples' total weight
+    (train/optimizer_unit.py), which scales the accumulated ``.grad`` in place. Adapter and
+    optimizer state are restored afterwards, so the step leaves no trace."""
     state = snapshot(trainer)
+    params = adapter_params(trainer.adapter)
+    grads: dict[str, torch.Tensor] = {}
+
+    def pre_step(*_: Any) -> None:
+        grads.update({name: p.grad.detach().double().clone() for name, p in params if p.grad is not None})
+
     samples, release = build()
+    handle = trainer.optimizer.register_step_pre_hook(pre_step)
     try:
-        with Capture(trainer.adapter, keep_grads=True) as cap:
-            trainer.step(samples)
+        trainer.step(samples)
     finally:
+        handle.remove()
         release()
         restore(trainer, state)
-    if not cap.grads:
-        raise RuntimeError("the step accumulated no adapter gradient")
-    return cap.grads
+    if not grads:
+        raise RuntimeError("the step handed AdamW no adapter gradient (skipped as non-finite?)")
+    return grads
 
 
 def substitute_all_rows(trainer, rows: Mapping[tuple[int, ...], Mapping[str, torch.Tensor]]) -> None:
@@ -129,7 +134,8 @@ def peak_saved_bytes(trainer, builds: Sequence[Build], exclude: set[int]) -> int
     """Max over single-sample steps of the bytes of unique storages autograd saved (storages in
     ``exclude``: base weights and adapter, not counted), plus the copied recordings the sample
     holds (counted once whether or not autograd also saved them; none for recordings read a layer
-    at a time from the store's pages, which the store owns). Trainer restored afterwards."""
+    at a time from the store's pages, which the store owns) and the ``PromptGraph`` a graph sample
+    carries (rebuilt from the store's rows when the sample is built). Trainer restored afterwards."""
     state = snapshot(trainer)
     peak = 0
     try:
@@ -144,6 +150,10 @@ def peak_saved_bytes(trainer, builds: Sequence[Build], exclude: set[int]) -> int
                                 continue  # read a layer at a time from the store's pages
                             st = t.untyped_storage()
                             records[st.data_ptr()] = st.nbytes()
+                for rec in (s.graph.layers if s.graph is not None else ()):
+                    for t in vars(rec).values():
+                        st = t.untyped_storage()
+                        records[st.data_ptr()] = max(records.get(st.data_ptr(), 0), st.nbytes())
             seen: dict[int, int] = {}
 
             def pack(t: torch.Tensor) -> torch.Tensor:
@@ -170,3 +180,22 @@ def base_storages(weights, trainers: Sequence[Any]) -> set[int]:
     for tr in trainers:
         out |= {p.untyped_storage().data_ptr() for p in tr.adapter.parameters()}
     return out
+
+
+def one(build_all: Build, i: int) -> Build:
+    """The build of sample ``i`` of ``build_all`` alone."""
+    def build():
+        samples, release = build_all()
+        return [samples[i]], release
+    return build
+
+
+def planned_counts(trainer, build) -> tuple[list[int], int]:
+    """(replayed prompt tokens per sample, samples planned with graph replay) as ``trainer``
+    plans the built samples (graph replay: P - 1 rows, samples.py ``plan_sample``)."""
+    samples, release = build()
+    try:
+        counts = [trainer.plan(x).counts for x in samples]
+    finally:
+        release()
+    return [c.replayed_tokens for c in counts], sum(c.graph_samples for c in counts)

@@ -8,8 +8,8 @@ reads every recording back out of the server's store into a file under its var/d
 exported rows written into an in-process ``ActivationStore`` through its
 ordinary write path, one extend per covered range, as the scheduler writes them) and
 ``sample_from_store`` (what the online loop does for a queued completion: pin, take the
-segments (read a layer at a time during the step), label them with a version, build the
-trainer's ``Sample``). Imports no sglang: it talks
+segments (read a layer at a time during the step) and build the trainer's ``Sample`` with the
+loop's own ``build_sample``, which rebuilds a graph-plan recording's ``PromptGraph``). Imports no sglang: it talks
 HTTP to the server only.
 """
 
@@ -148,7 +148,9 @@ def rows_of(export: dict[str, Any], names: Sequence[str]) -> dict[str, torch.Ten
 def fill_store(exports: Sequence[dict[str, Any]], shape, tensors: Sequence[str], dtype: torch.dtype):
     """An in-process ``ActivationStore`` for the plan ``tensors`` holding the exported prompt
     recordings, written through ``open_batch``/``write``/``close_batch``; returns (store,
-    namespace). Sized to hold every page with room to spare (nothing is evicted)."""
+    namespace). Sized to hold every page with room to spare (nothing is evicted). An fp32 tensor
+    of the graph plan (``lse``, exported as values) is written bit-cast into the model-dtype pool,
+    as the server's capture writes it (core/plan.py, Note [Graph plan])."""
     from alchemist_sgl.core.prefix import Namespace
     from alchemist_sgl.core.plan import RecordPlan
     from alchemist_sgl.core.records import RequestExtend
@@ -165,20 +167,39 @@ def fill_store(exports: Sequence[dict[str, Any]], shape, tensors: Sequence[str],
             ext = RequestExtend(f"bench-{i}", namespace, export["tokens"], start, end - start, 0)
             batch = store.open_batch([ext])
             for name in plan.tensors:
-                source = rows[name].to(dtype)
+                source = _stored_form(name, rows[name], dtype)
                 for layer in range(shape.layers):
                     store.write(batch, name, layer, source[layer])
             store.close_batch(batch)
     return store, namespace
 
 
-def sample_from_store(store, namespace, prompt: list[int], response: list[int], version: int):
-    """(trainer ``Sample``, pin): the pinned pages as segments labelled ``version``, read a layer
-    at a time by the trainer (store/readout.py, Note [Per-layer read-out]), as the online loop
-    builds a queued sample; release the pin with ``store.unpin`` after the step."""
-    from alchemist_sgl.train import PromptSegment, Recording, Sample
+def _stored_form(name: str, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``rows`` as the store keeps them: the model dtype, an fp32 tensor bit-cast into it."""
+    from alchemist_sgl.core.plan import FP32_TENSORS
+
+    if name in FP32_TENSORS:
+        if rows.dtype != torch.float32:
+            raise ValueError(f"{name} rows must be fp32 values, got {rows.dtype}")
+        return rows.contiguous().view(dtype)
+    return rows.to(dtype)
+
+
+def sample_from_store(store, namespace, prompt: list[int], response: list[int], version: int, trainer):
+    """(trainer ``Sample``, pin), built as the online loop builds a queued sample: pin, the pinned
+    pages as segments read a layer at a time by the trainer (store/readout.py, Note [Per-layer
+    read-out]), then online/recorded_sample.py ``build_sample`` (the loop's own function): the
+    segments labelled ``version`` and, under the graph plan with rows [0, P - 1) held at graph
+    level, the ``PromptGraph`` rebuilt from the pinned rows (Note [Graph samples]). Release the
+    pin with ``store.unpin`` after the step."""
+    from alchemist_sgl.online.intake import PendingSample
+    from alchemist_sgl.online.recorded_sample import build_sample
 
     pin = store.pin(prompt, namespace)
-    segments = tuple(PromptSegment(s, e, None if t is None else Recording(version, t))
-                     for s, e, t in store.segments(pin, is_lazy=True))
-    return Sample(prompt, response, segments), pin
+    pending = PendingSample(list(prompt), list(response), "positive", 1.0, namespace.base_version,
+                            None, None, 0.0)
+    try:
+        return build_sample(pending, store.segments(pin, is_lazy=True), version, trainer), pin
+    except BaseException:
+        store.unpin(pin)
+        raise

@@ -6,14 +6,18 @@ Owns what the benchmark computes from its measurements (no timing, no servers, n
 ``forward_seconds`` (a step's forward time from its gradient-accumulation events) and
 ``plan_fields`` (one plan's JSON fields). Imports torch and ``alchemist_sgl.core.plan`` only.
 
-Note [FLOPs share]: ``prompt_fraction`` f = FLOPs of the replayed projections over the replayed
-prompt rows / forward FLOPs of every row trained. The denominator is the whole training forward of
+Note [FLOPs share]: ``prompt_fraction`` f = forward FLOPs replay avoids over the replayed prompt
+rows / forward FLOPs of every row trained. The denominator is the whole training forward of
 prompt + response: the four base projections, attention at the sample's length (mean causal
 span), the elementwise ops (all three from ``forward_flops_per_token`` in core/plan.py), the
 LoRA branch on every target (trained, so always computed) and the LM head on the loss rows only
-(the R rows [P - 1, P + R - 1)). The numerator uses ``RecordPlan.prompt_forward_flops_avoided``:
-its ratio times the per-token forward FLOPs at the same length is the replayed projections'
-FLOPs per token, so the per-projection arithmetic lives in one place.
+(the R rows [P - 1, P + R - 1)). The numerator takes core/plan.py's figures for the n replayed
+rows [0, n): ``RecordPlan.prompt_forward_flops_avoided(n)`` times ``forward_flops_per_token(n)``
+per row. For a projection plan that product is the replayed projections' FLOPs per token (the
+per-projection arithmetic lives in one place); for the graph plan (ratio 1.0) it is the whole
+forward of those rows: projections, attention over their own causal spans (mean (n + 1) / 2) and
+the elementwise ops. The graph plan's n is P - 1 (the last prompt row is computed with the
+response, samples.py ``plan_sample``): the caller passes the trainer's own planned count.
 """
 
 from __future__ import annotations
@@ -51,7 +55,8 @@ def prompt_fractions(shape: ModelShape, tensors: Sequence[str], samples: Sequenc
                      vocab: int, rank: int, targets: Sequence[str]) -> tuple[float, float]:
     """(f by FLOPs, f by tokens) over ``samples`` = (prompt_len, response_len, replayed_tokens).
 
-    See Note [FLOPs share]. ``tensors``: the replayed projections (a plan's names)."""
+    See Note [FLOPs share]. ``tensors``: the plan's names (projections, or core/plan.py's
+    ``GRAPH_TENSORS``)."""
     plan = RecordPlan(shape, tuple(tensors), page_tokens=16)
     lora = lora_flops_per_token(shape, rank, targets)
     replayed = total = 0.0
@@ -61,8 +66,8 @@ def prompt_fractions(shape: ModelShape, tensors: Sequence[str], samples: Sequenc
             raise ValueError(f"bad sample sizes: prompt {p}, response {r}, replayed {n}")
         length = p + r
         per_token = forward_flops_per_token(shape, length)
-        saved_per_token = plan.prompt_forward_flops_avoided(length) * per_token if tensors else 0.0
-        replayed += n * saved_per_token
+        if tensors and n:
+            replayed += n * plan.prompt_forward_flops_avoided(n) * forward_flops_per_token(shape, n)
         total += length * (per_token + lora) + r * 2 * shape.hidden * vocab
         tokens += length
         replayed_tokens += n
@@ -140,21 +145,33 @@ def ratio_stats(numerators: Sequence[float], denominators: Sequence[float]) -> t
 
 
 def plan_fields(*, tokens: int, times: Mapping[str, Sequence[float]], forward_share: float,
-                fractions: tuple[float, float], ceiling: Sequence[float] | None,
+                fractions: tuple[float, float], ceiling: Sequence[float] | str | None,
                 errors: tuple[float, float], peak: tuple[int | None, int | None],
                 stale: Mapping[int, float]) -> dict[str, Any]:
     """One plan's fields (docs/results.md ``replay``). ``times``: ``replay`` and ``recompute`` step
-    seconds per repetition (same repetitions); ``errors``: (replay, recompute) max rel errors."""
+    seconds per repetition (same repetitions); ``errors``: (replay, recompute) max rel errors;
+    ``ceiling``: per-repetition ceiling ratios (``ceiling_ratios``), or ``"ideal"``: the plan has
+    no substitution arm (the graph plan removes the whole forward of its rows, not a set of
+    projection outputs) and its ``ceiling_ratio`` is its ``ideal_ratio``; ``ceiling_source``
+    says which."""
     ratio, spread = ratio_stats(times["recompute"], times["replay"])
     f, f_tokens = fractions
+    ideal = 1.0 / (1.0 - forward_share * f)
+    if isinstance(ceiling, str):
+        if ceiling != "ideal":
+            raise ValueError(f"ceiling {ceiling!r}: per-repetition ratios, 'ideal' or None")
+        ceiling_ratio: float | None = ideal
+    else:
+        ceiling_ratio = statistics.median(ceiling) if ceiling else None
+    source = "ideal_ratio" if isinstance(ceiling, str) else ("substituted_rows" if ceiling else None)
     return {
         "tokens_per_s_replay": tokens / statistics.median(times["replay"]),
         "tokens_per_s_recompute": tokens / statistics.median(times["recompute"]),
         "ratio": ratio, "ratio_spread": spread,
         "prompt_fraction": f, "prompt_fraction_tokens": f_tokens,
         "forward_share": forward_share,
-        "ideal_ratio": 1.0 / (1.0 - forward_share * f),
-        "ceiling_ratio": statistics.median(ceiling) if ceiling else None,
+        "ideal_ratio": ideal,
+        "ceiling_ratio": ceiling_ratio, "ceiling_source": source,
         "max_grad_rel_err": errors[0], "max_grad_rel_err_recompute": errors[1],
         "peak_mem_replay_bytes": peak[0], "peak_mem_recompute_bytes": peak[1],
         "stale_grad_cos_by_lag": {str(k): v for k, v in sorted(stale.items())},
