@@ -7,23 +7,21 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3.11}"
 VENV=.venv
-# --no-compile: pip would byte-compile every installed file (about 15,000 in torch, transformers and
-# sglang alone, some 40 s on 2 cores); Python writes the bytecode of what it imports on first import.
-PIP_INSTALL=("$VENV/bin/pip" install --no-compile)
+PIP="$VENV/bin/pip"
 
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
-  "${PIP_INSTALL[@]}" --quiet --upgrade pip wheel setuptools
+  "$PIP" install --quiet --upgrade pip wheel setuptools
 fi
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   echo "setup: CUDA found, stock route"
-  "${PIP_INSTALL[@]}" "sglang==0.5.23"
-  "${PIP_INSTALL[@]}" -r requirements/dev.txt
+  "$PIP" install "sglang==0.5.23"
+  "$PIP" install -r requirements/dev.txt
 else
   echo "setup: no CUDA, CPU route"
-  "${PIP_INSTALL[@]}" -c requirements/cpu-constraints.txt "torch==2.13.0"
-  "${PIP_INSTALL[@]}" --no-deps "sglang==0.5.23"
+  "$PIP" install -c requirements/cpu-constraints.txt "torch==2.13.0"
+  "$PIP" install --no-deps "sglang==0.5.23"
   # The checked-in list must match what the wheel's metadata says today.
   tmp="$(mktemp -d)"
   "$VENV/bin/python" scripts/gen_sglang_cpu_requirements.py --out-dir "$tmp" >/dev/null
@@ -32,13 +30,13 @@ else
     exit 1
   fi
   rm -rf "$tmp"
-  "${PIP_INSTALL[@]}" -r requirements/sglang-cpu.txt -c requirements/cpu-constraints.txt "triton==3.7.1"
-  "${PIP_INSTALL[@]}" --no-deps -r requirements/sglang-cpu-nodeps.txt -r requirements/nodeps.txt
-  "${PIP_INSTALL[@]}" -r requirements/dev.txt -c requirements/cpu-constraints.txt
+  "$PIP" install -r requirements/sglang-cpu.txt -c requirements/cpu-constraints.txt "triton==3.7.1"
+  "$PIP" install --no-deps -r requirements/sglang-cpu-nodeps.txt -r requirements/nodeps.txt
+  "$PIP" install -r requirements/dev.txt -c requirements/cpu-constraints.txt
   # CPU venv only: the stand-ins in patches/cpu (sgl_kernel, torchvision) are importable by every
   # python of this venv, so `python -m sglang.benchmark.serving` and SGLang's own tools run as is.
   site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
   echo "$(pwd)/patches/cpu" > "$site/alchemist_cpu_stand_ins.pth"
 fi
-"${PIP_INSTALL[@]}" --quiet --no-deps -e .
+"$PIP" install --quiet --no-deps -e .
 "$VENV/bin/python" -c "import torch; print('setup: torch', torch.__version__)"
