@@ -199,21 +199,26 @@ class ManagedServer:
             return "(no log)"
 
     def stop(self, grace_s: float = 20.0) -> None:
-        """SIGTERM to the process group, SIGKILL after ``grace_s``; idempotent."""
+        """SIGTERM to the server's main process, then SIGKILL to whatever is left of its process
+        group after ``grace_s``; idempotent. The main process alone is signalled first: it drains,
+        asks the scheduler to exit (the scheduler checkpoints on the way out) and stops its own
+        children. A SIGTERM to the whole group would kill the scheduler mid-way instead: no final
+        checkpoint, and SGLang's crash path waits 5 s for diagnostics before it exits."""
         if self.proc is None:
             return
         if self.proc.poll() is None:
             self.cpu_s_at_stop = tree_cpu_s(self.proc.pid)
         try:
-            pgid = os.getpgid(self.proc.pid)
+            pgid: int | None = os.getpgid(self.proc.pid)
         except ProcessLookupError:
             pgid = None
-        if pgid is not None:
-            os.killpg(pgid, signal.SIGTERM)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=grace_s)
             except subprocess.TimeoutExpired:
                 pass
+        if pgid is not None:
             try:  # children may outlive the leader: kill whatever is left of the group
                 os.killpg(pgid, signal.SIGKILL)
             except ProcessLookupError:
