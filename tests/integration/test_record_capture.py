@@ -10,7 +10,6 @@ the reference; positions never prefilled (decoded tokens of an earlier turn) are
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
 from pathlib import Path
 from typing import Iterator
@@ -18,6 +17,7 @@ from typing import Iterator
 import pytest
 import torch
 
+from tests.support.online import dump_files, next_dump
 from tests.support.servers import REPO, RunningServer, ServerPool, dedicated_server
 
 CONFIG = "configs/cpu-tiny.yaml"
@@ -73,15 +73,9 @@ def _chat(server: RunningServer, messages: list[dict], max_tokens: int = 8, **ex
 
 def _chat_with_dump(server: RunningServer, dump: Path, messages: list[dict], **extra
                     ) -> tuple[dict, dict]:
-    before = set(dump.glob("*.pt")) if dump.exists() else set()
+    before = dump_files(dump)
     reply = _chat(server, messages, **extra)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        new = sorted(set(dump.glob("*.pt")) - before)
-        if new:
-            return reply, torch.load(new[-1])
-        time.sleep(0.2)
-    raise AssertionError("no recording was dumped for the request")
+    return reply, next_dump(dump, before, timeout_s=30)
 
 
 def _reference_outputs(model, tokens: list[int]) -> dict[str, torch.Tensor]:

@@ -17,7 +17,6 @@ exactly zero on both sides and the gradients of B carry the whole comparison.
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from tests.support.servers import REPO, RunningServer, dedicated_server
 from alchemist_sgl.train import LoraAdapter
 from alchemist_sgl.train.spec import PROJECTIONS
 from tests.support.graph_live import check_graph_phase, serve_graph_phase
+from tests.support.online import dump_files, next_dump
 from tests.support.hfref import adapter_grads, build_hf_peft, hf_grads, max_rel_err
 
 TOL_FP32 = 1e-4
@@ -53,16 +53,10 @@ def _post(server: RunningServer, path: str, body: dict) -> dict:
 
 
 def _chat_and_dump(server: RunningServer, dump: Path, messages: list[dict]) -> tuple[str, dict]:
-    before = set(dump.glob("*.pt")) if dump.exists() else set()
+    before = dump_files(dump)
     reply = _post(server, "/v1/chat/completions", {
         "model": server.model, "messages": messages, "max_tokens": 12, "temperature": 0})
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        new = sorted(set(dump.glob("*.pt")) - before)
-        if new:
-            return reply["choices"][0]["message"]["content"], torch.load(new[-1])
-        time.sleep(0.2)
-    raise AssertionError("the server dumped no recording for the request")
+    return reply["choices"][0]["message"]["content"], next_dump(dump, before)
 
 
 def _served_recordings(server: RunningServer, dump: Path) -> list[dict]:

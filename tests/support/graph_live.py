@@ -17,14 +17,14 @@ its loss and LoRA gradients equal HF + PEFT.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
 
 from alchemist_sgl.train import LoraAdapter, load_fused_weights
 from tests.support.hfref import build_hf_peft, hf_grads, max_rel_err
-from tests.support.online import chat, command, post, status, train_and_wait, wait_for
+from tests.support.online import (chat, command, dump_files, next_dump, post, status, train_and_wait,
+                                  wait_for)
 from tests.support.servers import REPO, RunningServer
 
 CONFIG = "configs/cpu-tiny.yaml"
@@ -37,19 +37,13 @@ PROMPT = "Graph capture. " + " ".join(
 
 def _chat_with_dump(server: RunningServer, dump: Path,
                     messages: list[dict] | None = None) -> tuple[dict, dict]:
-    before = set(dump.glob("*.pt")) if dump.exists() else set()
+    before = dump_files(dump)
     if messages is None:
         reply = chat(server, PROMPT, max_tokens=8)
     else:
         reply = post(server, "/v1/chat/completions", {"model": server.model, "messages": messages,
                                                       "max_tokens": 8, "temperature": 0})
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        new = sorted(set(dump.glob("*.pt")) - before)
-        if new:
-            return reply, torch.load(new[-1])
-        time.sleep(0.2)
-    raise AssertionError("no recording was dumped for the request")
+    return reply, next_dump(dump, before)
 
 
 def _reference_model(dump: dict) -> torch.nn.Module:

@@ -6,7 +6,10 @@ import json
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any, Callable
+
+import torch
 
 from tests.support.servers import RunningServer
 
@@ -94,3 +97,20 @@ def response_logprobs(server: RunningServer, prompt_ids: list[int], response_ids
 
 def command(server: RunningServer, kind: str, payload: dict) -> Any:
     return post(server, f"/alchemist/commands/{kind}", payload)["result"]
+
+
+def dump_files(dump: Path) -> set[Path]:
+    """The recordings the scheduler has dumped so far (``ALCHEMIST_SGL_RECORD_DUMP_DIR``)."""
+    return set(dump.glob("*.pt")) if dump.exists() else set()
+
+
+def next_dump(dump: Path, before: set[Path], timeout_s: float = 60) -> dict:
+    """The newest recording dumped since ``before`` (``dump_files`` taken before the request);
+    fails if none appears within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        new = sorted(dump_files(dump) - before)
+        if new:
+            return torch.load(new[-1])
+        time.sleep(0.2)
+    raise AssertionError("no recording was dumped for the request")
