@@ -4,6 +4,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.alchemist-setup
 CONFIG ?= configs/cpu-smollm2.yaml
 PYTEST_ARGS ?=
+# Two pytest-xdist workers: one runs every integration test in order (they share the session's
+# servers), the other runs the unit tests beside them (tests/conftest.py groups them).
+PYTEST_WORKERS ?= -n 2 --dist loadgroup
 
 export OMP_WAIT_POLICY ?= PASSIVE
 
@@ -20,7 +23,7 @@ run: setup
 
 # pytest exits 5 when it collected no tests: that is a failure here, never a pass.
 test: setup
-	$(PY) -m pytest tests $(PYTEST_ARGS); rc=$$?; \
+	$(PY) -m pytest tests $(PYTEST_WORKERS) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 test-unit: setup

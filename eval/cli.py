@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default=None, help="output folder (default eval/results/<timestamp>)")
     run.add_argument("--quick", action="store_true", help="a few minutes on 2 CPU cores")
     run.add_argument("--smoke", action="store_true",
-                     help="online, spike: the shortest run that goes through every step (one round of "
+                     help="online, spike, serving: the shortest run that goes through every step (one round of "
                           "blocks of seconds; tests use it with the tiny model: numbers mean nothing)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--workload", choices=WORKLOADS, default=WORKLOADS[0],

@@ -69,7 +69,7 @@ class RunContext:
     feedback_delay_s: float = 0.0  # --feedback-delay: mean delay of simulated users' feedback
     rate_rps: float | None = None  # --rate: the request rate of online/cadence (None: their default)
     round_s: float | None = None  # --round-s: online's train.round_s (None: its default)
-    smoke: bool = False  # --smoke: online/spike's shortest end-to-end run (tests, tiny model)
+    smoke: bool = False  # --smoke: online/spike/serving's shortest end-to-end run (tests, tiny model)
     servers: list[dict[str, Any]] = field(default_factory=list)
     last_timeline: list[dict[str, float]] = field(default_factory=list, repr=False)
     _pids: dict[str, int] = field(default_factory=dict, repr=False)

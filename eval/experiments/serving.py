@@ -22,13 +22,14 @@ NAME = "serving"
 
 QUICK = {"rates_rps": (0.3, 1.5), "requests": 12, "max_tokens": 24, "duration_s": 60.0, "drain_s": 120.0}
 FULL = {"rates_rps": (0.5, 2.0), "requests": 150, "max_tokens": 128, "duration_s": 900.0, "drain_s": 600.0}
+SMOKE = {"rates_rps": (1.0, 3.0), "requests": 6, "max_tokens": 8, "duration_s": 20.0, "drain_s": 60.0}  # --smoke
 MAX_TURNS = 3
 
 
 def run(ctx: Any) -> dict[str, Any]:
     import asyncio
 
-    p = QUICK if ctx.quick else FULL
+    p = SMOKE if ctx.smoke else QUICK if ctx.quick else FULL
     workload = ctx.workload(min_turns=2)
     per_rate: dict[str, Any] = {}
     samples: dict[str, Any] = {}

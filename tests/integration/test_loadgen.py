@@ -147,9 +147,9 @@ def test_failures_are_counted_not_raised(tiny_server) -> None:
 
 
 @pytest.mark.slow
-def test_cli_serving_quick_and_report(tiny_server, tmp_path: Path) -> None:
+def test_cli_serving_smoke_and_report(tiny_server, tmp_path: Path) -> None:
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
-    run = subprocess.run([sys.executable, "-m", "eval", "run", "serving", "--quick", "--url", tiny_server.base_url,
+    run = subprocess.run([sys.executable, "-m", "eval", "run", "serving", "--smoke", "--url", tiny_server.base_url,
                           "--out", str(tmp_path), "--no-progress"], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]

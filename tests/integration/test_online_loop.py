@@ -21,7 +21,7 @@ from alchemist_sgl.train import LoraAdapter, load_fused_weights
 from tests.support.hfref import build_hf_peft, hf_grads, max_rel_err
 from tests.support.online import (chat, command, post, post_status, response_logprobs, status,
                                   train_and_wait, wait_for, wait_running)
-from tests.support.servers import REPO, RunningServer
+from tests.support.servers import CHUNKED_ONE_AT_A_TIME, REPO, RunningServer
 
 TOL_FP32 = 1e-4
 FOLDER = REPO / "var" / "models" / "tiny"
@@ -249,7 +249,7 @@ def test_a_request_waiting_across_a_publish_runs_at_the_new_version(server_pool)
     """One running request at a time: B waits in the queue while A decodes and a step publishes.
     B is admitted (stamped) after the publish, so it runs at the new version, and its greedy tokens
     and log-probs equal the same request after a full flush."""
-    server = server_pool.get("configs/cpu-tiny.yaml", ("sglang.max-running-requests=1",))
+    server = server_pool.get("configs/cpu-tiny.yaml", CHUNKED_ONE_AT_A_TIME)
     results: dict[str, dict] = {}
 
     def run(name: str, content: str, tokens: int) -> None:

@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from tests.support.servers import RunningServer, ServerPool
+from tests.support.servers import CHUNKED_ONE_AT_A_TIME, RunningServer, ServerPool
 
 LONG_PROMPT = (
     "You are reviewing a travel diary. " + " ".join(
@@ -44,10 +44,12 @@ def _flush(server: RunningServer) -> None:
 
 
 def test_radix_hit_and_chunked_prefill_match_cold_run(tiny_server: RunningServer, server_pool: ServerPool) -> None:
-    # Other tests train the session server; serve W0 again (rollback to v0 rebuilds it bitwise)
-    # so that it and the fresh chunked server serve the same weights.
-    _post(f"{tiny_server.base_url}/alchemist/rollback", {"to": "v0"})
-    _flush(tiny_server)
+    # Other tests train both session servers; serve W0 again on each (rollback to v0 rebuilds it
+    # bitwise) so that they serve the same weights.
+    chunked = server_pool.get("configs/cpu-tiny.yaml", CHUNKED_ONE_AT_A_TIME)
+    for server in (tiny_server, chunked):
+        _post(f"{server.base_url}/alchemist/rollback", {"to": "v0"})
+        _flush(server)
     cold_tokens, cold_lp, cold_cached, prompt_tokens = _greedy(tiny_server)
     assert cold_cached == 0
     assert prompt_tokens > 200, "the prompt must span many pages and several chunks"
@@ -57,8 +59,6 @@ def test_radix_hit_and_chunked_prefill_match_cold_run(tiny_server: RunningServer
     assert hit_tokens == cold_tokens
     assert hit_lp == pytest.approx(cold_lp, abs=1e-3)
 
-    chunked = server_pool.get("configs/cpu-tiny.yaml", ("sglang.chunked-prefill-size=32",))
-    _flush(chunked)
     chunk_tokens, chunk_lp, chunk_cached, _ = _greedy(chunked)
     assert chunk_cached == 0
     assert chunk_tokens == cold_tokens

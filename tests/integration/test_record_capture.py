@@ -4,7 +4,8 @@ Real SGLang on CPU (configs/cpu-tiny.yaml, fp32). The scheduler dumps each reque
 recording after its last prefill forward (``ALCHEMIST_SGL_RECORD_DUMP_DIR``, tests only; see
 ``Capture._dump``); the reference is HF transformers on the same weights with forward hooks on its
 q/k/v/o/gate/up/down projections (fused the way SGLang fuses them). Covered positions must match
-the reference; positions never prefilled (decoded tokens of an earlier turn) are holes.
+the reference; positions never prefilled (decoded tokens of an earlier turn) are holes. The same server shows
+that a shared system prompt is stored once, and that a full pool demotes before it evicts.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ CONFIG = "configs/cpu-tiny.yaml"
 HOST_PAGES = 96  # the store's host pool, in pages, for the eviction test
 STORY = " ".join(f"On day {i} the travellers counted {i + 7} boats near bridge {i * 3}."
                  for i in range(1, 16))
+SYSTEM = "You are the help desk of a river museum. " + " ".join(
+    f"Fact {i}: the museum's boat number {i} was built in {1900 + i} and is {i + 3} metres long."
+    for i in range(1, 12))
+QUESTIONS = ["When was boat 2 built?", "How long is boat 7?", "Which boat is the oldest?",
+             "Is the museum open on Sundays, and what does a ticket cost?"]
 
 def _env(dump: Path, **extra: str) -> dict[str, str]:
     return {"ALCHEMIST_SGL_RECORD_DUMP_DIR": str(dump), **extra}
@@ -163,6 +169,40 @@ def test_opt_out_records_nothing(recorder) -> None:
     _chat(server, [{"role": "user", "content": "Do not record this one, please. " + STORY}],
           custom_params={"alchemist": {"record": False}})
     assert _status(server)["record"]["tokens_recorded"] == before
+
+
+def test_shared_system_prompt_is_stored_once(recorder) -> None:
+    """N requests behind one long system prompt store its pages once. The stored bytes they add
+    equal (shared prefix tokens + each request's unique suffix tokens) x bytes_per_token, up to one
+    page per request: the page where a prompt leaves the shared prefix holds tokens of both, so it
+    is stored once per request. Runs before the demotion test, while the pool has room."""
+    from transformers import AutoTokenizer
+
+    server, _ = recorder
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "var" / "models" / "tiny")
+    chats = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}] for q in QUESTIONS]
+    prompts = [tokenizer.apply_chat_template(c, tokenize=True, add_generation_prompt=True) for c in chats]
+    prompts = [list(p["input_ids"]) if hasattr(p, "keys") else list(p) for p in prompts]
+    shared = 0
+    while all(len(p) > shared and p[shared] == prompts[0][shared] for p in prompts):
+        shared += 1
+    unique = sum(len(p) - shared for p in prompts)
+    assert shared >= 10 * 16, "the shared prefix must span many pages"
+
+    before = _status(server)["store"]
+    for messages, prompt in zip(chats, prompts):
+        assert _chat(server, messages, max_tokens=4)["usage"]["prompt_tokens"] == len(prompt)
+    status = _status(server)
+    after = status["store"]
+    per_token = status["record_plan"]["bytes_per_token"]
+    page_bytes = 16 * per_token
+    stored = after["bytes_stored"] - before["bytes_stored"]
+    expected = (shared + unique) * per_token
+    without_dedup = sum(len(p) for p in prompts) * per_token
+    assert after["evictions"] == before["evictions"] and after["demotions"] == before["demotions"]
+    assert abs(stored - expected) <= len(prompts) * page_bytes, (stored, expected, page_bytes)
+    assert stored < without_dedup - (len(prompts) - 1) * shared * per_token + len(prompts) * page_bytes
+    assert after["bytes_deduplicated"] > before["bytes_deduplicated"]
 
 
 def test_full_store_demotes_and_serving_continues(recorder, reference) -> None:

@@ -20,6 +20,9 @@ from eval.server import ManagedServer, ServerStartError
 
 REPO = Path(__file__).resolve().parents[2]
 SERVE = [str(REPO / ".venv" / "bin" / "alchemist-sgl"), "serve"]
+# One session server for the tests that need small prefill chunks or one running request at a time
+# (tests/integration/test_prefix_and_chunking.py, test_online_loop.py): one start serves both.
+CHUNKED_ONE_AT_A_TIME = ("sglang.chunked-prefill-size=32", "sglang.max-running-requests=1")
 READY_TIMEOUT_S = float(os.environ.get("ALCHEMIST_TEST_READY_TIMEOUT_S", "300"))
 
 

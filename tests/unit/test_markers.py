@@ -1,5 +1,6 @@
-"""The suite's ``gpu`` marker rule (tests/conftest.py): a test marked ``gpu`` is skipped without a
-CUDA device and runs with one; unmarked tests are never touched."""
+"""The suite's marker rules (tests/conftest.py): a test marked ``gpu`` is skipped without a CUDA
+device and runs with one; unmarked tests are never touched; every integration test, and no unit
+test, is in the one xdist group that ``make test`` runs on a single worker."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from tests import conftest
 
 
 class _Item:
-    def __init__(self, *keywords: str) -> None:
+    def __init__(self, *keywords: str, path: str = "/repo/tests/unit/test_x.py") -> None:
+        self.fspath = path
         self.keywords = {k: True for k in keywords}
         self.markers: list[pytest.MarkDecorator] = []
 
@@ -29,6 +31,15 @@ def test_gpu_marked_tests_skip_only_without_cuda(monkeypatch, has_cuda: bool) ->
     else:
         assert [m.name for m in gpu.markers] == ["skip"]
         assert "CUDA" in gpu.markers[0].kwargs["reason"]
+
+
+def test_integration_tests_share_one_worker_and_unit_tests_do_not(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    server = _Item("test_a", path="/repo/tests/integration/test_serving.py")
+    unit = _Item("test_b", path="/repo/tests/unit/test_integration_names.py")
+    conftest.pytest_collection_modifyitems(None, [server, unit])  # type: ignore[arg-type]
+    assert [(m.name, m.args) for m in server.markers] == [("xdist_group", ("servers",))]
+    assert unit.markers == []
 
 
 def test_the_cuda_staging_test_carries_the_gpu_marker() -> None:
