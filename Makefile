@@ -5,8 +5,8 @@ STAMP  := $(VENV)/.alchemist-setup
 CONFIG ?= configs/cpu-smollm2.yaml
 PYTEST_ARGS ?=
 # Two pytest-xdist workers: one runs every integration test in order (they share the session's
-# servers), the other runs the unit tests beside them (tests/conftest.py groups them).
-PYTEST_WORKERS ?= -n 2 --dist loadgroup
+# servers), the other runs the unit tests beside them (tests/support/one_worker.py).
+PYTEST_WORKERS ?= -n 2
 
 export OMP_WAIT_POLICY ?= PASSIVE
 

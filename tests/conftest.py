@@ -1,4 +1,5 @@
-"""Suite-wide settings: two cores, passive OpenMP threads, and GPU tests skipped without a GPU."""
+"""Suite-wide settings: two cores, passive OpenMP threads, GPU tests skipped without a GPU, and
+the schedule of `make test`'s two xdist workers."""
 
 from __future__ import annotations
 
@@ -9,8 +10,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest  # noqa: E402
 
 
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: called only when xdist runs
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """Every integration test on one worker, the unit tests beside them (tests/support/one_worker.py)."""
+    from tests.support.one_worker import ServersOnOneWorker  # noqa: PLC0415
+
+    return ServersOnOneWorker(config, log)  # type: ignore[arg-type]
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    _one_worker_for_the_servers(items)
     try:
         import torch  # noqa: PLC0415
 
@@ -24,13 +32,3 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if "gpu" in item.keywords:
             item.add_marker(skip)
 
-
-def _one_worker_for_the_servers(items: list[pytest.Item]) -> None:
-    """Under ``make test`` (pytest-xdist, ``--dist loadgroup``) every integration test runs on one
-    worker, in collection order, so the session's servers are started once and the tests that
-    restart or break a server never overlap another server test; the unit tests run on the other
-    worker beside them. Without xdist the marker does nothing."""
-    group = pytest.mark.xdist_group("servers")
-    for item in items:
-        if "tests/integration/" in str(item.fspath).replace("\\", "/"):
-            item.add_marker(group)

@@ -1,6 +1,6 @@
-"""The suite's marker rules (tests/conftest.py): a test marked ``gpu`` is skipped without a CUDA
-device and runs with one; unmarked tests are never touched; every integration test, and no unit
-test, is in the one xdist group that ``make test`` runs on a single worker."""
+"""The suite's rules (tests/conftest.py): a test marked ``gpu`` is skipped without a CUDA device
+and runs with one; unmarked tests are never touched; under ``make test``'s two xdist workers every
+integration test is in one work unit (one worker) and each unit test is its own."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ from tests import conftest
 
 
 class _Item:
-    def __init__(self, *keywords: str, path: str = "/repo/tests/unit/test_x.py") -> None:
-        self.fspath = path
+    def __init__(self, *keywords: str) -> None:
         self.keywords = {k: True for k in keywords}
         self.markers: list[pytest.MarkDecorator] = []
 
@@ -33,13 +32,13 @@ def test_gpu_marked_tests_skip_only_without_cuda(monkeypatch, has_cuda: bool) ->
         assert "CUDA" in gpu.markers[0].kwargs["reason"]
 
 
-def test_integration_tests_share_one_worker_and_unit_tests_do_not(monkeypatch) -> None:
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    server = _Item("test_a", path="/repo/tests/integration/test_serving.py")
-    unit = _Item("test_b", path="/repo/tests/unit/test_integration_names.py")
-    conftest.pytest_collection_modifyitems(None, [server, unit])  # type: ignore[arg-type]
-    assert [(m.name, m.args) for m in server.markers] == [("xdist_group", ("servers",))]
-    assert unit.markers == []
+def test_integration_tests_are_one_work_unit_and_each_unit_test_its_own() -> None:
+    from tests.support.one_worker import SERVERS, scope_of
+
+    assert scope_of("tests/integration/test_serving.py::test_a") == SERVERS
+    assert scope_of("tests/integration/test_replay_live.py::test_b[tiny]") == SERVERS
+    unit = "tests/unit/test_integration_names.py::test_c"
+    assert scope_of(unit) == unit
 
 
 def test_the_cuda_staging_test_carries_the_gpu_marker() -> None:
