@@ -96,3 +96,19 @@ def test_a_demoted_page_leaves_projection_replay(tiny):
     assert sample.graph is None
     assert {n for seg in sample.segments if seg.recording for n in seg.recording.tensors} == {"down"}
     recordings.unpin(pin)
+
+
+def test_no_graph_is_rebuilt_for_a_trainer_that_takes_none(tiny):
+    """Replay off: the sample gets no PromptGraph (the rebuild is skipped), only its segments."""
+    weights, adapter, _ = tiny
+    trainer = make_trainer(weights, adapter, replay=False)
+    assert not trainer.takes_graph and make_trainer(weights, adapter).takes_graph
+    store = _graph_store(weights.spec)
+    recordings = StoreRecordings(store)
+    prompt = [int(t) for t in ids_of(420, 2 * TPAGE + 3)]
+    _, rows = record_prompt_rows(weights, None, torch.tensor(prompt), trainer.rope)
+    write_extend(store, "r", prompt, 0, rows)
+    pin = recordings.pin(prompt, NS.base_version)
+    sample = build_sample(_pending(prompt, [5, 6]), recordings.segments(pin), 0, trainer)
+    assert sample.graph is None and any(seg.recording is not None for seg in sample.segments)
+    recordings.unpin(pin)
