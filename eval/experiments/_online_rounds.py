@@ -27,7 +27,8 @@ from typing import Any, Iterable, Mapping, Sequence
 from eval.loadgen.stats import summarize_requests
 from eval.loadgen.training import lag_delta, radix_hit_rate
 
-COUNTERS = ("tokens_trained", "samples_trained", "busy_ms", "replayed_tokens", "recomputed_tokens")
+COUNTERS = ("tokens_trained", "samples_trained", "busy_ms", "replayed_tokens", "recomputed_tokens",
+            "graph_samples")
 LAG_KEYS = ("samples_trained_by_lag", "reuse_by_lag")
 TOKEN_FATES = ("lag0", "approximate", "stale_recomputed", "hole", "evicted")
 SAMPLE_FATES = ("trained", "deferred", "dropped", "expired")
@@ -155,6 +156,7 @@ def arm_summary(blocks: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
            **latency_numbers(records), "breakdown_ms_per_token": _breakdown_per_token(windows, tokens),
            "blocks": len(blocks), "blocks_with_window": len(windows), "window_s": seconds,
            "rounds": sum(w["rounds"] for w in windows), "tokens_trained": tokens, "samples_trained": samples,
+           "graph_samples": sum(w.get("graph_samples", 0) for w in windows),
            "saturated_share": share(sum(s * w for s, w in sat), sum(w for _, w in sat)),
            "lag0_share_samples": share(by_lag.get("0", 0), sum(by_lag.values())),
            "samples_trained_by_lag": by_lag, "prompt_tokens_by_fate": fates,

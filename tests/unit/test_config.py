@@ -30,6 +30,8 @@ def test_shipped_configs_load() -> None:
     fp32 = load_config(REPO / "configs/cpu-smollm2-fp32.yaml")
     assert fp32.sglang["dtype"] == "float32" and fp32.server.model == smol.server.model
     assert fp32.store.host_bytes == 3 * smol.store.host_bytes
+    graph = load_config(REPO / "configs/cpu-smollm2-fp32-graph.yaml")
+    assert graph.record.plan == "graph" and graph.sglang["dtype"] == "float32"
     for config in (smol, tiny):
         assert config.sglang["device"] == "cpu"
         assert config.sglang["max-total-tokens"] > 0, "the KV pool is bounded on CPU"

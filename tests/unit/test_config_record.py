@@ -21,8 +21,12 @@ def test_config_names_the_plan_tensors() -> None:
 
 @pytest.mark.parametrize("path", [None, *sorted((REPO / "configs").glob("*.yaml"))])
 def test_every_packaged_config_records_the_full_plan(path: Path | None) -> None:
+    """Every shipped config records the four projections; the one named for the graph plan also
+    the attention output and lse."""
     record = load_config(path).record
-    assert choose_plan(SHAPE, record.plan_choice).tensors == TENSOR_ORDER
+    graph = path is not None and path.name.endswith("-graph.yaml")
+    want = (*TENSOR_ORDER, "attn", "lse") if graph else TENSOR_ORDER
+    assert choose_plan(SHAPE, record.plan_choice).tensors == want
 
 
 @pytest.mark.parametrize("override, tensors", [

@@ -30,7 +30,7 @@ ONLINE_FIELDS = (
     "ttft_p95_training_on", "ttft_p95_training_off", "tpot_p50_training_on", "tpot_p50_training_off",
     "failed_requests", "samples", "publishes")
 ARM_FIELDS = ("trained_tokens_per_s", "samples_trained_per_s", "train_busy_ms_per_token", "ttft_p50", "ttft_p95",
-              "tpot_p50", "radix_hit_rate", "breakdown_ms_per_token")
+              "tpot_p50", "radix_hit_rate", "breakdown_ms_per_token", "graph_samples")
 
 
 # ------------------------------------------------------------------------------------------ rows, windows
@@ -142,7 +142,8 @@ class FakeServer:
         self.queue: list[str] = []
         self.version = 3
         self.train = {"steps": 0, "nonfinite_skipped": 0, "samples_trained": 0, "tokens_trained": 0, "busy_ms": 0.0,
-                      "replayed_tokens": 0, "recomputed_tokens": 0, "samples_fed": 0, "loss_ema": None,
+                      "replayed_tokens": 0, "recomputed_tokens": 0, "graph_samples": 0, "samples_fed": 0,
+                      "loss_ema": None,
                       "samples_by_fate": {"trained": 0, "deferred": 0, "dropped": 0, "expired": 0},
                       "samples_trained_by_lag": {}, "reuse_by_lag": {}, "replay": True,
                       "prompt_tokens_by_fate": {"lag0": 0, "approximate": 0, "stale_recomputed": 0, "hole": 0,
@@ -159,6 +160,7 @@ class FakeServer:
         t["samples_trained"] += n
         t["tokens_trained"] += per * n
         t["busy_ms"] += per * n * (1.0 if r["replay"] else 2.0)
+        t["graph_samples"] += n if r["replay"] else 0  # as a graph-plan server counts them
         t["samples_by_fate"]["trained"] += n
         t["samples_trained_by_lag"]["0"] = t["samples_trained_by_lag"].get("0", 0) + n
         for fate, tokens in (("lag0", 80), ("hole", 10), ("stale_recomputed", 10)):
@@ -294,6 +296,7 @@ def test_online_runs_three_arms_counts_only_whole_rounds_and_reports_every_field
     assert result["live_ratio"] == pytest.approx(1.5) and result["live_ratios"] == pytest.approx([1.5, 1.5])
     assert result["live_ratio_spread"] == {"min": pytest.approx(1.5), "max": pytest.approx(1.5)}
     assert rep["breakdown_ms_per_token"] is None and rep["saturated_share"] == 1.0
+    assert rep["graph_samples"] == rep["samples_trained"] > 0 and rec["graph_samples"] == 0
     assert result["lag0_share_samples"] == 1.0 and result["samples_trained_by_lag"] == {"0": 16}
     assert result["prompt_coverage"] == pytest.approx(0.8) and result["coverage_ceiling"] == pytest.approx(0.9)
     assert result["arms"]["serving_only"]["trained_tokens_per_s"] is None
