@@ -55,20 +55,28 @@ def status_row(status: Mapping[str, Any], t: float) -> dict[str, Any]:
     return row
 
 
+SAME_ROUND_S = 1.0  # two rows whose round opened within this of each other show the same round
+
+
 def round_openings(rows: Sequence[Mapping[str, Any]], t_from: float = -math.inf) -> list[dict[str, Any]]:
     """One entry per round seen in ``rows`` (in order) that opened at or after ``t_from``:
-    ``t_open`` (the first row showing it, ``t - opened_s_ago``), ``replay`` and that ``row``."""
+    ``t_open`` (the first row showing it, ``t - opened_s_ago``), ``replay`` and ``row``: the row
+    from which its counters are read. A round is new when the key moves (a step finished) and its
+    opening time differs; a key that moves while the same round is shown (the previous round's
+    step finished after this one opened) moves ``row`` to that later row instead, so the previous
+    round's training is not counted as this round's."""
     out: list[dict[str, Any]] = []
     last_key: Any = object()
     for row in rows:
-        if row.get("opened_s_ago") is None:
+        if row.get("opened_s_ago") is None or row["key"] == last_key:
             continue
-        if row["key"] != last_key:
-            last_key = row["key"]
-            t_open = float(row["t"]) - float(row["opened_s_ago"])
-            if t_open >= t_from:
-                out.append({"t_open": t_open, "replay": row.get("round_replay"), "row": row})
-    return out
+        last_key = row["key"]
+        t_open = float(row["t"]) - float(row["opened_s_ago"])
+        if out and abs(t_open - out[-1]["t_open"]) <= SAME_ROUND_S:
+            out[-1]["row"] = row
+            continue
+        out.append({"t_open": t_open, "replay": row.get("round_replay"), "row": row})
+    return [o for o in out if o["t_open"] >= t_from]
 
 
 def fate_delta(before: Mapping[str, Any], after: Mapping[str, Any],

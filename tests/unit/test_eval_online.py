@@ -54,6 +54,18 @@ def test_round_openings_date_each_round_once_from_its_first_row() -> None:
     assert [o["t_open"] for o in rr.round_openings(rows, t_from=7.0)] == [12.5, 28.0]
 
 
+def test_a_step_finishing_under_an_open_round_does_not_make_a_second_round() -> None:
+    """The round opened at 40 is shown from t=41; the previous round's step finishes at t=45 (the
+    key moves, the round shown does not): one round, its counters read from the t=45 row."""
+    rows = [row(41.0, 4, True, 1.0, tokens=1000), row(45.0, 5, True, 5.0, tokens=1600),
+            row(100.0, 6, True, 0.5, tokens=2100)]
+    opens = rr.round_openings(rows)
+    assert [o["t_open"] for o in opens] == [40.0, 99.5]
+    assert opens[0]["row"]["tokens_trained"] == 1600
+    w = rr.training_window(rows, replay=True, t_from=0.0)
+    assert (w["seconds"], w["rounds"], w["tokens_trained"]) == (59.5, 1, 500)
+
+
 def test_training_window_counts_whole_rounds_of_the_arm_opened_after_resume() -> None:
     # Resume at t=100. The round open since before it (replay on, steps 4) closes at ~105; rounds
     # opened after: 105 (off), 125 (off), 146 (off). Only 105 -> 146 counts.
