@@ -226,6 +226,7 @@ class OnlineLoop:
         lag = self.lag_of(p)
         covered = (self.recordings.covered_tokens(p.handle)
                    if p.handle is not None and self.recordings is not None else 0)
+        t0 = time.perf_counter()
         try:
             units = r.run.add(self._to_sample(p, lane, r.is_replay_enabled))
         except ValueError as exc:  # a malformed sample: drop it, counted, and go on
@@ -233,6 +234,8 @@ class OnlineLoop:
             self._drop([p])
             self._inflight = []
             return
+        finally:  # the read-out and any graph rebuild are the trainer's work, as its units are
+            self.counters.busy_ms += (time.perf_counter() - t0) * 1000.0
         while not units.is_done:
             units.run_unit()
             yield "train"

@@ -70,7 +70,8 @@ class LoopCounters:
     max_slice_ms: float = 0.0
     publishes: int = 0
     rejected: int = 0
-    busy_ms: float = 0.0          # work-unit time of all rounds (samples' units and optimizer)
+    busy_ms: float = 0.0          # trainer time of all rounds: building each sample (read-out,
+                                  # graph rebuild), its units and the optimizer's
     last_step_ms: float | None = None
     last_loss: float | None = None
     last_step_tokens: int | None = None
