@@ -11,9 +11,9 @@ the held tensors change, so the prompt qualifies when its first segment starts a
 graph tensor and reaches row P - 1 (graph_backward.py, Note [Prompt and response rows]: the last
 prompt row runs with the response). Its rows [0, P - 1) are then rebuilt into the sample's
 ``PromptGraph`` here, when the sample is built (one read of those rows and elementwise ops, on
-the trainer's device), labelled with the recording's version, unless the trainer takes no graph
-at all (``ReplayTrainer.takes_graph``: replay off, response-only gradients or LoRA dropout); the
-trainer's planner decides per sample whether to use it (lag within bound; samples.py).
+the trainer's device), labelled with the recording's version, unless the trainer's replay is off; the
+trainer's planner decides whether to use it (exact gradients, no LoRA dropout, lag within bound;
+samples.py).
 Otherwise, and for the projection segments in any case, ``attn`` and ``lse`` are left out and the
 sample replays its projections as before.
 """
@@ -53,10 +53,12 @@ def _projections(tensors: _Tensors) -> dict[str, torch.Tensor | LayerRows]:
 def _graph(segments: Sequence[RecordedSegment], prompt_ids: Sequence[int], version: int,
            trainer: ReplayTrainer) -> PromptGraph | None:
     n = len(prompt_ids) - 1
-    if not segments or n < 1 or not trainer.takes_graph:  # no rebuild the planner would not use
+    if not segments or n < 1:
         return None
     start, end, tensors = segments[0]
     if start != 0 or end < n or tensors is None or any(k not in tensors for k in GRAPH_ROW_NAMES):
+        return None
+    if not trainer.config.replay:  # no rebuild the planner would not use
         return None
     rows: dict[str, torch.Tensor | LayerRows] = {}
     for name in GRAPH_ROW_NAMES:

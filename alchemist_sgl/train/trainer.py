@@ -110,15 +110,6 @@ class ReplayTrainer:
         self._is_published_current = bool(frozen is not None and allow_lag0_form
                                           and frozen.equals(self.adapter))
 
-    @property
-    def takes_graph(self) -> bool:
-        """Whether ``plan`` may use a sample's graph recording: replay on, exact gradients and no
-        LoRA dropout (graph_layer.py, Note [Graph replay]); lag and length are checked per sample."""
-        return self.config.replay and self._is_graph_form()
-
-    def _is_graph_form(self) -> bool:
-        return self.config.gradient_mode == "exact" and self.adapter.dropout == 0.0
-
     def plan(self, sample: Sample, *, is_replay_enabled: bool | None = None) -> PlannedSample:
         """``sample`` planned (samples.py); its graph recording is used only with exact gradients
         and no LoRA dropout (graph_layer.py, Note [Graph replay])."""
@@ -128,7 +119,7 @@ class ReplayTrainer:
                            max_version_lag=self.config.max_version_lag,
                            is_replay_enabled=replay, dtype=self.weights.dtype,
                            is_response_separate=not is_exact,
-                           is_graph_enabled=self._is_graph_form())
+                           is_graph_enabled=is_exact and self.adapter.dropout == 0.0)
 
     def logprobs(self, planned: PlannedSample, *, is_adapter_enabled: bool = True) -> torch.Tensor:
         """Response log-probs [R] of W0 + adapter (or, with the adapter disabled, of the base

