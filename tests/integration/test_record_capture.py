@@ -4,8 +4,9 @@ Real SGLang on CPU (configs/cpu-tiny.yaml, fp32). The scheduler dumps each reque
 recording after its last prefill forward (``ALCHEMIST_SGL_RECORD_DUMP_DIR``, tests only; see
 ``Capture._dump``); the reference is HF transformers on the same weights with forward hooks on its
 q/k/v/o/gate/up/down projections (fused the way SGLang fuses them). Covered positions must match
-the reference; positions never prefilled (decoded tokens of an earlier turn) are holes. The same server shows
-that a shared system prompt is stored once, and that a full pool demotes before it evicts.
+the reference; positions never prefilled (decoded tokens of an earlier turn) are holes. The same
+server shows that a shared system prompt is stored once, and that a full pool demotes before it
+evicts.
 """
 
 from __future__ import annotations
