@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 
@@ -44,7 +44,7 @@ from alchemist_sgl.online.publish import MasterWeights, Publisher
 from alchemist_sgl.online.versions import VersionRegistry
 from alchemist_sgl.record.capture import Capture
 from alchemist_sgl.record.export import export_recording
-from alchemist_sgl.core.plan import RecordPlan
+from alchemist_sgl.core.plan_auto import PlanChoice
 from alchemist_sgl.store.activation_store import ActivationStore
 from alchemist_sgl.store.recordings import StoreRecordings
 from alchemist_sgl.train.offload import SavedTensorOffload
@@ -101,7 +101,7 @@ class Recording(Protocol):
     @property
     def store(self) -> ActivationStore: ...
     @property
-    def plan(self) -> RecordPlan: ...
+    def choice(self) -> PlanChoice: ...
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ def build_runtime(config: Config, info: SchedulerInfo, state: RuntimeState, *,
     is_debug = config.server.enable_debug_commands
     var_dir = Path(config.server.cache_dir).parent
     if recording is not None:
-        sections.update(record_plan=recording.plan.as_status, store=recording.store.status,
+        sections.update(record_plan=recording.choice.as_status, store=recording.store.status,
                         record=recording.capture.status)
         if is_debug:
             handlers["debug.recording"] = lambda payload: export_recording(
@@ -150,6 +150,7 @@ def build_runtime(config: Config, info: SchedulerInfo, state: RuntimeState, *,
                 chat=served.chat, eos_id=served.eos_id, max_tokens=served.max_tokens,
                 serving=lambda: state.weight_version,
                 feedback=FeedbackStore(config.feedback.db_path),
+                recorded=recording.choice.plan.projections if recording is not None else PROJECTIONS,
                 inject_nonfinite_steps=served.inject_nonfinite_steps)
         except Exception as exc:
             logger.exception("building the online loop failed")
@@ -189,6 +190,7 @@ def build_loop(*, config: Config, weights: BaseWeights, host: ServingHost,
                model_name: str, tokenize: Callable[[str], list[int]],
                chat: Callable[[list[dict[str, str]]], list[int]], eos_id: int | None,
                max_tokens: int, serving: Callable[[], str], feedback: FeedbackStore | None = None,
+               recorded: Sequence[str] = PROJECTIONS,
                inject_nonfinite_steps: frozenset[int] = frozenset(),
                clock: Callable[[], float] = time.monotonic) -> Training:
     """The online loop over the live ``weights``: trainer, master copy of W0, publisher, sample
@@ -228,7 +230,7 @@ def build_loop(*, config: Config, weights: BaseWeights, host: ServingHost,
                       recordings=recordings, feedback=poller, gate_pairs=gate_pairs,
                       inject_nonfinite_steps=inject_nonfinite_steps, clock=clock)
     loop.restore()
-    _compile_before_serving(trainer, config)
+    _compile_before_serving(trainer, recorded)
     if poller is not None:
         requeued = poller.after_restore(trainer.counters.steps)
         if requeued:
@@ -237,16 +239,14 @@ def build_loop(*, config: Config, weights: BaseWeights, host: ServingHost,
     return Training(loop, admission, poller)
 
 
-def _compile_before_serving(trainer: ReplayTrainer, config: Config) -> None:
+def _compile_before_serving(trainer: ReplayTrainer, recorded: Sequence[str]) -> None:
     """train.compile: compile the loop's layer graphs now, before the server reports ready
-    (train/warmup.py); a failure is logged and training runs eager instead."""
+    (train/warmup.py), for samples carrying the ``recorded`` projections (the plan's; all four
+    while recording is off); a failure is logged and training runs eager instead."""
     if not trainer.is_compiled:
         return
-    choice = config.record.plan_choice if config.record.is_enabled else "full"
-    names = (choice,) if isinstance(choice, str) and choice != "full" else (
-        tuple(choice) if isinstance(choice, (tuple, list)) else PROJECTIONS)
     try:
-        trainer.compile_info = warm_up_compiled(trainer, names)
+        trainer.compile_info = warm_up_compiled(trainer, tuple(recorded))
         logger.info("train.compile: layer graphs compiled in %.1f s (%d warm-up steps)",
                     trainer.compile_info["compile_s"], trainer.compile_info["steps"])
     except Exception as exc:  # noqa: BLE001 - any compiler failure: train eager, loudly

@@ -25,24 +25,43 @@ _BYTES = at_least(0)
 
 def _is_plan(plan: str | tuple[str, ...]) -> bool:
     names = (plan,) if isinstance(plan, str) else plan
-    return plan in ("full", "graph") or (bool(names) and len(set(names)) == len(names)
+    return plan in ("auto", "full", "graph") or (bool(names) and len(set(names)) == len(names)
                               and all(n in RECORD_TENSORS for n in names))
 
 
-_PLAN = Rule(_is_plan, f"must be 'full', 'graph', one of {list(RECORD_TENSORS)} or a list of distinct names "
+_PLAN = Rule(_is_plan, f"must be 'auto', 'full', 'graph', one of {list(RECORD_TENSORS)} or a list of distinct names "
                        "from it", is_value_shown=True)
 _BUDGET = Rule(lambda b: b is None or b == "full" or (isinstance(b, int) and b >= 0),
                "must be a byte count >= 0 or 'full'", is_value_shown=True)
 
 
 @dataclass(frozen=True)
+class AutoPlanConfig(Section):
+    """``record.plan: auto`` (core/plan_auto.py, Note [Auto plan])."""
+    # The prompt tokens per second the server is expected to prefill: sizes the rounds the host
+    # pool must hold. The default suits a 2-core CPU serving SmolLM2; set yours.
+    prompt_tokens_per_s: float = key(100.0, _POSITIVE)
+    # Recompute step time / replay step time per plan, as `python -m eval run replay` measures it
+    # on the serving machine (defaults: docs/results.md, fp32 on a 2-core CPU).
+    graph_ratio: float = key(1.31, _POSITIVE)
+    full_ratio: float = key(1.23, _POSITIVE)
+    down_ratio: float = key(1.06, _POSITIVE)
+
+    @property
+    def ratios(self) -> dict[str, float]:
+        return {"graph": self.graph_ratio, "full": self.full_ratio, "down": self.down_ratio}
+
+
+@dataclass(frozen=True)
 class RecordConfig(Section):
     is_enabled: bool = key(True)
-    # "full" (default), "graph" (full + attention output and lse, core/plan.py Note [Graph plan]),
-    # one name or a list of RECORD_TENSORS; see core/plan.py for why full.
-    plan: str | tuple[str, ...] = key("full", _PLAN)
+    # "auto" (default: core/plan_auto.py), "full" (the four projections), "graph" (full +
+    # attention output and lse, core/plan.py Note [Graph plan]), one name or a list of
+    # RECORD_TENSORS.
+    plan: str | tuple[str, ...] = key("auto", _PLAN)
     # Greedy by bytes/token instead; null: ``plan``.
     budget_bytes_per_token: int | str | None = key(None, _BUDGET)
+    auto: AutoPlanConfig = field(default_factory=AutoPlanConfig)
 
     @property
     def plan_choice(self) -> int | str | tuple[str, ...]:
@@ -50,7 +69,7 @@ class RecordConfig(Section):
         return self.budget_bytes_per_token if self.budget_bytes_per_token is not None else self.plan
 
     def problems(self) -> Iterator[tuple[str, str]]:
-        if self.budget_bytes_per_token is not None and self.plan != "full":
+        if self.budget_bytes_per_token is not None and self.plan not in ("auto", "full"):
             yield "budget_bytes_per_token", "set record.plan or record.budget_bytes_per_token, not both"
 
 

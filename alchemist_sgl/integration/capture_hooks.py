@@ -53,7 +53,9 @@ from alchemist_sgl.config import Config
 from alchemist_sgl.log import get_logger
 from alchemist_sgl.core.prefix import Namespace
 from alchemist_sgl.record.capture import Capture
-from alchemist_sgl.core.plan import ModelShape, RecordPlan, choose_plan
+from alchemist_sgl.record.plan_choice import plan_for
+from alchemist_sgl.core.plan import TENSOR_ORDER, ModelShape, RecordPlan
+from alchemist_sgl.core.plan_auto import PlanChoice
 from alchemist_sgl.core.records import RequestExtend
 from alchemist_sgl.integration import graph_capture
 from alchemist_sgl.integration.graph_capture import graph_refusal, install_graph_hooks
@@ -111,9 +113,9 @@ _DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 class RecordingHooks:
     """The installed hooks and the components they feed; ``remove()`` takes them all out."""
 
-    def __init__(self, capture: Capture, store: ActivationStore, plan: RecordPlan,
+    def __init__(self, capture: Capture, store: ActivationStore, choice: PlanChoice,
                  handles: list[Any], restore: Callable[[], None]) -> None:
-        self.capture, self.store, self.plan = capture, store, plan
+        self.capture, self.store, self.choice, self.plan = capture, store, choice, choice.plan
         self._handles, self._restore = handles, restore
 
     def remove(self) -> None:
@@ -146,11 +148,13 @@ def install(scheduler: Any, config: Config, state: RuntimeState) -> RecordingHoo
         state.disable("record", f"unsupported model dtype {weight.dtype}")
         return None
     shape = ModelShape.from_hf_config(model.config, _DTYPE_BYTES[weight.dtype])
-    plan = choose_plan(shape, config.record.plan_choice, config.store.page_tokens)
-    wrapped_lora = any(hasattr(_projection(layers[0], name), "base_layer")
-                       for name in plan.projections)
-    refusal = _graph_refusal(scheduler, weight, wrapped_lora) if plan.is_graph else None
-    if refusal is not None:
+    wrapped = {name for name in TENSOR_ORDER if hasattr(_projection(layers[0], name), "base_layer")}
+    refusal = _graph_refusal(scheduler, weight, bool(wrapped))
+    choice = plan_for(config, shape, {"graph": refusal} if refusal is not None else None)
+    plan = choice.plan
+    logger.info("record plan %s (%s)", list(plan.tensors), choice.rule)
+    wrapped_lora = any(name in wrapped for name in plan.projections)
+    if plan.is_graph and refusal is not None:
         state.disable("record", refusal)
         return None
     sglang_page = int(getattr(scheduler, "page_size", 1) or 1)
@@ -191,7 +195,7 @@ def install(scheduler: Any, config: Config, state: RuntimeState) -> RecordingHoo
         scheduler.__dict__.pop("run_batch", None)
         scheduler.__dict__.pop(_INSTALLED_ATTR, None)
 
-    hooks = RecordingHooks(capture, store, plan, handles, restore)
+    hooks = RecordingHooks(capture, store, choice, handles, restore)
     setattr(scheduler, _INSTALLED_ATTR, hooks)
     return hooks
 

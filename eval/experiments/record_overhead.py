@@ -1,7 +1,8 @@
 """record-overhead: serving latency with prefill recording on vs off, per record plan.
 
 One server per plan (``--config``, default SmolLM2 bf16 on CPU): the default plan (``record.plan``
-from the config: ``full``, all four projections) and ``down`` (down_proj only). The full run
+from the config; ``auto`` resolves as in record/plan_choice.py), ``down`` (down_proj only) and
+``graph`` (the four projections, the attention output and its log-sum-exp). The full run
 records more than the host pool holds (SmolLM2 full plan: ~311 kB per token, 2 GiB pool), so the
 store demotes old pages to ``down`` and then evicts while it is measured: ``demotions``,
 ``evictions``, ``spills`` and ``released_pages`` come from the store's status at the end. On each server two arms alternate in blocks (``eval.loadgen.ab.run_ab``, radix cache
@@ -101,7 +102,8 @@ def run(ctx: Any) -> dict[str, Any]:
     samples: dict[str, Any] = {}
     # No feedback arrives here, so nothing trains: skip the trainer's compile at startup.
     plans = [("default", ())] if ctx.url else [("default", ("train.compile=false",)),
-                                               ("down", ("train.compile=false", "record.plan=down"))]
+                                               ("down", ("train.compile=false", "record.plan=down")),
+                                               ("graph", ("train.compile=false", "record.plan=graph"))]
     for label, overrides in plans:
         with ctx.server(overrides=overrides) as url:
             result = _measure(ctx, url, p)

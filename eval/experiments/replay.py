@@ -52,10 +52,11 @@ fast smoke run) on this machine's CPU:
     made in this process by the trainer's own forward (_replay_live.py ``local_recordings``), no
     server is started: for measuring the trainer alone. They hold projections only, so the graph
     plan is skipped (logged; ``per_plan.graph`` = ``{"plan", "skipped": reason}``).
-Top level: the plan the config records by default (``record.plan``, or the greedy choice under
-``record.budget_bytes_per_token`` at the config's own dtype), in fp32; ``per_plan``: ``full``, ``down``
+Top level: the plan the config records by default (``record.plan``, ``auto`` resolved as the server
+does, or the greedy choice under ``record.budget_bytes_per_token`` at the config's own dtype), in fp32; ``per_plan``: ``full``, ``down``
 and ``graph`` (each with its ``bytes_per_token``, ``replayed_tokens``, ``graph_samples``); ``bf16``: the same in bfloat16
-(skipped with --quick). ``ALCHEMIST_BENCH_THREADS`` (default 1) sets torch threads;
+(skipped with --quick); ``record_auto_overrides``: the fp32 ratios as ``--set record.auto.*_ratio``
+keys for ``record.plan: auto`` (core/plan_auto.py). ``ALCHEMIST_BENCH_THREADS`` (default 1) sets torch threads;
 ``ALCHEMIST_REPLAY_LAYOUT`` passes ``layout=`` to every trainer (default: the trainer's own).
 Progress: one line per phase, arm and repetition on stderr with the elapsed time.
 
@@ -108,18 +109,16 @@ class Progress:
 
 
 def default_tensors(cfg, hf_config: dict[str, Any]) -> tuple[str, ...]:
-    """The projections the config's record plan keeps at the config's own serving dtype."""
-    from alchemist_sgl.core.plan import ModelShape, choose_plan
+    """The tensors the config's record plan keeps at the config's own serving dtype (``auto``
+    resolved as the server resolves it, record/plan_choice.py)."""
+    from alchemist_sgl.core.plan import ModelShape
+    from alchemist_sgl.record.plan_choice import plan_for
 
     name = str(cfg.sglang.get("dtype", "auto"))
     if name == "auto":
         name = str(hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32")
     nbytes = 4 if name in ("float32", "float") else 2
-    shape = ModelShape.from_hf_config(hf_config, nbytes)
-    choice = getattr(cfg.record, "plan_choice", None)  # record.plan, or a byte budget when set
-    if choice is None:
-        choice = cfg.record.budget_bytes_per_token
-    return choose_plan(shape, choice, cfg.store.page_tokens).tensors
+    return plan_for(cfg, ModelShape.from_hf_config(hf_config, nbytes)).plan.tensors
 
 
 def run(ctx: Any) -> dict[str, Any]:
@@ -172,6 +171,11 @@ def run(ctx: Any) -> dict[str, Any]:
         del exports
         _trim()
     out = dict(results[torch.float32])
+    # record.plan auto reads these (core/plan_auto.py): the fp32 ratios measured here, as --set keys.
+    out["record_auto_overrides"] = [f"record.auto.{n}_ratio={round(out['per_plan'][n]['ratio'], 2)}"
+                                    for n in ("graph", "full", "down")
+                                    if isinstance(out["per_plan"].get(n, {}).get("ratio"), float)]
+    log(f"record.plan auto on this machine: --set {' --set '.join(out['record_auto_overrides'])}")
     if torch.bfloat16 in results:
         out["bf16"] = results[torch.bfloat16]
     import resource

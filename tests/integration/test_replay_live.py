@@ -29,17 +29,19 @@ from tests.support.servers import REPO, RunningServer, dedicated_server
 from alchemist_sgl.train import LoraAdapter
 from alchemist_sgl.train.spec import PROJECTIONS
 from tests.support.graph_live import check_graph_phase, serve_graph_phase
-from tests.support.online import dump_files, next_dump
+from tests.support.online import dump_files, next_dump, status
 from tests.support.hfref import adapter_grads, build_hf_peft, hf_grads, max_rel_err
 
 TOL_FP32 = 1e-4
 SYSTEM = "You are a careful travel assistant. " + " ".join(
     f"Rule {i}: answer about bridge {i} with its colour and its length in metres." for i in range(1, 9))
 CASES = {
-    # The tiny server records the graph plan (the four projections + attention output and lse):
-    # the projection replay below reads its projections, then tests/support/graph_live.py checks
-    # the graph plan on the same server.
-    "tiny": ("configs/cpu-tiny.yaml", "tiny", ("record.plan=graph",)),
+    # The tiny server records the graph plan (the four projections + attention output and lse),
+    # chosen by record.plan auto (graph's ratio set highest, a traffic the pool holds): the
+    # projection replay below reads its projections, then tests/support/graph_live.py checks the
+    # graph plan on the same server.
+    "tiny": ("configs/cpu-tiny.yaml", "tiny", ("record.plan=auto", "record.auto.graph_ratio=2",
+                                               "record.auto.prompt_tokens_per_s=10")),
     "smollm2": ("configs/cpu-smollm2.yaml", "smollm2-135m-instruct",
                 ("sglang.dtype=float32", "record.budget_bytes_per_token=full")),
 }
@@ -103,6 +105,17 @@ def _check_debug_export(server: RunningServer, record: dict, path: Path) -> None
         assert torch.equal(rows[name], tensor), name
 
 
+def _check_auto_choice(plan: dict) -> None:
+    """record.plan auto on the live server: graph first by ratio, and it fits and is not refused."""
+    chosen_by = plan["chosen_by"]
+    assert plan["tensors"] == [*PROJECTIONS, "attn", "lse"], plan
+    assert chosen_by["rule"] == "auto: best measured ratio that holds the rounds", chosen_by
+    verdicts = [(c["plan"], c["verdict"]) for c in chosen_by["candidates"]]
+    assert verdicts == [("graph", "chosen"), ("full", "fits"), ("down", "fits")], verdicts
+    assert chosen_by["round_tokens"] == 10 * 60  # record.auto.prompt_tokens_per_s x train.round_s
+    assert chosen_by["candidates"][0]["round_bytes"] == 600 * plan["bytes_per_token"]
+
+
 @pytest.mark.parametrize("case", ["tiny", pytest.param("smollm2", marks=pytest.mark.slow)])
 def test_replay_on_live_recordings_matches_hf_peft(case: str, tmp_path: Path) -> None:
     config, model_name, overrides = CASES[case]
@@ -111,6 +124,7 @@ def test_replay_on_live_recordings_matches_hf_peft(case: str, tmp_path: Path) ->
                           extra_env={"ALCHEMIST_SGL_RECORD_DUMP_DIR": str(dump)}) as server:
         records = _served_recordings(server, dump)
         if case == "tiny":
+            _check_auto_choice(status(server)["record_plan"])
             _check_debug_export(server, records[2], tmp_path / "export.pt")
             graph = serve_graph_phase(server, dump)
     if case == "tiny":

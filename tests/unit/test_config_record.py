@@ -1,4 +1,4 @@
-"""config/, record section: the full default, named plans, the optional byte budget, errors."""
+"""config/, record section: the packaged plans, named plans, the optional byte budget, errors."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 from alchemist_sgl.config import RECORD_TENSORS, load_config
 from alchemist_sgl.errors import ConfigError
 from alchemist_sgl.core.plan import TENSOR_ORDER, ModelShape, choose_plan
+from alchemist_sgl.record.plan_choice import plan_for
 
 REPO = Path(__file__).resolve().parents[2]
 SHAPE = ModelShape(hidden=8, heads=2, kv_heads=1, head_dim=4, intermediate=16, layers=3,
@@ -20,13 +21,18 @@ def test_config_names_the_plan_tensors() -> None:
 
 
 @pytest.mark.parametrize("path", [None, *sorted((REPO / "configs").glob("*.yaml"))])
-def test_every_packaged_config_records_the_full_plan(path: Path | None) -> None:
-    """Every shipped config records the four projections; the one named for the graph plan also
-    the attention output and lse."""
-    record = load_config(path).record
-    graph = path is not None and path.name.endswith("-graph.yaml")
-    want = (*TENSOR_ORDER, "attn", "lse") if graph else TENSOR_ORDER
-    assert choose_plan(SHAPE, record.plan_choice).tensors == want
+def test_every_packaged_config_names_its_plan_rule(path: Path | None) -> None:
+    """The tiny test model records the four projections, the config named for the graph plan also
+    the attention output and lse; every other shipped config (and the schema) chooses ``auto``."""
+    config = load_config(path)
+    name = "none" if path is None else path.name
+    want = {"cpu-tiny.yaml": ("record.plan", TENSOR_ORDER),
+            "cpu-smollm2-fp32-graph.yaml": ("record.plan", (*TENSOR_ORDER, "attn", "lse"))}
+    choice = plan_for(config, SHAPE)
+    if name in want:
+        assert (choice.rule, choice.plan.tensors) == want[name]
+    else:
+        assert config.record.plan == "auto" and choice.rule.startswith("auto: ")
 
 
 @pytest.mark.parametrize("override, tensors", [

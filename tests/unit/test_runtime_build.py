@@ -24,7 +24,8 @@ from alchemist_sgl.config import Config, load_config
 from alchemist_sgl.memory.arbiter import ServingPressure
 from alchemist_sgl.memory.status import KvPoolView
 from alchemist_sgl.record.capture import Capture
-from alchemist_sgl.core.plan import ModelShape, RecordPlan, choose_plan
+from alchemist_sgl.core.plan import ModelShape, choose_plan
+from alchemist_sgl.core.plan_auto import PlanChoice
 from alchemist_sgl.runtime import RuntimeState, SchedulerInfo, ServedModel, build_runtime
 from alchemist_sgl.store import ActivationStore
 from alchemist_sgl.store.recordings import StoreRecordings
@@ -123,7 +124,7 @@ class InstalledRecording:
 
     capture: Capture
     store: ActivationStore
-    plan: RecordPlan
+    choice: PlanChoice
 
 
 def test_recording_feeds_status_and_the_loop_reads_its_store(tmp_path: Path) -> None:
@@ -132,12 +133,13 @@ def test_recording_feeds_status_and_the_loop_reads_its_store(tmp_path: Path) -> 
     plan = choose_plan(shape, "full", page_tokens=16)
     store = ActivationStore(plan, host_bytes=64 * plan.slot_bytes, dtype=torch.float32)
     state = RuntimeState()
-    recording = InstalledRecording(Capture(store, plan), store, plan)
+    recording = InstalledRecording(Capture(store, plan), store, PlanChoice(plan, "record.plan"))
     runtime = build_runtime(_config(tmp_path), INFO, state, control=None, recording=recording,
                             served=_served(state))
     assert runtime.loop is not None
     source = runtime.loop.recordings
     assert isinstance(source, StoreRecordings) and source.store is store
     status = runtime.status()
-    assert status["record_plan"] == plan.as_status() and status["store"] == store.status()
+    assert status["record_plan"] == {**plan.as_status(), "chosen_by": {"rule": "record.plan"}}
+    assert status["store"] == store.status()
     assert status["record"] == recording.capture.status()
