@@ -218,9 +218,10 @@ def test_ratings_by_version_count_each_choices_latest_thumb_for_its_serving_vers
     http.submit(up("x"))  # no serving version logged
     http.submit(up("running"))  # not finished
     http.submit(up("gone"))  # never logged
-    assert scheduler.ratings_by_version() == {"v0": (3, 1), "v1": (0, 2)}
+    # v0: a0, a1, a2 up and a0's choice 1 down; v1: b0, b1 and the trained b3 down
+    assert scheduler.ratings_by_version() == {"v0": (3, 1), "v1": (0, 3)}
     http.submit(up("b3"))  # a trained row is retracted (replaced): its successor counts
-    assert scheduler.ratings_by_version() == {"v0": (3, 1), "v1": (1, 1)}
+    assert scheduler.ratings_by_version() == {"v0": (3, 1), "v1": (1, 2)}
 
 
 def test_concurrent_submit_from_four_threads_loses_nothing(db):
