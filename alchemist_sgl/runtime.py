@@ -34,6 +34,7 @@ from alchemist_sgl.online import commands
 from alchemist_sgl.online.accounting import SampleFates
 from alchemist_sgl.online.admission import SampleAdmission
 from alchemist_sgl.online.checkpoint import CheckpointMeta, CheckpointStore
+from alchemist_sgl.online.feedback_guard import FeedbackGuard, attach_guard
 from alchemist_sgl.online.feedback_poll import FeedbackPoller
 from alchemist_sgl.online.gate import load_heldout
 from alchemist_sgl.online.intake import SampleQueue
@@ -157,10 +158,11 @@ def build_runtime(config: Config, info: SchedulerInfo, state: RuntimeState, *,
             state.disable("train", f"install failed: {exc!r}")
     if training is not None and served is not None:
         loop = training.loop
+        ratings = training.guard.ratings if training.guard is not None else dict
         handlers.update(commands.handlers(loop, training.admission, var_dir=var_dir,
-                                          is_debug=is_debug))
+                                          is_debug=is_debug, ratings=ratings))
         sections.update(train=lambda: train_status(loop), publish=lambda: publish_status(loop),
-                        versions=lambda: loop.registry.status(cap=20))
+                        versions=lambda: loop.registry.status(cap=20, ratings=ratings()))
         if config.memory.is_enabled:
             arbiter = MemoryArbiter(config.memory, busy_slice_ms=config.train.slice_budget_ms,
                                     idle_slice_ms=config.train.idle_slice_ms, clock=time.monotonic)
@@ -178,11 +180,12 @@ def build_runtime(config: Config, info: SchedulerInfo, state: RuntimeState, *,
 
 @dataclass(frozen=True)
 class Training:
-    """The online loop and what feeds it: sample admission (admin samples), the feedback poller."""
+    """The online loop and what feeds it: admission (admin samples), feedback poller and guard."""
 
     loop: OnlineLoop
     admission: SampleAdmission
     feedback: FeedbackPoller | None
+    guard: FeedbackGuard | None = None
 
 
 def build_loop(*, config: Config, weights: BaseWeights, host: ServingHost,
@@ -231,12 +234,11 @@ def build_loop(*, config: Config, weights: BaseWeights, host: ServingHost,
                       inject_nonfinite_steps=inject_nonfinite_steps, clock=clock)
     loop.restore()
     _compile_before_serving(trainer, recorded)
-    if poller is not None:
-        requeued = poller.after_restore(trainer.counters.steps)
-        if requeued:
-            logger.info("%d feedback rows trained after the restored step (or only queued) go "
-                        "back to pending", requeued)
-    return Training(loop, admission, poller)
+    guard = attach_guard(poller, config.publish.guard, loop) if poller is not None else None
+    if poller is not None and (requeued := poller.after_restore(trainer.counters.steps)):
+        logger.info("%d feedback rows trained after the restored step (or only queued) go back "
+                    "to pending", requeued)
+    return Training(loop, admission, poller, guard)
 
 
 def _compile_before_serving(trainer: ReplayTrainer, recorded: Sequence[str]) -> None:

@@ -21,6 +21,7 @@ Families (counters end in ``_total``):
   alchemist_train_samples_by_lag{lag}        trained samples by version lag
   alchemist_store_bytes, alchemist_store_pages
   alchemist_versions_published_total, alchemist_versions_rejected_total,
+  alchemist_guard_rollbacks_total            versions the feedback guard rolled back
   alchemist_publish_stall_ms (last), alchemist_publish_ms (last)
   alchemist_serving_version{version} 1
   alchemist_arbiter_state{state}, alchemist_arbiter_transitions_total,
@@ -65,6 +66,7 @@ _HELP = {
     "alchemist_store_pages": ("gauge", "pages in the activation store"),
     "alchemist_versions_published_total": ("counter", "versions published"),
     "alchemist_versions_rejected_total": ("counter", "candidate versions rejected by the gate"),
+    "alchemist_guard_rollbacks_total": ("counter", "versions the feedback guard rolled back"),
     "alchemist_publish_ms": ("gauge", "build + copy time of the last publish (ms)"),
     "alchemist_publish_stall_ms": ("gauge", "serving stall of the last publish: the copy (ms)"),
     "alchemist_serving_version": ("gauge", "1 for the version serving now"),
@@ -128,6 +130,7 @@ def _samples(status: dict[str, Any] | None, labels: dict[str, int],
              ("alchemist_store_pages", store, "pages"),
              ("alchemist_versions_published_total", publish, "publishes"),
              ("alchemist_versions_rejected_total", publish, "rejected"),
+             ("alchemist_guard_rollbacks_total", publish, "guarded"),
              ("alchemist_publish_ms", publish, "last_publish_ms"),
              ("alchemist_publish_stall_ms", publish, "last_stall_ms")]
     for name, block, key in plain:

@@ -15,11 +15,11 @@ Modules: ``rules`` (how a section declares and checks a key: ``key(default, rule
 from alchemist_sgl.config.loader import config_from_json, config_to_dict, config_to_json, load_config
 from alchemist_sgl.config.rules import Rule, Section
 from alchemist_sgl.config.sections import (LORA_TARGETS, RECORD_TENSORS, REFUSED_VALUES, RETIRED_KEYS,
-                                           Config, FeedbackConfig, GateConfig, LoraConfig, MemoryConfig,
-                                           PublishConfig, RecordConfig, ServerConfig, StoreConfig,
-                                           TrainConfig)
+                                           Config, FeedbackConfig, GateConfig, GuardConfig, LoraConfig,
+                                           MemoryConfig, PublishConfig, RecordConfig, ServerConfig,
+                                           StoreConfig, TrainConfig)
 
 __all__ = ["LORA_TARGETS", "RECORD_TENSORS", "REFUSED_VALUES", "RETIRED_KEYS", "Config", "FeedbackConfig",
-           "GateConfig", "LoraConfig", "MemoryConfig", "PublishConfig", "RecordConfig", "Rule", "Section",
-           "ServerConfig", "StoreConfig", "TrainConfig", "config_from_json", "config_to_dict",
-           "config_to_json", "load_config"]
+           "GateConfig", "GuardConfig", "LoraConfig", "MemoryConfig", "PublishConfig", "RecordConfig",
+           "Rule", "Section", "ServerConfig", "StoreConfig", "TrainConfig", "config_from_json",
+           "config_to_dict", "config_to_json", "load_config"]

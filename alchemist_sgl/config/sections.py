@@ -141,6 +141,15 @@ class GateConfig(Section):
     every: int = key(1, _COUNT)                          # score every N-th publish
 
 
+@dataclass(frozen=True)
+class GuardConfig(Section):
+    """The feedback guard (online/guard.py): rolls back a version rated worse than its parent."""
+    is_enabled: bool = key(False)
+    min_ratings: int = key(20, _COUNT)                    # ratings each side needs first
+    max_increase: float = key(0.1, at_least(0))           # down-rate allowed over the parent's
+    alpha: float = key(0.05, within(0, 0.5, "(]"))        # the one-sided test's level
+
+
 _ONE_STEP = Rule(lambda n: n == 1, "must be 1: a round takes one optimizer step and publishes it, "
                  "so that every sample served at a version trains at lag 0 (train.round_s and "
                  "train.round_max_samples set how much a step takes)")
@@ -153,6 +162,7 @@ class PublishConfig(Section):
     mode: Literal["merge"] = key("merge")
     every_steps: int = key(1, _ONE_STEP)  # one publish per round (Note [Rounds])
     gate: GateConfig = field(default_factory=GateConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     keep_adapters_last: int = key(5, _COUNT)    # adapter folders kept: the last N ...
     keep_adapters_every: int = key(10, _COUNT)  # ... plus every k-th version
 

@@ -3,9 +3,10 @@
 Owns the ``feedback`` table of the feedback database (db.py): submit (idempotent on
 ``feedback_id``, last wins per (completion_id, choice_index)), read, delete, the pending poll the
 scheduler drains, the trained-step bookkeeping that makes training exactly-once across restores,
-counts for metrics, and the TRL KTO export. Imports only the standard library, alchemist_sgl.errors
-and feedback.*; never torch or sglang. The completion checks (404/409/410, choice_index range) are
-the route's: this store stays dumb and durable.
+counts for metrics, the thumbs per serving version (``ratings_by_version``, which reads the
+completion log's table in the same file) and the TRL KTO export. Imports only the standard
+library, alchemist_sgl.errors and feedback.*; never torch or sglang. The completion checks
+(404/409/410, choice_index range) are the route's: this store stays dumb and durable.
 
 Note [trained rows are facts]: a step that ran cannot be unlearned, so a row in state "trained"
 never becomes "replaced" or "deleted". A later feedback or a DELETE sets its ``retracted_as``
@@ -42,13 +43,21 @@ if TYPE_CHECKING:
 
 _EXPORT_PAGE_ROWS = 500
 # The latest live row per (completion_id, choice_index): live, and no later live row on its key.
-_LATEST_LIVE_PAGE = (
-    "SELECT rowid, completion_id, choice_index, label, score, correction FROM feedback AS f "
-    "WHERE f.rowid > ? AND f.state NOT IN ('replaced', 'deleted') AND f.retracted_as IS NULL "
+_LATEST_LIVE = (
+    "f.state NOT IN ('replaced', 'deleted') AND f.retracted_as IS NULL "
     "AND NOT EXISTS (SELECT 1 FROM feedback AS g WHERE g.completion_id = f.completion_id "
     "AND g.choice_index = f.choice_index AND g.rowid > f.rowid "
-    "AND g.state NOT IN ('replaced', 'deleted') AND g.retracted_as IS NULL) "
-    "ORDER BY f.rowid LIMIT ?")
+    "AND g.state NOT IN ('replaced', 'deleted') AND g.retracted_as IS NULL)")
+_LATEST_LIVE_PAGE = (
+    "SELECT rowid, completion_id, choice_index, label, score, correction FROM feedback AS f "
+    f"WHERE f.rowid > ? AND {_LATEST_LIVE} ORDER BY f.rowid LIMIT ?")
+# Thumbs per serving version: the latest live up/down row of each choice, joined with the
+# completion log's row (same database file, db.py), counted for the version that prefilled it.
+_RATINGS_BY_VERSION = (
+    "SELECT c.prefill_version, SUM(f.label = 'up'), SUM(f.label = 'down') FROM feedback AS f "
+    "JOIN completions AS c ON c.rid = f.completion_id AND c.choice_index = f.choice_index "
+    "WHERE f.label IN ('up', 'down') AND c.state = 'finished' AND c.prefill_version IS NOT NULL "
+    f"AND {_LATEST_LIVE} GROUP BY c.prefill_version")
 
 
 class FeedbackStore:
@@ -213,6 +222,14 @@ class FeedbackStore:
                 is_desirable = label in ("up", "correction") or (label == "score" and score > 0)
                 yield {"prompt": detokenize(list(entry.prompt_ids)), "completion": completion,
                        "label": is_desirable}
+
+    def ratings_by_version(self) -> dict[str, tuple[int, int]]:
+        """{version: (up, down)}: each (completion_id, choice_index) whose latest live feedback
+        is a thumb up or down counts once, for the version that served it (its completion log
+        row's ``prefill_version``). Completions purged from the log (``feedback.completion_ttl_s``)
+        no longer count. One read over the feedback and completion tables."""
+        rows = self._db.connection().execute(_RATINGS_BY_VERSION).fetchall()
+        return {str(version): (int(up), int(down)) for version, up, down in rows}
 
     def close(self) -> None:
         """Closes this process's connections (requires quiescence); later calls reopen."""

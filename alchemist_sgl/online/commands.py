@@ -20,6 +20,7 @@ import torch
 from alchemist_sgl.errors import QueueFull
 from alchemist_sgl.online.admission import AdmissionError, SampleAdmission
 from alchemist_sgl.online.loop import OnlineLoop
+from alchemist_sgl.online.versions import RatingCounts
 from alchemist_sgl.train.lora import peft_name
 
 Handler = Callable[[dict[str, Any]], object]
@@ -31,13 +32,14 @@ class CommandError(Exception):
         self.http_status, self.field = http_status, field
 
 
-def handlers(loop: OnlineLoop, admission: SampleAdmission, *, var_dir: Path,
-             is_debug: bool) -> dict[str, Handler]:
-    """The loop's command handlers by kind; the ``debug.*`` ones only with ``is_debug``."""
+def handlers(loop: OnlineLoop, admission: SampleAdmission, *, var_dir: Path, is_debug: bool,
+             ratings: Callable[[], RatingCounts] = dict) -> dict[str, Handler]:
+    """The loop's command handlers by kind; the ``debug.*`` ones only with ``is_debug``.
+    ``ratings``: thumbs per version (feedback_guard.py) for the versions list."""
     def versions_list(payload: dict[str, Any]) -> dict[str, Any]:
         limit, offset = int(payload.get("limit", 50)), int(payload.get("offset", 0))
-        reg = loop.registry
-        return {"versions": [v.as_status() for v in reg.page(limit, offset)],
+        reg, thumbs = loop.registry, ratings()
+        return {"versions": [v.as_status(thumbs.get(v.name)) for v in reg.page(limit, offset)],
                 "serving": reg.serving.name, "total": reg.total}
 
     def rollback(payload: dict[str, Any]) -> dict[str, Any]:

@@ -6,7 +6,9 @@ rows queued; after a step trains them, it marks them trained with that step. Aft
 a checkpoint, rows trained after the checkpoint's step and rows only queued go back to pending, so
 acknowledged feedback is trained exactly once (the restored queue's feedback samples are dropped
 and re-admitted from the table). Deferred rows (stale for longer than ``train.stale_max_age_s``)
-are taken again only when the queue is empty, after the pending ones. Imports package modules only.
+are taken again only when the queue is empty, after the pending ones. After each poll it tells
+``on_polled`` how many rows it took (the feedback guard, feedback_guard.py). Imports package
+modules only.
 
 Note [Feedback to samples]:
   * ``up``: SFT on the served response (the completion's output ids through the stop token);
@@ -51,16 +53,27 @@ class FeedbackPoller:
         self.every_s, self.batch, self.clock = every_s, batch, clock
         self._last = float("-inf")
         self.admitted = self.skipped = 0
+        # Called after each poll with the number of rows it took (the feedback guard's check,
+        # feedback_guard.py); None: nothing to tell.
+        self.on_polled: Callable[[int], object] | None = None
 
     def poll(self) -> int:
-        """Admits pending feedback (at most every ``every_s``); returns how many samples were queued."""
+        """Admits pending feedback (at most every ``every_s``); returns how many samples were
+        queued. Then calls ``on_polled`` with the number of rows taken from the table."""
         now = self.clock()
         if now - self._last < self.every_s:
             return 0
         self._last = now
+        taken, queued = self._take()
+        if self.on_polled is not None:
+            self.on_polled(taken)
+        return queued
+
+    def _take(self) -> tuple[int, int]:
+        """(rows taken from the table, samples queued)."""
         room = self.queue_room()
         if room <= 0:
-            return 0
+            return 0, 0
         rows = self.store.pending(min(self.batch, room))
         is_deferred = False
         if not rows and len(self.queue) == 0:  # the queue is idle: deferred rows go again
@@ -87,7 +100,7 @@ class FeedbackPoller:
             self.queue.offer(samples)
             self.store.mark_queued(queued)
             self.admitted += len(samples)
-        return len(samples)
+        return len(rows), len(samples)
 
     def queue_room(self) -> int:
         return self.queue.max_pending - len(self.queue)

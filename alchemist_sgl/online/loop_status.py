@@ -60,7 +60,7 @@ def train_status(loop: LoopView) -> dict[str, Any]:
 def publish_status(loop: LoopView) -> dict[str, Any]:
     """The ``publish`` block."""
     c = loop.counters
-    return {"publishes": c.publishes, "rejected": c.rejected,
+    return {"publishes": c.publishes, "rejected": c.rejected, "guarded": c.guarded,
             "last_publish_ms": c.last_publish_ms, "last_stall_ms": c.last_stall_ms,
             "master_bytes": loop.master.bytes, "recent": list(c.recent_publishes),
             "radix_hit_rate_since_publish": (c.window_cached_tokens / c.window_prompt_tokens

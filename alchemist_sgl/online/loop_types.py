@@ -70,6 +70,7 @@ class LoopCounters:
     max_slice_ms: float = 0.0
     publishes: int = 0
     rejected: int = 0
+    guarded: int = 0              # versions the feedback guard rolled back (feedback_guard.py)
     busy_ms: float = 0.0          # trainer time of all rounds: building each sample (read-out,
                                   # graph rebuild), its units and the optimizer's
     last_step_ms: float | None = None

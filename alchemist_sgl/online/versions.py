@@ -12,34 +12,41 @@ a gate rejection consumes an id, a rollback mints a new one, and ``restore`` of 
 keeps ``max(persisted, restored)``. Every mutation is durable before the method returns.
 
 Note [restore merges]: ``restore(state)`` makes the checkpoint's serving version serve again and
-keeps the versions the file knows beyond the checkpoint, as ``retired`` (or ``rejected``), so
-``get`` still finds them and lineage through them reads correctly: they are not ancestors of
-anything minted afterwards. For an id both know, the state comes from the checkpoint and a metric
-or adapter path recorded only in the file is kept.
+keeps the versions the file knows beyond the checkpoint, as ``retired`` (or ``rejected``,
+``guarded``), so ``get`` still finds them and lineage through them reads correctly: they are not
+ancestors of anything minted afterwards. For an id both know, the state comes from the checkpoint
+(but a version the file says is ``guarded`` and the checkpoint ``retired`` stays ``guarded``) and
+a metric, adapter path or guard evidence recorded only in the file is kept. A checkpoint older
+than a guard rollback makes the guarded version serve again, with its evidence: the feedback guard
+rolls it back once more at its first check (feedback_guard.py).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Mapping
 
 from alchemist_sgl.errors import VersionFileCorrupt
 from alchemist_sgl.online.atomic import atomic_write_bytes
 
-VersionState = Literal["serving", "retired", "rejected"]
-_STATES = ("serving", "retired", "rejected")
+VersionState = Literal["serving", "retired", "rejected", "guarded"]
+_STATES = ("serving", "retired", "rejected", "guarded")
+# One version's thumbs as (up, down) (feedback/ratings.py ``ratings_by_version``).
+RatingCounts = Mapping[str, tuple[int, int]]
 _FORMAT = 1
 
 
 @dataclass(frozen=True, kw_only=True)
 class VersionInfo:
     """One version. ``name`` is always ``f"v{id}"``; ``parent`` names the version it trained from
-    (a rollback's parent is its target); ``metric`` is the gate's held-out NLL (nats/token)."""
+    (a rollback's parent is its target); ``metric`` is the gate's held-out NLL (nats/token);
+    ``guard`` is the feedback guard's evidence for a ``guarded`` version (feedback_guard.py)."""
 
     id: int
     name: str = ""
@@ -49,6 +56,7 @@ class VersionInfo:
     metric: float | None = None
     adapter_path: str | None = None
     parent: str | None = None
+    guard: dict[str, object] | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -58,14 +66,19 @@ class VersionInfo:
         if self.state not in _STATES:
             raise ValueError(f"version state {self.state!r} is not one of {_STATES}")
 
-    def as_status(self) -> dict[str, Any]:
-        """The ``versions`` entry of the API (docs/api.md)."""
-        return {"name": self.name, "step": self.step, "created_at": self.created_at,
-                "state": self.state, "metric": self.metric, "adapter_path": self.adapter_path,
-                "parent": self.parent}
+    def as_status(self, ratings: tuple[int, int] | None = None) -> dict[str, Any]:
+        """The ``versions`` entry of the API (docs/api.md); ``ratings``: its (up, down) thumbs."""
+        up, down = ratings or (0, 0)
+        return {**self._fields(), "ratings": {"up": up, "down": down, "n": up + down,
+                                              "down_rate": down / (up + down) if up + down else None}}
 
     def as_record(self) -> dict[str, Any]:
-        return {"id": self.id, **self.as_status()}
+        return {"id": self.id, **self._fields()}
+
+    def _fields(self) -> dict[str, Any]:
+        return {"name": self.name, "step": self.step, "created_at": self.created_at,
+                "state": self.state, "metric": self.metric, "adapter_path": self.adapter_path,
+                "parent": self.parent, "guard": copy.deepcopy(self.guard)}
 
 
 def _parse(data: object) -> tuple[int, dict[int, VersionInfo]]:
@@ -131,7 +144,10 @@ class VersionRegistry:
 
     def lag(self, from_name: str | None, to_name: str) -> int | None:
         """Parent hops from ``to_name`` back to ``from_name``: 0 when equal, None when ``from_name``
-        is not an ancestor (another branch, a rejected version, an unknown name, None)."""
+        is not an ancestor (another branch, a rejected version, an unknown name, None). A guarded
+        version counts as the version it was: it served, and what was minted from it trained from
+        its weights; the guard's rollback mints the new serving version from its parent, so it is
+        no ancestor of anything after and its recordings are at lag None from then on."""
         if from_name is None:
             return None
         try:
@@ -164,9 +180,10 @@ class VersionRegistry:
         newest = sorted(self._versions, reverse=True)[offset:offset + max(limit, 0)]
         return [self._versions[i] for i in newest]
 
-    def status(self, cap: int = 20) -> list[dict[str, Any]]:
-        """The newest ``cap`` versions as ``versions`` entries (docs/api.md), newest first."""
-        return [v.as_status() for v in self.page(cap)]
+    def status(self, cap: int = 20, ratings: RatingCounts | None = None) -> list[dict[str, Any]]:
+        """The newest ``cap`` versions as ``versions`` entries (docs/api.md), newest first, each
+        with its thumbs from ``ratings``."""
+        return [v.as_status((ratings or {}).get(v.name)) for v in self.page(cap)]
 
     # -- mutating (each one durable before it returns) ------------------------------------------
     def mint(self, *, step: int, parent: str | None, adapter_path: str | None = None,
@@ -192,6 +209,15 @@ class VersionRegistry:
     def set_adapter_path(self, name: str, path: str | None) -> VersionInfo:
         return self._put(dataclasses.replace(self.get(name), adapter_path=path))
 
+    def mark_guarded(self, name: str, evidence: dict[str, object]) -> VersionInfo:
+        """A retired version the feedback guard rolled back becomes ``guarded``, with the
+        ``evidence`` (JSON values) kept on it. ValueError for a version that serves or was
+        rejected: a rollback first makes another version serve."""
+        v = self.get(name)
+        if v.state not in ("retired", "guarded"):
+            raise ValueError(f"only a retired version can be marked guarded; {name} is {v.state}")
+        return self._put(dataclasses.replace(v, state="guarded", guard=copy.deepcopy(evidence)))
+
     def _put(self, v: VersionInfo) -> VersionInfo:
         self._versions[v.id] = v
         self._write()
@@ -213,13 +239,16 @@ class VersionRegistry:
             if theirs is None:
                 assert mine is not None
                 merged[vid] = dataclasses.replace(
-                    mine, state="rejected" if mine.state == "rejected" else "retired")
+                    mine, state=mine.state if mine.state in ("rejected", "guarded") else "retired")
+            elif mine is None:
+                merged[vid] = theirs
             else:
                 merged[vid] = dataclasses.replace(
-                    theirs,
-                    metric=theirs.metric if mine is None or mine.metric is None else mine.metric,
-                    adapter_path=(theirs.adapter_path if mine is None or mine.adapter_path is None
-                                  else mine.adapter_path))
+                    theirs, metric=theirs.metric if mine.metric is None else mine.metric,
+                    adapter_path=theirs.adapter_path if mine.adapter_path is None else mine.adapter_path,
+                    guard=mine.guard if mine.guard is not None else theirs.guard,
+                    state=("guarded" if mine.state == "guarded" and theirs.state == "retired"
+                           else theirs.state))
         self._versions = merged
         self._next_id = max(self._next_id, restored_next)
         self._write()

@@ -38,7 +38,7 @@ LEAVES = _leaf_keys(config_to_dict(Config()))
 def test_the_leaf_walk_covers_every_section() -> None:
     sections = {k.rsplit(".", 1)[0] for k in LEAVES}
     assert sections == {"record", "store", "train", "train.lora", "publish", "publish.gate",
-                        "feedback", "memory", "server"}
+                        "publish.guard", "feedback", "memory", "server"}
     assert {"record.enabled", "train.lora.rank", "publish.gate.every", "memory.offload"} <= set(LEAVES)
 
 
@@ -60,6 +60,10 @@ def test_a_wrong_type_in_any_section_names_the_full_key(dotted: str) -> None:
     ("train.checkpoint_dir=", "train.checkpoint_dir", "must name a folder"),
     ("publish.keep_adapters_last=0", "publish.keep_adapters_last", "must be >= 1"),
     ("publish.gate.max_regression=-0.5", "publish.gate.max_regression", "must be >= 0"),
+    ("publish.guard.min_ratings=0", "publish.guard.min_ratings", "must be >= 1"),
+    ("publish.guard.max_increase=-0.1", "publish.guard.max_increase", "must be >= 0"),
+    ("publish.guard.alpha=0", "publish.guard.alpha", "must be in (0, 0.5]"),
+    ("publish.guard.alpha=0.6", "publish.guard.alpha", "must be in (0, 0.5]"),
     ("feedback.max_body_bytes=1023", "feedback.max_body_bytes", "must be >= 1024"),
     ("feedback.rate_limit_per_minute=0", "feedback.rate_limit_per_minute", "(or null: no limit)"),
     ("memory.kv_usage_high=0", "memory.kv_usage_high", "must be in (0, 1]"),
@@ -77,7 +81,8 @@ def test_a_value_out_of_range_in_each_section_names_the_full_key(override, dotte
 @pytest.mark.parametrize("override", [
     "store.page_tokens=1", "store.page_tokens=16", "train.lora.dropout=0", "memory.kv_usage_high=1",
     "memory.yield_budget_fraction=0", "memory.yield_budget_fraction=1", "memory.ttft_target_ms=null",
-    "feedback.rate_limit_per_minute=1", "memory.max_transitions_per_minute=3"])
+    "feedback.rate_limit_per_minute=1", "memory.max_transitions_per_minute=3",
+    "publish.guard.alpha=0.5", "publish.guard.max_increase=0", "publish.guard.min_ratings=1"])
 def test_the_edges_of_each_range_load(override: str) -> None:
     dotted, text = override.split("=")
     node = config_to_dict(load_config(None, [override]))

@@ -5,6 +5,7 @@ Two store objects on one file stand for the HTTP and scheduler processes.
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import threading
 
@@ -192,6 +193,35 @@ def test_export_kto_for_each_label_kind(db, http):
         {"prompt": "1 2", "completion": "30 31", "label": False},  # c5 latest: down
     ]
     assert all(type(r["label"]) is bool for r in rows)
+
+
+def test_ratings_by_version_count_each_choices_latest_thumb_for_its_serving_version(db, http, scheduler):
+    log = SqliteCompletionLog(db, ttl_s=3600.0)
+    at = {"a0": "v0", "a1": "v0", "a2": "v0", "a3": "v0", "b0": "v1", "b1": "v1", "b2": "v1",
+          "b3": "v1", "b4": "v1"}
+    log.put_many([dataclasses.replace(_entry(rid), prefill_version=v) for rid, v in at.items()]
+                 + [dataclasses.replace(_entry("a0", 1), prefill_version="v0"),
+                    dataclasses.replace(_entry("x"), prefill_version=None)])
+    log.mark_started(["running"])
+    for rid in ("a0", "a1", "a2"):
+        http.submit(up(rid))
+    http.submit(FeedbackInput("a0", choice_index=1, rating="down"))  # its own choice: counts
+    http.submit(FeedbackInput("a3", score=-1.0))  # a score is no thumb
+    http.submit(FeedbackInput("b0", rating="down"))
+    http.submit(up("b1"))
+    http.submit(FeedbackInput("b1", rating="down"))  # last wins: one down, no up
+    http.submit(FeedbackInput("b2", rating="down", correction="better"))  # a correction
+    http.submit(FeedbackInput("b3", rating="down"))
+    scheduler.mark_trained([r["feedback_id"] for r in scheduler.get("b3")], 5)
+    http.submit(FeedbackInput("b4", rating="down"))
+    http.delete("b4")  # deleted: no longer counts
+    http.submit(up("x"))  # no serving version logged
+    http.submit(up("running"))  # not finished
+    http.submit(up("gone"))  # never logged
+    # v0: a0, a1, a2 up and a0's choice 1 down; v1: b0, b1 and the trained b3 down
+    assert scheduler.ratings_by_version() == {"v0": (3, 1), "v1": (0, 3)}
+    http.submit(up("b3"))  # a trained row is retracted (replaced): its successor counts
+    assert scheduler.ratings_by_version() == {"v0": (3, 1), "v1": (1, 2)}
 
 
 def test_concurrent_submit_from_four_threads_loses_nothing(db):

@@ -19,13 +19,16 @@ def test_status_and_feedback_counts_become_families() -> None:
                         "nonfinite_skipped": 0, "units_over_budget": 2, "samples_pending": 3,
                         "paused": True, "last_step_tokens": 100, "last_step_ms": 500.0},
               "store": {"bytes_stored": 1024, "pages": 2},
-              "publish": {"publishes": 3, "rejected": 1, "last_publish_ms": 20.0, "last_stall_ms": 0.5}}
+              "publish": {"publishes": 3, "rejected": 1, "guarded": 2, "last_publish_ms": 20.0,
+                          "last_stall_ms": 0.5}}
     text = render_alchemist_metrics(status, {"up": 5, "down": 1}, {200: 6, 404: 2})
     fam = _families(text)
     assert [(s.labels, s.value) for s in fam["alchemist_feedback"]] == [
         ({"label": "down"}, 1.0), ({"label": "up"}, 5.0)]  # the parser strips _total
     assert {s.labels["code"]: s.value for s in fam["alchemist_feedback_answers"]} == {"200": 6.0, "404": 2.0}
     assert fam["alchemist_versions_published"][0].value == 3.0
+    assert fam["alchemist_guard_rollbacks"][0].value == 2.0
+    assert "# TYPE alchemist_guard_rollbacks_total counter" in text
     assert fam["alchemist_train_tokens_per_second"][0].value == 200.0
     assert fam["alchemist_train_paused"][0].value == 1.0
     assert fam["alchemist_serving_version"][0].labels == {"version": "v3"}

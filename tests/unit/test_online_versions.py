@@ -33,7 +33,9 @@ def test_fresh_registry_holds_v0_and_writes_it(path):
     assert path.exists()
     assert json.loads(path.read_text())["serving"] == "v0"
     assert set(v0.as_status()) == {"name", "step", "created_at", "state", "metric",
-                                   "adapter_path", "parent"}
+                                   "adapter_path", "parent", "guard", "ratings"}
+    assert v0.as_status()["ratings"] == {"up": 0, "down": 0, "n": 0, "down_rate": None}
+    assert v0.as_status((3, 1))["ratings"] == {"up": 3, "down": 1, "n": 4, "down_rate": 0.25}
 
 
 def test_mint_serves_and_retires_and_persists_across_reopen(path):
