@@ -37,8 +37,7 @@ from alchemist_sgl.online.atomic import atomic_write_bytes
 
 VersionState = Literal["serving", "retired", "rejected", "guarded"]
 _STATES = ("serving", "retired", "rejected", "guarded")
-# One version's thumbs as (up, down) (feedback/ratings.py ``ratings_by_version``).
-RatingCounts = Mapping[str, tuple[int, int]]
+RatingCounts = Mapping[str, tuple[int, int]]  # (up, down) thumbs by version (ratings_by_version)
 _FORMAT = 1
 
 

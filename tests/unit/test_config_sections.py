@@ -37,7 +37,7 @@ LEAVES = _leaf_keys(config_to_dict(Config()))
 
 def test_the_leaf_walk_covers_every_section() -> None:
     sections = {k.rsplit(".", 1)[0] for k in LEAVES}
-    assert sections == {"record", "store", "train", "train.lora", "publish", "publish.gate",
+    assert sections == {"record", "record.auto", "store", "train", "train.lora", "publish", "publish.gate",
                         "publish.guard", "feedback", "memory", "server"}
     assert {"record.enabled", "train.lora.rank", "publish.gate.every", "memory.offload"} <= set(LEAVES)
 
