@@ -66,8 +66,8 @@ class RoundTally:
         default_factory=lambda: {k: 0 for k in TOKEN_FATES})
     intake_to_publish_s: list[float] = field(default_factory=list)  # the last 512
 
-    def add_round(self, taken: list[TakenSample], published_at: float | None) -> None:
-        """Counts a closed round's samples; ``published_at`` (loop clock) when it published."""
+    def add_round(self, taken: list[TakenSample]) -> None:
+        """Counts a closed round's samples, when its step has run (before its publish)."""
         fates = self.prompt_tokens_by_fate
         for s in taken:
             key = "branch" if s.lag is None else str(s.lag)
@@ -77,9 +77,11 @@ class RoundTally:
                 continue
             fates["lag0" if s.lane == "fresh" else "approximate"] += s.covered_tokens
             fates["hole" if s.has_recording else "evicted"] += s.prompt_tokens - s.covered_tokens
-        if published_at is not None:
-            self.intake_to_publish_s = (self.intake_to_publish_s + [
-                max(0.0, published_at - s.enqueued_at) for s in taken])[-512:]
+
+    def add_publish_delays(self, taken: list[TakenSample], published_at: float) -> None:
+        """Intake-to-publish delays of a round that published at ``published_at`` (loop clock)."""
+        self.intake_to_publish_s = (self.intake_to_publish_s + [
+            max(0.0, published_at - s.enqueued_at) for s in taken])[-512:]
 
 
 def percentiles(values: list[float]) -> dict[str, float | None]:

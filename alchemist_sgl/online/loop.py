@@ -29,10 +29,9 @@ cannot go on in this iteration (a chunked prefill is in flight and a publish mus
 ``run_slice`` advances it until the slice budget is spent. Between two ``next()`` calls SGLang
 serves; in-flight requests are never touched.
 
-Note [Lag in training states]: a recording made at version p is exact for the trainer only while
-the trainer's weights are still p's. Lag = hops from p to the serving version along the lineage
-(None across a branch: infinite). Within a round the trainer's weights are the serving version's,
-so lag 0 is exact.
+Note [Lag in training states]: a recording made at version p is exact for the trainer only while the
+trainer's weights are still p's. Lag = hops from p to the serving version along the lineage (None
+across a branch: infinite). Within a round the trainer's weights are the serving version's: lag 0.
 """
 
 from __future__ import annotations
@@ -278,8 +277,9 @@ class OnlineLoop:
                     "recomputed %d units %d busy ms %.0f", steps, r.version, stats.loss,
                     stats.samples, r.fresh, r.stale, stats.tokens, stats.replayed_tokens,
                     stats.recomputed_tokens, stats.units, stats.step_ms)
-        published = yield from self._publish()
-        self.tally.add_round(r.tally, self.clock() if published else None)
+        self.tally.add_round(r.tally)  # with the step's counters: a status read never splits them
+        if (yield from self._publish()):
+            self.tally.add_publish_delays(r.tally, self.clock())
         self._open_round()
         if should_checkpoint(self.clock() - c.last_checkpoint_at, tc.checkpoint_every_s):
             self.checkpoint()

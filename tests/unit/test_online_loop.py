@@ -93,6 +93,9 @@ def test_publish_waits_while_the_host_refuses_then_commits(rig: Rig) -> None:
     st = rig.status()
     assert st["train"]["steps"] == 1 and st["publish"]["publishes"] == 0
     assert st["train"]["state"] == "publishing"
+    # The round's samples are counted by lag with the step, not after its publish: a status read
+    # while the publish waits shows both counters moved (eval online's windows read them together).
+    assert st["train"]["samples_trained"] == sum(st["train"]["samples_trained_by_lag"].values()) == 1
     assert loop.has_step_in_progress
     assert rig.host.announced == ["v0"]
     assert loop.registry.serving.name == "v0"
