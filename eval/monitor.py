@@ -142,6 +142,27 @@ def environment() -> dict[str, Any]:
         "packages": package_versions(),
         "git_commit": git_commit(),
         "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "gpu": gpu_name(),
         "platform": platform.platform(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
     }
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def gpu_name() -> str | None:
+    """The first CUDA device's name, None without one."""
+    import torch  # noqa: PLC0415 - the harness has it loaded already
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None

@@ -1,8 +1,10 @@
 """``python -m eval report DIR``: markdown plus PNG plots from whatever ``*.json`` results are in DIR.
 
 Owns the plots: latency CDFs (from ``latency_samples``), throughput and server memory over time
-(from ``timeline``), learning curves (from any nested ``{"series": [[x, y], ...]}``), and
-``DIR/report.md`` with each experiment's tables, run metadata and images (``DIR/plots/*.png``).
+(from ``timeline``), learning curves (from any nested ``{"series": [[x, y], ...]}``, one line per
+arm), and ``DIR/report.md``: the headlines beside their targets, the ideal and the paper's anchors
+(report_anchors.py), the machines the runs used, then each experiment's tables, run metadata and
+images (``DIR/plots/*.png``).
 The conventions are documented in ``eval/experiments/__init__.py``. Uses matplotlib's Agg
 backend (no display). Must not import the server runtime or sglang.
 """
@@ -18,6 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from eval.report_anchors import headline_rows, machine_lines  # noqa: E402
 from eval.table import render_markdown  # noqa: E402
 
 CDF_METRICS = (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("itl_s", "inter-token latency"), ("e2e_s", "end-to-end"))
@@ -130,12 +133,16 @@ def write_report(directory: Path) -> Path:
         raise FileNotFoundError(f"no *.json results in {directory}")
     plots = directory / "plots"
     plots.mkdir(exist_ok=True)
+    loaded = {f.stem: r for f in files if isinstance(r := json.loads(f.read_text()), dict)}
     md = [f"# Eval report: {directory}", ""]
-    for f in files:
-        result = json.loads(f.read_text())
-        if not isinstance(result, dict):
-            continue
-        name = f.stem
+    summary = headline_rows(loaded)
+    if summary:
+        md += ["## Headlines", "", "Each result beside its target, the ideal the same run measured "
+               "and the paper's anchor it answers.", "", *summary, ""]
+    machines = machine_lines([r["meta"] for r in loaded.values() if isinstance(r.get("meta"), dict)])
+    if machines:
+        md += ["## Machine", "", *machines, ""]
+    for name, result in loaded.items():
         md += [f"## {name}", ""]
         if result.get("error"):
             md += ["**FAILED**", "", "```", str(result["error"])[-3000:], "```", ""]

@@ -72,3 +72,20 @@ def test_report_renders_pngs_and_markdown(tmp_path: Path) -> None:
 
 def test_find_series_names_each_curve() -> None:
     assert [p for p, _ in find_series(_result())] == ["learning.replay_exact", "learning.recompute"]
+
+
+def test_headlines_sit_beside_target_ideal_and_anchor(tmp_path: Path) -> None:
+    replay = {"tokens_per_s_replay": 150.0, "tokens_per_s_hf_reference": 100.0, "ratio": 1.2,
+              "ideal_ratio": 1.5, "per_plan": {"graph": {"ratio": 1.3, "ideal_ratio": 1.6}},
+              "meta": {"environment": {"cpu_model": "Test CPU", "cpu_count": 2, "platform": "Linux-x",
+                                       "gpu": None}}}
+    memory = {"reduction": 0.8, "tokens_ratio": None}  # a missing number leaves its row out
+    (tmp_path / "replay.json").write_text(json.dumps(replay))
+    (tmp_path / "memory.json").write_text(json.dumps(memory))
+    md = write_report(tmp_path).read_text()
+    assert "| `replay` | replay training tokens/s / HF + PEFT eager | 1.5 | >= 1.72 |  | 1.72x training throughput |" in md
+    assert "| `replay` | recompute / graph replay step | 1.3 | >= 1.35 fp32 | 1.6 |  |" in md
+    assert "| `memory` | training's peak saved bytes, reduction with offload | 0.8 | >= 0.47 |  | -47% training memory |" in md
+    assert "2x training tokens" not in md
+    assert "- Test CPU, 2 CPUs, no GPU; Linux-x" in md
+    assert md.index("## Headlines") < md.index("## Machine") < md.index("## memory")
