@@ -7,8 +7,10 @@ CPU without bf16 matrix units), one after the other, each stopped before the nex
 stores its whole prompt as its own pages. Both: ``train.enabled=false`` (nothing trains, nothing is
 released at a publish), ``record.plan=down`` (one tensor per token: the ratio does not depend on
 the plan, since every page holds the same tensors and nothing is demoted, and the without arm of
-the full run then fits in the default 2 GiB host pool; bytes of another plan scale by its
-``bytes_per_token``), ``server.enable_debug_commands=true`` (coverage is read back per prompt).
+the full run then fits in a 2 GiB host pool, ``store.host_bytes`` in both arms; bytes of another
+plan scale by its ``bytes_per_token``), ``server.enable_debug_commands=true`` (coverage is read
+back per prompt). ``--quick``: 3 conversations of 3 turns and 8 shared-prompt requests of <= 24
+new tokens (~3 minutes on 2 cores with fp32); the full run: 8 x 4 and 16, <= 32 new tokens.
 
 Workloads (packaged chitchat conversations, or ``--dataset-path``), sent one request at a time,
 greedy, to ``/v1/completions`` as token ids: ``multi_turn``: several conversations turn by turn,
@@ -36,13 +38,16 @@ mean less: ``store_clean`` is false then and ``problems`` names the counter).
 Note [The multi-turn gap]: a reply's tokens are decoded, never prefilled, so no recording of them
 exists; the next turn's prompt contains them. With the radix cache on, SGLang serves them from
 the KV cache the decode left (the radix hit runs to the last whole page the tree holds), so they
-are never prefilled either: they stay a hole in the store (``coverage_with_dedup`` < 1), and the
-bytes with dedup hold fewer tokens than the unique prompt tokens. Without the radix cache every
-prompt is prefilled whole, replies included, so its coverage is 1. The ratio then compares
-unequal contents (``ideal_ratio`` counts the reply tokens as stored once, the with arm stores
-them zero times), and it is also moved by re-recorded pages: a radix hit ends on a page boundary,
-so the partial page at the end of each cached prefix (tail) is recorded again by the next
-request. ``shared_system_prompt`` has no decoded tokens in its prompts: only the latter applies.
+are never prefilled either: they stay a hole in the store (``coverage_with_dedup`` < 1: those
+positions are recomputed in training). Without the radix cache every prompt is prefilled whole,
+replies included, so its coverage is 1. The ratio therefore compares unequal contents: the with
+arm holds fewer tokens than the unique prompt tokens (``ideal_ratio`` counts each reply token as
+stored once; the with arm stores it zero times), which pushes ``ratio`` ABOVE ``ideal_ratio``,
+bought with coverage, not with dedup. Re-recorded pages push the other way: a radix hit ends on a
+page boundary, so the partial page at the end of each cached prefix is recorded again by the next
+request that extends it (and the last page of a shared system prompt once per request).
+``shared_system_prompt`` has no decoded tokens in its prompts: only the latter applies, so its
+``ratio`` is below ``ideal_ratio`` and its coverage is 1.
 """
 
 from __future__ import annotations
@@ -61,11 +66,13 @@ from eval.server import flush_cache
 NAME = "dedup"
 
 QUICK = {"conversations": 3, "turns": 3, "shared": 8, "max_tokens": 24}
-FULL = {"conversations": 8, "turns": 4, "shared": 24, "max_tokens": 48}
+FULL = {"conversations": 8, "turns": 4, "shared": 16, "max_tokens": 32}
 SMOKE = {"conversations": 2, "turns": 2, "shared": 3, "max_tokens": 4}  # --smoke (tests, tiny model)
 SYSTEM_WORDS = 300
 WORKLOADS = ("multi_turn", "shared_system_prompt")
-BOTH = ("train.enabled=false", "record.plan=down", "server.enable_debug_commands=true")
+HOST_BYTES = 2 * 1024**3  # the without arm of the full run stores ~1 GB of fp32 down rows
+BOTH = ("train.enabled=false", "record.plan=down", f"store.host_bytes={HOST_BYTES}",
+        "server.enable_debug_commands=true")
 ARMS = {"with": BOTH, "without": (*BOTH, "sglang.disable-radix-cache=true", "store.dedup=false")}
 MUST_BE_ZERO = ("evictions", "demotions", "expirations", "dropped_tokens", "released_pages")
 
