@@ -24,7 +24,6 @@ import torch
 from alchemist_sgl import __version__
 from alchemist_sgl.api.control import ControlQueue
 from alchemist_sgl.config import Config
-from alchemist_sgl.core.prefix import Namespace
 from alchemist_sgl.feedback.completion_log import SqliteCompletionLog
 from alchemist_sgl.feedback.ratings import FeedbackStore
 from alchemist_sgl.log import get_logger
@@ -44,7 +43,7 @@ from alchemist_sgl.online.loop_types import RecordingSource, ServingHost
 from alchemist_sgl.online.publish import MasterWeights, Publisher
 from alchemist_sgl.online.versions import VersionRegistry
 from alchemist_sgl.record.capture import Capture
-from alchemist_sgl.record.export import export_recording
+from alchemist_sgl.record.export import debug_handlers
 from alchemist_sgl.core.plan_auto import PlanChoice
 from alchemist_sgl.store.activation_store import ActivationStore
 from alchemist_sgl.store.recordings import StoreRecordings
@@ -137,10 +136,8 @@ def build_runtime(config: Config, info: SchedulerInfo, state: RuntimeState, *,
         sections.update(record_plan=recording.choice.as_status, store=recording.store.status,
                         record=recording.capture.status)
         if is_debug:
-            handlers["debug.recording"] = lambda payload: export_recording(
-                recording.store, payload.get("tokens") or [],
-                Namespace(str(state.weight_version), payload.get("adapter")),
-                var_dir / "debug" / Path(str(payload.get("name") or "recording.pt")).name)
+            handlers.update(debug_handlers(recording.store, lambda: str(state.weight_version),
+                                           var_dir / "debug"))
     training, arbiter, pressure = None, None, None
     if served is not None:
         try:

@@ -79,7 +79,8 @@ class StoreConfig(Section):
     device_bytes: int = key(0, _BYTES)
     page_tokens: int = key(16, Rule(lambda n: 1 <= n <= 16, "must be between 1 and 16"))
     ttl_s: float = key(3600.0, _POSITIVE)
-    # Prefix dedup of recordings (pages shared across requests); off only for the dedup experiment.
+    # Prefix dedup of recordings (pages shared across requests). false: every request stores its
+    # own pages (store/roots.py); meant with sglang.disable-radix-cache, for the dedup experiment.
     dedup: bool = key(True)
 
 

@@ -20,6 +20,12 @@ from ever colliding with a full page; the tail tokens' byte length makes tails o
 distinct. A lookup that holds a longer sequence tries the tail lengths stored under the parent key
 (the store indexes them), longest first.
 
+Note [Solo keys]: with ``store.dedup: false`` every recording is its own: the chain of request
+``rid`` starts at ``solo_root(namespace, rid) = H("solo", namespace root, rid)`` instead of the
+namespace root, so no two requests share a key (no page is reused, each stores its own copy).
+``prompt_digest`` names a whole prompt (H("prompt", namespace root, tokens)): the store maps it
+to the root of the latest recording of that exact prompt, for readers that know only the tokens.
+
 H is BLAKE2b with a 16-byte digest over little-endian int64 token ids: collisions are out of reach
 (2^-64 birthday bound at 2^32 pages); hashing a 16-token page costs a few microseconds
 in Python (~8 us measured on a loaded 2-core box), ~2 ms for a 4k-token prompt.
@@ -80,23 +86,34 @@ def tail_key(parent: PageKey, tail_tokens: Sequence[int]) -> PageKey:
     return _digest(b"tail", parent, _token_bytes(tail_tokens))
 
 
+def solo_root(namespace: Namespace, rid: str) -> PageKey:
+    """The chain root of request ``rid``'s own recording (Note [Solo keys])."""
+    return _digest(b"solo", namespace.root, rid.encode())
+
+
+def prompt_digest(namespace: Namespace, tokens: Sequence[int]) -> PageKey:
+    """A name for the whole prompt ``tokens`` under ``namespace`` (Note [Solo keys])."""
+    return _digest(b"prompt", namespace.root, _token_bytes(tokens))
+
+
 def _check_page_tokens(page_tokens: int) -> None:
     if not 1 <= page_tokens <= MAX_PAGE_TOKENS:
         raise ValueError(f"page_tokens must be in [1, {MAX_PAGE_TOKENS}], got {page_tokens}")
 
 
 def chain_keys(tokens: Sequence[int], page_tokens: int, namespace: Namespace,
-               num_pages: int | None = None) -> list[PageKey]:
+               num_pages: int | None = None, root: PageKey | None = None) -> list[PageKey]:
     """Keys of the full pages of ``tokens`` (len(tokens) // page_tokens of them), in order.
 
-    ``num_pages`` limits the count (the chain is a prefix, so fewer pages cost less).
+    ``num_pages`` limits the count (the chain is a prefix, so fewer pages cost less). ``root``:
+    the chain's root instead of the namespace's (a solo recording, Note [Solo keys]).
     """
     _check_page_tokens(page_tokens)
     full = len(tokens) // page_tokens
     if num_pages is not None:
         full = min(full, num_pages)
     keys: list[PageKey] = []
-    parent = namespace.root
+    parent = namespace.root if root is None else root
     for k in range(full):
         parent = page_key(parent, tokens[k * page_tokens:(k + 1) * page_tokens])
         keys.append(parent)

@@ -164,7 +164,12 @@ def install(scheduler: Any, config: Config, state: RuntimeState) -> RecordingHoo
                        sglang_page, plan.page_tokens)
     store = ActivationStore(plan, host_bytes=config.store.host_bytes,
                             device_bytes=config.store.device_bytes, dtype=weight.dtype,
-                            device=weight.device, ttl_s=config.store.ttl_s)
+                            device=weight.device, ttl_s=config.store.ttl_s,
+                            dedup=config.store.dedup)
+    if not config.store.dedup and not any(config.sglang.get(k) for k in ("disable-radix-cache",
+                                                                        "disable_radix_cache")):
+        logger.warning("store.dedup is false with the radix cache on: a prefix the radix cache "
+                       "serves is a hole in each request's own recording (recomputed in training)")
     fault = os.environ.get(FAULT_ENV)
     capture = Capture(store, plan, on_failure=lambda reason: state.disable("record", reason),
                       staging=True if os.environ.get(STAGING_ENV) == "1" else None,

@@ -273,7 +273,7 @@ class Capture:
         Written to a temporary name and renamed, so a reader never sees a partial file.
         """
         assert self._dump_dir is not None
-        pin = self.store.pin(ext.prompt_tokens, ext.namespace)
+        pin = self.store.pin(ext.prompt_tokens, ext.namespace, rid=ext.rid)
         try:
             payload = {"rid": ext.rid, "tokens": list(ext.prompt_tokens),
                        "namespace": (ext.namespace.base_version, ext.namespace.adapter),

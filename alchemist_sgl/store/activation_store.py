@@ -17,7 +17,9 @@ skipped and counted in ``unaligned_tokens_skipped``; they are recomputed by the 
 Note [Stitching]: the radix cache never recomputes a cached prefix, so a request's recording is
 made of pages written by earlier requests plus its own. Keys are content addresses of the whole
 prefix, so ``coverage(tokens, namespace)`` finds both kinds alike; positions with no page (decoded
-tokens of an earlier turn, evicted pages, skipped rows) are holes, reported in ``missing``.
+tokens of an earlier turn, evicted pages, skipped rows) are holes, reported in ``missing``. With
+``dedup=False`` (``store.dedup: false``) each request's chain has its own root (roots.py): nothing
+is shared or stitched, and a prefix the radix cache served is a hole of that request's recording.
 
 Note [References]: only a ``Pin`` (a sample queued for or in training) keeps pages from eviction.
 A completion awaiting feedback holds a weak reference: its (token ids, namespace) pair, upgraded
@@ -46,7 +48,8 @@ from alchemist_sgl.core.records import Coverage, RequestExtend, complement, merg
 from alchemist_sgl.store import readout
 from alchemist_sgl.store.index import Page, PageIndex
 from alchemist_sgl.store.pool import SlotPool
-from alchemist_sgl.store.open_pages import BatchWrite, OpenPage, Writer
+from alchemist_sgl.store.open_pages import BatchWrite, OpenPage, Writer, scratch_rows
+from alchemist_sgl.store.roots import ChainRoots
 
 _PerPool = dict[int, tuple[SlotPool, list[int], list[int], list[int]]]  # id(pool) -> (pool, src, slots, rows)
 
@@ -76,12 +79,13 @@ class ActivationStore:
                  dtype: torch.dtype, device: torch.device | str = "cpu",
                  clock: Callable[[], float] = time.monotonic,
                  timer: Callable[[], float] = time.perf_counter, ttl_s: float = math.inf,
-                 writer_idle_s: float = 600.0) -> None:
+                 writer_idle_s: float = 600.0, dedup: bool = True) -> None:
         self.plan = plan
         self.page_tokens = plan.page_tokens
         self._device_pool = SlotPool(plan, device_bytes, dtype, device, "device")
         self._host_pool = SlotPool(plan, host_bytes, dtype, "cpu", "host")
         self._index = PageIndex([self._device_pool, self._host_pool], clock, ttl_s)
+        self._roots = ChainRoots(dedup, self._device_pool.num_slots + self._host_pool.num_slots)
         self._clock, self._timer = clock, timer
         self._writer_idle_s = writer_idle_s
         self._writers: dict[str, Writer] = {}
@@ -131,7 +135,7 @@ class ActivationStore:
             if contiguous is not None:
                 values = output[contiguous]
             else:
-                values = self._scratch_rows(name, output, src)
+                values = scratch_rows(self._scratch, name, output, src)
             if values.device != pool.buffer.device:
                 # Device output into the host tier: a synchronous copy (host sync) with a
                 # temporary; a pinned staging ring with its own stream is future work.
@@ -188,11 +192,12 @@ class ActivationStore:
         if writer is None or writer.namespace != ext.namespace:
             if writer is not None:
                 self._close_writer(writer)
-            writer = Writer(ext.rid, ext.namespace, ext.prompt_tokens)
+            root = self._roots.for_writer(ext.namespace, ext.rid, ext.prompt_tokens)
+            writer = Writer(ext.rid, ext.namespace, ext.prompt_tokens, root)
             self._writers[ext.rid] = writer
             if ext.prefix_len > 0:  # Note [Stitching]: prefix pages reused, not stored again
                 reused = self.coverage(ext.prompt_tokens[:ext.prefix_len], ext.namespace,
-                                       count_hits=False)
+                                       count_hits=False, rid=ext.rid)
                 self.bytes_deduplicated += reused.covered_tokens * self.plan.bytes_per_token
         writer.last_seen_s = self._clock()
         return writer
@@ -233,10 +238,10 @@ class ActivationStore:
     def _new_page(self, writer: Writer, index: int, page_lo: int, page_hi: int) -> OpenPage:
         size = self.page_tokens
         while len(writer.keys) < index:  # chain keys of the full pages before this one
-            parent = writer.keys[-1] if writer.keys else writer.namespace.root
+            parent = writer.keys[-1] if writer.keys else writer.root
             k = len(writer.keys)
             writer.keys.append(page_key(parent, writer.tokens[k * size:(k + 1) * size]))
-        parent = writer.keys[index - 1] if index > 0 else writer.namespace.root
+        parent = writer.keys[index - 1] if index > 0 else writer.root
         if page_hi - page_lo == size:
             key, tail_parent = page_key(parent, writer.tokens[page_lo:page_hi]), None
         else:
@@ -260,27 +265,29 @@ class ActivationStore:
         for writer in [w for w in self._writers.values() if w.last_seen_s < deadline]:
             self._close_writer(writer)
 
-    def _scratch_rows(self, name: str, output: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-        scratch = self._scratch.get(name)
-        if scratch is None or scratch.shape[0] < src.numel() or scratch.dtype != output.dtype \
-                or scratch.shape[1:] != output.shape[1:] or scratch.device != output.device:
-            scratch = torch.empty((max(src.numel(), 256), *output.shape[1:]), dtype=output.dtype,
-                                  device=output.device)
-            self._scratch[name] = scratch
-        out = scratch[:src.numel()]
-        torch.index_select(output, 0, src.to(output.device), out=out)
-        return out
-
     # ---------------------------------------------------------------- read path
-    def coverage(self, tokens: Sequence[int], namespace: Namespace, count_hits: bool = True
-                 ) -> Coverage:
-        """Which positions of ``tokens`` have recorded pages under ``namespace`` (Note [Stitching])."""
+    def coverage(self, tokens: Sequence[int], namespace: Namespace, count_hits: bool = True,
+                 rid: str | None = None) -> Coverage:
+        """Positions of ``tokens`` with recorded pages under ``namespace`` (Note [Stitching]);
+        dedup off: in ``rid``'s recording, else in the latest of exactly ``tokens`` (roots.py)."""
         size, n = self.page_tokens, len(tokens)
-        keys = chain_keys(tokens, size, namespace)
+        root = self._roots.for_reader(namespace, tokens, rid)
+        pieces = self._pieces(tokens, namespace, root) if root is not None else []
+        if count_hits:
+            self.hits += len(pieces)
+            self.misses += -(-n // size) - len(pieces)
+        covered = merge_ranges([(lo, lo + length) for _, lo, length in pieces])
+        return Coverage(n, covered, complement(covered, n), tuple(pieces))
+
+    def _pieces(self, tokens: Sequence[int], namespace: Namespace, root: PageKey
+                ) -> list[tuple[PageKey, int, int]]:
+        """(key, start, tokens) of the stored pages of ``tokens``, its chain rooted at ``root``."""
+        size, n = self.page_tokens, len(tokens)
+        keys = chain_keys(tokens, size, namespace, root=root)
         pieces: list[tuple[PageKey, int, int]] = []
         for index in range(-(-n // size)):
             lo, hi = index * size, min(index * size + size, n)
-            parent = keys[index - 1] if index > 0 else namespace.root
+            parent = keys[index - 1] if index > 0 else root
             if hi - lo == size and self._index.get(keys[index]) is not None:
                 pieces.append((keys[index], lo, size))
                 continue
@@ -290,15 +297,11 @@ class ActivationStore:
                     if self._index.get(key) is not None:
                         pieces.append((key, lo, length))
                         break
-        if count_hits:
-            self.hits += len(pieces)
-            self.misses += -(-n // size) - len(pieces)
-        covered = merge_ranges([(lo, lo + length) for _, lo, length in pieces])
-        return Coverage(n, covered, complement(covered, n), tuple(pieces))
+        return pieces
 
-    def pin(self, tokens: Sequence[int], namespace: Namespace) -> Pin:
-        """Strong reference on the pages covering ``tokens`` now (Note [References])."""
-        coverage = self.coverage(tokens, namespace)
+    def pin(self, tokens: Sequence[int], namespace: Namespace, rid: str | None = None) -> Pin:
+        """Strong reference on the pages covering ``tokens`` now (Note [References], coverage)."""
+        coverage = self.coverage(tokens, namespace, rid=rid)
         for key, _, _ in coverage.pages:
             self._pinned_page(key).pins += 1
         self._pin_serial += 1

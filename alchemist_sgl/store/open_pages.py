@@ -32,6 +32,7 @@ class Writer:
     rid: str
     namespace: Namespace
     tokens: Sequence[int]
+    root: PageKey  # where its key chain starts (roots.py)
     keys: list[PageKey] = field(default_factory=list)  # chain keys of full pages, grown lazily
     open: OpenPage | None = None
     last_seen_s: float = 0.0
@@ -49,3 +50,17 @@ class BatchWrite:
     finished: list[Writer]
     elapsed_s: float = 0.0
     writers: list[Writer] = field(default_factory=list)
+
+
+def scratch_rows(scratch: dict[str, torch.Tensor], name: str, output: torch.Tensor,
+                 src: torch.Tensor) -> torch.Tensor:
+    """Rows ``src`` of ``output``, gathered into a reused per-tensor buffer of ``scratch``."""
+    buffer = scratch.get(name)
+    if buffer is None or buffer.shape[0] < src.numel() or buffer.dtype != output.dtype \
+            or buffer.shape[1:] != output.shape[1:] or buffer.device != output.device:
+        buffer = torch.empty((max(src.numel(), 256), *output.shape[1:]), dtype=output.dtype,
+                             device=output.device)
+        scratch[name] = buffer
+    out = buffer[:src.numel()]
+    torch.index_select(output, 0, src.to(output.device), out=out)
+    return out
