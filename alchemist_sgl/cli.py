@@ -65,7 +65,10 @@ def _serve(args: argparse.Namespace) -> int:
     config, model_path = _prepared(args)
     from alchemist_sgl.integration.launch import serve  # noqa: PLC0415  (imports sglang)
 
-    serve(config, model_path, args.port, on_ready=_print_ready(config))
+    try:
+        serve(config, model_path, args.port, on_ready=_print_ready(config))
+    except KeyboardInterrupt:  # Ctrl-C: the server has stopped (integration/shutdown.py)
+        return 130
     return 0
 
 

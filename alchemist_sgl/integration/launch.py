@@ -29,6 +29,7 @@ from alchemist_sgl.errors import ConfigError
 from alchemist_sgl.integration.environment import CONTROL_DB_ENV, check_environment_switches, is_cpu_run
 from alchemist_sgl.integration.manifest import check_manifest
 from alchemist_sgl.integration.plugin import STATUS_KEY
+from alchemist_sgl.integration.shutdown import stop_children, with_engine_shutdown
 from alchemist_sgl.log import get_logger
 
 logger = get_logger(__name__)
@@ -107,7 +108,11 @@ def serve(config: Config, model_path: Path, port: int | None = None,
     pin_model_names(app, config.server.served_model_name, functools.partial(_serving_version, versions))
     base_url = f"http://{config.server.host}:{port if port is not None else config.server.port}"
     callback = (lambda: on_ready(base_url)) if on_ready is not None else None
-    http_server.launch_server(server_args, launch_callback=callback)
+    app.router.lifespan_context = with_engine_shutdown(app.router.lifespan_context)  # Note [Ctrl-C]
+    try:
+        http_server.launch_server(server_args, launch_callback=callback)
+    finally:
+        stop_children()  # Note [Ctrl-C] (shutdown.py): nothing is left for the exit to wait on
 
 
 def _detokenize(ids: list[int]) -> str:

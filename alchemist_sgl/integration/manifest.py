@@ -13,7 +13,7 @@ import pkgutil
 from dataclasses import dataclass
 
 from alchemist_sgl.errors import ManifestError
-from alchemist_sgl.integration import capture_hooks, served_model, training
+from alchemist_sgl.integration import capture_hooks, served_model, shutdown, training
 
 PINNED_SGLANG_VERSION = "0.5.23"
 
@@ -63,6 +63,11 @@ _known = {p.name for p in MANIFEST}
 MANIFEST += tuple(HookPoint(name, "online loop: training slot, version stamp, completion log")
                   for name in (*training.SGLANG_NAMES, *training.SGLANG_INSTANCE_ATTRIBUTES,
                                *served_model.SGLANG_NAMES)
+                  if name not in _known)
+
+# Stopping the server (integration/shutdown.py, Note [Ctrl-C]).
+_known = {p.name for p in MANIFEST}
+MANIFEST += tuple(HookPoint(name, "stopping the engine on SIGINT") for name in shutdown.SGLANG_NAMES
                   if name not in _known)
 
 # Names that exist only on instances: set as ``self.x = ...`` in the class's module, or dataclass

@@ -20,6 +20,7 @@ from typing import Any, Callable, TypeVar
 from alchemist_sgl.config import Config, config_from_json
 from alchemist_sgl.api.control import ControlQueue
 from alchemist_sgl.integration import capture_hooks, training
+from alchemist_sgl.integration.shutdown import ignore_sigint_in_children
 from alchemist_sgl.integration.environment import CONFIG_ENV, CONTROL_DB_ENV, MODEL_PATH_ENV, is_cpu_run
 from alchemist_sgl.log import get_logger
 from alchemist_sgl.runtime import Runtime, RuntimeState, SchedulerInfo, build_runtime
@@ -39,6 +40,7 @@ def load() -> None:
         return
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType  # noqa: PLC0415
 
+    ignore_sigint_in_children()  # Note [Ctrl-C] in shutdown.py
     config = config_from_json(text)
     if is_cpu_run(config):
         from patches import lora_pin_memory_guard  # noqa: PLC0415
