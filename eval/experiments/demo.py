@@ -3,12 +3,13 @@
 One live server (SmolLM2-135M-Instruct, default ``configs/cpu-smollm2-fp32.yaml``: fp32, because
 a CPU without bf16 matrix units runs bf16 about 8x slower; ``--config`` picks another), started
 with short rounds (``train.round_max_samples`` = the samples fed per round, ``train.round_s`` a
-backstop), ``train.learning_rate`` 2e-3 with the LoRA defaults, training on, the publish gate and
+backstop), ``train.learning_rate`` 5e-4 with the LoRA defaults, training on, the publish gate and
 the feedback guard off (every step is published). The simulated user (``_demo_rule.OpenerRule``)
-wants every answer to open with "Alchemist here!". Each round: chat completions for the round's
-prompts (the first user turn of packaged chitchat conversations, sampled at temperature 0.7) at
-the serving version; an answer that opens with the phrase is rated ``up``, any other gets ``down``
-with a ``correction`` = the phrase + the answer's first sentences. Corrections learn fastest: a
+wants every answer to open with "Alchemist here!", once, and then answer. Each round: chat completions for the round's
+prompts (the first user turn of packaged chitchat conversations, greedy) at
+the serving version; such an answer is rated ``up``, any other gets ``down`` with a ``correction``
+= the phrase + the answer's first sentences without the phrase (the conversation's reference
+reply's when nothing else is left). Corrections learn fastest: a
 thumbs-down alone (unlikelihood) only pushes away from the answer given and names no phrase, and
 thumbs-up alone needs the model to say the phrase first. Then the harness waits for the round's
 publish and measures the new version.
@@ -18,11 +19,12 @@ Measures, on ``HELDOUT`` prompts never used for feedback, all through the server
 prompt (SGLang's native ``/generate`` with ``input_ids`` = prompt + phrase, ``return_logprob``,
 ``logprob_start_len`` = prompt length - 1: the served model's input log-probs, as the integration
 tests read them; the tokenizer is the server's own, from ``/model_info``); ``generation_rate`` =
-the share of greedy (temperature 0) answers that open with the phrase. Higher is the rewarded
+the share of greedy (temperature 0) answers that open with the phrase once and go on to answer
+(``opener_rate``: that open with it at all). Higher is the rewarded
 direction for both.
 
 Fields: ``phrase``, ``versions_published``, ``measure_before``, ``measure_after``,
-``generation_rate_before``, ``generation_rate_after``, ``series`` ([[samples fed, measure], ...],
+``generation_rate_before``, ``generation_rate_after``, ``opener_rate_before`` / ``_after``, ``series`` ([[samples fed, measure], ...],
 one point per round), ``rounds`` (per round: version, samples, ups, corrections, measure, the
 shown answer), ``answers_before`` / ``answers_after`` ({prompt, answer} per held-out prompt),
 ``weight_version_before`` / ``_after``, ``moved_in_rewarded_direction`` (the measure rose and the
@@ -48,13 +50,14 @@ NAME = "demo"
 DEFAULT_CONFIG = Path("configs/cpu-smollm2-fp32.yaml")  # used when --config is the CLI default
 CLI_DEFAULT_CONFIG = Path("configs/cpu-smollm2.yaml")
 SIZES = {
-    "full": {"rounds": 10, "per_round": 8, "heldout": 12, "tokens": 32, "lr": 2e-3},
-    "smoke": {"rounds": 2, "per_round": 2, "heldout": 2, "tokens": 8, "lr": 2e-3},
+    "full": {"rounds": 10, "per_round": 8, "heldout": 12, "tokens": 32, "lr": 5e-4},
+    "smoke": {"rounds": 2, "per_round": 2, "heldout": 2, "tokens": 8, "lr": 5e-4},
 }
 ROUND_S = 120.0     # the backstop: a round closes at its per_round-th sample long before this
 PUBLISH_WAIT_S = 300.0
 CONCURRENCY = 4
 SHOW_CHARS = 90
+FEED_TEMPERATURE = 0.0  # SmolLM2-135M sampled at 0.7 drifts into nonsense that corrections would teach
 
 
 def log(text: str) -> None:
@@ -127,43 +130,47 @@ class Client:
         raise RuntimeError(f"no version after {old} within {PUBLISH_WAIT_S:.0f} s")
 
 
-def prompts_of(ctx: Any, n_heldout: int, n_feed: int) -> tuple[list[str], list[str]]:
-    """Held-out prompts, then feedback prompts: first user turns of the workload, distinct texts."""
+def prompts_of(ctx: Any, n_heldout: int, n_feed: int) -> tuple[list[str], list[tuple[str, str]]]:
+    """Held-out prompts, then (prompt, reference reply) pairs for feedback: first user turns of the
+    workload, distinct texts."""
     seen: set[str] = set()
-    texts = []
+    texts: list[tuple[str, str]] = []
     for conv in ctx.workload(min_turns=1):
         text = conv.human_turns[0].strip()
         if 3 <= len(text.split()) <= 60 and text.lower() not in seen:
             seen.add(text.lower())
-            texts.append(text)
+            texts.append((text, conv.reference_replies[0] if conv.reference_replies else ""))
         if len(texts) >= n_heldout + n_feed:
             break
     if len(texts) < n_heldout + n_feed:
         raise RuntimeError(f"the workload has {len(texts)} usable prompts, {n_heldout + n_feed} needed")
-    return texts[:n_heldout], texts[n_heldout:]
+    return [t for t, _ in texts[:n_heldout]], texts[n_heldout:]
 
 
 def measure(client: Client, heldout: list[str], phrase_ids: list[int]) -> float:
     return sum(client.phrase_logprob(p, phrase_ids) for p in heldout) / len(heldout)
 
 
-def answers(client: Client, rule: OpenerRule, heldout: list[str], tokens: int) -> tuple[list[dict[str, str]], float | None]:
+def answers(client: Client, rule: OpenerRule, heldout: list[str], tokens: int) -> tuple[list[dict[str, str]], float | None, float]:
+    """Greedy answers on the held-out prompts, the share that is ``good`` and the share that only
+    opens with the phrase."""
     got = client.chats(heldout, tokens, 0.0)
     rows = [{"prompt": p, "answer": g["text"], "version": str(g["version"])} for p, g in zip(heldout, got)]
-    return rows, rate(rule, [g["text"] for g in got])
+    return rows, rate(rule, [g["text"] for g in got]), sum(rule.has(g["text"]) for g in got) / len(got)
 
 
-def one_round(client: Client, rule: OpenerRule, prompts: list[str], tokens: int) -> dict[str, Any]:
-    """Completions for ``prompts`` at the serving version, their feedback, and the publish after."""
+def one_round(client: Client, rule: OpenerRule, pairs: list[tuple[str, str]], tokens: int) -> dict[str, Any]:
+    """Completions for ``pairs``' prompts at the serving version, their feedback (a reference reply
+    fills a correction whose answer was only the phrase), and the publish after."""
     old = client.version()
-    got = client.chats(prompts, tokens, 0.7)
-    bodies = [rule.feedback(g["id"], g["text"]) for g in got]
+    got = client.chats([q for q, _ in pairs], tokens, FEED_TEMPERATURE)
+    bodies = [rule.feedback(g["id"], g["text"], ref) for g, (_, ref) in zip(got, pairs)]
     for body in bodies:
         client.feedback(body)
     new = client.wait_for_new_version(old)
     ups = sum(b["rating"] == "up" for b in bodies)
     return {"served_at": old, "version": new, "samples": len(bodies), "ups": ups,
-            "corrections": len(bodies) - ups, "stale_answers": sum(g["version"] != old for g in got)}
+            "corrections": sum("correction" in b for b in bodies), "stale_answers": sum(g["version"] != old for g in got)}
 
 
 def run_loop(ctx: Any, url: str, p: dict[str, Any]) -> dict[str, Any]:
@@ -173,9 +180,9 @@ def run_loop(ctx: Any, url: str, p: dict[str, Any]) -> dict[str, Any]:
     heldout, feed = prompts_of(ctx, p["heldout"], p["rounds"] * p["per_round"])
     v0 = client.version()
     m0 = measure(client, heldout, phrase_ids)
-    before, rate0 = answers(client, rule, heldout, p["tokens"])
-    log(f"before ({v0}): phrase {rule.phrase!r} log-prob/token {m0:.3f}, greedy answers opening "
-        f"with it {rate0:.2f}; e.g. {heldout[0]!r} -> {short(before[0]['answer'])!r}")
+    before, rate0, open0 = answers(client, rule, heldout, p["tokens"])
+    log(f"before ({v0}): phrase {rule.phrase!r} log-prob/token {m0:.3f}, greedy answers that open "
+        f"with it and answer {rate0:.2f}; e.g. {heldout[0]!r} -> {short(before[0]['answer'])!r}")
     series, rounds, fed = [[0, m0]], [], 0
     for k in range(p["rounds"]):
         row = one_round(client, rule, feed[k * p["per_round"]:(k + 1) * p["per_round"]], p["tokens"])
@@ -189,14 +196,15 @@ def run_loop(ctx: Any, url: str, p: dict[str, Any]) -> dict[str, Any]:
             f"corrections; log-prob/token {m:.3f}; {short(shown)!r}")
     v1 = client.version()
     m1 = measure(client, heldout, phrase_ids)
-    after, rate1 = answers(client, rule, heldout, p["tokens"])
-    return {"rule": rule, "v0": v0, "v1": v1, "m0": m0, "m1": m1, "rate0": rate0, "rate1": rate1,
+    after, rate1, open1 = answers(client, rule, heldout, p["tokens"])
+    return {"rule": rule, "v0": v0, "v1": v1, "m0": m0, "m1": m1, "rate0": rate0, "rate1": rate1, "open0": open0, "open1": open1,
             "before": before, "after": after, "series": series, "rounds": rounds, "heldout": heldout}
 
 
 def summary(r: dict[str, Any]) -> None:
     log(f"summary: {r['v0']} -> {r['v1']}; log-prob/token of {r['rule'].phrase!r}: {r['m0']:.3f} -> "
-        f"{r['m1']:.3f}; greedy answers opening with it: {r['rate0']:.2f} -> {r['rate1']:.2f}")
+        f"{r['m1']:.3f}; greedy answers that open with it and answer: {r['rate0']:.2f} -> {r['rate1']:.2f} "
+        f"(opening with it at all: {r['open0']:.2f} -> {r['open1']:.2f})")
     for b, a in zip(r["before"][:3], r["after"][:3]):
         log(f"  {short(b['prompt'])!r}\n    before: {short(b['answer'])!r}\n    after:  {short(a['answer'])!r}")
 
@@ -220,6 +228,7 @@ def run(ctx: Any) -> dict[str, Any]:
             "weight_version_after": r["v1"], "measure": "mean log-prob per phrase token after the prompt",
             "measure_before": r["m0"], "measure_after": r["m1"],
             "generation_rate_before": r["rate0"], "generation_rate_after": r["rate1"],
+            "opener_rate_before": r["open0"], "opener_rate_after": r["open1"],
             "moved_in_rewarded_direction": moved,
             "series": r["series"], "x_label": "feedback samples", "y_label": "phrase log-prob / token",
             "rounds": r["rounds"], "answers_before": r["before"], "answers_after": r["after"],
