@@ -1,4 +1,4 @@
-"""The ``online`` and ``spike`` experiments end to end against a real server: ``python -m eval run
+"""The ``online``, ``spike`` and ``demo`` experiments end to end against a real server: ``python -m eval run
 NAME --smoke`` starts its own tiny server (configs/cpu-tiny.yaml, with the experiment's own
 overrides and state folders under the output folder), runs one round of short blocks and writes
 its result file. The numbers of a smoke run mean nothing; what is checked is that the code behind
@@ -93,4 +93,17 @@ def test_spike_smoke_run_measures_both_arms(tmp_path: Path) -> None:
     assert data["train_steps_during_run"] > 0, "nothing trained in the with-training block"
     assert data["train_steps_while_serving_only"] == 0
     assert sorted(row["arm"] for row in data["per_block"].values()) == ["serving_only", "with_training"]
+    _state_under_out(tmp_path)
+
+
+def test_demo_smoke_run_publishes_and_measures_every_round(tmp_path: Path) -> None:
+    data = _run_experiment("demo", tmp_path)
+    rounds = data["settings"]["rounds"]
+    assert data["versions_published"] == rounds and data["weight_version_after"] != data["weight_version_before"]
+    assert [x for x, _ in data["series"]] == [k * data["settings"]["per_round"] for k in range(rounds + 1)]
+    assert all(math.isfinite(y) and y <= 0.0 for _, y in data["series"])  # mean log-probs
+    assert all(r["ups"] + r["corrections"] <= r["samples"] for r in data["rounds"])
+    assert len(data["answers_before"]) == len(data["answers_after"]) == data["settings"]["heldout"]
+    assert 0.0 <= data["generation_rate_before"] <= 1.0 and 0.0 <= data["generation_rate_after"] <= 1.0
+    assert isinstance(data["moved_in_rewarded_direction"], bool)
     _state_under_out(tmp_path)
