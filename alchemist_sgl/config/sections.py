@@ -63,11 +63,6 @@ class RecordConfig(Section):
     budget_bytes_per_token: int | str | None = key(None, _BUDGET)
     auto: AutoPlanConfig = field(default_factory=AutoPlanConfig)
 
-    @property
-    def plan_choice(self) -> int | str | tuple[str, ...]:
-        """The argument of ``record.plan.choose_plan``."""
-        return self.budget_bytes_per_token if self.budget_bytes_per_token is not None else self.plan
-
     def problems(self) -> Iterator[tuple[str, str]]:
         if self.budget_bytes_per_token is not None and self.plan not in ("auto", "full"):
             yield "budget_bytes_per_token", "set record.plan or record.budget_bytes_per_token, not both"

@@ -115,8 +115,12 @@ class RecordingHooks:
 
     def __init__(self, capture: Capture, store: ActivationStore, choice: PlanChoice,
                  handles: list[Any], restore: Callable[[], None]) -> None:
-        self.capture, self.store, self.choice, self.plan = capture, store, choice, choice.plan
+        self.capture, self.store, self.choice = capture, store, choice
         self._handles, self._restore = handles, restore
+
+    @property
+    def plan(self) -> RecordPlan:
+        return self.choice.plan
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -13,8 +13,8 @@ prompt row runs with the response). Its rows [0, P - 1) are then rebuilt into th
 ``PromptGraph`` here, when the sample is built (one read of those rows and elementwise ops, on
 the trainer's device), labelled with the recording's version, unless the trainer's replay is
 off; the trainer's planner decides whether to use it (exact gradients, no LoRA dropout, lag within
-bound; samples.py). Otherwise, and for the projection segments in any case, ``attn`` and ``lse`` are left out and the
-sample replays its projections as before.
+bound; samples.py). Otherwise, and for the projection segments in any case, ``attn`` and ``lse``
+are left out and the sample replays its projections as before.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 Owns ``VersionInfo`` (one row of ``/alchemist/status.versions``), ``VersionRegistry`` (the lineage,
 the serving version, the ``next_id`` counter, the JSON file) and the cheap cross-process readers
-``read_serving_name`` / ``ServingVersionReader``. Imports only the standard library and
-``alchemist_sgl.errors``; never torch, sglang, or alchemist_sgl.train.
+``read_serving_name`` / ``ServingVersionReader``. Imports only the standard library,
+``alchemist_sgl.errors`` and the pure guard.py (``Ratings``); never torch, sglang, or
+alchemist_sgl.train.
 
 Note [ids are never reused] (docs/online-loop.md): the same id names the radix namespace, the
 store namespace, recordings and SGLang's weight_version, so handing an id out twice would let KV or
@@ -34,6 +35,7 @@ from typing import Any, Callable, Literal, Mapping
 
 from alchemist_sgl.errors import VersionFileCorrupt
 from alchemist_sgl.online.atomic import atomic_write_bytes
+from alchemist_sgl.online.guard import Ratings
 
 VersionState = Literal["serving", "retired", "rejected", "guarded"]
 _STATES = ("serving", "retired", "rejected", "guarded")
@@ -67,9 +69,7 @@ class VersionInfo:
 
     def as_status(self, ratings: tuple[int, int] | None = None) -> dict[str, Any]:
         """The ``versions`` entry of the API (docs/api.md); ``ratings``: its (up, down) thumbs."""
-        up, down = ratings or (0, 0)
-        return {**self._fields(), "ratings": {"up": up, "down": down, "n": up + down,
-                                              "down_rate": down / (up + down) if up + down else None}}
+        return {**self._fields(), "ratings": Ratings(*(ratings or (0, 0))).as_status()}
 
     def as_record(self) -> dict[str, Any]:
         return {"id": self.id, **self._fields()}

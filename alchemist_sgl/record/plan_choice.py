@@ -18,7 +18,8 @@ def plan_for(config: Config, shape: ModelShape, refused: Mapping[str, str] | Non
     caller). Raises ConfigError naming the key for a bad explicit plan."""
     record, page = config.record, config.store.page_tokens
     if record.budget_bytes_per_token is not None:
-        return PlanChoice(choose_plan(shape, record.plan_choice, page), "record.budget_bytes_per_token")
+        return PlanChoice(choose_plan(shape, record.budget_bytes_per_token, page),
+                          "record.budget_bytes_per_token")
     if record.plan != "auto":
         return PlanChoice(choose_plan(shape, record.plan, page), "record.plan")
     rounds = 1 + config.train.max_version_lag

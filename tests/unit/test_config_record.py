@@ -8,7 +8,7 @@ import pytest
 
 from alchemist_sgl.config import RECORD_TENSORS, load_config
 from alchemist_sgl.errors import ConfigError
-from alchemist_sgl.core.plan import TENSOR_ORDER, ModelShape, choose_plan
+from alchemist_sgl.core.plan import TENSOR_ORDER, ModelShape
 from alchemist_sgl.record.plan_choice import plan_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,8 +43,7 @@ def test_every_packaged_config_names_its_plan_rule(path: Path | None) -> None:
     ("record.plan=graph", (*TENSOR_ORDER, "attn", "lse")),
 ])
 def test_restricted_plans_by_name_or_budget(override: str, tensors: tuple) -> None:
-    record = load_config(None, [override]).record
-    assert choose_plan(SHAPE, record.plan_choice).tensors == tensors
+    assert plan_for(load_config(None, [override]), SHAPE).plan.tensors == tensors
 
 
 @pytest.mark.parametrize("overrides, key", [

@@ -8,7 +8,8 @@ from pathlib import Path
 
 ONLINE = Path(__file__).resolve().parents[2] / "alchemist_sgl" / "online"
 # The pure modules of the loop (other modules of online/ compose the trainer and may import train).
-PURE = ("atomic", "versions", "intake", "completions", "checkpoint", "adapters", "gate", "cadence")
+PURE = ("atomic", "versions", "intake", "completions", "checkpoint", "adapters", "gate", "cadence",
+        "guard")
 ALLOWED_PACKAGE = ("alchemist_sgl.config", "alchemist_sgl.errors", "alchemist_sgl.log",
                    "alchemist_sgl.feedback.completion_entry",  # a stdlib-only value type
                    *(f"alchemist_sgl.online.{m}" for m in PURE))
